@@ -1,0 +1,415 @@
+"""MemoryBank: streams of memory entries over a VectorIndex per key space and one LMDB TensorStore.
+
+Owns the public protocol's semantics (DESIGN.md "Public surface"); `LocalMemory` and the gRPC servicer
+only delegate here. Promises:
+- every mutating call is one LMDB transaction: all of it or none of it, and a failed call (bad input,
+  budget, full disk) leaves the bank exactly as it was; memory (indexes, entry table) is updated only
+  after the commit succeeds;
+- after `put` returns, the stream is within its budget (the put's own evictions commit with it);
+- queries never see another stream's entries, and run under the stream's lock only for the search itself.
+Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory and are persisted with
+the next write, or at most `hit_flush_interval_s` later, or on close.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from memory_service.config import BankConfig
+from memory_service.errors import AlreadyExists, InvalidArgument, NotFound
+from memory_service.pruning import LFU, Composite, PruneView, parse_policy
+from memory_service.pruning.planner import Plan, fp8_bytes, over_budget, plan
+from memory_service.store.codec import Header, body_bytes, decode_into, encode
+from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads, payload_key
+from memory_service.stream import Stream, meta_json, stats_json
+from memory_service.types import (
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec, StreamStats,
+    kv_numpy_dtype,
+)
+from memory_service.validate import check_entries, check_ids, check_query
+
+
+class MemoryBank:
+    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time):
+        self.data_dir = str(data_dir)
+        self.config = config or BankConfig()
+        self.clock = clock
+        self.store = LMDBStore(os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size)
+        self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
+        self._lock = threading.RLock()
+        self._streams: dict[str, Stream] = {}
+        self._last_flush = time.monotonic()
+        self._closed = False
+        with self.store.reader() as r:
+            raw = r.get("meta", b"next_sid")
+            self._next_sid = int(bytes(raw)) if raw is not None else 1
+            for key, value in r.iter_prefix("streams", b""):
+                s = Stream(loads(value), self.config.index, self.store)
+                s.load(r, self.snapshot_dir)
+                self._streams[s.spec.name] = s
+
+    # -- streams ---------------------------------------------------------------------------------
+    def create_stream(self, spec: StreamSpec) -> None:
+        if not isinstance(spec, StreamSpec):
+            raise InvalidArgument(f"create_stream takes a StreamSpec, got {type(spec).__name__}")
+        parse_policy(spec.policy)  # an unknown policy is refused before anything is written
+        with self._lock:
+            if spec.name in self._streams:
+                raise AlreadyExists(f"stream {spec.name!r} already exists; drop it first or pick another name")
+            record = {"sid": self._next_sid, "spec": spec.to_json(), "next_id": 0, "version": 0}
+
+            def fn(w: Writer) -> None:
+                w.put("streams", spec.name.encode(), dumps(record))
+                w.put("meta", b"next_sid", str(self._next_sid + 1).encode())
+
+            self.store.write(fn)
+            self._next_sid += 1
+            self._streams[spec.name] = Stream(record, self.config.index, self.store)
+
+    def drop_stream(self, name: str) -> None:
+        with self._lock:
+            s = self._stream(name)
+            prefix = _SID.pack(s.sid)
+
+            def fn(w: Writer) -> None:
+                w.delete("streams", name.encode())
+                for db in ("entries", "stats", "keys", "phead", "pbody"):
+                    w.delete_prefix(db, prefix)
+
+            with s.lock:
+                self.store.write(fn)
+                del self._streams[name]
+            for sidx in range(len(s.space_names)):
+                path = os.path.join(self.snapshot_dir, f"stream{s.sid}-space{sidx}.npz")
+                if os.path.exists(path):
+                    os.remove(path)
+
+    def list_streams(self) -> list[StreamSpec]:
+        with self._lock:
+            return [s.spec for s in self._streams.values()]
+
+    def _stream(self, name: str) -> Stream:
+        s = self._streams.get(name)
+        if s is None:
+            known = sorted(self._streams)
+            shown = known[:10] + (["..."] if len(known) > 10 else [])
+            raise NotFound(f"stream {name!r} not found; existing streams: {shown}")
+        return s
+
+    # -- put -------------------------------------------------------------------------------------
+    def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
+        s = self._stream(stream)
+        checked = check_entries(s.spec, entries, self.config.max_batch)
+        codec = s.spec.storage
+        encoded = []  # per entry: [(header, body)] per layer, or None
+        for _, _, kv in checked:
+            encoded.append(None if kv is None else [encode(kv[layer], s.spec.kv.dtype, codec) for layer in range(len(kv))])
+        with s.lock:
+            now = self.clock()
+            ids = list(range(s.next_id, s.next_id + len(checked)))
+            metas = []
+            for eid, (e, _, _), enc in zip(ids, checked, encoded):
+                nbytes = sum(body_bytes(h) for h, _ in enc) if enc else 0
+                metas.append(EntryMeta(
+                    entry_id=eid, frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt,
+                    created=now, pinned=bool(e.pinned),
+                    rope_position=None if e.rope_position is None else int(e.rope_position),
+                    importance=float(e.importance), nbytes=nbytes, codec=codec if enc else "none",
+                ))
+            p = self._plan(s, len(metas), sum(m.nbytes for m in metas), now)
+
+            def fn(w: Writer):
+                for meta, (_, keys, _), enc in zip(metas, checked, encoded):
+                    key = entry_key(s.sid, meta.entry_id)
+                    w.put("entries", key, dumps(meta_json(meta)))
+                    w.put("stats", key, dumps(stats_json(meta)))
+                    for sidx, space in enumerate(s.space_names):
+                        vec = keys[space].astype(s.spec.key_spaces[space].dtype, copy=False)
+                        w.put("keys", keys_key(s.sid, sidx, meta.entry_id), as_bytes(vec))
+                    for layer, (header, body) in enumerate(enc or ()):
+                        w.put_payload(s.sid, meta.entry_id, layer, header, body)
+                return self._apply(w, s, p, next_id=ids[-1] + 1)
+
+            degraded = self.store.write(fn)
+            for meta in metas:
+                s.entries[meta.entry_id] = meta
+            id_arr = np.array(ids, np.int64)
+            for space in s.space_names:
+                s.spaces[space].add(id_arr, np.stack([keys[space] for _, keys, _ in checked]))
+            if s.policy.needs_vectors:
+                s.add_compact(id_arr, np.stack([keys[s.space_names[0]] for _, keys, _ in checked]))
+            self._after_apply(s, p, degraded, next_id=ids[-1] + 1)
+        return ids
+
+    # -- eviction --------------------------------------------------------------------------------
+    def _plan(self, s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
+        budget = s.spec.budget
+        over_e, over_b = over_budget(budget, len(s.entries) + add_entries, s.payload_bytes + add_bytes)
+        expiring = "ttl" in s.spec.policy
+        if not (over_e or over_b or expiring):
+            return Plan()
+        candidates = [m for m in s.entries.values() if not m.pinned]
+        slack = 0
+        if budget.max_entries is not None:
+            fraction = max([getattr(p, "batch_fraction", 0.0) for p in _parts(s.policy)])
+            slack = int(fraction * budget.max_entries)
+        need = over_e + slack + (math.ceil(over_b / max(1, s.payload_bytes / max(1, len(s.entries)))) if over_b else 0)
+        vectors = np.stack([s.compact[m.entry_id] for m in candidates]) if s.policy.needs_vectors and candidates else None
+        choice = s.policy.choose(PruneView(tuple(candidates), now, need, vectors))
+        return plan(s.spec.name, budget, list(s.entries.values()), candidates, add_entries, add_bytes, choice,
+                    s.spec.degrade, self._degraded_bytes(s), slack)
+
+    def _degraded_bytes(self, s: Stream):
+        def after(meta: EntryMeta, step: str) -> int:
+            if step == "keys_only" or s.spec.kv is None:
+                return 0
+            kv = s.spec.kv
+            return fp8_bytes(2 * kv.tokens_per_frame * kv.heads * kv.head_dim, 2 * kv.heads * kv.head_dim, kv.layers)
+
+        return after
+
+    def _apply(self, w: Writer, s: Stream, p: Plan, next_id: int) -> dict[int, EntryMeta]:
+        """Inside a write txn: degrade, evict, persist dirty statistics and the stream record."""
+        degraded: dict[int, EntryMeta] = {}
+        for eid, step in p.degrade:
+            meta = s.entries[eid]
+            layers = s.spec.kv.layers if s.spec.kv else 0
+            if step == "keys_only":
+                for layer in range(layers):
+                    w.delete("phead", payload_key(s.sid, eid, layer))
+                    w.delete("pbody", payload_key(s.sid, eid, layer))
+                degraded[eid] = dataclasses.replace(meta, nbytes=0, codec="none")
+            else:
+                out = np.empty(s.spec.kv.layer_shape, kv_numpy_dtype(s.spec.kv.dtype))
+                total = 0
+                for layer in range(layers):
+                    key = payload_key(s.sid, eid, layer)
+                    decode_into(Header.unpack(bytes(w.get("phead", key))), bytes(w.get("pbody", key)), out,
+                                self.config.verify_checksums, f"entry {eid} layer {layer}")
+                    header, body = encode(out, s.spec.kv.dtype, "fp8")
+                    w.put_payload(s.sid, eid, layer, header, body)
+                    total += body_bytes(header)
+                degraded[eid] = dataclasses.replace(meta, nbytes=total, codec="fp8")
+            w.put("entries", entry_key(s.sid, eid), dumps(meta_json(degraded[eid])))
+        for eid in p.evict:
+            w.delete_entry(s.sid, eid, len(s.space_names), s.spec.kv.layers if s.spec.kv else 0)
+        for eid in s.dirty - set(p.evict):
+            if eid in s.entries:
+                w.put("stats", entry_key(s.sid, eid), dumps(stats_json(s.entries[eid])))
+        record = s.record()
+        record.update(next_id=next_id, version=s.version + 1, evicted_total=s.evicted_total + len(p.evict),
+                      degraded_total=s.degraded_total + len(p.degrade))
+        w.put("streams", s.spec.name.encode(), dumps(record))
+        return degraded
+
+    def _after_apply(self, s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> None:
+        """After the commit: mirror it in memory."""
+        s.entries.update(degraded)
+        if p.evict:
+            victims = np.array(p.evict, np.int64)
+            for space in s.space_names:
+                s.spaces[space].remove(victims)
+            for eid in p.evict:
+                s.entries.pop(eid, None)
+                s.compact.pop(eid, None)
+        s.next_id = next_id
+        s.version += 1
+        s.evicted_total += len(p.evict)
+        s.degraded_total += len(p.degrade)
+        s.dirty.clear()
+        s.touch()
+
+    def prune(self, stream: str) -> PruneResult:
+        """Expire and enforce the budget now (puts already do this; use it after a budget or clock change)."""
+        s = self._stream(stream)
+        with s.lock:
+            p = self._plan(s, 0, 0, self.clock())
+            degraded = self.store.write(lambda w: self._apply(w, s, p, s.next_id))
+            self._after_apply(s, p, degraded, s.next_id)
+        return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
+
+    # -- query -----------------------------------------------------------------------------------
+    def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
+              exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
+              time_range: Optional[tuple[float, float]] = None) -> QueryResult:
+        """Top-k entries of `space` for `vectors`. `exclude_frames=(lo, hi)` skips frames lo <= f < hi."""
+        s = self._stream(stream)
+        q = check_query(s.spec, space, vectors, k, combine, self.config.max_k, exclude_frames, time_range)
+        steps: list[tuple[str, float]] = []
+        with s.lock:
+            t0 = time.perf_counter()
+            deny = None
+            if exclude_frames is not None or pinned_only or time_range is not None:
+                ids, frames, created, pinned = s.columns()
+                mask = np.zeros(len(ids), np.bool_)
+                if exclude_frames is not None:
+                    mask |= (frames >= exclude_frames[0]) & (frames < exclude_frames[1])
+                if pinned_only:
+                    mask |= ~pinned
+                if time_range is not None:
+                    mask |= (created < time_range[0]) | (created >= time_range[1])
+                deny = ids[mask]
+            steps.append(("filter", (time.perf_counter() - t0) * 1e3))
+            scores, ids, scanned = s.spaces[space].search(q, k, combine, deny, steps)
+            frames = s.frames_of(ids)
+            self._record_hits(s, ids)
+        if time.monotonic() - self._last_flush > self.config.hit_flush_interval_s:
+            self.flush()
+        return QueryResult(ids=ids, scores=scores, frames=frames, trace=QueryTrace(scanned, tuple(steps)))
+
+    def _record_hits(self, s: Stream, ids: np.ndarray) -> None:
+        rows = ids.reshape(-1, ids.shape[-1])
+        hit, counts = np.unique(rows[rows >= 0], return_counts=True)
+        if not len(hit):
+            return
+        now = self.clock()
+        half_life = next((p.half_life_s for p in _parts(s.policy) if isinstance(p, LFU)), LFU().half_life_s)
+        for eid, c in zip(hit.tolist(), counts.tolist()):
+            m = s.entries.get(eid)
+            if m is None:
+                continue
+            since = m.last_hit if m.last_hit is not None else m.created
+            lfu = m.lfu * math.pow(2.0, -max(0.0, now - since) / half_life) + 1.0
+            s.entries[eid] = dataclasses.replace(
+                m, hit_count=m.hit_count + 1, last_hit=now, lfu=lfu, importance=m.importance + c / len(rows)
+            )
+            s.dirty.add(eid)
+
+    def flush(self) -> None:
+        """Persist retrieval statistics of every stream."""
+        self._last_flush = time.monotonic()
+        for s in list(self._streams.values()):
+            with s.lock:
+                if not s.dirty:
+                    continue
+                dirty = [s.entries[e] for e in s.dirty if e in s.entries]
+
+                def fn(w: Writer) -> None:
+                    for m in dirty:
+                        w.put("stats", entry_key(s.sid, m.entry_id), dumps(stats_json(m)))
+
+                self.store.write(fn)
+                s.dirty.clear()
+
+    # -- fetch / delete / pin --------------------------------------------------------------------
+    def fetch(self, stream: str, ids, layers: Optional[Sequence[int]] = None, out: Optional[np.ndarray] = None) -> FetchResult:
+        """K/V of `ids` for `layers` (all by default), decoded into `out` when given (the shm data plane)."""
+        s = self._stream(stream)
+        if s.spec.kv is None:
+            raise InvalidArgument(f"stream {stream!r} is keys-only: it has no KV payloads to fetch")
+        id_arr = check_ids(ids)
+        layer_list = self._check_layers(s, layers)
+        self._require(s, id_arr)
+        gone = [int(i) for i in id_arr if s.entries[int(i)].codec == "none"]
+        if gone:
+            raise NotFound(f"entries {gone[:10]} of stream {stream!r} were degraded to keys only: their KV is gone")
+        shape = (len(id_arr), len(layer_list), *s.spec.kv.layer_shape)
+        dtype = kv_numpy_dtype(s.spec.kv.dtype)
+        if out is None:
+            out = np.empty(shape, dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            raise InvalidArgument(f"fetch buffer is {out.dtype}{list(out.shape)}, expected {dtype}{list(shape)}")
+        with self.store.reader() as r:
+            for n, eid in enumerate(id_arr.tolist()):
+                for j, layer in enumerate(layer_list):
+                    got = r.payload(s.sid, eid, layer)
+                    if got is None:
+                        raise NotFound(f"entry {eid} of stream {stream!r} was deleted during the fetch")
+                    decode_into(got[0], got[1], out[n, j], self.config.verify_checksums,
+                                f"stream {stream!r} entry {eid} layer {layer}")
+        return FetchResult(ids=tuple(id_arr.tolist()), layers=tuple(layer_list), kv=out)
+
+    def _check_layers(self, s: Stream, layers: Optional[Sequence[int]]) -> list[int]:
+        total = s.spec.kv.layers
+        if layers is None:
+            return list(range(total))
+        out = [int(x) for x in layers]
+        bad = [x for x in out if not 0 <= x < total]
+        if not out or bad or len(set(out)) != len(out):
+            raise InvalidArgument(f"layers {list(layers)} invalid; expected distinct ints in [0, {total})")
+        return out
+
+    def _require(self, s: Stream, ids: np.ndarray) -> None:
+        missing = [int(i) for i in ids if int(i) not in s.entries]
+        if missing:
+            raise NotFound(f"stream {s.spec.name!r} has no entries {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+
+    def delete(self, stream: str, ids) -> int:
+        s = self._stream(stream)
+        id_arr = np.unique(check_ids(ids))
+        with s.lock:
+            self._require(s, id_arr)
+            p = Plan(evict=tuple(id_arr.tolist()), reason="deleted")
+            self.store.write(lambda w: self._apply(w, s, p, s.next_id))
+            self._after_apply(s, p, {}, s.next_id)
+        return len(id_arr)
+
+    def pin(self, stream: str, ids, pinned: bool = True) -> None:
+        s = self._stream(stream)
+        id_arr = np.unique(check_ids(ids))
+        with s.lock:
+            self._require(s, id_arr)
+            new = {int(e): dataclasses.replace(s.entries[int(e)], pinned=bool(pinned)) for e in id_arr}
+
+            def fn(w: Writer) -> None:
+                for eid, meta in new.items():
+                    w.put("entries", entry_key(s.sid, eid), dumps(meta_json(meta)))
+
+            self.store.write(fn)
+            s.entries.update(new)
+            s.touch()
+
+    # -- introspection ---------------------------------------------------------------------------
+    def entries(self, stream: str) -> list[EntryMeta]:
+        s = self._stream(stream)
+        with s.lock:
+            return [s.entries[i] for i in sorted(s.entries)]
+
+    def stats(self, stream: Optional[str] = None):
+        if stream is not None:
+            return self._stream_stats(self._stream(stream))
+        with self._lock:
+            per = tuple(self._stream_stats(s) for s in self._streams.values())
+        return BankStats(streams=per, entries=sum(p.entries for p in per), payload_bytes=sum(p.payload_bytes for p in per),
+                         map_size=self.store.map_size(), disk_bytes=self.store.disk_bytes())
+
+    def _stream_stats(self, s: Stream) -> StreamStats:
+        with s.lock:
+            return StreamStats(
+                name=s.spec.name, entries=len(s.entries), pinned=sum(m.pinned for m in s.entries.values()),
+                payload_bytes=s.payload_bytes, key_bytes=len(s.entries) * s.key_bytes_per_entry,
+                next_entry_id=s.next_id, evicted_total=s.evicted_total, degraded_total=s.degraded_total,
+                budget=s.spec.budget, policy=s.spec.policy,
+            )
+
+    def snapshot(self) -> None:
+        """Write index snapshots stamped with each stream's version (fast reopen for ANN indexes)."""
+        for s in list(self._streams.values()):
+            with s.lock:
+                s.save_snapshot(self.snapshot_dir)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        if self.config.snapshot_on_close:
+            self.snapshot()
+        self.store.close()
+        self._closed = True
+
+    def destroy(self) -> None:
+        """Close and delete the data directory (tests and benchmarks)."""
+        self.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _parts(policy) -> tuple:
+    return policy.parts if isinstance(policy, Composite) else (policy,)

@@ -1,0 +1,149 @@
+"""Frozen, strict configuration: defaults < JSON file < MEMFLOW_* environment < explicit overrides.
+
+Owns every tunable of the bank (`BankConfig`) and the server (`ServiceConfig`). An unknown key in any
+source is an error that names the key and the known ones, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from memory_service.errors import InvalidArgument
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Search-structure parameters shared by every stream of a bank."""
+
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    hnsw_rebuild_tombstone_ratio: float = 0.25  # rebuild an HNSW graph once this share is deleted
+    ivf_nlist: int = 0  # 0: chosen from the size at training time (about 4 * sqrt(n))
+    ivf_nprobe: int = 32
+    ivf_pq_m: int = 0  # 0: dim / 4 sub-quantizers (capped to a divisor of dim)
+    ivf_refine: int = 8  # exact rerank of k * refine PQ candidates
+    ivf_train_min: int = 2048  # below this many vectors an IVF space answers exactly
+    two_stage_candidates: int = 256  # first-pass candidates (at least 16 * k)
+    use_gpu: bool = True  # use faiss-gpu for flat search when a GPU is present
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    map_size: int = 1 * GiB  # initial LMDB map; grows by doubling on demand
+    max_map_size: int = 1 << 40  # hard ceiling; past it a put is RESOURCE_EXHAUSTED
+    max_batch: int = 4096  # entries per put
+    max_k: int = 1024
+    verify_checksums: bool = True
+    snapshot_on_close: bool = True
+    hit_flush_interval_s: float = 5.0  # retrieval statistics are persisted at most this stale
+    index: IndexParams = field(default_factory=IndexParams)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    data_dir: str = "./memflow-data"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: Optional[int] = None
+    auth_token_file: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    insecure: bool = False
+    max_message_bytes: int = 64 << 20
+    workers: int = 16
+    bank: BankConfig = field(default_factory=BankConfig)
+
+
+def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Construct dataclass `cls` from a mapping, recursing into nested config dataclasses."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InvalidArgument(f"unknown config key(s) {unknown} in {where}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise InvalidArgument(f"config key {where}.{name} must be a mapping, got {value!r}")
+            kwargs[name] = build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, f"{where}.{name}", f.type)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str, annotation: Any) -> Any:
+    optional = "Optional" in str(annotation)
+    if value is None and optional:
+        return None
+    target = type(default) if default is not None else (int if "int" in str(annotation) else str)
+    if isinstance(value, str) and target is not str:
+        text = value.strip().lower()
+        try:
+            if target is bool:
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return target(float(text)) if target is int else target(text)
+        except ValueError:
+            raise InvalidArgument(f"config {where}: cannot read {value!r} as {target.__name__}") from None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise InvalidArgument(f"config {where} must be {target.__name__}, got {value!r}")
+    return value
+
+
+def load_service_config(
+    path: Optional[str] = None,
+    environ: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> ServiceConfig:
+    """Merge defaults, a JSON file, MEMFLOW_* env vars and overrides (CLI flags), in that order.
+
+    Env names: MEMFLOW_PORT, MEMFLOW_BANK__MAP_SIZE, MEMFLOW_BANK__INDEX__HNSW_M ('__' nests).
+    """
+    merged: dict[str, Any] = {}
+    if path:
+        try:
+            merged = _deep_merge(merged, json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidArgument(f"cannot read config file {path}: {exc}") from None
+    env = os.environ if environ is None else environ
+    for key, value in env.items():
+        if key.startswith("MEMFLOW_") and key not in _NOT_CONFIG_ENV:
+            parts = key[len("MEMFLOW_"):].lower().split("__")
+            merged = _deep_merge(merged, _nest(parts, value))
+    merged = _deep_merge(merged, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(ServiceConfig, merged, "config")
+
+
+_NOT_CONFIG_ENV = {"MEMFLOW_TOKEN", "MEMFLOW_TARGET"}
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

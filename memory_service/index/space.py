@@ -1,0 +1,163 @@
+"""SpaceIndex: the search structure of one key space of one stream.
+
+Owns the layout decision for per-layer spaces (measured, see benchmarks/bank_growth.py): one VectorIndex
+per layer, so MemFlow's NAM query (each layer ranks frames by its own text key) is L independent exact
+searches, the same work as one batched scan, and every layer is a plain VectorIndex under the contract test.
+
+Modes:
+- single vector (`per_layer=False`): one VectorIndex; results `[k]`.
+- per layer, flat/hnsw/ivfpq: L VectorIndexes; `combine="per_layer"` gives each layer's top-k `[L, k]`;
+  `combine="mean"` ranks entries by the mean score over layers (exact for flat; ANN kinds gather per-layer
+  candidates and rerank them exactly).
+- per layer, two_stage: RAM holds only an HNSW index of each entry's mean-over-layers key; a query takes
+  `two_stage_candidates` (at least 16k) from it and reranks them exactly per layer, reading their keys
+  from the store through `key_loader`. Recall against exact per-layer search is reported by the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from memory_service.config import IndexParams
+from memory_service.index.vector_index import HNSWIndex, make_index, prepare
+from memory_service.types import KeySpace
+
+KeyLoader = Callable[[np.ndarray], np.ndarray]  # ids [n] -> keys [n, L, d] float32
+
+
+class SpaceIndex:
+    def __init__(self, space: KeySpace, layers: int, params: IndexParams, key_loader: Optional[KeyLoader] = None):
+        self.space = space
+        self.layers = layers
+        self.params = params
+        self.key_loader = key_loader
+        self.two_stage = space.index == "two_stage"
+        if self.two_stage:
+            self.indexes = [HNSWIndex(space.dim, space.metric, params)]
+        else:
+            count = layers if space.per_layer else 1
+            self.indexes = [make_index(space.index, space.dim, space.metric, params, space.dtype) for _ in range(count)]
+
+    # -- mutation --------------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        """`keys` is `[n, L, d]` for per-layer spaces, `[n, d]` otherwise (float32, validated)."""
+        if self.two_stage:
+            self.indexes[0].add(ids, compact(keys, self.space.metric))
+        elif self.space.per_layer:
+            for layer, index in enumerate(self.indexes):
+                index.add(ids, keys[:, layer, :])
+        else:
+            self.indexes[0].add(ids, keys)
+
+    def remove(self, ids: np.ndarray) -> None:
+        for index in self.indexes:
+            index.remove(ids)
+
+    def __len__(self) -> int:
+        return len(self.indexes[0])
+
+    def ids(self) -> np.ndarray:
+        return self.indexes[0].ids()
+
+    def memory_bytes(self) -> int:
+        return sum(index.memory_bytes() for index in self.indexes)
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(
+        self, query: np.ndarray, k: int, combine: str, deny: Optional[np.ndarray], steps: list
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Returns (scores, ids, scanned); shapes `[L, k]` for per-layer combine, `[k]` otherwise."""
+        n = len(self)
+        if not self.space.per_layer:
+            t = time.perf_counter()
+            scores, ids = self.indexes[0].search(query[None, :], k, deny)
+            steps.append(("search", _ms(t)))
+            return scores[0], ids[0], n
+        if self.two_stage:
+            t = time.perf_counter()
+            c = min(n, max(self.params.two_stage_candidates, 16 * k))
+            _, cand = self.indexes[0].search(compact(query[None], self.space.metric), c, deny)
+            steps.append(("first_pass", _ms(t)))
+            return (*self._rerank(cand[0][cand[0] >= 0], query, k, combine, steps), n)
+        if combine == "per_layer":
+            t = time.perf_counter()
+            out_s = np.empty((self.layers, k), np.float32)
+            out_i = np.empty((self.layers, k), np.int64)
+            for layer, index in enumerate(self.indexes):
+                s, i = index.search(query[layer][None, :], k, deny)
+                out_s[layer], out_i[layer] = s[0], i[0]
+            steps.append(("search", _ms(t)))
+            return out_s, out_i, n
+        # combine == "mean"
+        t = time.perf_counter()
+        width = n if self.space.index == "flat" else min(n, 4 * k)
+        per_layer = [index.search(query[layer][None, :], width, deny) for layer, index in enumerate(self.indexes)]
+        steps.append(("search", _ms(t)))
+        if self.space.index == "flat":
+            t = time.perf_counter()
+            ids = np.concatenate([i[0] for _, i in per_layer])
+            scores = np.concatenate([s[0] for s, _ in per_layer])
+            keep = ids >= 0
+            uniq, inv = np.unique(ids[keep], return_inverse=True)
+            total = np.zeros(len(uniq), np.float64)
+            np.add.at(total, inv, scores[keep])
+            s, i = _top_k(total / self.layers, uniq, k)
+            steps.append(("combine", _ms(t)))
+            return s, i, n
+        cand = np.unique(np.concatenate([i[0] for _, i in per_layer]))
+        return (*self._rerank(cand[cand >= 0], query, k, combine, steps), n)
+
+    def _rerank(self, cand: np.ndarray, query: np.ndarray, k: int, combine: str, steps: list):
+        t = time.perf_counter()
+        keys = self.key_loader(cand) if len(cand) else np.zeros((0, self.layers, self.space.dim), np.float32)
+        steps.append(("load_keys", _ms(t)))
+        t = time.perf_counter()
+        scores = layer_scores(query, keys, self.space.metric)  # [L, C]
+        if combine == "mean":
+            out = _top_k(scores.mean(axis=0), cand, k)
+        else:
+            pairs = [_top_k(scores[layer], cand, k) for layer in range(self.layers)]
+            out = (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+        steps.append(("rerank", _ms(t)))
+        return out
+
+    # -- snapshots -------------------------------------------------------------------------------
+    def dump(self) -> list[tuple[bytes, np.ndarray]]:
+        return [(index.serialize(), index.tombstones()) for index in self.indexes]
+
+    def load(self, parts: list[tuple[bytes, np.ndarray]]) -> None:
+        for index, (data, tombstones) in zip(self.indexes, parts):
+            index.load(data, tombstones)
+
+
+def compact(keys: np.ndarray, metric: str) -> np.ndarray:
+    """One vector per entry for the first pass: the mean over layers of the (metric-prepared) keys."""
+    return prepare(keys, metric).mean(axis=-2)
+
+
+def layer_scores(query: np.ndarray, keys: np.ndarray, metric: str) -> np.ndarray:
+    """Exact per-layer scores: query `[L, d]`, keys `[C, L, d]` -> `[L, C]` (higher is better)."""
+    q = prepare(query, metric)
+    x = prepare(keys, metric)
+    scores = np.einsum("cld,ld->lc", x, q, optimize=True)
+    if metric == "l2":
+        scores = 2 * scores - np.einsum("cld,cld->lc", x, x) - np.einsum("ld,ld->l", q, q)[:, None]
+    return scores.astype(np.float32)
+
+
+def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_s = np.full(k, -np.inf, np.float32)
+    out_i = np.full(k, -1, np.int64)
+    if len(scores):
+        m = min(k, len(scores))
+        part = np.argpartition(-scores, m - 1)[:m] if m < len(scores) else np.arange(len(scores))
+        order = part[np.lexsort((ids[part], -scores[part]))]
+        out_s[:m], out_i[:m] = scores[order], ids[order]
+    return out_s, out_i
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3

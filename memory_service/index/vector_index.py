@@ -1,0 +1,250 @@
+"""VectorIndex: one set of `[n, dim]` vectors keyed by the bank's entry ids, searched by score.
+
+Owns the faiss structures. Every implementation promises the same contract (tests/unit/test_index_contract.py
+checks it against numpy brute force): `add` then `search` returns the top-k ids by score, best first,
+higher score = better (inner product or cosine; negated squared distance for l2); missing slots are id -1
+and score -inf; `deny` ids are never returned; `remove`d ids are never returned again.
+
+- FlatIndex: exact (faiss IndexFlat, or an fp16 scalar-quantized flat), removal in place. The default and
+  the ground truth. On a machine with faiss-gpu and a GPU it is moved to the GPU.
+- HNSWIndex / IVFPQIndex: approximate. Neither supports removal in faiss (HNSW graphs cannot drop nodes,
+  IVF-PQ with exact refinement has no remove_ids), so removal is a tombstone filtered at search time and
+  the structure is rebuilt from its own stored vectors once tombstones pass a ratio. IVF-PQ answers
+  exactly (from a flat buffer) until it holds `ivf_train_min` vectors, then trains once on what it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import faiss
+import numpy as np
+
+from memory_service.config import IndexParams
+from memory_service.errors import InvalidArgument
+
+
+class VectorIndex(Protocol):
+    dim: int
+    metric: str
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+    def remove(self, ids: np.ndarray) -> None: ...
+    def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]: ...
+    def ids(self) -> np.ndarray: ...
+    def __len__(self) -> int: ...
+    def memory_bytes(self) -> int: ...
+    def serialize(self) -> bytes: ...
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, and unit-norm for cosine (the bank rejects zero vectors for cosine)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x
+
+
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _deny_selector(deny: Optional[np.ndarray]) -> Optional[faiss.IDSelector]:
+    if deny is None or len(deny) == 0:
+        return None
+    return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(deny, dtype=np.int64)))
+
+
+class _FaissIndex:
+    """Shared plumbing over a faiss IndexIDMap2: scores, padding, selectors, tombstones."""
+
+    approximate = False
+
+    def __init__(self, dim: int, metric: str, params: IndexParams) -> None:
+        self.dim = dim
+        self.metric = metric
+        self.params = params
+        self._tombstones: set[int] = set()
+        self._index = self._new_index()
+
+    def _new_index(self) -> faiss.Index:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _search_params(self, deny: Optional[np.ndarray]) -> Optional[faiss.SearchParameters]:
+        sel = _deny_selector(deny)
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        x = prepare(vectors, self.metric)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InvalidArgument(f"index expects vectors [n, {self.dim}], got {list(x.shape)}")
+        self._index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        if self.approximate:
+            self._tombstones.update(int(i) for i in ids)
+            if len(self._tombstones) > self.params.hnsw_rebuild_tombstone_ratio * max(1, self._index.ntotal):
+                self._rebuild()
+        else:
+            self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def _rebuild(self) -> None:
+        live = np.array(sorted(set(self._all_ids().tolist()) - self._tombstones), dtype=np.int64)
+        vectors = self._index.reconstruct_batch(live) if len(live) else np.zeros((0, self.dim), np.float32)
+        self._tombstones.clear()
+        self._index = self._new_index()
+        if len(live):
+            self._index.add_with_ids(vectors, live)
+
+    def _all_ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def ids(self) -> np.ndarray:
+        all_ids = self._all_ids()
+        if self._tombstones:
+            all_ids = all_ids[~np.isin(all_ids, np.fromiter(self._tombstones, np.int64))]
+        return all_ids
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal) - len(self._tombstones)
+
+    def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        q = prepare(queries, self.metric)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise InvalidArgument(f"index expects queries [q, {self.dim}], got {list(q.shape)}")
+        if self._tombstones:
+            extra = np.fromiter(self._tombstones, np.int64)
+            deny = extra if deny is None else np.concatenate([np.asarray(deny, np.int64), extra])
+        n = int(self._index.ntotal)
+        if n == 0:
+            return _empty(len(q), k)
+        kk = min(k, n)
+        dist, ids = self._index.search(q, kk, params=self._search_params(deny))
+        scores = -dist if self.metric == "l2" else dist
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        if kk < k:
+            pad_s, pad_i = _empty(len(q), k - kk)
+            scores, ids = np.hstack([scores, pad_s]), np.hstack([ids, pad_i])
+        return scores, ids
+
+    def memory_bytes(self) -> int:
+        return int(faiss.serialize_index(self._index).nbytes) if self._index.ntotal < 4096 else self._estimate()
+
+    def _estimate(self) -> int:
+        return int(self._index.ntotal) * self.dim * 4
+
+    def serialize(self) -> bytes:
+        return faiss.serialize_index(self._index).tobytes()
+
+    def load(self, data: bytes, tombstones: np.ndarray) -> None:
+        self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        self._after_load()
+        self._tombstones = set(int(i) for i in tombstones)
+
+    def _after_load(self) -> None:
+        pass
+
+    def tombstones(self) -> np.ndarray:
+        return np.fromiter(sorted(self._tombstones), np.int64, len(self._tombstones))
+
+
+class FlatIndex(_FaissIndex):
+    """Exact search. `dtype="float16"` stores vectors as fp16 (half the memory, ~1e-3 relative score error)."""
+
+    def __init__(self, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> None:
+        self.dtype = dtype
+        super().__init__(dim, metric, params)
+
+    def _new_index(self) -> faiss.Index:
+        if self.dtype == "float16":
+            base = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, _faiss_metric(self.metric))
+        else:
+            base = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
+        return faiss.IndexIDMap2(base)
+
+    def _estimate(self) -> int:
+        return int(self._index.ntotal) * (self.dim * (2 if self.dtype == "float16" else 4) + 16)
+
+
+class HNSWIndex(_FaissIndex):
+    approximate = True
+
+    def _new_index(self) -> faiss.Index:
+        base = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, _faiss_metric(self.metric))
+        base.hnsw.efConstruction = self.params.hnsw_ef_construction
+        base.hnsw.efSearch = self.params.hnsw_ef_search
+        return faiss.IndexIDMap2(base)
+
+    def _search_params(self, deny: Optional[np.ndarray]) -> faiss.SearchParameters:
+        return faiss.SearchParametersHNSW(sel=_deny_selector(deny), efSearch=self.params.hnsw_ef_search)
+
+    def _estimate(self) -> int:
+        return int(self._index.ntotal) * (self.dim * 4 + self.params.hnsw_m * 2 * 4 + 16)
+
+
+class IVFPQIndex(_FaissIndex):
+    """IVF-PQ with exact refinement of `k * ivf_refine` PQ candidates; exact until trained."""
+
+    approximate = True
+
+    def _new_index(self) -> faiss.Index:
+        self._trained = False
+        return faiss.IndexIDMap2(faiss.IndexFlat(self.dim, _faiss_metric(self.metric)))
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(ids, vectors)
+        if not self._trained and self._index.ntotal >= self.params.ivf_train_min:
+            self._train()
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        if self._index.ntotal >= self.params.ivf_train_min:
+            self._train()
+
+    def _train(self) -> None:
+        live = self._all_ids()
+        x = self._index.reconstruct_batch(live)
+        n = len(x)
+        nlist = self.params.ivf_nlist or int(np.clip(np.sqrt(n), 16, 4096))
+        m = self.params.ivf_pq_m or max(1, self.dim // 4)
+        while self.dim % m:
+            m -= 1
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlat(self.dim, _faiss_metric(self.metric)), self.dim, nlist, m, 8,
+                               _faiss_metric(self.metric))
+        ivf.cp.min_points_per_centroid = 1  # small banks train on what they have; faiss only warns
+        ivf.train(x)
+        refine = faiss.IndexRefineFlat(ivf)
+        index = faiss.IndexIDMap2(refine)
+        index.add_with_ids(x, live)
+        self._index, self._trained = index, True
+
+    def _after_load(self) -> None:
+        self._trained = isinstance(faiss.downcast_index(self._index.index), faiss.IndexRefine)
+
+    def _search_params(self, deny: Optional[np.ndarray]) -> Optional[faiss.SearchParameters]:
+        if not self._trained:
+            return super()._search_params(deny)
+        # IndexIDMap2 translates only a top-level selector; the IVF stage below the refine sees internal
+        # positions, so the deny set is translated here.
+        sel = None
+        if deny is not None and len(deny):
+            internal = np.flatnonzero(np.isin(faiss.vector_to_array(self._index.id_map), deny)).astype(np.int64)
+            sel = _deny_selector(internal)
+        return faiss.IndexRefineSearchParameters(
+            k_factor=float(self.params.ivf_refine),
+            base_index_params=faiss.SearchParametersIVF(nprobe=self.params.ivf_nprobe, sel=sel),
+        )
+
+
+def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> _FaissIndex:
+    if kind in ("flat", "two_stage"):
+        return FlatIndex(dim, metric, params, dtype)
+    if kind == "hnsw":
+        return HNSWIndex(dim, metric, params)
+    if kind == "ivfpq":
+        return IVFPQIndex(dim, metric, params)
+    raise InvalidArgument(f"unknown index kind {kind!r}; expected flat, hnsw, ivfpq or two_stage")
+
+
+def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)

@@ -1,0 +1,64 @@
+"""LocalMemory: the public memory protocol over an in-process MemoryBank.
+
+Owns nothing but the delegation: `LocalMemory` and `MemoryClient` (gRPC) expose the same methods with the
+same arguments, results and exceptions, and one congruence test suite runs against both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from memory_service.bank import MemoryBank
+from memory_service.config import BankConfig
+from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec
+
+
+class LocalMemory:
+    """An in-process memory bank in `data_dir` (created if missing). Use as a context manager."""
+
+    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, **bank_kwargs) -> None:
+        self.bank = MemoryBank(data_dir, config, **bank_kwargs)
+
+    def __enter__(self) -> "LocalMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bank.close()
+
+    def create_stream(self, spec: StreamSpec) -> None:
+        self.bank.create_stream(spec)
+
+    def drop_stream(self, name: str) -> None:
+        self.bank.drop_stream(name)
+
+    def list_streams(self) -> list[StreamSpec]:
+        return self.bank.list_streams()
+
+    def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
+        return self.bank.put(stream, entries)
+
+    def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
+              exclude_frames=None, pinned_only: bool = False, time_range=None) -> QueryResult:
+        return self.bank.query(stream, space, vectors, k, combine=combine, exclude_frames=exclude_frames,
+                               pinned_only=pinned_only, time_range=time_range)
+
+    def fetch(self, stream: str, ids, layers=None) -> FetchResult:
+        return self.bank.fetch(stream, ids, layers)
+
+    def delete(self, stream: str, ids) -> int:
+        return self.bank.delete(stream, ids)
+
+    def pin(self, stream: str, ids, pinned: bool = True) -> None:
+        self.bank.pin(stream, ids, pinned)
+
+    def prune(self, stream: str) -> PruneResult:
+        return self.bank.prune(stream)
+
+    def stats(self, stream: Optional[str] = None):
+        return self.bank.stats(stream)
+
+    def entries(self, stream: str):
+        return self.bank.entries(stream)

@@ -1,0 +1,223 @@
+"""Pruning policies: a policy chooses, the bank evicts.
+
+Owns the eviction order of every policy. A policy is a pure function of a `PruneView` (entry metadata,
+the current time as an argument, and for `redundancy` one compact key per entry): no I/O, no clock.
+It returns `expired` ids (must go now, whatever the budget: TTL) and an `order` of preferred victims;
+the bank evicts `expired`, then walks `order` until the stream is within budget. The bank never shows a
+policy a pinned entry or an entry written by the same put, so no policy can evict those.
+
+Expressions (`parse_policy`): `name` or `name(param=value, ...)`, composed with `,then:` - e.g.
+`ttl(seconds=3600),then:redundancy`: expired entries first, then the most redundant. When every part's
+order is used up and the stream is still over budget, the bank falls back to oldest-first (FIFO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from memory_service.errors import InvalidArgument
+from memory_service.types import EntryMeta
+
+
+@dataclass(frozen=True)
+class PruneView:
+    entries: tuple[EntryMeta, ...]  # evictable candidates only
+    now: float
+    need: int  # how many victims the bank needs at least (0: only expiry is asked for)
+    vectors: Optional[np.ndarray] = None  # [n, d] unit-norm compact keys aligned with `entries`
+
+
+@dataclass(frozen=True)
+class Choice:
+    expired: tuple[int, ...] = ()
+    order: tuple[int, ...] = ()
+
+
+class PruningPolicy(Protocol):
+    name: str
+    needs_vectors: bool
+
+    def choose(self, view: PruneView) -> Choice: ...
+
+
+def _by(entries: Sequence[EntryMeta], key) -> tuple[int, ...]:
+    return tuple(e.entry_id for e in sorted(entries, key=lambda e: (key(e), e.entry_id)))
+
+
+@dataclass(frozen=True)
+class FIFO:
+    """Oldest entry first."""
+
+    name = "fifo"
+    needs_vectors = False
+
+    def choose(self, view: PruneView) -> Choice:
+        return Choice(order=_by(view.entries, lambda e: e.entry_id))
+
+
+@dataclass(frozen=True)
+class LRU:
+    """Least recently retrieved first; never-retrieved entries count from their creation."""
+
+    name = "lru"
+    needs_vectors = False
+
+    def choose(self, view: PruneView) -> Choice:
+        return Choice(order=_by(view.entries, lambda e: e.last_hit if e.last_hit is not None else e.created))
+
+
+@dataclass(frozen=True)
+class LFU:
+    """Least frequently retrieved first; each hit's weight halves every `half_life_s` seconds."""
+
+    half_life_s: float = 600.0
+    name = "lfu"
+    needs_vectors = False
+
+    def __post_init__(self) -> None:
+        if not self.half_life_s > 0:
+            raise InvalidArgument(f"lfu half_life_s must be > 0, got {self.half_life_s}")
+
+    def choose(self, view: PruneView) -> Choice:
+        def decayed(e: EntryMeta) -> float:
+            since = e.last_hit if e.last_hit is not None else e.created
+            return e.lfu * math.pow(2.0, -max(0.0, view.now - since) / self.half_life_s)
+
+        return Choice(order=_by(view.entries, decayed))
+
+
+@dataclass(frozen=True)
+class TTL:
+    """Entries older than `seconds` are evicted whatever the budget; it ranks nothing else."""
+
+    seconds: float = 3600.0
+    name = "ttl"
+    needs_vectors = False
+
+    def __post_init__(self) -> None:
+        if not self.seconds > 0:
+            raise InvalidArgument(f"ttl seconds must be > 0, got {self.seconds}")
+
+    def choose(self, view: PruneView) -> Choice:
+        expired = [e for e in view.entries if view.now - e.created >= self.seconds]
+        return Choice(expired=_by(expired, lambda e: e.created))
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Lowest accumulated retrieval score (plus the importance given at put) first."""
+
+    name = "importance"
+    needs_vectors = False
+
+    def choose(self, view: PruneView) -> Choice:
+        return Choice(order=_by(view.entries, lambda e: e.importance))
+
+
+@dataclass(frozen=True)
+class Redundancy:
+    """Evict entries most similar to a surviving neighbour, so the bank stays diverse and old scenes live.
+
+    Similarity is cosine between compact keys (the bank passes each entry's mean-over-layers key). Of a
+    near-duplicate pair the older entry goes; its neighbour is then kept for this pass, so a pair is never
+    wiped out together. The scan is O(n^2 d); `batch_fraction` makes the bank evict a few percent below the
+    budget at once, so the scan runs once per that many puts instead of on every put.
+    """
+
+    batch_fraction: float = 0.05
+    name = "redundancy"
+    needs_vectors = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.batch_fraction < 1.0:
+            raise InvalidArgument(f"redundancy batch_fraction must be in [0, 1), got {self.batch_fraction}")
+
+    def choose(self, view: PruneView) -> Choice:
+        n = len(view.entries)
+        if n < 2 or view.vectors is None or view.need <= 0:
+            return Choice()
+        ids = np.array([e.entry_id for e in view.entries], np.int64)
+        x = np.asarray(view.vectors, np.float32)
+        nn_sim = np.full(n, -np.inf, np.float32)
+        nn_idx = np.zeros(n, np.int64)
+        for start in range(0, n, 2048):  # blocked so memory stays O(2048 * n)
+            sims = x[start:start + 2048] @ x.T
+            rows = np.arange(sims.shape[0])
+            sims[rows, start + rows] = -np.inf
+            nn_idx[start:start + 2048] = np.argmax(sims, axis=1)
+            nn_sim[start:start + 2048] = sims[rows, nn_idx[start:start + 2048]]
+        evicted: list[int] = []  # positions, in eviction order
+        gone: set[int] = set()
+        kept: set[int] = set()
+        for i in np.lexsort((ids, -nn_sim)):  # most redundant first, older first on ties
+            pair = sorted((int(i), int(nn_idx[i])), key=lambda p: ids[p])  # older first
+            for victim in pair:
+                other = pair[1] if victim == pair[0] else pair[0]
+                if victim not in kept and victim not in gone and other not in gone:
+                    evicted.append(victim)
+                    gone.add(victim)
+                    kept.add(other)
+                    break
+            if len(evicted) >= view.need:
+                break
+        order = [int(ids[p]) for p in evicted]
+        return Choice(order=tuple(order))
+
+
+@dataclass(frozen=True)
+class Composite:
+    parts: tuple
+    name = "composite"
+
+    @property
+    def needs_vectors(self) -> bool:  # type: ignore[override]
+        return any(p.needs_vectors for p in self.parts)
+
+    def choose(self, view: PruneView) -> Choice:
+        expired: dict[int, None] = {}
+        order: dict[int, None] = {}
+        for part in self.parts:
+            c = part.choose(view)
+            expired.update(dict.fromkeys(c.expired))
+            order.update(dict.fromkeys(i for i in c.order if i not in expired))
+        return Choice(expired=tuple(expired), order=tuple(order))
+
+
+POLICIES = {cls.name: cls for cls in (FIFO, LRU, LFU, TTL, Importance, Redundancy)}
+_PART = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
+
+
+def parse_policy(text: str) -> PruningPolicy:
+    """Parse a policy expression; unknown names or parameters raise InvalidArgument naming the known ones."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgument(f"policy must be a non-empty expression like 'lru', got {text!r}")
+    parts = [_parse_part(p, text) for p in text.split(",then:")]
+    return parts[0] if len(parts) == 1 else Composite(tuple(parts))
+
+
+def _parse_part(part: str, whole: str):
+    m = _PART.match(part)
+    if not m or m.group(1) not in POLICIES:
+        raise InvalidArgument(
+            f"unknown pruning policy {part.strip()!r} in {whole!r}; expected one of {sorted(POLICIES)}, "
+            "optionally with (param=value) and composed with ',then:'"
+        )
+    cls = POLICIES[m.group(1)]
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for item in filter(None, (s.strip() for s in (m.group(2) or "").split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise InvalidArgument(f"policy {cls.name!r} has no parameter {item!r}; known: {sorted(known) or 'none'}")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise InvalidArgument(f"policy parameter {key} must be a number, got {value.strip()!r}") from None
+    return cls(**kwargs)

@@ -1,0 +1,117 @@
+"""Input checks for put and query: every rule and every message in one place.
+
+Owns the promise that bad input is refused before anything changes: each check raises InvalidArgument
+(or ResourceExhausted for size limits) saying what was received and what was expected, and returns the
+inputs converted to the exact arrays the bank stores (float32 keys, C-contiguous KV).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from memory_service.errors import InvalidArgument
+from memory_service.types import COMBINE_MODES, NewEntry, StreamSpec, kv_numpy_dtype
+
+
+def check_vectors(spec: StreamSpec, space: str, vectors, what: str) -> np.ndarray:
+    """Keys or a query for `space`: `[dim]`, or `[layers, dim]` for a per-layer space; float32, finite."""
+    if space not in spec.key_spaces:
+        raise InvalidArgument(
+            f"stream {spec.name!r} has no key space {space!r}; its key spaces are {sorted(spec.key_spaces)}"
+        )
+    ks = spec.key_spaces[space]
+    expected = (spec.layers_of(space), ks.dim) if ks.per_layer else (ks.dim,)
+    try:
+        arr = np.asarray(vectors)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} for key space {space!r} is not an array: {exc}") from None
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise InvalidArgument(f"{what} for key space {space!r} has dtype {arr.dtype}, expected float32")
+    if tuple(arr.shape) != expected:
+        raise InvalidArgument(
+            f"{what} for key space {space!r} has shape {list(arr.shape)}, stream {spec.name!r} expects "
+            f"{list(expected)}" + (" (layers, dim)" if ks.per_layer else " (dim)")
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidArgument(f"{what} for key space {space!r} contains NaN or inf; expected finite values")
+    if ks.metric == "cosine" and np.any(np.linalg.norm(arr, axis=-1) == 0):
+        raise InvalidArgument(f"{what} for cosine key space {space!r} has a zero vector; cosine needs non-zero")
+    return arr
+
+
+def check_kv(spec: StreamSpec, kv, what: str) -> Optional[np.ndarray]:
+    if kv is None:
+        return None
+    if spec.kv is None:
+        raise InvalidArgument(f"{what} carries kv but stream {spec.name!r} is keys-only (no KVLayout)")
+    arr = np.asarray(kv)
+    want = kv_numpy_dtype(spec.kv.dtype)
+    if arr.dtype != want:
+        raise InvalidArgument(f"{what} kv has dtype {arr.dtype}, stream {spec.name!r} expects {spec.kv.dtype}")
+    if tuple(arr.shape) != spec.kv.shape:
+        raise InvalidArgument(
+            f"{what} kv has shape {list(arr.shape)}, stream {spec.name!r} expects {list(spec.kv.shape)} "
+            "(layers, 2, tokens, heads, head_dim)"
+        )
+    if arr.dtype.kind == "f" or spec.kv.dtype in ("bfloat16", "float8_e4m3fn"):
+        if not np.all(np.isfinite(arr.astype(np.float32))):
+            raise InvalidArgument(f"{what} kv contains NaN or inf; expected finite values")
+    return np.ascontiguousarray(arr)
+
+
+def check_entries(spec: StreamSpec, entries: Sequence[NewEntry], max_batch: int):
+    """Validate a whole put before anything is written; returns [(entry, keys, kv)]."""
+    if isinstance(entries, NewEntry):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidArgument(f"put takes a list of NewEntry, got {type(entries).__name__}")
+    if not entries:
+        raise InvalidArgument(f"put to stream {spec.name!r} got an empty batch; expected 1 to {max_batch} entries")
+    if len(entries) > max_batch:
+        raise InvalidArgument(f"put to stream {spec.name!r} got {len(entries)} entries; at most {max_batch} per call")
+    out = []
+    for n, e in enumerate(entries):
+        what = f"entry {n}"
+        if not isinstance(e, NewEntry):
+            raise InvalidArgument(f"{what} is a {type(e).__name__}, expected NewEntry")
+        for field in ("frame_index", "chunk_index"):
+            value = getattr(e, field)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"{what} {field} is {value!r}, expected an int >= 0")
+        if e.rope_position is not None and (not isinstance(e.rope_position, (int, np.integer)) or e.rope_position < 0):
+            raise InvalidArgument(f"{what} rope_position is {e.rope_position!r}, expected None (unrotated) or an int >= 0")
+        if not isinstance(e.prompt, str):
+            raise InvalidArgument(f"{what} prompt is a {type(e.prompt).__name__}, expected str")
+        if not np.isfinite(float(e.importance)):
+            raise InvalidArgument(f"{what} importance is {e.importance!r}, expected a finite number")
+        missing = sorted(set(spec.key_spaces) - set(e.keys or {}))
+        if missing:
+            raise InvalidArgument(f"{what} has no keys for key space(s) {missing}; every entry needs all of "
+                                  f"{sorted(spec.key_spaces)}")
+        keys = {space: check_vectors(spec, space, e.keys[space], f"{what} keys") for space in e.keys}
+        out.append((e, keys, check_kv(spec, e.kv, what)))
+    return out
+
+
+def check_query(spec: StreamSpec, space: str, vectors, k: int, combine: str, max_k: int,
+                exclude_frames, time_range) -> np.ndarray:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= max_k:
+        raise InvalidArgument(f"k is {k!r}, expected an int in [1, {max_k}]")
+    if combine not in COMBINE_MODES:
+        raise InvalidArgument(f"combine is {combine!r}, expected one of {COMBINE_MODES}")
+    for name, rng in (("exclude_frames", exclude_frames), ("time_range", time_range)):
+        if rng is not None and (len(rng) != 2 or not rng[0] <= rng[1]):
+            raise InvalidArgument(f"{name} is {rng!r}, expected (lo, hi) with lo <= hi")
+    return check_vectors(spec, space, vectors, "query")
+
+
+def check_ids(ids, what: str = "ids") -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"{what} must be a 1-d list of ints, got {arr.dtype} with shape {list(arr.shape)}")
+    if arr.size == 0:
+        raise InvalidArgument(f"{what} is empty; expected at least one entry id")
+    return arr.astype(np.int64)
