@@ -1,0 +1,290 @@
+"""MemoryBank through LocalMemory: round trips, exact NAM ranking, filters, budgets, bad input, reopen."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import DIM, EMB, KV, LAYERS, Clock, make_entry, make_spec
+from memory_service import (
+    AlreadyExists, Budget, InvalidArgument, KeySpace, KVLayout, LocalMemory, NewEntry, NotFound, ResourceExhausted,
+    StreamSpec,
+)
+from memory_service.config import BankConfig
+
+
+@pytest.fixture
+def mem(tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as m:
+        yield m
+
+
+def brute_per_layer(keys: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    scores = np.einsum("nld,ld->ln", keys, q)  # [L, N]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids[order]
+
+
+def snapshot_state(m, stream: str) -> tuple:
+    """Everything a failed call must leave untouched: stats, entry metadata, all KV, a query."""
+    ids = [e.entry_id for e in m.entries(stream)]
+    kv = m.fetch(stream, ids).kv.copy() if ids else None
+    q = np.ones((LAYERS, DIM), np.float32)
+    r = m.query(stream, "nam", q, 3)
+    st = m.stats(stream)
+    return (st.entries, st.payload_bytes, st.next_entry_id, st.evicted_total, tuple(ids),
+            kv.tobytes() if kv is not None else b"", r.ids.tobytes())
+
+
+def test_put_fetch_round_trip_is_bit_exact(mem):
+    mem.create_stream(make_spec())
+    entries = [make_entry(i) for i in range(6)]
+    ids = mem.put("cam0", entries)
+    assert ids == list(range(6))
+    got = mem.fetch("cam0", [4, 1], layers=[3, 0])
+    assert got.kv.shape == (2, 2, *KV.layer_shape)
+    assert np.array_equal(got.kv[0, 0], entries[4].kv[3]) and np.array_equal(got.kv[1, 1], entries[1].kv[0])
+    full = mem.fetch("cam0", ids)
+    assert np.array_equal(full.kv, np.stack([e.kv for e in entries]))
+
+
+def test_per_layer_query_equals_brute_force(mem):
+    mem.create_stream(make_spec())
+    entries = [make_entry(i) for i in range(200)]
+    mem.put("cam0", entries)
+    keys = np.stack([e.keys["nam"] for e in entries])
+    q = np.random.default_rng(7).standard_normal((LAYERS, DIM)).astype(np.float32)
+    r = mem.query("cam0", "nam", q, 5)
+    assert r.ids.shape == (LAYERS, 5)
+    assert np.array_equal(r.ids, brute_per_layer(keys, np.arange(200), q, 5))
+    assert np.array_equal(r.frames, r.ids)  # frame_index == seed == id here
+    mean = mem.query("cam0", "nam", q, 5, combine="mean")
+    expect = np.argsort(-np.einsum("nld,ld->n", keys, q) / LAYERS, kind="stable")[:5]
+    assert np.array_equal(mean.ids, expect)
+    assert r.trace.scanned == 200 and [name for name, _ in r.trace.steps][-1] == "search"
+
+
+def test_exclude_frames_pinned_only_and_padding(mem):
+    mem.create_stream(make_spec())
+    mem.put("cam0", [make_entry(i, pinned=(i == 3)) for i in range(10)])
+    q = np.random.default_rng(1).standard_normal((LAYERS, DIM))
+    r = mem.query("cam0", "nam", q, 10, exclude_frames=(2, 8))
+    kept = r.ids[r.ids >= 0]
+    assert set(kept.tolist()) == {0, 1, 8, 9}
+    assert (r.ids[:, 4:] == -1).all() and np.isneginf(r.scores[:, 4:]).all()
+    pinned = mem.query("cam0", "emb", np.ones(EMB), 3, pinned_only=True)
+    assert pinned.ids.tolist() == [3, -1, -1]
+
+
+def test_streams_are_isolated(mem):
+    mem.create_stream(make_spec("a"))
+    mem.create_stream(make_spec("b"))
+    target = make_entry(99)
+    mem.put("b", [target])
+    mem.put("a", [make_entry(i) for i in range(5)])
+    r = mem.query("a", "emb", target.keys["emb"], 1)
+    assert r.scores[0] < 0.99  # a's entries are random; b's exact match must not be visible
+    assert mem.query("b", "emb", target.keys["emb"], 1).scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+BAD_PUTS = [
+    ("wrong key dim", lambda e: NewEntry(0, 0, "", {**e.keys, "nam": np.zeros((LAYERS, DIM + 1), np.float32)}, e.kv),
+     InvalidArgument, "expects [4, 32]"),
+    ("NaN key", lambda e: NewEntry(0, 0, "", {**e.keys, "emb": np.full(EMB, np.nan, np.float32)}, e.kv),
+     InvalidArgument, "NaN"),
+    ("kv dtype", lambda e: NewEntry(0, 0, "", e.keys, e.kv.astype(np.float32)), InvalidArgument, "expects bfloat16"),
+    ("kv shape", lambda e: NewEntry(0, 0, "", e.keys, e.kv[:2]), InvalidArgument, "expects [4, 2, 5, 2, 8]"),
+    ("missing space", lambda e: NewEntry(0, 0, "", {"nam": e.keys["nam"]}, e.kv), InvalidArgument, "emb"),
+    ("unknown space", lambda e: NewEntry(0, 0, "", {**e.keys, "zzz": np.ones(3)}, e.kv), InvalidArgument, "zzz"),
+    ("negative frame", lambda e: NewEntry(-1, 0, "", e.keys, e.kv), InvalidArgument, "frame_index"),
+    ("zero cosine", lambda e: NewEntry(0, 0, "", {**e.keys, "emb": np.zeros(EMB, np.float32)}, e.kv),
+     InvalidArgument, "zero vector"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,text", BAD_PUTS, ids=[b[0] for b in BAD_PUTS])
+def test_bad_put_is_refused_and_changes_nothing(mem, name, mutate, exc, text):
+    mem.create_stream(make_spec(budget=Budget(max_entries=6)))
+    mem.put("cam0", [make_entry(i) for i in range(6)])
+    before = snapshot_state(mem, "cam0")
+    # A good entry first in the same call: all-or-nothing means it must not land either.
+    with pytest.raises(exc, match=_re(text)):
+        mem.put("cam0", [make_entry(50), mutate(make_entry(51))])
+    assert snapshot_state(mem, "cam0") == before
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_batch_limits(tmp_path):
+    with LocalMemory(str(tmp_path), BankConfig(max_batch=3)) as m:
+        m.create_stream(make_spec())
+        with pytest.raises(InvalidArgument, match="empty batch"):
+            m.put("cam0", [])
+        with pytest.raises(InvalidArgument, match="at most 3"):
+            m.put("cam0", [make_entry(i) for i in range(4)])
+        assert m.stats("cam0").entries == 0
+
+
+@pytest.mark.parametrize("kwargs,exc,text", [
+    (dict(space="nam", vectors=np.ones((LAYERS, DIM)), k=0), InvalidArgument, "k is 0"),
+    (dict(space="nam", vectors=np.ones((LAYERS, DIM)), k=5000), InvalidArgument, "[1, 1024]"),
+    (dict(space="nope", vectors=np.ones(3), k=1), InvalidArgument, "no key space 'nope'"),
+    (dict(space="nam", vectors=np.ones(DIM), k=1), InvalidArgument, "expects [4, 32]"),
+    (dict(space="nam", vectors=np.full((LAYERS, DIM), np.inf), k=1), InvalidArgument, "NaN or inf"),
+    (dict(space="nam", vectors=np.ones((LAYERS, DIM)), k=1, combine="max"), InvalidArgument, "combine"),
+    (dict(space="nam", vectors=np.ones((LAYERS, DIM)), k=1, exclude_frames=(5, 1)), InvalidArgument, "lo <= hi"),
+])
+def test_bad_query(mem, kwargs, exc, text):
+    mem.create_stream(make_spec())
+    mem.put("cam0", [make_entry(0)])
+    with pytest.raises(exc, match=_re(text)):
+        mem.query("cam0", **kwargs)
+
+
+def test_not_found_and_already_exists(mem):
+    mem.create_stream(make_spec())
+    mem.put("cam0", [make_entry(0)])
+    with pytest.raises(NotFound, match="stream 'ghost' not found"):
+        mem.query("ghost", "nam", np.ones((LAYERS, DIM)), 1)
+    with pytest.raises(NotFound, match=r"no entries \[7\]"):
+        mem.fetch("cam0", [0, 7])
+    with pytest.raises(NotFound):
+        mem.delete("cam0", [0, 7])
+    assert mem.stats("cam0").entries == 1  # the partial delete did not happen
+    with pytest.raises(InvalidArgument, match="distinct ints in"):
+        mem.fetch("cam0", [0], layers=[LAYERS])
+    with pytest.raises(AlreadyExists, match="already exists"):
+        mem.create_stream(make_spec())
+    with pytest.raises(InvalidArgument, match="unknown pruning policy 'lru2'"):
+        mem.create_stream(make_spec("other", policy="lru2"))
+    assert [s.name for s in mem.list_streams()] == ["cam0"]
+
+
+def test_budget_never_exceeded_and_pins_survive(mem):
+    mem.create_stream(make_spec(budget=Budget(max_entries=20), policy="lru"))
+    pinned = mem.put("cam0", [make_entry(1000, frame=0, pinned=True)])
+    for start in range(0, 300, 7):
+        mem.put("cam0", [make_entry(i) for i in range(start, start + 7)])
+        assert mem.stats("cam0").entries <= 20
+    ids = [e.entry_id for e in mem.entries("cam0")]
+    assert pinned[0] in ids
+    assert mem.stats("cam0").evicted_total == 1 + 301 - 20  # 302 written (incl. pinned), 20 kept
+
+
+def test_all_pinned_budget_is_resource_exhausted_and_unchanged(mem):
+    mem.create_stream(make_spec(budget=Budget(max_entries=3)))
+    mem.put("cam0", [make_entry(i, pinned=True) for i in range(3)])
+    before = snapshot_state(mem, "cam0")
+    with pytest.raises(ResourceExhausted, match="3 entries are pinned"):
+        mem.put("cam0", [make_entry(9)])
+    assert snapshot_state(mem, "cam0") == before
+    mem.pin("cam0", [0], pinned=False)
+    assert mem.put("cam0", [make_entry(9)]) == [3]
+    assert [e.entry_id for e in mem.entries("cam0")] == [1, 2, 3]
+
+
+def test_byte_budget_degrades_to_fp8_before_evicting(mem):
+    # 64 tokens per frame: fp8's per-channel scales are then small next to the payload, as with real frames.
+    kv = KVLayout(layers=LAYERS, heads=2, head_dim=8, tokens_per_frame=64)
+    per_entry = kv.layers * kv.layer_bytes
+    mem.create_stream(make_spec(kv=kv, budget=Budget(max_bytes=5 * per_entry), degrade=("fp8",)))
+    rng = np.random.default_rng(0)
+    entries = [NewEntry(i, i, "p", make_entry(i).keys, rng.standard_normal(kv.shape).astype(ml_dtypes.bfloat16))
+               for i in range(8)]
+    for e in entries:  # one per call: a put's own entries are never its victims
+        mem.put("cam0", [e])
+    st = mem.stats("cam0")
+    assert st.entries == 8 and st.evicted_total == 0 and st.degraded_total > 0
+    assert st.payload_bytes <= 5 * per_entry
+    codecs = {e.entry_id: e.codec for e in mem.entries("cam0")}
+    assert codecs[0] == "fp8" and codecs[7] == "raw"  # FIFO order: the oldest degrade first
+    old = mem.fetch("cam0", [0]).kv[0].astype(np.float32)
+    ref = entries[0].kv.astype(np.float32)
+    assert np.allclose(old, ref, rtol=0.08, atol=np.abs(ref).max() / 448)
+
+
+def test_ttl_expires_with_the_clock(tmp_path):
+    clock = Clock()
+    with LocalMemory(str(tmp_path), clock=clock) as m:
+        m.create_stream(make_spec(policy="ttl(seconds=60),then:fifo"))
+        m.put("cam0", [make_entry(i) for i in range(3)])
+        clock.t += 30
+        m.put("cam0", [make_entry(3)])
+        clock.t += 31  # the first three are now 61 s old, the last 31 s
+        result = m.prune("cam0")
+        assert sorted(result.evicted) == [0, 1, 2] and "3 expired" in result.reason
+        assert [e.entry_id for e in m.entries("cam0")] == [3]
+
+
+def test_hits_are_recorded_and_persist(tmp_path):
+    d = str(tmp_path)
+    with LocalMemory(d) as m:
+        m.create_stream(make_spec())
+        e = make_entry(5)
+        m.put("cam0", [e, make_entry(6)])
+        m.query("cam0", "emb", e.keys["emb"], 1)
+        m.query("cam0", "emb", e.keys["emb"], 1)
+    with LocalMemory(d) as m:
+        meta = {x.entry_id: x for x in m.entries("cam0")}
+        assert meta[0].hit_count == 2 and meta[0].last_hit is not None and meta[0].importance == 2.0
+        assert meta[1].hit_count == 0
+
+
+@pytest.mark.parametrize("reopen", ["snapshot", "rebuild", "catch_up"])
+def test_reopen_gives_identical_results(tmp_path, reopen):
+    d = str(tmp_path / "bank")
+    spaces = {"nam": KeySpace(DIM, per_layer=True), "emb": KeySpace(EMB, metric="cosine", index="hnsw"),
+              "two": KeySpace(DIM, per_layer=True, index="two_stage")}
+    rng = np.random.default_rng(3)
+    queries = [(s, rng.standard_normal((LAYERS, DIM) if s != "emb" else EMB)) for s in ("nam", "emb", "two")] * 2
+
+    def entry(i):
+        e = make_entry(i)
+        return NewEntry(e.frame_index, e.chunk_index, e.prompt, {**e.keys, "two": e.keys["nam"]}, e.kv)
+
+    cfg = BankConfig(snapshot_on_close=reopen != "catch_up")
+    with LocalMemory(d, cfg) as m:
+        m.create_stream(make_spec(key_spaces=spaces))
+        m.put("cam0", [entry(i) for i in range(300)])
+        m.delete("cam0", list(range(0, 300, 3)))
+        if reopen == "catch_up":
+            m.bank.snapshot()  # an old snapshot; later changes must be caught up from LMDB
+            m.put("cam0", [entry(i) for i in range(300, 340)])
+            m.delete("cam0", [1, 2, 301])
+        before = [m.query("cam0", s, q, 4, exclude_frames=(10, 20)) for s, q in queries]
+    if reopen == "rebuild":
+        shutil.rmtree(os.path.join(d, "snapshots"))
+    with LocalMemory(d) as m:
+        after = [m.query("cam0", s, q, 4, exclude_frames=(10, 20)) for s, q in queries]
+        assert m.stats("cam0").entries == (237 if reopen == "catch_up" else 200)
+    for b, a in zip(before, after):
+        assert np.array_equal(b.ids, a.ids)
+        assert np.allclose(b.scores, a.scores, rtol=1e-5)
+
+
+def test_drop_stream_removes_everything(mem):
+    mem.create_stream(make_spec())
+    mem.put("cam0", [make_entry(i) for i in range(4)])
+    mem.drop_stream("cam0")
+    with pytest.raises(NotFound):
+        mem.stats("cam0")
+    mem.create_stream(make_spec())
+    assert mem.stats("cam0").entries == 0 and mem.put("cam0", [make_entry(0)]) == [0]
+    assert mem.query("cam0", "nam", np.ones((LAYERS, DIM)), 2).ids[0].tolist() == [0, -1]
+
+
+def test_keys_only_stream_and_entries(mem):
+    spec = StreamSpec("k", {"e": KeySpace(4)})
+    mem.create_stream(spec)
+    mem.put("k", [NewEntry(0, 0, "x", {"e": np.ones(4)})])
+    assert mem.query("k", "e", np.ones(4), 1).ids.tolist() == [0]
+    with pytest.raises(InvalidArgument, match="keys-only"):
+        mem.fetch("k", [0])
