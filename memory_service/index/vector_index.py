@@ -15,7 +15,7 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import faiss
 import numpy as np
@@ -149,11 +149,18 @@ class _FaissIndex:
 
 
 class FlatIndex(_FaissIndex):
-    """Exact search. `dtype="float16"` stores vectors as fp16 (half the memory, ~1e-3 relative score error)."""
+    """Exact search. `dtype="float16"` stores vectors as fp16 (half the memory, ~1e-3 relative score error).
 
-    def __init__(self, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> None:
+    With faiss-gpu and a GPU (and `IndexParams.use_gpu`), searches run on a GPU mirror of the CPU index;
+    the CPU index stays the truth (snapshots, rebuilds, removal).
+    """
+
+    def __init__(self, dim: int, metric: str, params: IndexParams, dtype: str = "float32",
+                 mirror_factory: Optional[Callable[[faiss.Index], faiss.Index]] = None) -> None:
         self.dtype = dtype
         super().__init__(dim, metric, params)
+        factory = mirror_factory or (_to_gpu if params.use_gpu and gpu_available() else None)
+        self._mirror = DeviceMirror(self, factory) if factory else None
 
     def _new_index(self) -> faiss.Index:
         if self.dtype == "float16":
@@ -162,8 +169,82 @@ class FlatIndex(_FaissIndex):
             base = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
         return faiss.IndexIDMap2(base)
 
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(ids, vectors)
+        if self._mirror:
+            self._mirror.add(ids, vectors)
+
+    def remove(self, ids: np.ndarray) -> None:
+        super().remove(ids)
+        if self._mirror:
+            self._mirror.remove(ids)
+
+    def load(self, data: bytes, tombstones: np.ndarray) -> None:
+        super().load(data, tombstones)
+        if self._mirror:
+            self._mirror.reset()
+
+    def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        if self._mirror and len(self):
+            return self._mirror.search(queries, k, deny)
+        return super().search(queries, k, deny)
+
     def _estimate(self) -> int:
         return int(self._index.ntotal) * (self.dim * (2 if self.dtype == "float16" else 4) + 16)
+
+
+class DeviceMirror:
+    """A copy of a FlatIndex on a device whose faiss index takes neither selectors nor removals (GPU).
+
+    Removals become tombstones; `deny` and tombstones are filtered by over-fetching k + |excluded| and
+    dropping them, which is exact for a flat index. Past the tombstone ratio the copy is rebuilt.
+    """
+
+    def __init__(self, owner: FlatIndex, factory: Callable[[faiss.Index], faiss.Index]) -> None:
+        self.owner = owner
+        self.factory = factory
+        self.reset()
+
+    def reset(self) -> None:
+        self.index = self.factory(self.owner._index)
+        self.tombstones: set[int] = set()
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(prepare(vectors, self.owner.metric), np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        self.tombstones.update(int(i) for i in ids)
+        if len(self.tombstones) > self.owner.params.hnsw_rebuild_tombstone_ratio * max(1, self.index.ntotal):
+            self.reset()
+
+    def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        q = prepare(queries, self.owner.metric)
+        excluded = set(self.tombstones)
+        if deny is not None:
+            excluded.update(int(i) for i in deny)
+        kk = min(int(self.index.ntotal), k + len(excluded))
+        dist, ids = self.index.search(q, kk)
+        scores = -dist if self.owner.metric == "l2" else dist
+        out_s, out_i = _empty(len(q), k)
+        for row in range(len(q)):
+            keep = (ids[row] >= 0) & ~np.isin(ids[row], np.fromiter(excluded, np.int64, len(excluded)))
+            s, i = scores[row][keep][:k], ids[row][keep][:k]
+            out_s[row, :len(s)], out_i[row, :len(i)] = s, i
+        return out_s, out_i
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RESOURCES = None
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
 
 
 class HNSWIndex(_FaissIndex):
