@@ -25,10 +25,11 @@ import numpy as np
 
 from memory_service.config import BankConfig
 from memory_service.errors import AlreadyExists, InvalidArgument, NotFound
-from memory_service.pruning import LFU, Composite, PruneView, parse_policy
-from memory_service.pruning.planner import Plan, fp8_bytes, over_budget, plan
-from memory_service.store.codec import Header, body_bytes, decode_into, encode
-from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads, payload_key
+from memory_service.pruning import LFU, parse_policy
+from memory_service import eviction
+from memory_service.pruning.planner import Plan
+from memory_service.store.codec import body_bytes, decode_into, encode
+from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads
 from memory_service.stream import Stream, meta_json, stats_json
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec, StreamStats,
@@ -48,6 +49,8 @@ class MemoryBank:
         self._streams: dict[str, Stream] = {}
         self._last_flush = time.monotonic()
         self._closed = False
+        self._stop = threading.Event()
+        self._pruner: Optional[threading.Thread] = None
         with self.store.reader() as r:
             raw = r.get("meta", b"next_sid")
             self._next_sid = int(bytes(raw)) if raw is not None else 1
@@ -124,7 +127,7 @@ class MemoryBank:
                     rope_position=None if e.rope_position is None else int(e.rope_position),
                     importance=float(e.importance), nbytes=nbytes, codec=codec if enc else "none",
                 ))
-            p = self._plan(s, len(metas), sum(m.nbytes for m in metas), now)
+            p = eviction.plan_for(s, len(metas), sum(m.nbytes for m in metas), now)
 
             def fn(w: Writer):
                 for meta, (_, keys, _), enc in zip(metas, checked, encoded):
@@ -136,7 +139,7 @@ class MemoryBank:
                         w.put("keys", keys_key(s.sid, sidx, meta.entry_id), as_bytes(vec))
                     for layer, (header, body) in enumerate(enc or ()):
                         w.put_payload(s.sid, meta.entry_id, layer, header, body)
-                return self._apply(w, s, p, next_id=ids[-1] + 1)
+                return eviction.apply(w, s, p, ids[-1] + 1, self.config.verify_checksums)
 
             degraded = self.store.write(fn)
             for meta in metas:
@@ -146,94 +149,16 @@ class MemoryBank:
                 s.spaces[space].add(id_arr, np.stack([keys[space] for _, keys, _ in checked]))
             if s.policy.needs_vectors:
                 s.add_compact(id_arr, np.stack([keys[s.space_names[0]] for _, keys, _ in checked]))
-            self._after_apply(s, p, degraded, next_id=ids[-1] + 1)
+            eviction.mirror(s, p, degraded, ids[-1] + 1)
         return ids
-
-    # -- eviction --------------------------------------------------------------------------------
-    def _plan(self, s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
-        budget = s.spec.budget
-        over_e, over_b = over_budget(budget, len(s.entries) + add_entries, s.payload_bytes + add_bytes)
-        expiring = "ttl" in s.spec.policy
-        if not (over_e or over_b or expiring):
-            return Plan()
-        candidates = [m for m in s.entries.values() if not m.pinned]
-        slack = 0
-        if budget.max_entries is not None:
-            fraction = max([getattr(p, "batch_fraction", 0.0) for p in _parts(s.policy)])
-            slack = int(fraction * budget.max_entries)
-        need = over_e + slack + (math.ceil(over_b / max(1, s.payload_bytes / max(1, len(s.entries)))) if over_b else 0)
-        vectors = np.stack([s.compact[m.entry_id] for m in candidates]) if s.policy.needs_vectors and candidates else None
-        choice = s.policy.choose(PruneView(tuple(candidates), now, need, vectors))
-        return plan(s.spec.name, budget, list(s.entries.values()), candidates, add_entries, add_bytes, choice,
-                    s.spec.degrade, self._degraded_bytes(s), slack)
-
-    def _degraded_bytes(self, s: Stream):
-        def after(meta: EntryMeta, step: str) -> int:
-            if step == "keys_only" or s.spec.kv is None:
-                return 0
-            kv = s.spec.kv
-            return fp8_bytes(2 * kv.tokens_per_frame * kv.heads * kv.head_dim, 2 * kv.heads * kv.head_dim, kv.layers)
-
-        return after
-
-    def _apply(self, w: Writer, s: Stream, p: Plan, next_id: int) -> dict[int, EntryMeta]:
-        """Inside a write txn: degrade, evict, persist dirty statistics and the stream record."""
-        degraded: dict[int, EntryMeta] = {}
-        for eid, step in p.degrade:
-            meta = s.entries[eid]
-            layers = s.spec.kv.layers if s.spec.kv else 0
-            if step == "keys_only":
-                for layer in range(layers):
-                    w.delete("phead", payload_key(s.sid, eid, layer))
-                    w.delete("pbody", payload_key(s.sid, eid, layer))
-                degraded[eid] = dataclasses.replace(meta, nbytes=0, codec="none")
-            else:
-                out = np.empty(s.spec.kv.layer_shape, kv_numpy_dtype(s.spec.kv.dtype))
-                total = 0
-                for layer in range(layers):
-                    key = payload_key(s.sid, eid, layer)
-                    decode_into(Header.unpack(bytes(w.get("phead", key))), bytes(w.get("pbody", key)), out,
-                                self.config.verify_checksums, f"entry {eid} layer {layer}")
-                    header, body = encode(out, s.spec.kv.dtype, "fp8")
-                    w.put_payload(s.sid, eid, layer, header, body)
-                    total += body_bytes(header)
-                degraded[eid] = dataclasses.replace(meta, nbytes=total, codec="fp8")
-            w.put("entries", entry_key(s.sid, eid), dumps(meta_json(degraded[eid])))
-        for eid in p.evict:
-            w.delete_entry(s.sid, eid, len(s.space_names), s.spec.kv.layers if s.spec.kv else 0)
-        for eid in s.dirty - set(p.evict):
-            if eid in s.entries:
-                w.put("stats", entry_key(s.sid, eid), dumps(stats_json(s.entries[eid])))
-        record = s.record()
-        record.update(next_id=next_id, version=s.version + 1, evicted_total=s.evicted_total + len(p.evict),
-                      degraded_total=s.degraded_total + len(p.degrade))
-        w.put("streams", s.spec.name.encode(), dumps(record))
-        return degraded
-
-    def _after_apply(self, s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> None:
-        """After the commit: mirror it in memory."""
-        s.entries.update(degraded)
-        if p.evict:
-            victims = np.array(p.evict, np.int64)
-            for space in s.space_names:
-                s.spaces[space].remove(victims)
-            for eid in p.evict:
-                s.entries.pop(eid, None)
-                s.compact.pop(eid, None)
-        s.next_id = next_id
-        s.version += 1
-        s.evicted_total += len(p.evict)
-        s.degraded_total += len(p.degrade)
-        s.dirty.clear()
-        s.touch()
 
     def prune(self, stream: str) -> PruneResult:
         """Expire and enforce the budget now (puts already do this; use it after a budget or clock change)."""
         s = self._stream(stream)
         with s.lock:
-            p = self._plan(s, 0, 0, self.clock())
-            degraded = self.store.write(lambda w: self._apply(w, s, p, s.next_id))
-            self._after_apply(s, p, degraded, s.next_id)
+            p = eviction.plan_for(s, 0, 0, self.clock())
+            degraded = self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums))
+            eviction.mirror(s, p, degraded, s.next_id)
         return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
 
     # -- query -----------------------------------------------------------------------------------
@@ -271,7 +196,7 @@ class MemoryBank:
         if not len(hit):
             return
         now = self.clock()
-        half_life = next((p.half_life_s for p in _parts(s.policy) if isinstance(p, LFU)), LFU().half_life_s)
+        half_life = next((p.half_life_s for p in eviction.parts(s.policy) if isinstance(p, LFU)), LFU().half_life_s)
         for eid, c in zip(hit.tolist(), counts.tolist()):
             m = s.entries.get(eid)
             if m is None:
@@ -348,8 +273,8 @@ class MemoryBank:
         with s.lock:
             self._require(s, id_arr)
             p = Plan(evict=tuple(id_arr.tolist()), reason="deleted")
-            self.store.write(lambda w: self._apply(w, s, p, s.next_id))
-            self._after_apply(s, p, {}, s.next_id)
+            self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums))
+            eviction.mirror(s, p, {}, s.next_id)
         return len(id_arr)
 
     def pin(self, stream: str, ids, pinned: bool = True) -> None:
@@ -396,9 +321,33 @@ class MemoryBank:
             with s.lock:
                 s.save_snapshot(self.snapshot_dir)
 
+    def start_pruner(self, interval_s: float = 5.0) -> None:
+        """Expire (TTL) and re-check budgets every `interval_s` on a background thread, off the request path."""
+        if self._pruner is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                for name, s in list(self._streams.items()):
+                    if "ttl" in s.spec.policy:
+                        try:
+                            self.prune(name)
+                        except Exception:  # a dropped stream or a full disk must not kill the thread
+                            pass
+                try:
+                    self.flush()
+                except Exception:
+                    pass
+
+        self._pruner = threading.Thread(target=loop, name="memflow-pruner", daemon=True)
+        self._pruner.start()
+
     def close(self) -> None:
         if self._closed:
             return
+        self._stop.set()
+        if self._pruner is not None:
+            self._pruner.join()
         self.flush()
         if self.config.snapshot_on_close:
             self.snapshot()
@@ -409,7 +358,3 @@ class MemoryBank:
         """Close and delete the data directory (tests and benchmarks)."""
         self.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
-def _parts(policy) -> tuple:
-    return policy.parts if isinstance(policy, Composite) else (policy,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import shutil
 
 import ml_dtypes
@@ -288,3 +289,17 @@ def test_keys_only_stream_and_entries(mem):
     assert mem.query("k", "e", np.ones(4), 1).ids.tolist() == [0]
     with pytest.raises(InvalidArgument, match="keys-only"):
         mem.fetch("k", [0])
+
+
+def test_background_pruner_expires_without_puts(tmp_path):
+    clock = Clock()
+    with LocalMemory(str(tmp_path), clock=clock) as m:
+        m.create_stream(make_spec(policy="ttl(seconds=10)"))
+        m.put("cam0", [make_entry(i) for i in range(3)])
+        clock.t += 11
+        m.bank.start_pruner(interval_s=0.01)
+        for _ in range(500):  # bounded wait for the thread's next pass
+            if m.stats("cam0").entries == 0:
+                break
+            threading.Event().wait(0.01)
+        assert m.stats("cam0").entries == 0 and m.stats("cam0").evicted_total == 3
