@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import struct
 import threading
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -194,7 +195,7 @@ class LMDBStore:
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.Error as exc:
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, self.path):
                         raise ResourceExhausted(
                             f"disk full under {self.path}: the write was rolled back and the bank is unchanged; "
                             "free space or lower the stream budgets"
@@ -228,9 +229,15 @@ class LMDBStore:
         self.env.close()
 
 
-def _is_disk_full(exc: lmdb.Error) -> bool:
+def _is_disk_full(exc: lmdb.Error, path: str) -> bool:
+    """ENOSPC, or EIO on a nearly full filesystem: LMDB reports a short page write as EIO."""
     text = str(exc)
-    return "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC or "ENOSPC" in text
+    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    if "Input/output error" in text or getattr(exc, "errno", None) == errno.EIO:
+        usage = shutil.disk_usage(path)
+        return usage.free < max(64 << 20, usage.total // 100)
+    return False
 
 
 def as_bytes(arr: np.ndarray) -> memoryview:
