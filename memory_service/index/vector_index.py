@@ -70,7 +70,7 @@ class _FaissIndex:
     def _new_index(self) -> faiss.Index:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _search_params(self, deny: Optional[np.ndarray]) -> Optional[faiss.SearchParameters]:
+    def _search_params(self, deny: Optional[np.ndarray], k: int) -> Optional[faiss.SearchParameters]:
         sel = _deny_selector(deny)
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
@@ -119,7 +119,7 @@ class _FaissIndex:
         if n == 0:
             return _empty(len(q), k)
         kk = min(k, n)
-        dist, ids = self._index.search(q, kk, params=self._search_params(deny))
+        dist, ids = self._index.search(q, kk, params=self._search_params(deny, kk))
         scores = -dist if self.metric == "l2" else dist
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         if kk < k:
@@ -256,8 +256,11 @@ class HNSWIndex(_FaissIndex):
         base.hnsw.efSearch = self.params.hnsw_ef_search
         return faiss.IndexIDMap2(base)
 
-    def _search_params(self, deny: Optional[np.ndarray]) -> faiss.SearchParameters:
-        return faiss.SearchParametersHNSW(sel=_deny_selector(deny), efSearch=self.params.hnsw_ef_search)
+    def _search_params(self, deny: Optional[np.ndarray], k: int) -> faiss.SearchParameters:
+        # faiss keeps only efSearch candidates while it walks the graph, so k > efSearch starves the result
+        # list (two-stage asks for 256 candidates: 77% of the true top-256 at efSearch 128, 95% at 2k).
+        ef = max(self.params.hnsw_ef_search, 2 * k)
+        return faiss.SearchParametersHNSW(sel=_deny_selector(deny), efSearch=ef)
 
     def _estimate(self) -> int:
         return int(self._index.ntotal) * (self.dim * 4 + self.params.hnsw_m * 2 * 4 + 16)
@@ -302,9 +305,9 @@ class IVFPQIndex(_FaissIndex):
     def _after_load(self) -> None:
         self._trained = isinstance(faiss.downcast_index(self._index.index), faiss.IndexRefine)
 
-    def _search_params(self, deny: Optional[np.ndarray]) -> Optional[faiss.SearchParameters]:
+    def _search_params(self, deny: Optional[np.ndarray], k: int) -> Optional[faiss.SearchParameters]:
         if not self._trained:
-            return super()._search_params(deny)
+            return super()._search_params(deny, k)
         # IndexIDMap2 translates only a top-level selector; the IVF stage below the refine sees internal
         # positions, so the deny set is translated here.
         sel = None

@@ -1,0 +1,324 @@
+"""The VectorIndex contract, checked for every implementation against a numpy brute-force search.
+
+Every index (FlatIndex float32 and float16, HNSWIndex, IVFPQIndex untrained and trained) under every metric
+(ip, cosine, l2) promises (memory_service/index/vector_index.py): top-k by score, best first, each score the
+true score of its id; exact indexes return the brute-force ids (ties aside); `deny` and `remove`d ids are
+never returned; missing slots are id -1 / score -inf; serialize + load answers identically and keeps
+working. ANN indexes reach recall@8 >= 0.95 at default IndexParams on 10k vectors. SpaceIndex (per-layer
+key spaces, as the bank uses them) answers exact per-layer and mean rankings, and two-stage retrieval is
+exact when the first pass keeps every entry and keeps recall >= 0.95 on layer-correlated keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memory_service.config import IndexParams
+from memory_service.errors import InvalidArgument
+from memory_service.index.space import SpaceIndex
+from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, prepare
+from memory_service.types import KeySpace
+
+METRICS = ("ip", "cosine", "l2")
+PARAMS = IndexParams()
+# Small enough that the 500-vector contract tests below run IVF-PQ trained, not its exact warm-up buffer.
+TRAINED = IndexParams(ivf_train_min=256)
+KINDS = {
+    "flat": lambda d, m: FlatIndex(d, m, PARAMS),
+    "flat_fp16": lambda d, m: FlatIndex(d, m, PARAMS, dtype="float16"),
+    "hnsw": lambda d, m: HNSWIndex(d, m, PARAMS),
+    "ivfpq": lambda d, m: IVFPQIndex(d, m, PARAMS),
+    "ivfpq_trained": lambda d, m: IVFPQIndex(d, m, TRAINED),
+}
+EXACT = {"flat", "flat_fp16", "ivfpq"}  # ivfpq below ivf_train_min answers from a flat buffer
+DIM = 32
+CASES = [(kind, metric) for kind in KINDS for metric in METRICS]
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, centers: int = 32) -> np.ndarray:
+    """Gaussian clusters: ANN structures meet the structure they are built for, and ties are improbable."""
+    c = rng.standard_normal((centers, dim)) * 1.5
+    return (c[rng.integers(0, centers, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def stored(kind: str, x: np.ndarray, metric: str) -> np.ndarray:
+    """What the index scores against: metric-prepared vectors, rounded to fp16 for the fp16 flat index."""
+    p = prepare(x, metric)
+    return p.astype(np.float16).astype(np.float32) if kind == "flat_fp16" else p
+
+
+def brute(x: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """Scores `[Q, n]`, higher is better: inner product, or negated squared distance for l2 (float64)."""
+    x64, q64 = x.astype(np.float64), prepare(q, metric).astype(np.float64)
+    if metric == "l2":
+        return -((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    return q64 @ x64.T
+
+
+def check(kind, scores, ids, x_by_id: dict, q, metric, k, *, exact, min_recall=0.9):
+    """Assert the contract for one search result against brute force over the eligible vectors `x_by_id`."""
+    assert scores.shape == ids.shape == (len(q), k)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    eligible = np.array(sorted(x_by_id), np.int64)
+    m = min(k, len(eligible))
+    assert (ids[:, m:] == -1).all() and np.isneginf(scores[:, m:]).all(), "slots past the eligible count pad"
+    if not m:
+        return
+    ref = brute(np.stack([x_by_id[i] for i in eligible.tolist()]), q, metric)  # [Q, n]
+    pos = {int(e): j for j, e in enumerate(eligible)}
+    hits = 0
+    for row in range(len(q)):
+        got = ids[row, :m]
+        assert (got >= 0).all(), f"{kind}: fewer than {m} hits with {len(eligible)} eligible"
+        assert len(set(got.tolist())) == m, f"{kind}: duplicate ids {got}"
+        assert set(got.tolist()) <= set(pos), f"{kind}: returned ids outside the eligible set (denied or removed)"
+        true = ref[row, [pos[int(i)] for i in got]]
+        tol = 1e-4 * max(1.0, float(np.abs(ref[row]).max()))
+        assert np.allclose(scores[row, :m], true, atol=tol), f"{kind}: scores are not the ids' true scores"
+        assert (np.diff(scores[row, :m]) <= tol).all(), f"{kind}: not best first"
+        order = np.argsort(-ref[row], kind="stable")[:m]
+        best_ids, best = eligible[order], ref[row, order]
+        hits += len(set(got.tolist()) & set(best_ids.tolist()))
+        if exact:
+            assert np.allclose(true, best, atol=tol), f"{kind}: not the brute-force top-{m}"
+            # Ids must match exactly wherever the brute-force score is not within tol of a neighbour's.
+            gaps = np.abs(np.diff(ref[row][np.argsort(-ref[row], kind="stable")[: m + 1]]))
+            lo = np.concatenate([[np.inf], gaps[: m - 1]])
+            hi = gaps[:m] if len(gaps) >= m else np.concatenate([gaps, [np.inf]])
+            clear = (lo > tol) & (hi > tol)
+            assert np.array_equal(got[clear], best_ids[clear]), f"{kind}: ids differ from brute force"
+    if not exact:
+        assert hits / (m * len(q)) >= min_recall, f"{kind}: recall {hits / (m * len(q)):.3f}"
+
+
+def filled(kind: str, metric: str, n: int = 500, seed: int = 0, batches: int = 3):
+    rng = np.random.default_rng(seed)
+    x = clustered(rng, n, DIM)
+    index = KINDS[kind](DIM, metric)
+    for part in np.array_split(np.arange(n), batches):  # several adds, as puts arrive
+        index.add(part + 1000, x[part])  # ids are not positions
+    return index, {1000 + i: v for i, v in enumerate(stored(kind, x, metric))}, rng
+
+
+@pytest.mark.parametrize("kind,metric", CASES)
+@pytest.mark.parametrize("k", [1, 10])
+def test_search_matches_brute_force(kind, metric, k):
+    index, x_by_id, rng = filled(kind, metric)
+    q = clustered(rng, 20, DIM)
+    assert len(index) == 500 and sorted(index.ids().tolist()) == sorted(x_by_id)
+    check(kind, *index.search(q, k), x_by_id, q, metric, k, exact=kind in EXACT)
+
+
+@pytest.mark.parametrize("kind,metric", CASES)
+def test_deny_is_never_returned(kind, metric):
+    index, x_by_id, rng = filled(kind, metric)
+    q = clustered(rng, 20, DIM)
+    ids = np.array(sorted(x_by_id))
+    # Deny a random half, plus each query's own best hits, so a filter that is ignored must show.
+    _, best = index.search(q, 5)
+    deny = np.union1d(rng.choice(ids, 250, replace=False), best.reshape(-1))
+    scores, got = index.search(q, 10, deny)
+    assert not np.isin(got, deny).any()
+    check(kind, scores, got, {i: v for i, v in x_by_id.items() if i not in set(deny.tolist())}, q, metric, 10,
+          exact=kind in EXACT)
+    assert index.search(q, 10, np.array([], np.int64))[1].shape == (20, 10)  # an empty deny list is no filter
+
+
+@pytest.mark.parametrize("kind,metric", CASES)
+def test_removed_ids_never_return(kind, metric):
+    index, x_by_id, rng = filled(kind, metric)
+    q = clustered(rng, 20, DIM)
+    _, best = index.search(q, 3)
+    # First a few (ANN: tombstones), then past the rebuild ratio (ANN: rebuilt without them).
+    for victims in (np.unique(best[:, 0]), rng.choice(sorted(x_by_id), 200, replace=False)):
+        victims = np.array([v for v in victims.tolist() if v in x_by_id], np.int64)
+        index.remove(victims)
+        for v in victims.tolist():
+            del x_by_id[v]
+        assert len(index) == len(x_by_id) and sorted(index.ids().tolist()) == sorted(x_by_id)
+        scores, got = index.search(q, 10)
+        assert not np.isin(got, victims).any()
+        check(kind, scores, got, x_by_id, q, metric, 10, exact=kind in EXACT)
+    fresh = clustered(rng, 50, DIM)  # adds after removals land and are found
+    index.add(np.arange(5000, 5050), fresh)
+    x_by_id.update({5000 + i: v for i, v in enumerate(stored(kind, fresh, metric))})
+    check(kind, *index.search(fresh[:10], 10), x_by_id, fresh[:10], metric, 10, exact=kind in EXACT)
+
+
+@pytest.mark.parametrize("kind,metric", CASES)
+def test_padding_when_k_exceeds_eligible(kind, metric):
+    index = KINDS[kind](DIM, metric)
+    q = clustered(np.random.default_rng(1), 3, DIM)
+    scores, ids = index.search(q, 4)  # empty index
+    assert (ids == -1).all() and np.isneginf(scores).all() and ids.shape == (3, 4)
+    x = clustered(np.random.default_rng(2), 5, DIM)
+    index.add(np.arange(5), x)
+    x_by_id = dict(enumerate(stored(kind, x, metric)))
+    check(kind, *index.search(q, 8), x_by_id, q, metric, 8, exact=True)  # 5 vectors: every index is exact
+    scores, ids = index.search(q, 8, deny=np.array([0, 3]))
+    assert ((ids >= 0).sum(axis=1) == 3).all()
+    check(kind, scores, ids, {i: x_by_id[i] for i in (1, 2, 4)}, q, metric, 8, exact=True)
+    index.remove(np.array([1, 2]))
+    scores, ids = index.search(q, 8, deny=np.array([0]))
+    assert all(set(row[:2].tolist()) == {3, 4} for row in ids)
+    assert (ids[:, 2:] == -1).all() and np.isneginf(scores[:, 2:]).all()
+
+
+@pytest.mark.parametrize("kind,metric", CASES)
+def test_serialize_load_round_trip(kind, metric):
+    index, x_by_id, rng = filled(kind, metric)
+    victims = rng.choice(sorted(x_by_id), 20, replace=False)  # ANN: tombstones travel beside the bytes
+    index.remove(victims)
+    q = clustered(rng, 20, DIM)
+    copy = KINDS[kind](DIM, metric)
+    copy.load(index.serialize(), index.tombstones())
+    assert len(copy) == len(index) and sorted(copy.ids().tolist()) == sorted(index.ids().tolist())
+    deny = rng.choice(sorted(x_by_id), 100, replace=False)
+    for d in (None, deny):
+        a, b = index.search(q, 10, d), copy.search(q, 10, d)
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+        assert not np.isin(b[1], victims).any()
+    # The loaded copy keeps working: the same mutations give the same answers as the original.
+    # The loaded copy keeps working (adds, removals past the rebuild ratio); HNSW builds in parallel, so
+    # the copy is held to the contract rather than to the original's graph.
+    more = clustered(rng, 100, DIM)
+    gone = np.array(sorted(x_by_id))[:150]
+    for ix in (index, copy):
+        ix.add(np.arange(9000, 9100), more)
+        ix.remove(gone)
+    live = {i: v for i, v in x_by_id.items() if i not in set(gone.tolist()) | set(victims.tolist())}
+    live.update({9000 + i: v for i, v in enumerate(stored(kind, more, metric))})
+    for ix in (index, copy):
+        assert len(ix) == len(live) and sorted(ix.ids().tolist()) == sorted(live)
+        check(kind, *ix.search(q, 10), live, q, metric, 10, exact=kind in EXACT)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_wrong_dims_are_refused(kind):
+    index = KINDS[kind](DIM, "ip")
+    with pytest.raises(InvalidArgument, match=f"expects vectors \\[n, {DIM}\\]"):
+        index.add(np.arange(2), np.ones((2, DIM + 1), np.float32))
+    index.add(np.arange(2), np.ones((2, DIM), np.float32))
+    with pytest.raises(InvalidArgument, match=f"expects queries \\[q, {DIM}\\]"):
+        index.search(np.ones((1, DIM - 1), np.float32), 1)
+    assert len(index) == 2
+
+
+# -- 10k vectors at default parameters ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_ann_recall_at_10k(kind, metric):
+    n, dim = 10_000, 64
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((64, dim)).astype(np.float32)
+    x = (centers[rng.integers(0, 64, n)] + 0.7 * rng.standard_normal((n, dim))).astype(np.float32)
+    q = (centers[rng.integers(0, 64, 100)] + 0.7 * rng.standard_normal((100, dim))).astype(np.float32)
+    index = KINDS[kind](dim, metric)
+    for part in np.array_split(np.arange(n), 4):  # IVF-PQ trains once, on the first 2.5k, as in a growing bank
+        index.add(part, x[part])
+    ref = brute(prepare(x, metric), q, metric)
+    deny = rng.choice(n, n // 4, replace=False)
+    # k = 256 is what a two-stage first pass asks for: an HNSW walk with fewer candidates than k starves.
+    for k, d in [(8, None), (8, deny), (256, None)]:
+        scores, ids = index.search(q, k, d)
+        masked = ref.copy()
+        if d is not None:
+            masked[:, d] = -np.inf
+            assert not np.isin(ids, d).any()
+        truth = np.argsort(-masked, axis=1)[:, :k]
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, truth)])
+        assert recall >= 0.95, f"{kind}/{metric} recall@{k} {recall:.3f} (deny={d is not None})"
+        true = np.take_along_axis(ref, ids, axis=1)
+        assert np.allclose(scores, true, rtol=1e-4, atol=1e-3)
+
+
+# -- SpaceIndex: per-layer spaces ------------------------------------------------------------------
+
+LAYERS = 6
+
+
+def layered(rng: np.random.Generator, n: int, dim: int, noise: float = 0.5) -> np.ndarray:
+    """`[n, L, d]` keys whose layers share the entry's content (as a frame's layers do), plus per-layer noise."""
+    base = clustered(rng, n, dim)
+    return (base[:, None, :] + noise * rng.standard_normal((n, LAYERS, dim))).astype(np.float32)
+
+
+def exact_per_layer(keys: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    """`[L, n]` float64 brute-force scores of query `[L, d]` against keys `[n, L, d]`."""
+    return np.stack([brute(prepare(keys[:, layer], metric), q[layer:layer + 1], metric)[0] for layer in range(LAYERS)])
+
+
+def space(index: str, metric: str, keys: np.ndarray, params: IndexParams = PARAMS, dtype="float32") -> SpaceIndex:
+    ks = KeySpace(keys.shape[-1], metric=metric, per_layer=True, index=index, dtype=dtype)
+    # The bank's loader reads keys from LMDB; here the same keys come from memory.
+    s = SpaceIndex(ks, LAYERS, params, key_loader=lambda ids: keys[ids])
+    for part in np.array_split(np.arange(len(keys)), 3):
+        s.add(part, keys[part])
+    return s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_flat_space_is_exact_per_layer_and_mean(metric, dtype):
+    rng = np.random.default_rng(11)
+    keys = layered(rng, 400, DIM)
+    s = space("flat", metric, keys, dtype=dtype)
+    kept = keys.astype(np.float16).astype(np.float32) if dtype == "float16" and metric != "cosine" else keys
+    deny = np.arange(0, 400, 3)
+    for _ in range(3):
+        q = layered(rng, 1, DIM)[0]
+        ref = exact_per_layer(kept, q, metric)
+        for d in (None, deny):
+            scores, ids, scanned = s.search(q, 5, "per_layer", d, [])
+            assert ids.shape == (LAYERS, 5) and scanned == 400
+            masked = ref.copy()
+            if d is not None:
+                masked[:, d] = -np.inf
+            tol = 5e-3 * np.abs(ref).max() if dtype == "float16" else 1e-4 * np.abs(ref).max()
+            best = -np.sort(-masked, axis=1)[:, :5]
+            assert np.allclose(np.take_along_axis(ref, ids, 1), best, atol=tol)
+            assert np.allclose(scores, best, atol=tol)
+        mean_s, mean_ids, _ = s.search(q, 5, "mean", deny, [])
+        mref = ref.mean(axis=0)
+        mref[deny] = -np.inf
+        assert np.allclose(mref[mean_ids], -np.sort(-mref)[:5], atol=tol) and not np.isin(mean_ids, deny).any()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_two_stage_is_exact_when_the_first_pass_keeps_everything(metric):
+    rng = np.random.default_rng(12)
+    keys = layered(rng, 200, DIM)  # 200 <= two_stage_candidates: the rerank sees every entry
+    exact, two = space("flat", metric, keys), space("two_stage", metric, keys)
+    deny = np.arange(0, 200, 4)
+    for _ in range(3):
+        q = layered(rng, 1, DIM)[0]
+        for combine in ("per_layer", "mean"):
+            a, b = exact.search(q, 6, combine, deny, []), two.search(q, 6, combine, deny, [])
+            assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], rtol=1e-4, atol=1e-4)
+    two.remove(np.arange(1, 200, 4))
+    exact.remove(np.arange(1, 200, 4))
+    q = layered(rng, 1, DIM)[0]
+    assert np.array_equal(exact.search(q, 6, "per_layer", None, [])[1], two.search(q, 6, "per_layer", None, [])[1])
+
+
+@pytest.mark.slow
+# IVF-PQ trains once per layer (seconds each); one metric covers its per-layer wiring, the 10k test the rest.
+@pytest.mark.parametrize("index,metric", [(i, m) for i in ("two_stage", "hnsw") for m in METRICS] + [("ivfpq", "ip")])
+def test_per_layer_ann_recall_vs_exact(index, metric):
+    """Recall@8 of each layer's top-8 against exact per-layer search, 5k entries x 6 layers."""
+    rng = np.random.default_rng(13)
+    keys = layered(rng, 5000, DIM)
+    s = space(index, metric, keys)
+    steps: list = []
+    recalls = []
+    for _ in range(20):
+        q = layered(rng, 1, DIM)[0]
+        _, ids, _ = s.search(q, 8, "per_layer", None, steps)
+        truth = np.argsort(-exact_per_layer(keys, q, metric), axis=1)[:, :8]
+        recalls += [len(set(a.tolist()) & set(b.tolist())) / 8 for a, b in zip(ids, truth)]
+    assert np.mean(recalls) >= 0.95, f"{index}/{metric} per-layer recall@8 {np.mean(recalls):.3f}"
+    if index == "two_stage":
+        assert [name for name, _ in steps[:3]] == ["first_pass", "load_keys", "rerank"]
