@@ -5,7 +5,7 @@ protocol; the values below cross it. This package never imports torch.
 """
 
 from memory_service.errors import (
-    AlreadyExists, DataLoss, DeadlineExceeded, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
+    AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
     ResourceExhausted, Unauthenticated, Unavailable,
 )
 from memory_service.local import LocalMemory
@@ -15,8 +15,8 @@ from memory_service.types import (
 )
 
 __all__ = [
-    "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FetchResult",
-    "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "NewEntry", "NotFound",
+    "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FailedPrecondition", "FetchResult",
+    "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "MemoryClient", "NewEntry", "NotFound",
     "PermissionDenied", "PruneResult", "QueryResult", "QueryTrace", "ResourceExhausted", "StreamSpec",
     "StreamStats", "Unauthenticated", "Unavailable",
 ]

@@ -99,6 +99,9 @@ class MemoryBank:
         with self._lock:
             return [s.spec for s in self._streams.values()]
 
+    def spec(self, name: str) -> StreamSpec:
+        return self._stream(name).spec
+
     def _stream(self, name: str) -> Stream:
         s = self._streams.get(name)
         if s is None:

@@ -1,7 +1,9 @@
 """`memflow-service`: serve | inspect.
 
-Owns the command line of DESIGN.md ("Public surface"). `serve` opens the bank in --data-dir and serves it;
-`inspect` prints every stream of a data directory with its counts, budget and policy as JSON lines.
+Owns the command line of DESIGN.md ("Public surface"). `serve` opens the bank in --data-dir and serves it over
+gRPC until SIGTERM/SIGINT (then drains and closes cleanly); `inspect` prints every stream of a data directory
+with its counts, budget and policy as JSON lines. Flags override MEMFLOW_* environment variables, which
+override a --config JSON file, which overrides the defaults (memory_service/config.py).
 """
 
 from __future__ import annotations
@@ -9,10 +11,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
+import time
 from typing import Optional, Sequence
 
 from memory_service.errors import MemFlowError
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, and any `extra=` fields."""
+
+    _PLAIN = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in self._PLAIN})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -29,12 +47,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from memory_service.local import LocalMemory
+    from memory_service.config import load_service_config
+    from memory_service.service.server import MemoryServer
 
-    # Until the gRPC server lands this opens the embedded bank and reports it.
-    with LocalMemory(args.data_dir) as memory:
-        stats = memory.stats()
-        print(f"memflow: embedded bank at {args.data_dir}: {len(stats.streams)} streams, {stats.entries} entries")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    overrides = {k: getattr(args, k) for k in ("data_dir", "host", "port", "metrics_port", "auth_token_file",
+                                               "tls_cert", "tls_key", "workers")}
+    if args.insecure:
+        overrides["insecure"] = True
+    config = load_service_config(args.config, overrides=overrides)
+    t0 = time.perf_counter()
+    server = MemoryServer(config)
+    server.start()
+    stats = server.bank.stats()
+    print(f"memflow-service: serving {config.data_dir} on {server.address} "
+          f"({'TLS' if config.tls_cert else 'plaintext'}, {'token auth' if server.auth else 'no auth'}; "
+          f"{len(stats.streams)} streams, {stats.entries} entries, opened in {time.perf_counter() - t0:.2f} s)"
+          + (f"; metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""),
+          flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -42,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memflow-service", description="MemFlow memory service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a data directory over gRPC")
-    serve.add_argument("--data-dir", default="./memflow-data")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--data-dir", default=None, help="bank directory (default ./memflow-data)")
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default 50051; 0 = any free port)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--auth-token-file", default=None, help="bearer tokens, one 'tenant:token' per line")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without auth")
+    serve.add_argument("--workers", type=int, default=None, help="request threads (default 16)")
+    serve.add_argument("--config", default=None, help="JSON config file (see memory_service/config.py)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
     inspect = sub.add_parser("inspect", help="print the streams of a data directory as JSON lines")
     inspect.add_argument("--data-dir", default="./memflow-data")

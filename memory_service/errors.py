@@ -65,6 +65,12 @@ class DeadlineExceeded(MemFlowError):
     code = "DEADLINE_EXCEEDED"
 
 
+class FailedPrecondition(MemFlowError):
+    """The system is not in a state the call needs (e.g. shared memory the service cannot see)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class DataLoss(MemFlowError):
     """Stored bytes fail their checksum: the record is corrupt."""
 
@@ -80,5 +86,6 @@ ALL_ERRORS: tuple[type[MemFlowError], ...] = (
     PermissionDenied,
     Unavailable,
     DeadlineExceeded,
+    FailedPrecondition,
     DataLoss,
 )

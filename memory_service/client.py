@@ -1,0 +1,363 @@
+"""MemoryClient: the public memory protocol over gRPC (the same methods, results and exceptions as LocalMemory).
+
+Owns the client half of the wire contract. Promises:
+- every call carries a deadline (`timeout`, default 30 s); idempotent calls (query, fetch, stats, list,
+  pin, register) are retried on UNAVAILABLE with backoff, writes never are;
+- a failed call raises the same MemFlowError class LocalMemory would, with the service's message
+  (status codes are mapped back in `_rpc`, the one place);
+- K/V bytes take the same-host shared-memory plane when the target is on this host and the service can map
+  the client's arena, otherwise the gRPC streaming plane. `plane="auto"` chooses and logs the choice once;
+  `plane="shm"` fails with FailedPrecondition when shared memory cannot work (never a silent slow path);
+- fetch over shm returns arrays that view the arena directly (zero copy); their bytes stay reserved until
+  the last array over them is garbage-collected. `arena_array()` hands out arena-backed buffers so a put
+  of K/V built there skips the client-side copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterator, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from memory_service.errors import FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted
+from memory_service.service import convert
+from memory_service.service.gen import memory_pb2 as pb
+from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.shm import ALIGN, Arena
+from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, kv_numpy_dtype
+
+log = logging.getLogger("memflow.client")
+CHUNK_BYTES = 4 << 20
+PLANES = ("auto", "shm", "stream")
+
+
+class MemoryClient:
+    """A connection to a memory service at `target` ("host:port"). Use as a context manager.
+
+    `token`: bearer token (default: $MEMFLOW_TOKEN). `tls`: None (plaintext), True (system roots), or a CA
+    certificate (path or PEM bytes). `plane`: "auto", "shm" or "stream". `arena_bytes`: initial size of the
+    shared-memory arena (it grows for larger calls).
+    """
+
+    def __init__(self, target: str, token: Optional[str] = None, tls: Union[None, bool, str, bytes] = None, *,
+                 timeout: float = 30.0, plane: str = "auto", arena_bytes: int = 256 << 20,
+                 max_message_bytes: int = 64 << 20, retries: int = 3, tls_server_name: Optional[str] = None) -> None:
+        if plane not in PLANES:
+            raise InvalidArgument(f"plane is {plane!r}, expected one of {PLANES}")
+        self.target = target
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.max_message_bytes = int(max_message_bytes)
+        token = token if token is not None else os.environ.get("MEMFLOW_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            roots = None
+            if isinstance(tls, bytes):
+                roots = tls
+            elif isinstance(tls, (str, os.PathLike)):
+                with open(tls, "rb") as f:
+                    roots = f.read()
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.MemoryServiceStub(self._channel)
+        self.arena_bytes = int(arena_bytes)
+        self._arenas: list[tuple[Arena, str]] = []  # (arena, id at the service)
+        self._specs: dict[str, StreamSpec] = {}
+        self.plane = self._choose_plane(plane)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    def __enter__(self) -> "MemoryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for arena, arena_id in self._arenas:
+            try:
+                self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=arena_id), timeout=2.0)
+            except MemFlowError:
+                pass  # the service may be gone; the segment is ours to unlink either way
+            arena.close()
+        self._arenas = []
+        self._channel.close()
+
+    def _rpc(self, method, request, *, idempotent: bool = False, timeout: Optional[float] = None):
+        """Call `method` with deadline and token; map a status back to our exception class."""
+        attempts = 1 + (self.retries if idempotent else 0)
+        for attempt in range(attempts):
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    time.sleep(min(1.0, 0.05 * 2 ** attempt))
+                    continue
+                raise convert.error_from(code, exc.details() or "") from None
+
+    def _choose_plane(self, plane: str) -> str:
+        if plane == "stream":
+            chosen = "stream"
+        elif plane == "auto" and not _same_host(self.target):
+            chosen = "stream"
+        else:
+            try:
+                self._new_arena(self.arena_bytes)
+                chosen = "shm"
+            except MemFlowError as exc:
+                if plane == "shm":
+                    raise FailedPrecondition(f"shared-memory data plane requested but unavailable: {exc}") from None
+                log.warning("memflow: shared memory unavailable to %s (%s); using the gRPC stream plane",
+                            self.target, exc)
+                chosen = "stream"
+        log.info("memflow: %s data plane to %s", chosen, self.target)
+        return chosen
+
+    def _new_arena(self, size: int) -> None:
+        arena = Arena(size)
+        try:
+            resp = self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
+                shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True)
+        except BaseException:
+            arena.close()
+            raise
+        # arenas nobody leases any more are released when a bigger one replaces them
+        for old, old_id in [a for a in self._arenas if a[0].live == 0]:
+            try:
+                self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=old_id))
+            except MemFlowError:
+                pass
+            old.close()
+            self._arenas.remove((old, old_id))
+        self._arenas.append((arena, resp.arena_id))
+
+    def _lease(self, nbytes: int) -> tuple[str, int, object]:
+        for arena, arena_id in reversed(self._arenas):
+            got = arena.lease(nbytes)
+            if got is not None:
+                return arena_id, got[0], got[1]
+        self._new_arena(max(self.arena_bytes, 1 << (nbytes + 2 * ALIGN - 1).bit_length()))
+        arena, arena_id = self._arenas[-1]
+        offset, region = arena.lease(nbytes)  # type: ignore[misc]
+        return arena_id, offset, region
+
+    def _shm_call(self, fn):
+        """Run a data-plane call; if the service lost our arenas (restart), register afresh once and rerun."""
+        try:
+            return fn()
+        except FailedPrecondition as exc:
+            if "is stale" in str(exc):
+                self._specs.clear()
+                return fn()
+            if "not registered" not in str(exc):
+                raise
+            log.info("memflow: service lost the arenas (restart?); registering again")
+            for arena, _ in self._arenas:
+                arena.close()
+            self._arenas = []
+            self._new_arena(self.arena_bytes)
+            return fn()
+
+    def arena_array(self, shape: Sequence[int], dtype) -> np.ndarray:
+        """A zeroed-or-stale array in the shared-memory arena (shm plane) or in ordinary memory (stream plane).
+
+        K/V written into it and passed to `put` skips the client-side copy on the shm plane.
+        """
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if self.plane != "shm":
+            return np.empty(shape, dtype)
+        _, _, region = self._lease(nbytes)
+        return np.frombuffer(region, dtype).reshape(shape)
+
+    # -- streams ------------------------------------------------------------------------------------
+    def create_stream(self, spec: StreamSpec) -> None:
+        if not isinstance(spec, StreamSpec):
+            raise InvalidArgument(f"create_stream takes a StreamSpec, got {type(spec).__name__}")
+        self._specs.pop(spec.name, None)
+        self._rpc(self._stub.CreateStream, pb.CreateStreamRequest(spec=convert.spec_to_pb(spec)))
+
+    def drop_stream(self, name: str) -> None:
+        self._specs.pop(name, None)
+        self._rpc(self._stub.DropStream, pb.DropStreamRequest(stream=name))
+
+    def list_streams(self) -> list[StreamSpec]:
+        resp = self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), idempotent=True)
+        return [convert.spec_from_pb(s) for s in resp.streams]
+
+    # -- put ----------------------------------------------------------------------------------------
+    def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
+        if isinstance(entries, NewEntry):
+            entries = [entries]
+        if not isinstance(entries, (list, tuple)):
+            raise InvalidArgument(f"put takes a list of NewEntry, got {type(entries).__name__}")
+        for n, e in enumerate(entries):
+            if not isinstance(e, NewEntry):
+                raise InvalidArgument(f"entry {n} is a {type(e).__name__}, expected NewEntry")
+        kvs = [np.asarray(e.kv) for e in entries if e.kv is not None]
+        header = pb.PutHeader(stream=stream, entries=[convert.entry_to_pb(e) for e in entries])
+        if header.ByteSize() > self.max_message_bytes - 1024:
+            raise ResourceExhausted(f"put header (entry metadata and keys) is {header.ByteSize()} bytes; the message "
+                                    f"limit is {self.max_message_bytes}: put fewer entries per call")
+        if kvs and self.plane == "shm":
+            return self._shm_call(lambda: self._put_shm(header, kvs))
+        return self._put_stream(header, kvs)
+
+    def _put_shm(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
+        total = sum(a.nbytes for a in kvs)
+        region = None
+        placed = self._in_arena(kvs)
+        if placed is not None:
+            arena_id, offset = placed
+        else:
+            arena_id, offset, region = self._lease(total)
+            flat = np.frombuffer(region, np.uint8, count=total)
+            pos = 0
+            for a in kvs:
+                flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                pos += a.nbytes
+        header.plane, header.arena_id, header.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
+        ids = list(self._rpc(self._stub.Put, iter([pb.PutRequest(header=header)])).ids)
+        del region  # the service copied the bytes into its store: the lease can go
+        return ids
+
+    def _in_arena(self, kvs: list[np.ndarray]) -> Optional[tuple[str, int]]:
+        """(arena id, offset) when the K/V arrays already lie back to back in one arena."""
+        for arena, arena_id in self._arenas:
+            first = arena.contains(kvs[0])
+            if first is None:
+                continue
+            pos = first
+            for a in kvs:
+                if arena.contains(a) != pos:
+                    return None
+                pos += a.nbytes
+            return arena_id, first
+        return None
+
+    def _put_stream(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=header)
+            for a in kvs:
+                flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                for start in range(0, flat.nbytes, CHUNK_BYTES):
+                    yield pb.PutRequest(kv_chunk=flat[start:start + CHUNK_BYTES].tobytes())
+
+        return list(self._rpc(self._stub.Put, requests()).ids)
+
+    # -- query / fetch ------------------------------------------------------------------------------
+    def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
+              exclude_frames=None, pinned_only: bool = False, time_range=None,
+              timeout: Optional[float] = None) -> QueryResult:
+        try:
+            request = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
+        return convert.result_from_pb(self._rpc(self._stub.Query, request, idempotent=True, timeout=timeout))
+
+    def fetch(self, stream: str, ids, layers=None, *, timeout: Optional[float] = None) -> FetchResult:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)] if np.ndim(ids) else ids
+        request = pb.FetchRequest(stream=stream, ids=ids, layers=list(layers or ()))
+        if self.plane == "shm":
+            return self._shm_call(lambda: self._fetch_shm(request, timeout))
+        return self._fetch_stream(request, timeout)
+
+    def _fetch_shm(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
+        spec = self._spec(request.stream)
+        if spec.kv is None:  # let the service say why
+            return self._fetch_stream(request, timeout)
+        n_layers = len(request.layers) or spec.kv.layers
+        nbytes = len(request.ids) * n_layers * spec.kv.layer_bytes
+        arena_id, offset, region = self._lease(max(nbytes, 1))
+        request.plane, request.arena_id, request.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
+        request.arena_bytes = max(nbytes, 1)
+        header = self._fetch_header(self._stub.Fetch(request, timeout=timeout or self.timeout,
+                                                     metadata=self._metadata))
+        kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
+        return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
+
+    def _fetch_stream(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
+        responses = self._stub.Fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        header = self._fetch_header(responses)
+        kv = np.empty(tuple(header.shape), kv_numpy_dtype(header.dtype))
+        flat = kv.reshape(-1).view(np.uint8)
+        got = 0
+        try:
+            for msg in responses:
+                chunk = msg.kv_chunk
+                flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                got += len(chunk)
+        except grpc.RpcError as exc:
+            raise convert.error_from(exc.code(), exc.details() or "") from None
+        if got != header.nbytes:
+            raise MemFlowError(f"fetch stream ended after {got} of {header.nbytes} bytes")
+        return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
+
+    @staticmethod
+    def _fetch_header(responses) -> pb.FetchHeader:
+        try:
+            first = next(responses)
+        except grpc.RpcError as exc:
+            raise convert.error_from(exc.code(), exc.details() or "") from None
+        return first.header
+
+    def _spec(self, stream: str) -> StreamSpec:
+        # The layout decides how many bytes to lease; it never changes for a stream name, so cache it.
+        spec = self._specs.get(stream)
+        if spec is None:
+            for s in self.list_streams():
+                self._specs[s.name] = s
+            spec = self._specs.get(stream)
+            if spec is None:
+                raise NotFound(f"stream {stream!r} not found; existing streams: {sorted(self._specs)[:10]}")
+        return spec
+
+    # -- the rest -----------------------------------------------------------------------------------
+    def delete(self, stream: str, ids) -> int:
+        return int(self._rpc(self._stub.Delete, pb.DeleteRequest(stream=stream, ids=_ids(ids))).deleted)
+
+    def pin(self, stream: str, ids, pinned: bool = True) -> None:
+        self._rpc(self._stub.Pin, pb.PinRequest(stream=stream, ids=_ids(ids), pinned=pinned), idempotent=True)
+
+    def prune(self, stream: str) -> PruneResult:
+        return convert.prune_from_pb(self._rpc(self._stub.Prune, pb.PruneRequest(stream=stream)))
+
+    def stats(self, stream: Optional[str] = None):
+        resp = self._rpc(self._stub.Stats, pb.StatsRequest(stream=stream or ""), idempotent=True)
+        if stream:
+            return convert.stream_stats_from_pb(resp.streams[0])
+        return convert.bank_stats_from_pb(resp)
+
+    def entries(self, stream: str):
+        resp = self._rpc(self._stub.ListEntries, pb.ListEntriesRequest(stream=stream), idempotent=True)
+        return [convert.meta_from_pb(m) for m in resp.entries]
+
+
+def _ids(ids) -> list[int]:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgument(f"ids must be a 1-d list of ints, got {arr.dtype} with shape {list(arr.shape)}")
+    return [int(i) for i in arr]
+
+
+def _same_host(target: str) -> bool:
+    """Whether `target` names this machine (loopback address, localhost, or a unix socket)."""
+    from memory_service.service.server import is_loopback
+
+    if target.startswith("unix:"):
+        return True
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.endswith("]") is False else target
+    if target.startswith("["):
+        host = target[1:target.index("]")]
+    elif target.count(":") == 1:
+        host = target.split(":")[0]
+    return is_loopback(host)

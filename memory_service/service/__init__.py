@@ -1,0 +1,1 @@
+"""The gRPC face of the bank: convert (protobuf), servicer (thin), server, interceptors, auth, metrics."""

@@ -1,0 +1,247 @@
+"""The one module that touches protobuf: values <-> messages, and errors <-> status codes.
+
+Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto). Promises:
+- every `*_from_pb` either returns a valid value or raises InvalidArgument naming the field, what was
+  received and what was expected (a malformed message never reaches the bank half-read);
+- `status_of(exc)` (server) and `error_from(code, message)` (client) are inverse: a MemFlowError crosses the
+  wire as its status code and comes back as the same class with the same message.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import grpc
+import numpy as np
+
+from memory_service import errors
+from memory_service.service.gen import memory_pb2 as pb
+from memory_service.types import (
+    BankStats, Budget, EntryMeta, KeySpace, KVLayout, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec,
+    StreamStats, kv_numpy_dtype,
+)
+
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "int64")
+MAX_TENSOR_DIMS = 8
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+_CODES = {cls.code: getattr(grpc.StatusCode, cls.code) for cls in errors.ALL_ERRORS}
+_CLASSES = {code: cls for cls in errors.ALL_ERRORS for code in [getattr(grpc.StatusCode, cls.code)]}
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code an exception travels as (INTERNAL for anything that is not a MemFlowError)."""
+    if isinstance(exc, errors.MemFlowError):
+        return _CODES.get(exc.code, grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from(code: grpc.StatusCode, message: str) -> Exception:
+    """The exception a status code stands for; codes outside the hierarchy become a plain MemFlowError."""
+    cls = _CLASSES.get(code)
+    if cls is None:
+        err = errors.MemFlowError(f"{code.name}: {message}")
+        err.code = code.name
+        return err
+    return cls(message)
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------
+
+def dtype_of(name: str) -> np.dtype:
+    if name == "int64":
+        return np.dtype("<i8")
+    return kv_numpy_dtype(name)
+
+
+def tensor_to_pb(arr: np.ndarray, name: Optional[str] = None) -> pb.Tensor:
+    arr = np.ascontiguousarray(arr)
+    dtype = name or ("int64" if arr.dtype.kind in "iu" else str(arr.dtype))
+    if dtype == "int64":
+        arr = arr.astype("<i8", copy=False)
+    return pb.Tensor(dtype=dtype, shape=list(arr.shape), data=arr.reshape(-1).view(np.uint8).tobytes())
+
+
+def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
+    """A read-only array over the message's bytes, after checking dtype, shape and length."""
+    if t.dtype not in TENSOR_DTYPES:
+        raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected one of {TENSOR_DTYPES}")
+    shape = tuple(int(d) for d in t.shape)
+    if len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
+        raise errors.InvalidArgument(f"{what} has shape {list(shape)}; expected at most {MAX_TENSOR_DIMS} "
+                                     "non-negative dims")
+    dtype = dtype_of(t.dtype)
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    if len(t.data) != want:
+        raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes; dtype {t.dtype} shape {list(shape)} "
+                                     f"needs {want}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
+# ---- streams ----------------------------------------------------------------------------------------------
+
+def spec_to_pb(spec: StreamSpec) -> pb.StreamSpec:
+    msg = pb.StreamSpec(
+        name=spec.name, policy=spec.policy, storage=spec.storage, degrade=list(spec.degrade),
+        budget=pb.Budget(max_entries=spec.budget.max_entries or 0, max_bytes=spec.budget.max_bytes or 0),
+    )
+    for name, ks in spec.key_spaces.items():
+        msg.key_spaces[name].CopyFrom(pb.KeySpace(dim=ks.dim, metric=ks.metric, per_layer=ks.per_layer,
+                                                  index=ks.index, dtype=ks.dtype, layers=ks.layers or 0))
+    if spec.kv is not None:
+        kv = spec.kv
+        msg.kv.CopyFrom(pb.KVLayout(layers=kv.layers, heads=kv.heads, head_dim=kv.head_dim,
+                                    tokens_per_frame=kv.tokens_per_frame, dtype=kv.dtype))
+    return msg
+
+
+def spec_from_pb(msg: pb.StreamSpec) -> StreamSpec:
+    """Empty strings and zeros take the documented defaults; the dataclasses check everything else."""
+    spaces = {
+        name: KeySpace(dim=int(ks.dim), metric=ks.metric or "ip", per_layer=ks.per_layer, index=ks.index or "flat",
+                       dtype=ks.dtype or "float32", layers=int(ks.layers) or None)
+        for name, ks in msg.key_spaces.items()
+    }
+    kv = None
+    if msg.HasField("kv"):
+        kv = KVLayout(layers=int(msg.kv.layers), heads=int(msg.kv.heads), head_dim=int(msg.kv.head_dim),
+                      tokens_per_frame=int(msg.kv.tokens_per_frame), dtype=msg.kv.dtype or "bfloat16")
+    budget = Budget(max_entries=int(msg.budget.max_entries) or None, max_bytes=int(msg.budget.max_bytes) or None)
+    return StreamSpec(name=msg.name, key_spaces=spaces, kv=kv, budget=budget, policy=msg.policy or "fifo",
+                      storage=msg.storage or "raw", degrade=tuple(msg.degrade))
+
+
+def renamed(spec: StreamSpec, name: str) -> StreamSpec:
+    return StreamSpec(name=name, key_spaces=spec.key_spaces, kv=spec.kv, budget=spec.budget, policy=spec.policy,
+                      storage=spec.storage, degrade=spec.degrade)
+
+
+# ---- put --------------------------------------------------------------------------------------------------
+
+def entry_to_pb(e: NewEntry) -> pb.NewEntry:
+    msg = pb.NewEntry(
+        frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt, has_kv=e.kv is not None,
+        pinned=bool(e.pinned), has_rope_position=e.rope_position is not None,
+        rope_position=int(e.rope_position or 0), importance=float(e.importance),
+    )
+    if e.kv is not None:
+        kv = np.asarray(e.kv)
+        msg.kv_dtype, msg.kv_shape[:] = str(kv.dtype), list(kv.shape)
+    for space, vec in (e.keys or {}).items():
+        try:
+            arr = np.asarray(vec, np.float32)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(f"entry keys[{space!r}] is not an array of numbers: {exc}") from None
+        msg.keys[space].CopyFrom(tensor_to_pb(arr, "float32"))
+    return msg
+
+
+def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray]) -> list[NewEntry]:
+    """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`)."""
+    out, n = [], 0
+    for i, m in enumerate(msgs):
+        keys = {space: tensor_from_pb(t, f"entry {i} keys[{space!r}]") for space, t in m.keys.items()}
+        entry_kv = None
+        if m.has_kv:
+            entry_kv = kv[n]  # type: ignore[index]
+            n += 1
+        out.append(NewEntry(
+            frame_index=int(m.frame_index), chunk_index=int(m.chunk_index), prompt=m.prompt, keys=keys, kv=entry_kv,
+            pinned=m.pinned, rope_position=int(m.rope_position) if m.has_rope_position else None,
+            importance=m.importance,
+        ))
+    return out
+
+
+# ---- query ------------------------------------------------------------------------------------------------
+
+def query_to_pb(stream: str, space: str, vectors, k: int, combine: str, exclude_frames, pinned_only: bool,
+                time_range) -> pb.QueryRequest:
+    msg = pb.QueryRequest(stream=stream, space=space, vectors=tensor_to_pb(np.asarray(vectors, np.float32), "float32"),
+                          k=int(k), combine=combine, pinned_only=pinned_only)
+    if exclude_frames is not None:
+        msg.has_exclude_frames, msg.exclude_lo, msg.exclude_hi = True, int(exclude_frames[0]), int(exclude_frames[1])
+    if time_range is not None:
+        msg.has_time_range, msg.time_lo, msg.time_hi = True, float(time_range[0]), float(time_range[1])
+    return msg
+
+
+def query_args_from_pb(msg: pb.QueryRequest) -> dict:
+    return dict(
+        vectors=tensor_from_pb(msg.vectors, "query vectors"), k=int(msg.k), combine=msg.combine or "per_layer",
+        exclude_frames=(int(msg.exclude_lo), int(msg.exclude_hi)) if msg.has_exclude_frames else None,
+        pinned_only=msg.pinned_only, time_range=(msg.time_lo, msg.time_hi) if msg.has_time_range else None,
+    )
+
+
+def result_to_pb(r: QueryResult) -> pb.QueryResponse:
+    return pb.QueryResponse(
+        ids=tensor_to_pb(r.ids, "int64"), scores=tensor_to_pb(r.scores.astype(np.float32), "float32"),
+        frames=tensor_to_pb(r.frames, "int64"), scanned=int(r.trace.scanned),
+        steps=[pb.TraceStep(name=n, ms=ms) for n, ms in r.trace.steps],
+    )
+
+
+def result_from_pb(msg: pb.QueryResponse) -> QueryResult:
+    return QueryResult(
+        ids=tensor_from_pb(msg.ids, "ids").astype(np.int64), scores=tensor_from_pb(msg.scores, "scores").copy(),
+        frames=tensor_from_pb(msg.frames, "frames").astype(np.int64),
+        trace=QueryTrace(int(msg.scanned), tuple((s.name, s.ms) for s in msg.steps)),
+    )
+
+
+# ---- metadata and stats ----------------------------------------------------------------------------------
+
+def meta_to_pb(m: EntryMeta) -> pb.EntryMeta:
+    return pb.EntryMeta(
+        entry_id=m.entry_id, frame_index=m.frame_index, chunk_index=m.chunk_index, prompt=m.prompt, created=m.created,
+        pinned=m.pinned, has_rope_position=m.rope_position is not None, rope_position=m.rope_position or 0,
+        hit_count=m.hit_count, has_last_hit=m.last_hit is not None, last_hit=m.last_hit or 0.0,
+        importance=m.importance, lfu=m.lfu, nbytes=m.nbytes, codec=m.codec,
+    )
+
+
+def meta_from_pb(m: pb.EntryMeta) -> EntryMeta:
+    return EntryMeta(
+        entry_id=int(m.entry_id), frame_index=int(m.frame_index), chunk_index=int(m.chunk_index), prompt=m.prompt,
+        created=m.created, pinned=m.pinned, rope_position=int(m.rope_position) if m.has_rope_position else None,
+        hit_count=int(m.hit_count), last_hit=m.last_hit if m.has_last_hit else None, importance=m.importance,
+        lfu=m.lfu, nbytes=int(m.nbytes), codec=m.codec,
+    )
+
+
+def stream_stats_to_pb(s: StreamStats, name: str) -> pb.StreamStats:
+    return pb.StreamStats(
+        name=name, entries=s.entries, pinned=s.pinned, payload_bytes=s.payload_bytes, key_bytes=s.key_bytes,
+        next_entry_id=s.next_entry_id, evicted_total=s.evicted_total, degraded_total=s.degraded_total,
+        budget=pb.Budget(max_entries=s.budget.max_entries or 0, max_bytes=s.budget.max_bytes or 0), policy=s.policy,
+    )
+
+
+def stream_stats_from_pb(m: pb.StreamStats) -> StreamStats:
+    return StreamStats(
+        name=m.name, entries=int(m.entries), pinned=int(m.pinned), payload_bytes=int(m.payload_bytes),
+        key_bytes=int(m.key_bytes), next_entry_id=int(m.next_entry_id), evicted_total=int(m.evicted_total),
+        degraded_total=int(m.degraded_total),
+        budget=Budget(max_entries=int(m.budget.max_entries) or None, max_bytes=int(m.budget.max_bytes) or None),
+        policy=m.policy,
+    )
+
+
+def bank_stats_from_pb(m: pb.StatsResponse) -> BankStats:
+    return BankStats(streams=tuple(stream_stats_from_pb(s) for s in m.streams), entries=int(m.entries),
+                     payload_bytes=int(m.payload_bytes), map_size=int(m.map_size), disk_bytes=int(m.disk_bytes))
+
+
+def prune_to_pb(r: PruneResult) -> pb.PruneResponse:
+    return pb.PruneResponse(evicted=list(r.evicted), degraded=list(r.degraded), reason=r.reason)
+
+
+def prune_from_pb(m: pb.PruneResponse) -> PruneResult:
+    return PruneResult(evicted=tuple(int(i) for i in m.evicted), degraded=tuple(int(i) for i in m.degraded),
+                       reason=m.reason)
+
+
+def ids_from_pb(ids: Sequence[int]) -> np.ndarray:
+    return np.array(list(ids), np.int64)

@@ -1,0 +1,1 @@
+"""Generated from protos/memflow/v1/memory.proto by `make proto`; do not edit."""

@@ -1,0 +1,100 @@
+"""The server interceptor: the one place where calls are admitted, timed, and errors become status codes.
+
+Owns, for every MemoryService method (health and reflection pass untouched):
+- admission: UNAVAILABLE while the server drains for shutdown; UNAUTHENTICATED without a valid bearer token
+  (before the servicer runs);
+- error mapping: a MemFlowError aborts the call with its status code (convert.status_of) and its message;
+  anything else is logged with its traceback and becomes INTERNAL;
+- metrics: latency histogram per method, error counter per method and code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+import grpc
+
+from memory_service.errors import MemFlowError, Unavailable
+from memory_service.service import convert
+from memory_service.service.auth import Authenticator
+from memory_service.service.metrics import Metrics
+
+log = logging.getLogger("memflow.service")
+SERVICE_PREFIX = "/memflow.v1.MemoryService/"
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    def __init__(self, auth: Optional[Authenticator], metrics: Metrics) -> None:
+        self.auth = auth
+        self.metrics = metrics
+        self.draining = threading.Event()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        name = handler_call_details.method
+        if handler is None or not name.startswith(SERVICE_PREFIX):
+            return handler
+        method = name[len(SERVICE_PREFIX):]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream), handler.request_deserializer,
+                handler.response_serializer)
+        return handler  # no bidirectional methods in the contract
+
+    def _admit(self, context) -> None:
+        if self.draining.is_set():
+            raise Unavailable("the memory service is shutting down; retry against a running instance")
+        if self.auth is not None:
+            self.auth.identify(context.invocation_metadata())
+
+    def _fail(self, method: str, context, exc: BaseException):
+        code = convert.status_of(exc)
+        self.metrics.errors.labels(method, code.name).inc()
+        if isinstance(exc, MemFlowError):
+            context.abort(code, str(exc))
+        log.exception("%s failed unexpectedly", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the service: {type(exc).__name__}: {exc}")
+
+    def _unary(self, method: str, behavior):
+        def wrapped(request, context):
+            t0 = time.perf_counter()
+            try:
+                self._admit(context)
+                return behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure is mapped to a status here
+                if _is_abort(exc):
+                    raise
+                self._fail(method, context, exc)
+            finally:
+                self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+        return wrapped
+
+    def _streaming(self, method: str, behavior):
+        def wrapped(request, context):
+            t0 = time.perf_counter()
+            try:
+                self._admit(context)
+                yield from behavior(request, context)
+            except Exception as exc:  # noqa: BLE001
+                if _is_abort(exc):
+                    raise
+                self._fail(method, context, exc)
+            finally:
+                self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
+
+        return wrapped
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc's context.abort raises a bare, argument-less Exception after recording the status: let it through
+    return type(exc) is Exception and not exc.args

@@ -1,0 +1,69 @@
+"""Prometheus metrics of the service, on their own registry (so several servers in one process never clash).
+
+Owns the metric names: request latency per method (histogram), errors by method and code, bytes moved per
+data plane and direction, entries pruned, and - read from the bank at scrape time - entries and payload bytes
+per stream. `serve_http(port)` exposes them at /metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _BankCollector:
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        entries = GaugeMetricFamily("memflow_stream_entries", "entries per stream", labels=["stream"])
+        nbytes = GaugeMetricFamily("memflow_stream_payload_bytes", "payload bytes per stream", labels=["stream"])
+        try:
+            stats = self._stats()
+        except Exception:  # a closing bank must not break a scrape
+            return
+        for s in stats.streams:
+            entries.add_metric([s.name], s.entries)
+            nbytes.add_metric([s.name], s.payload_bytes)
+        yield entries
+        yield nbytes
+        disk = GaugeMetricFamily("memflow_disk_bytes", "bytes of the LMDB files")
+        disk.add_metric([], stats.disk_bytes)
+        yield disk
+
+
+class Metrics:
+    def __init__(self, bank_stats: Optional[Callable[[], object]] = None) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("memflow_request_seconds", "request latency by method", ["method"],
+                                 buckets=_BUCKETS, registry=self.registry)
+        self.errors = Counter("memflow_request_errors_total", "failed requests by method and status code",
+                              ["method", "code"], registry=self.registry)
+        self.moved = Counter("memflow_data_plane_bytes_total", "K/V bytes moved by data plane and direction",
+                             ["plane", "direction"], registry=self.registry)
+        self.prunes = Counter("memflow_pruned_entries_total", "entries evicted by explicit Prune calls",
+                              registry=self.registry)
+        if bank_stats is not None:
+            self.registry.register(_BankCollector(bank_stats))
+        self._http = None
+
+    def bytes(self, plane: str, direction: str, n: int) -> None:
+        self.moved.labels(plane, direction).inc(n)
+
+    def pruned(self, n: int) -> None:
+        self.prunes.inc(n)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics; returns the bound port (pass 0 for a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_address[1]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None

@@ -1,0 +1,205 @@
+"""MemoryServiceServicer: the thin layer between gRPC and the MemoryBank.
+
+Owns nothing but translation: every method resolves the caller's tenant, converts the request
+(service/convert.py), delegates to the bank and converts the answer. Errors are raised as MemFlowError and
+turned into status codes by the interceptor (service/interceptors.py), in one place. K/V bytes move on the
+data plane the request names: SHM (offsets into a registered client arena, one copy between the arena and
+LMDB's memory map) or STREAM (chunks of at most `chunk_bytes`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from memory_service.bank import MemoryBank
+from memory_service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
+from memory_service.service import convert
+from memory_service.service.arenas import ArenaRegistry
+from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
+from memory_service.service.gen import memory_pb2 as pb
+from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.service.metrics import Metrics
+from memory_service.types import kv_numpy_dtype
+from memory_service.validate import check_kv_layout
+
+CHUNK_BYTES = 4 << 20
+SHM = pb.DATA_PLANE_SHM
+
+
+class MemoryServicer(pb_grpc.MemoryServiceServicer):
+    def __init__(self, bank: MemoryBank, auth: Optional[Authenticator], metrics: Metrics,
+                 max_put_bytes: int = 16 << 30, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.bank = bank
+        self.auth = auth
+        self.metrics = metrics
+        self.arenas = ArenaRegistry()
+        self.max_put_bytes = max_put_bytes
+        self.chunk_bytes = chunk_bytes
+
+    def _who(self, context, method: str) -> Identity:
+        identity = self.auth.identify(context.invocation_metadata()) if self.auth else ANONYMOUS
+        identity.check_write(method)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"{method} reached the service after its deadline had passed")
+        return identity
+
+    def _name(self, identity: Identity, name: str) -> str:
+        if not name:
+            raise InvalidArgument("stream name is empty; expected the name of one of your streams")
+        return identity.qualify(name)
+
+    # -- streams ------------------------------------------------------------------------------------
+    def CreateStream(self, request, context):
+        who = self._who(context, "CreateStream")
+        spec = convert.spec_from_pb(request.spec)
+        self.bank.create_stream(convert.renamed(spec, self._name(who, spec.name)))
+        return pb.CreateStreamResponse()
+
+    def DropStream(self, request, context):
+        who = self._who(context, "DropStream")
+        self.bank.drop_stream(self._name(who, request.stream))
+        return pb.DropStreamResponse()
+
+    def ListStreams(self, request, context):
+        who = self._who(context, "ListStreams")
+        specs = [convert.renamed(s, who.local(s.name)) for s in self.bank.list_streams() if who.owns(s.name)]
+        return pb.ListStreamsResponse(streams=[convert.spec_to_pb(s) for s in specs])
+
+    # -- put ----------------------------------------------------------------------------------------
+    def Put(self, request_iterator, context):
+        who = self._who(context, "Put")
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("Put stream must start with a PutHeader message")
+        header = first.header
+        stream = self._name(who, header.stream)
+        spec = self.bank.spec(stream)
+        n_kv = 0
+        for i, e in enumerate(header.entries):
+            if e.has_kv:
+                check_kv_layout(spec, e.kv_dtype, e.kv_shape, f"entry {i}")
+                n_kv += 1
+        kv = None
+        if n_kv:
+            total = n_kv * spec.kv.layers * spec.kv.layer_bytes
+            if total > self.max_put_bytes:
+                raise ResourceExhausted(f"Put of {total} K/V bytes exceeds the service limit of {self.max_put_bytes}")
+            if header.plane == SHM:
+                raw = self.arenas.view(who.tenant, header.arena_id, int(header.arena_offset), total)
+                _expect_end(request_iterator)
+                self.metrics.bytes("shm", "put", total)
+            else:
+                raw = _gather(request_iterator, total)
+                self.metrics.bytes("stream", "put", total)
+            kv = raw.view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
+        else:
+            _expect_end(request_iterator)
+        ids = self.bank.put(stream, convert.entries_from_pb(header.entries, kv))
+        return pb.PutResponse(ids=ids)
+
+    # -- query / fetch ------------------------------------------------------------------------------
+    def Query(self, request, context):
+        who = self._who(context, "Query")
+        args = convert.query_args_from_pb(request)
+        result = self.bank.query(self._name(who, request.stream), request.space, **args)
+        return convert.result_to_pb(result)
+
+    def Fetch(self, request, context) -> Iterator[pb.FetchResponse]:
+        who = self._who(context, "Fetch")
+        stream = self._name(who, request.stream)
+        spec = self.bank.spec(stream)
+        layers = list(request.layers) or None
+        out = None
+        if request.plane == SHM and spec.kv is not None:
+            n_layers = len(layers) if layers else spec.kv.layers
+            nbytes = len(request.ids) * n_layers * spec.kv.layer_bytes
+            if nbytes > request.arena_bytes:
+                raise FailedPrecondition(
+                    f"fetch needs {nbytes} bytes but the client reserved {request.arena_bytes} in its arena: the "
+                    f"client's layout of stream {request.stream!r} is stale; reload it and retry"
+                )
+            view = self.arenas.view(who.tenant, request.arena_id, int(request.arena_offset), nbytes)
+            out = view.view(kv_numpy_dtype(spec.kv.dtype)).reshape(len(request.ids), n_layers, *spec.kv.layer_shape)
+        result = self.bank.fetch(stream, convert.ids_from_pb(request.ids), layers, out=out)
+        kv = result.kv
+        yield pb.FetchResponse(header=pb.FetchHeader(ids=result.ids, layers=result.layers, dtype=spec.kv.dtype,
+                                                     shape=list(kv.shape), nbytes=kv.nbytes))
+        if out is not None:
+            self.metrics.bytes("shm", "fetch", kv.nbytes)
+            return
+        flat = kv.reshape(-1).view(np.uint8)
+        for start in range(0, kv.nbytes, self.chunk_bytes):
+            yield pb.FetchResponse(kv_chunk=flat[start:start + self.chunk_bytes].tobytes())
+        self.metrics.bytes("stream", "fetch", kv.nbytes)
+
+    # -- the rest -----------------------------------------------------------------------------------
+    def Delete(self, request, context):
+        who = self._who(context, "Delete")
+        return pb.DeleteResponse(deleted=self.bank.delete(self._name(who, request.stream),
+                                                          convert.ids_from_pb(request.ids)))
+
+    def Pin(self, request, context):
+        who = self._who(context, "Pin")
+        self.bank.pin(self._name(who, request.stream), convert.ids_from_pb(request.ids), request.pinned)
+        return pb.PinResponse()
+
+    def Prune(self, request, context):
+        who = self._who(context, "Prune")
+        result = self.bank.prune(self._name(who, request.stream))
+        self.metrics.pruned(len(result.evicted))
+        return convert.prune_to_pb(result)
+
+    def Stats(self, request, context):
+        who = self._who(context, "Stats")
+        if request.stream:
+            s = self.bank.stats(self._name(who, request.stream))
+            return pb.StatsResponse(streams=[convert.stream_stats_to_pb(s, who.local(s.name))],
+                                    entries=s.entries, payload_bytes=s.payload_bytes)
+        bank = self.bank.stats()
+        mine = [s for s in bank.streams if who.owns(s.name)]
+        return pb.StatsResponse(
+            streams=[convert.stream_stats_to_pb(s, who.local(s.name)) for s in mine],
+            entries=sum(s.entries for s in mine), payload_bytes=sum(s.payload_bytes for s in mine),
+            map_size=bank.map_size, disk_bytes=bank.disk_bytes,
+        )
+
+    def ListEntries(self, request, context):
+        who = self._who(context, "ListEntries")
+        metas = self.bank.entries(self._name(who, request.stream))
+        return pb.ListEntriesResponse(entries=[convert.meta_to_pb(m) for m in metas])
+
+    def RegisterArena(self, request, context):
+        who = self._who(context, "RegisterArena")
+        arena_id = self.arenas.register(who.tenant, request.shm_name, int(request.size), bytes(request.nonce))
+        return pb.RegisterArenaResponse(arena_id=arena_id)
+
+    def ReleaseArena(self, request, context):
+        who = self._who(context, "ReleaseArena")
+        self.arenas.release(who.tenant, request.arena_id)
+        return pb.ReleaseArenaResponse()
+
+
+def _gather(requests, total: int) -> np.ndarray:
+    """Concatenate STREAM-plane chunks into one buffer of exactly `total` bytes."""
+    buf = np.empty(total, np.uint8)
+    got = 0
+    for msg in requests:
+        if msg.WhichOneof("part") != "kv_chunk":
+            raise InvalidArgument("Put stream has a second header; expected only kv_chunk messages after it")
+        chunk = msg.kv_chunk
+        if got + len(chunk) > total:
+            raise InvalidArgument(f"Put K/V bytes exceed the {total} bytes its entries need")
+        buf[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        got += len(chunk)
+    if got != total:
+        raise InvalidArgument(f"Put K/V stream ended after {got} bytes; its entries need {total}")
+    return buf
+
+
+def _expect_end(requests) -> None:
+    for _ in requests:
+        raise InvalidArgument("Put carries K/V chunks but none are expected (SHM plane or no entry has_kv)")
+
