@@ -4,8 +4,10 @@ A payload record is two values: a small header (codec, logical dtype, shape, xxh
 fp8 the per-channel scales) and the body bytes. Keeping the body apart lets a raw body go from the
 caller's array into LMDB, and from LMDB's memory map into the result array, with one memcpy each way.
 
-fp8 (e4m3fn, max 448) scales each channel (K/V x head x head_dim) by its max |x| over tokens / 448.
-Error bound, for every element x with channel scale s = amax / 448 (asserted in tests):
+fp8 (e4m3fn, max 448) scales each channel (K/V x head x head_dim) by its max |x| over tokens / 448, never
+below float32's smallest normal 2**-126 (a subnormal or zero scale would lose its own precision, and x / s
+would overflow fp8 into NaN).
+Error bound, for every element x with channel scale s = max(amax / 448, 2**-126) (asserted in tests):
     |x - decode(encode(x))| <= 2**-4 * |x| + 2**-10 * s       (then the output dtype's own rounding)
 The first term is e4m3's half-ulp for normal values (3 mantissa bits), the second its subnormal spacing.
 """
@@ -65,7 +67,7 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
     if codec == "fp8":
         x = layer.astype(np.float32)  # [2, T, H, D]
         amax = np.max(np.abs(x), axis=1, keepdims=True)  # [2, 1, H, D]
-        scales = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+        scales = np.maximum(amax / FP8_MAX, np.finfo(np.float32).tiny).astype(np.float32)  # [2, 1, H, D]
         body = np.ascontiguousarray((x / scales).astype(kv_numpy_dtype("float8_e4m3fn")))
         sbytes = scales.tobytes()
         return Header("fp8", dtype, body.shape, checksum(body, sbytes), sbytes), body
@@ -78,6 +80,14 @@ def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verif
         raise DataLoss(f"checksum mismatch in {what}: stored bytes are corrupt")
     if tuple(out.shape) != tuple(header.shape):
         raise DataLoss(f"{what} has stored shape {header.shape}, expected {tuple(out.shape)}")
+    # The checksum covers body and scales, not the header's fields: a flipped codec or dtype byte, or a cut
+    # value, must still be DataLoss (with verification off too), never a ValueError or a silent cast.
+    if kv_numpy_dtype(header.dtype) != out.dtype:
+        raise DataLoss(f"{what} has stored dtype {header.dtype}, expected {out.dtype}")
+    scale_bytes = 4 * header.shape[0] * int(np.prod(header.shape[2:])) if header.codec == "fp8" else 0
+    if len(header.scales) != scale_bytes or len(body) + len(header.scales) != body_bytes(header):
+        raise DataLoss(f"{what} has {len(body)} body and {len(header.scales)} scale bytes; its {header.codec} "
+                       f"header of shape {header.shape} needs {body_bytes(header) - scale_bytes} and {scale_bytes}")
     if header.codec == "raw":
         src = np.frombuffer(body, dtype=kv_numpy_dtype(header.dtype)).reshape(header.shape)
         np.copyto(out, src)
