@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from memory_service.errors import AlreadyExists, InvalidArgument, NotFound
 from memory_service.pruning import LFU, parse_policy
 from memory_service import eviction
 from memory_service.pruning.planner import Plan
-from memory_service.store.codec import body_bytes, decode_into, encode
+from memory_service.store.codec import body_bytes, check_raw, decode_into, encode
 from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads
 from memory_service.stream import Stream, meta_json, stats_json
 from memory_service.types import (
@@ -230,6 +230,50 @@ class MemoryBank:
     # -- fetch / delete / pin --------------------------------------------------------------------
     def fetch(self, stream: str, ids, layers: Optional[Sequence[int]] = None, out: Optional[np.ndarray] = None) -> FetchResult:
         """K/V of `ids` for `layers` (all by default), decoded into `out` when given (the shm data plane)."""
+        s, id_list, layer_list, shape, dtype = self._fetch_prepare(stream, ids, layers)
+        if out is None:
+            out = np.empty(shape, dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            raise InvalidArgument(f"fetch buffer is {out.dtype}{list(out.shape)}, expected {dtype}{list(shape)}")
+        with self.store.reader() as r:
+            for n, eid in enumerate(id_list):
+                for j, layer in enumerate(layer_list):
+                    header, body = self._payload(r, s, eid, layer)
+                    decode_into(header, body, out[n, j], self._verify(s, eid, layer), f"stream {stream!r} entry {eid} layer {layer}")
+                    self._verified(s, eid, layer)
+        return FetchResult(ids=tuple(id_list), layers=tuple(layer_list), kv=out)
+
+    def fetch_layout(self, stream: str, ids, layers: Optional[Sequence[int]] = None):
+        """(ids, layers, shape, dtype) a fetch would return; raises what the fetch would raise."""
+        _, id_list, layer_list, shape, dtype = self._fetch_prepare(stream, ids, layers)
+        return tuple(id_list), tuple(layer_list), shape, dtype
+
+    def iter_fetch(self, stream: str, ids, layers: Optional[Sequence[int]], chunk_bytes: int,
+                   frame: Callable[[memoryview], object]) -> Iterator[object]:
+        """The bytes a fetch returns, in order, as `frame(chunk)` of at most `chunk_bytes` each (streaming plane).
+
+        Raw payloads go from LMDB's memory map straight into `frame` (which must copy what it keeps); a read
+        transaction is held for one layer of one entry at a time, never while the consumer waits.
+        """
+        s, id_list, layer_list, _, dtype = self._fetch_prepare(stream, ids, layers)
+        for eid in id_list:
+            for layer in layer_list:
+                with self.store.reader() as r:
+                    header, body = self._payload(r, s, eid, layer)
+                    what = f"stream {stream!r} entry {eid} layer {layer}"
+                    if header.codec == "raw":
+                        check_raw(header, body, dtype, self._verify(s, eid, layer), what)
+                        view = memoryview(body)
+                    else:
+                        tmp = np.empty(s.spec.kv.layer_shape, dtype)
+                        decode_into(header, body, tmp, self._verify(s, eid, layer), what)
+                        view = memoryview(tmp.reshape(-1).view(np.uint8))
+                    framed = [frame(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+                    del view
+                self._verified(s, eid, layer)
+                yield from framed
+
+    def _fetch_prepare(self, stream: str, ids, layers):
         s = self._stream(stream)
         if s.spec.kv is None:
             raise InvalidArgument(f"stream {stream!r} is keys-only: it has no KV payloads to fetch")
@@ -240,20 +284,26 @@ class MemoryBank:
         if gone:
             raise NotFound(f"entries {gone[:10]} of stream {stream!r} were degraded to keys only: their KV is gone")
         shape = (len(id_arr), len(layer_list), *s.spec.kv.layer_shape)
-        dtype = kv_numpy_dtype(s.spec.kv.dtype)
-        if out is None:
-            out = np.empty(shape, dtype)
-        elif out.shape != shape or out.dtype != dtype:
-            raise InvalidArgument(f"fetch buffer is {out.dtype}{list(out.shape)}, expected {dtype}{list(shape)}")
-        with self.store.reader() as r:
-            for n, eid in enumerate(id_arr.tolist()):
-                for j, layer in enumerate(layer_list):
-                    got = r.payload(s.sid, eid, layer)
-                    if got is None:
-                        raise NotFound(f"entry {eid} of stream {stream!r} was deleted during the fetch")
-                    decode_into(got[0], got[1], out[n, j], self.config.verify_checksums,
-                                f"stream {stream!r} entry {eid} layer {layer}")
-        return FetchResult(ids=tuple(id_arr.tolist()), layers=tuple(layer_list), kv=out)
+        return s, id_arr.tolist(), layer_list, shape, kv_numpy_dtype(s.spec.kv.dtype)
+
+    @staticmethod
+    def _payload(r, s: Stream, eid: int, layer: int):
+        got = r.payload(s.sid, eid, layer)
+        if got is None:
+            raise NotFound(f"entry {eid} of stream {s.spec.name!r} was deleted during the fetch")
+        return got
+
+    def _verify(self, s: Stream, eid: int, layer: int) -> bool:
+        """Checksums are verified on the first read of each payload layer after open (or on every read with
+        `verify_every_read`): that catches what disk or a crash did to the file, without re-hashing hot
+        payloads on every chunk (xxh3 costs about a third of a warm fetch)."""
+        if not self.config.verify_checksums:
+            return False
+        return self.config.verify_every_read or not (s.verified.get(eid, 0) >> layer) & 1
+
+    @staticmethod
+    def _verified(s: Stream, eid: int, layer: int) -> None:
+        s.verified[eid] = s.verified.get(eid, 0) | (1 << layer)
 
     def _check_layers(self, s: Stream, layers: Optional[Sequence[int]]) -> list[int]:
         total = s.spec.kv.layers

@@ -33,6 +33,7 @@ from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult
 log = logging.getLogger("memflow.client")
 CHUNK_BYTES = 4 << 20
 PLANES = ("auto", "shm", "stream")
+SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
 class MemoryClient:
@@ -69,6 +70,12 @@ class MemoryClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
+        # Put and Fetch move K/V chunks pre-framed (convert.chunk_to_wire), not through message objects.
+        self._put = self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=convert.to_wire,
+                                               response_deserializer=pb.PutResponse.FromString)
+        self._fetch = self._channel.unary_stream(f"/{SERVICE}/Fetch",
+                                                 request_serializer=pb.FetchRequest.SerializeToString,
+                                                 response_deserializer=convert.fetch_response_from_wire)
         self.arena_bytes = int(arena_bytes)
         self._arenas: list[tuple[Arena, str]] = []  # (arena, id at the service)
         self._specs: dict[str, StreamSpec] = {}
@@ -204,7 +211,7 @@ class MemoryClient:
             if not isinstance(e, NewEntry):
                 raise InvalidArgument(f"entry {n} is a {type(e).__name__}, expected NewEntry")
         kvs = [np.asarray(e.kv) for e in entries if e.kv is not None]
-        header = pb.PutHeader(stream=stream, entries=[convert.entry_to_pb(e) for e in entries])
+        header = pb.PutHeader(stream=stream, entries=[convert.entry_to_pb(e, n) for n, e in enumerate(entries)])
         if header.ByteSize() > self.max_message_bytes - 1024:
             raise ResourceExhausted(f"put header (entry metadata and keys) is {header.ByteSize()} bytes; the message "
                                     f"limit is {self.max_message_bytes}: put fewer entries per call")
@@ -226,7 +233,7 @@ class MemoryClient:
                 flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                 pos += a.nbytes
         header.plane, header.arena_id, header.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
-        ids = list(self._rpc(self._stub.Put, iter([pb.PutRequest(header=header)])).ids)
+        ids = list(self._rpc(self._put, iter([pb.PutRequest(header=header)])).ids)
         del region  # the service copied the bytes into its store: the lease can go
         return ids
 
@@ -245,14 +252,14 @@ class MemoryClient:
         return None
 
     def _put_stream(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
-        def requests() -> Iterator[pb.PutRequest]:
+        def requests() -> Iterator[object]:
             yield pb.PutRequest(header=header)
             for a in kvs:
-                flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
                 for start in range(0, flat.nbytes, CHUNK_BYTES):
-                    yield pb.PutRequest(kv_chunk=flat[start:start + CHUNK_BYTES].tobytes())
+                    yield convert.chunk_to_wire(flat[start:start + CHUNK_BYTES])
 
-        return list(self._rpc(self._stub.Put, requests()).ids)
+        return list(self._rpc(self._put, requests()).ids)
 
     # -- query / fetch ------------------------------------------------------------------------------
     def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
@@ -260,13 +267,16 @@ class MemoryClient:
               timeout: Optional[float] = None) -> QueryResult:
         try:
             request = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
+        except InvalidArgument:
+            raise
         except (TypeError, ValueError, IndexError) as exc:
             raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
         return convert.result_from_pb(self._rpc(self._stub.Query, request, idempotent=True, timeout=timeout))
 
     def fetch(self, stream: str, ids, layers=None, *, timeout: Optional[float] = None) -> FetchResult:
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)] if np.ndim(ids) else ids
-        request = pb.FetchRequest(stream=stream, ids=ids, layers=list(layers or ()))
+        if layers is not None and len(layers) == 0:  # on the wire, no layers means all of them
+            raise InvalidArgument("layers [] invalid; expected None (all layers) or distinct layer indexes")
+        request = pb.FetchRequest(stream=stream, ids=_ids(ids), layers=[int(x) for x in layers or ()])
         if self.plane == "shm":
             return self._shm_call(lambda: self._fetch_shm(request, timeout))
         return self._fetch_stream(request, timeout)
@@ -280,20 +290,20 @@ class MemoryClient:
         arena_id, offset, region = self._lease(max(nbytes, 1))
         request.plane, request.arena_id, request.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
         request.arena_bytes = max(nbytes, 1)
-        header = self._fetch_header(self._stub.Fetch(request, timeout=timeout or self.timeout,
-                                                     metadata=self._metadata))
+        header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
         kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
 
     def _fetch_stream(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
-        responses = self._stub.Fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        responses = self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         header = self._fetch_header(responses)
         kv = np.empty(tuple(header.shape), kv_numpy_dtype(header.dtype))
         flat = kv.reshape(-1).view(np.uint8)
         got = 0
         try:
-            for msg in responses:
-                chunk = msg.kv_chunk
+            for chunk in responses:  # memoryviews: convert.fetch_response_from_wire
+                if not isinstance(chunk, memoryview):
+                    raise MemFlowError("fetch stream sent a second header; expected K/V chunks")
                 flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
                 got += len(chunk)
         except grpc.RpcError as exc:

@@ -41,7 +41,8 @@ class BankConfig:
     max_map_size: int = 1 << 40  # hard ceiling; past it a put is RESOURCE_EXHAUSTED
     max_batch: int = 4096  # entries per put
     max_k: int = 1024
-    verify_checksums: bool = True
+    verify_checksums: bool = True  # payload checksums checked on the first read of each layer after open
+    verify_every_read: bool = False  # ... or on every read
     snapshot_on_close: bool = True
     hit_flush_interval_s: float = 5.0  # retrieval statistics are persisted at most this stale
     index: IndexParams = field(default_factory=IndexParams)

@@ -87,6 +87,8 @@ def apply(w: Writer, s: Stream, p: Plan, next_id: int, verify: bool) -> dict[int
 def mirror(s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> None:
     """After the commit: mirror it in memory."""
     s.entries.update(degraded)
+    for eid in (*degraded, *p.evict):
+        s.verified.pop(eid, None)  # rewritten or gone: its payload must be verified afresh
     if p.evict:
         victims = np.array(p.evict, np.int64)
         for space in s.space_names:

@@ -40,6 +40,7 @@ class Stream:
         self.space_names = list(self.spec.key_spaces)
         self.entries: dict[int, EntryMeta] = {}
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
+        self.verified: dict[int, int] = {}  # entry id -> bitmask of payload layers whose checksum passed
         self.compact: dict[int, np.ndarray] = {}  # only when the policy needs vectors (redundancy)
         self.key_bytes_per_entry = sum(
             self.spec.layers_of(s) * ks.dim * np.dtype(ks.dtype).itemsize for s, ks in self.spec.key_spaces.items()

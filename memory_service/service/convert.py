@@ -9,6 +9,7 @@ Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import grpc
@@ -47,6 +48,61 @@ def error_from(code: grpc.StatusCode, message: str) -> Exception:
     return cls(message)
 
 
+# ---- K/V chunks on the streaming plane ---------------------------------------------------------------------
+# PutRequest and FetchResponse carry K/V bytes as field 2 (`kv_chunk`) of a oneof. A message holding only that
+# field is, on the wire, the tag byte 0x12, a varint length and the bytes. Framing and unframing it here, instead
+# of through message objects, saves two full copies per direction (measured by benchmarks/transport.py); the
+# bytes on the wire are exactly what any protobuf library writes and reads for that message.
+
+_CHUNK_TAG = b"\x12"  # field 2, wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def chunk_to_wire(chunk) -> bytes:
+    """The serialized `{kv_chunk: chunk}` message, copying `chunk` (any buffer) exactly once."""
+    return b"".join((_CHUNK_TAG, _varint(len(chunk)), chunk))
+
+
+def _chunk_from_wire(data: bytes):
+    """A zero-copy memoryview of the chunk when `data` is a lone kv_chunk message, else None."""
+    if data[:1] != _CHUNK_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(data) and pos < 11:
+        byte = data[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return memoryview(data)[pos:] if pos + length == len(data) else None
+        shift += 7
+    return None
+
+
+def put_request_from_wire(data: bytes):
+    """Request deserializer of Put: a memoryview for a chunk, a PutRequest otherwise."""
+    chunk = _chunk_from_wire(data)
+    return chunk if chunk is not None else pb.PutRequest.FromString(data)
+
+
+def fetch_response_from_wire(data: bytes):
+    """Response deserializer of Fetch: a memoryview for a chunk, a FetchResponse otherwise."""
+    chunk = _chunk_from_wire(data)
+    return chunk if chunk is not None else pb.FetchResponse.FromString(data)
+
+
+def to_wire(message) -> bytes:
+    """Serializer that passes already-framed chunks (bytes) through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 # ---- tensors ----------------------------------------------------------------------------------------------
 
 def dtype_of(name: str) -> np.dtype:
@@ -72,7 +128,7 @@ def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
         raise errors.InvalidArgument(f"{what} has shape {list(shape)}; expected at most {MAX_TENSOR_DIMS} "
                                      "non-negative dims")
     dtype = dtype_of(t.dtype)
-    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+    want = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape must not wrap around to a small size
     if len(t.data) != want:
         raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes; dtype {t.dtype} shape {list(shape)} "
                                      f"needs {want}")
@@ -119,21 +175,45 @@ def renamed(spec: StreamSpec, name: str) -> StreamSpec:
 
 # ---- put --------------------------------------------------------------------------------------------------
 
-def entry_to_pb(e: NewEntry) -> pb.NewEntry:
-    msg = pb.NewEntry(
-        frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt, has_kv=e.kv is not None,
-        pinned=bool(e.pinned), has_rope_position=e.rope_position is not None,
-        rope_position=int(e.rope_position or 0), importance=float(e.importance),
-    )
+def _int_field(value, what: str) -> int:
+    # the bank's rule (validate.check_entries), applied before encoding: int() would silently truncate 1.5
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise errors.InvalidArgument(f"{what} is {value!r}, expected an int >= 0")
+    return int(value)
+
+
+def float_vectors(vectors, what: str) -> np.ndarray:
+    """Keys or a query as float32 for the wire, refusing what the bank refuses (validate.check_vectors)."""
+    try:
+        arr = np.asarray(vectors)
+    except (TypeError, ValueError) as exc:
+        raise errors.InvalidArgument(f"{what} is not an array: {exc}") from None
+    if arr.dtype.kind not in "fiu":  # bool, str, object: casting them would invent numbers
+        raise errors.InvalidArgument(f"{what} has dtype {arr.dtype}, expected float32")
+    return arr.astype(np.float32)
+
+
+def entry_to_pb(e: NewEntry, n: int = 0) -> pb.NewEntry:
+    what = f"entry {n}"
+    if not isinstance(e.prompt, str):
+        raise errors.InvalidArgument(f"{what} prompt is a {type(e.prompt).__name__}, expected str")
+    try:
+        msg = pb.NewEntry(
+            frame_index=_int_field(e.frame_index, f"{what} frame_index"),
+            chunk_index=_int_field(e.chunk_index, f"{what} chunk_index"), prompt=e.prompt,
+            has_kv=e.kv is not None, pinned=bool(e.pinned), has_rope_position=e.rope_position is not None,
+            rope_position=0 if e.rope_position is None else _int_field(e.rope_position, f"{what} rope_position"),
+            importance=float(e.importance),
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, errors.MemFlowError):
+            raise
+        raise errors.InvalidArgument(f"{what} cannot be encoded: {exc}") from None
     if e.kv is not None:
         kv = np.asarray(e.kv)
         msg.kv_dtype, msg.kv_shape[:] = str(kv.dtype), list(kv.shape)
     for space, vec in (e.keys or {}).items():
-        try:
-            arr = np.asarray(vec, np.float32)
-        except (TypeError, ValueError) as exc:
-            raise errors.InvalidArgument(f"entry keys[{space!r}] is not an array of numbers: {exc}") from None
-        msg.keys[space].CopyFrom(tensor_to_pb(arr, "float32"))
+        msg.keys[space].CopyFrom(tensor_to_pb(float_vectors(vec, f"{what} keys for key space {space!r}"), "float32"))
     return msg
 
 
@@ -158,8 +238,11 @@ def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray]) -> li
 
 def query_to_pb(stream: str, space: str, vectors, k: int, combine: str, exclude_frames, pinned_only: bool,
                 time_range) -> pb.QueryRequest:
-    msg = pb.QueryRequest(stream=stream, space=space, vectors=tensor_to_pb(np.asarray(vectors, np.float32), "float32"),
-                          k=int(k), combine=combine, pinned_only=pinned_only)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise errors.InvalidArgument(f"k is {k!r}, expected an int >= 1")
+    vectors = float_vectors(vectors, f"query for key space {space!r}")
+    msg = pb.QueryRequest(stream=stream, space=space, vectors=tensor_to_pb(vectors, "float32"), k=int(k),
+                          combine=combine, pinned_only=pinned_only)
     if exclude_frames is not None:
         msg.has_exclude_frames, msg.exclude_lo, msg.exclude_hi = True, int(exclude_frames[0]), int(exclude_frames[1])
     if time_range is not None:

@@ -72,7 +72,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Put(self, request_iterator, context):
         who = self._who(context, "Put")
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "header":
             raise InvalidArgument("Put stream must start with a PutHeader message")
         header = first.header
         stream = self._name(who, header.stream)
@@ -123,17 +123,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 )
             view = self.arenas.view(who.tenant, request.arena_id, int(request.arena_offset), nbytes)
             out = view.view(kv_numpy_dtype(spec.kv.dtype)).reshape(len(request.ids), n_layers, *spec.kv.layer_shape)
-        result = self.bank.fetch(stream, convert.ids_from_pb(request.ids), layers, out=out)
-        kv = result.kv
-        yield pb.FetchResponse(header=pb.FetchHeader(ids=result.ids, layers=result.layers, dtype=spec.kv.dtype,
-                                                     shape=list(kv.shape), nbytes=kv.nbytes))
+        ids = convert.ids_from_pb(request.ids)
         if out is not None:
-            self.metrics.bytes("shm", "fetch", kv.nbytes)
+            result = self.bank.fetch(stream, ids, layers, out=out)
+            yield _fetch_header(result.ids, result.layers, spec.kv.dtype, result.kv.shape, result.kv.nbytes)
+            self.metrics.bytes("shm", "fetch", result.kv.nbytes)
             return
-        flat = kv.reshape(-1).view(np.uint8)
-        for start in range(0, kv.nbytes, self.chunk_bytes):
-            yield pb.FetchResponse(kv_chunk=flat[start:start + self.chunk_bytes].tobytes())
-        self.metrics.bytes("stream", "fetch", kv.nbytes)
+        got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
+        yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, convert.chunk_to_wire)
+        self.metrics.bytes("stream", "fetch", nbytes)
 
     # -- the rest -----------------------------------------------------------------------------------
     def Delete(self, request, context):
@@ -182,14 +182,21 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return pb.ReleaseArenaResponse()
 
 
+def _fetch_header(ids, layers, dtype: str, shape, nbytes: int) -> pb.FetchResponse:
+    return pb.FetchResponse(header=pb.FetchHeader(ids=ids, layers=layers, dtype=dtype, shape=list(shape),
+                                                  nbytes=nbytes))
+
+
 def _gather(requests, total: int) -> np.ndarray:
     """Concatenate STREAM-plane chunks into one buffer of exactly `total` bytes."""
     buf = np.empty(total, np.uint8)
     got = 0
-    for msg in requests:
-        if msg.WhichOneof("part") != "kv_chunk":
-            raise InvalidArgument("Put stream has a second header; expected only kv_chunk messages after it")
-        chunk = msg.kv_chunk
+    for msg in requests:  # memoryviews (framed chunks, see convert.put_request_from_wire) or PutRequests
+        if not isinstance(msg, memoryview):
+            if msg.WhichOneof("part") != "kv_chunk":
+                raise InvalidArgument("Put stream has a second header; expected only kv_chunk messages after it")
+            msg = memoryview(msg.kv_chunk)
+        chunk = msg
         if got + len(chunk) > total:
             raise InvalidArgument(f"Put K/V bytes exceed the {total} bytes its entries need")
         buf[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)

@@ -76,18 +76,7 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
 
 def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verify: bool, what: str) -> None:
     """Decode a stored layer into `out` (`[2, T, H, D]`, the logical dtype): one copy for raw bodies."""
-    if verify and checksum(body, header.scales) != header.checksum:
-        raise DataLoss(f"checksum mismatch in {what}: stored bytes are corrupt")
-    if tuple(out.shape) != tuple(header.shape):
-        raise DataLoss(f"{what} has stored shape {header.shape}, expected {tuple(out.shape)}")
-    # The checksum covers body and scales, not the header's fields: a flipped codec or dtype byte, or a cut
-    # value, must still be DataLoss (with verification off too), never a ValueError or a silent cast.
-    if kv_numpy_dtype(header.dtype) != out.dtype:
-        raise DataLoss(f"{what} has stored dtype {header.dtype}, expected {out.dtype}")
-    scale_bytes = 4 * header.shape[0] * int(np.prod(header.shape[2:])) if header.codec == "fp8" else 0
-    if len(header.scales) != scale_bytes or len(body) + len(header.scales) != body_bytes(header):
-        raise DataLoss(f"{what} has {len(body)} body and {len(header.scales)} scale bytes; its {header.codec} "
-                       f"header of shape {header.shape} needs {body_bytes(header) - scale_bytes} and {scale_bytes}")
+    check(header, body, out.shape, out.dtype, verify, what)
     if header.codec == "raw":
         src = np.frombuffer(body, dtype=kv_numpy_dtype(header.dtype)).reshape(header.shape)
         np.copyto(out, src)
@@ -102,3 +91,27 @@ def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verif
 def body_bytes(header: Header) -> int:
     itemsize = 1 if header.codec == "fp8" else kv_numpy_dtype(header.dtype).itemsize
     return int(np.prod(header.shape)) * itemsize + len(header.scales)
+
+
+def check(header: Header, body: memoryview | bytes, shape: tuple, dtype: np.dtype, verify: bool, what: str) -> None:
+    """Everything decoding relies on (and, with `verify`, the checksum), without decoding: DataLoss if not."""
+    out_shape, out_dtype = tuple(shape), np.dtype(dtype)
+    if verify and checksum(body, header.scales) != header.checksum:
+        raise DataLoss(f"checksum mismatch in {what}: stored bytes are corrupt")
+    if out_shape != tuple(header.shape):
+        raise DataLoss(f"{what} has stored shape {header.shape}, expected {out_shape}")
+    # The checksum covers body and scales, not the header's fields: a flipped codec or dtype byte, or a cut
+    # value, must still be DataLoss (with verification off too), never a ValueError or a silent cast.
+    if kv_numpy_dtype(header.dtype) != out_dtype:
+        raise DataLoss(f"{what} has stored dtype {header.dtype}, expected {out_dtype}")
+    scale_bytes = 4 * header.shape[0] * int(np.prod(header.shape[2:])) if header.codec == "fp8" else 0
+    if len(header.scales) != scale_bytes or len(body) + len(header.scales) != body_bytes(header):
+        raise DataLoss(f"{what} has {len(body)} body and {len(header.scales)} scale bytes; its {header.codec} "
+                       f"header of shape {header.shape} needs {body_bytes(header) - scale_bytes} and {scale_bytes}")
+
+
+def check_raw(header: Header, body: memoryview | bytes, dtype: np.dtype, verify: bool, what: str) -> None:
+    """A raw body whose bytes can be handed out as they are stored (the streaming plane); DataLoss if not."""
+    if header.codec != "raw":
+        raise DataLoss(f"{what} is stored as {header.codec!r}, expected raw")
+    check(header, body, header.shape, dtype, verify, what)

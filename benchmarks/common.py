@@ -1,0 +1,79 @@
+"""What every benchmark shares: the machine line, JSON-lines output, percentiles, a memcpy baseline.
+
+A results file (benchmarks/results/NAME.jsonl) starts with one `{"machine": {...}, "command": "..."}` line
+(benchmarks/report.py shows it above the table) followed by one JSON object per row; rows are also printed to
+stdout as they are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
+    try:
+        import psutil
+
+        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+class Results:
+    """Collects rows, prints each as a JSON line, and writes `out_dir/name.jsonl` on `close()`."""
+
+    def __init__(self, name: str, out_dir: Path = RESULTS) -> None:
+        self.path = Path(out_dir) / f"{name}.jsonl"
+        self.rows: list[dict] = []
+        self.header = {"machine": machine(), "command": " ".join(["python", *sys.argv])}
+
+    def add(self, **row) -> dict:
+        row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def close(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            for obj in [self.header, *self.rows]:
+                f.write(json.dumps(obj) + "\n")
+        return self.path
+
+
+def percentiles(samples_s: Iterable[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    arr = np.asarray(list(samples_s), np.float64) * 1e3
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def memcpy_gbps(nbytes: int, reps: int = 5) -> float:
+    """Best-of-`reps` bandwidth of np.copyto between two warm buffers of `nbytes` (GB/s, 1e9 bytes)."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
