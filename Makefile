@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= ./memflow-data
+HOST ?= 127.0.0.1
+PORT ?= 50051
 STAMP := $(VENV)/.installed
+# `make bench QUICK=1` runs every benchmark in its --quick form
+BENCH_FLAGS := $(if $(QUICK),--quick,)
 
-.PHONY: run test install bench clean
+.PHONY: run test install proto bench demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +22,21 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m memory_service.cli serve --data-dir $(DATA_DIR)
+	$(PY) -m memory_service.cli serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+proto: $(STAMP)
+	$(PY) protos/generate.py
+
 bench: $(STAMP)
-	$(PY) benchmarks/bank_growth.py
+	$(PY) benchmarks/bank_growth.py $(BENCH_FLAGS)
+	$(PY) benchmarks/transport.py $(BENCH_FLAGS)
+	$(PY) benchmarks/report.py
+
+demo: $(STAMP)
+	$(PY) benchmarks/demo.py --service
 
 clean:
 	rm -rf $(VENV) build *.egg-info
