@@ -34,9 +34,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from memory_service.config import BankConfig
     from memory_service.local import LocalMemory
 
-    with LocalMemory(args.data_dir) as memory:
+    # Writes nothing of its own (no snapshots on close), so it may run beside a live service.
+    with LocalMemory(args.data_dir, BankConfig(snapshot_on_close=False)) as memory:
         stats = memory.stats()
         for s in stats.streams:
             print(json.dumps({"stream": s.name, **dataclasses.asdict(s)}, default=str))
