@@ -1,0 +1,290 @@
+"""MemFlowPlugin: the only object a streaming generator touches.
+
+Owns the per-chunk protocol between a generator and a memory bank (`LocalMemory` or `MemoryClient`, used only
+through the public protocol: create_stream, list_streams, drop_stream, put, query, fetch, stats):
+
+    kv  = generator cache allocated with memory_frames=plugin.memory_frames
+    mem = plugin.before_chunk(i, prompt, kv)   # query the bank, delta-load frames into the cache's slots
+    ... generator attends through plugin.attention.cache_attention(..., memory=mem) ...
+    plugin.after_chunk(i, kv)                  # record the chunk's prototype frame (async)
+
+Promises: disabled, or with nothing to retrieve, `before_chunk` returns memory of 0 frames and the
+generator's output is bit-identical to the bare model's; a memory failure or a missed deadline makes the
+chunk memory-free (counted, logged once per outage) and never raises into, or stalls, the generator; the
+generator's own errors (a cache without memory slots, chunks out of order) do raise. NAM text keys are
+computed on the generator's thread (once per prompt); every memory call runs on the guard's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from memory_service import Budget, KeySpace, KVLayout, NotFound, StreamSpec
+from plugin.adapters.base import GeneratorAdapter
+from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory
+from plugin.config import MemFlowConfig
+from plugin.guard import Guard
+from plugin.kv_slots import LoadPlan, MemorySlots, Staged
+from plugin.retrieval import EMPTY, Selection, nam_query, select
+from plugin.writeback import WriteBack
+
+FUTURE_FRAMES = 1 << 62  # upper end of the excluded frame range: the window and everything after it
+
+
+class StreamConflict(ValueError):
+    """The configured stream exists with a layout this generator cannot use."""
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What the plugin did for one chunk."""
+
+    chunk_index: int
+    prompt: str
+    selection: Selection  # per-layer entry ids and their frames (empty on fallback)
+    frames: tuple[int, ...]  # memory frames attended per layer
+    loaded: int  # (entry, layer) frames copied host -> device
+    moved: int  # (entry, layer) frames moved between slots
+    fallback: Optional[str]  # why the chunk went memory-free, None if memory was used
+    prefetched: bool
+    wait_ms: float  # time before_chunk spent
+
+
+@dataclass(frozen=True)
+class PluginStats:
+    chunks: int
+    retrievals: int
+    fallbacks: int
+    frames_loaded: int
+    frames_moved: int
+    prefetch_hits: int
+    prefetch_misses: int
+    writes_submitted: int
+    writes_written: int
+    writes_dropped: int
+    write_failures: int
+    writes_pending: int
+    outage_episodes: int
+
+
+class MemFlowPlugin:
+    def __init__(self, memory: Any, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
+        if not isinstance(config, MemFlowConfig):
+            raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
+        if not isinstance(adapter, GeneratorAdapter):
+            raise TypeError(f"adapter must implement plugin.adapters.GeneratorAdapter, got {type(adapter).__name__}")
+        self.memory, self.config, self.adapter = memory, config, adapter
+        self.layout = adapter.layout
+        if config.record_frame >= self.layout.frames_per_chunk:
+            raise ValueError(f"record_frame {config.record_frame} is outside a chunk of "
+                             f"{self.layout.frames_per_chunk} frames")
+        self.memory_frames = config.memory_frames
+        self.workspace = AttentionWorkspace()
+        self.slots = MemorySlots(self.layout, self.memory_frames)
+        self.last_report: Optional[ChunkReport] = None
+        self._guard = Guard()
+        self._stream_ready = False
+        self._queries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._prompts: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._prefetch: Optional[tuple[tuple[int, str], Any]] = None
+        self._chunks = self._retrievals = self._fallbacks = self._loaded = self._moved = 0
+        self._prefetch_hits = self._prefetch_misses = 0
+        self.writer: Optional[WriteBack] = None
+        if not config.enabled:
+            return
+        self.writer = WriteBack(self.layout, config.write_queue, config.write_batch, config.write_policy,
+                                config.deadline_s, self._put, self._write_failed, partial(self._guard.success, "write"))
+        opened = self._guard.submit(self._ensure_stream)
+        try:
+            opened.result(timeout=max(1.0, 10 * config.deadline_s))
+        except StreamConflict:
+            raise
+        except Exception as exc:  # noqa: BLE001 - memory down at start: retried before each memory call
+            self._guard.failure("read", f"opening stream {config.stream!r}: {type(exc).__name__}: {exc}")
+
+    # -- the stream ------------------------------------------------------------------------------
+    def stream_spec(self) -> StreamSpec:
+        cfg, lay = self.config, self.layout
+        return StreamSpec(
+            cfg.stream,
+            {"nam": KeySpace(lay.key_dim, per_layer=True, dtype=cfg.key_dtype),
+             "emb": KeySpace(lay.key_dim, metric="cosine")},
+            kv=KVLayout(lay.layers, lay.heads, lay.head_dim, lay.tokens_per_frame, lay.kv_dtype),
+            budget=Budget(cfg.max_entries, cfg.max_bytes), policy=cfg.policy)
+
+    def _ensure_stream(self) -> None:
+        if self._stream_ready:
+            return
+        spec, name = self.stream_spec(), self.config.stream
+        existing = {s.name: s for s in self.memory.list_streams()}
+        if name in existing and self.config.on_existing == "replace":
+            self.memory.drop_stream(name)
+        elif name in existing:
+            if self.config.on_existing == "error":
+                raise StreamConflict(f"stream {name!r} already exists (on_existing='error')")
+            have = existing[name]
+            if have.kv != spec.kv or any(have.key_spaces.get(s) is None or have.key_spaces[s].dim != ks.dim
+                                         or have.key_spaces[s].per_layer != ks.per_layer
+                                         for s, ks in spec.key_spaces.items()):
+                raise StreamConflict(f"stream {name!r} exists with KV layout {have.kv} and key spaces "
+                                     f"{dict(have.key_spaces)}; this generator needs {spec.kv} and {spec.key_spaces}")
+            self._stream_ready = True
+            return
+        self.memory.create_stream(spec)
+        self._stream_ready = True
+
+    # -- before the chunk ------------------------------------------------------------------------
+    def before_chunk(self, chunk_index: int, prompt: str, kv: Any, *, next_prompt: Optional[str] = None,
+                     query: Optional[np.ndarray] = None) -> ChunkMemory:
+        """Retrieve and load this chunk's memory; returns what the generator's attention uses.
+
+        `next_prompt` (default: the same prompt) lets `prefetch` start chunk n+1's retrieval now; `query`
+        overrides the query vector (embedding scorer: `[dim]`; NAM: `[layers, dim]`).
+        """
+        cfg = self.config
+        if not cfg.enabled:
+            return NO_MEMORY
+        t0 = time.perf_counter()
+        self._chunks += 1
+        self._prompts[chunk_index] = prompt
+        while len(self._prompts) > 64:
+            self._prompts.popitem(last=False)
+        self.slots.bind(kv, self.adapter)
+        vec = self._query_vector(prompt, query)
+        key = (chunk_index, prompt)
+        fut, prefetched, reason = None, False, None
+        if self._prefetch is not None:
+            if self._prefetch[0] == key and query is None:
+                fut, prefetched = self._prefetch[1], True
+                self._prefetch_hits += 1
+            else:
+                self._prefetch_misses += 1
+            self._prefetch = None
+        if fut is None:
+            if self._guard.stuck(cfg.deadline_s):
+                reason = "a previous memory call is still running past its deadline"
+            else:
+                fut = self._guard.submit(partial(self._retrieve, chunk_index, vec))
+        staged: Optional[Staged] = None
+        if fut is not None:
+            ok, value = self._guard.wait(fut, cfg.deadline_s - (time.perf_counter() - t0))
+            staged, reason = (value, None) if ok else (None, value)
+        memory, report_sel, loaded, moved = NO_MEMORY, EMPTY, 0, 0
+        if staged is not None:
+            try:
+                result = self.slots.commit(staged, self.adapter)
+            except Exception as exc:  # noqa: BLE001 - a stale plan or a bad payload: no memory this chunk
+                self.slots.reset()
+                reason = f"loading slots: {type(exc).__name__}: {exc}"
+            else:
+                self._retrievals += 1
+                self._guard.success("read")
+                loaded, moved = result.loaded, result.moved
+                self._loaded += loaded
+                self._moved += moved
+                report_sel = staged.plan.selection
+                if any(result.frames):
+                    memory = ChunkMemory(result.frames, cfg.sma_k if cfg.sma else 0, self.workspace)
+        if reason is not None:
+            self._fallbacks += 1
+            self._guard.failure("read", reason)
+        if cfg.prefetch:
+            nxt = prompt if next_prompt is None else next_prompt
+            nvec = self._query_vector(nxt, None)
+            self._prefetch = ((chunk_index + 1, nxt), self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec)))
+        self.last_report = ChunkReport(chunk_index, prompt, report_sel, memory.frames or (0,) * self.layout.layers,
+                                       loaded, moved, reason, prefetched, (time.perf_counter() - t0) * 1e3)
+        return memory
+
+    def _query_vector(self, prompt: str, query: Optional[np.ndarray]) -> np.ndarray:
+        if query is not None:
+            return np.asarray(query, np.float32)
+        vec = self._queries.get(prompt)
+        if vec is None:
+            nam = nam_query(self.adapter.text_keys(prompt))  # [L, H*D]
+            vec = nam if self.config.scorer == "nam" else nam.mean(axis=0)
+            self._queries[prompt] = vec
+            while len(self._queries) > 32:
+                self._queries.popitem(last=False)
+        else:
+            self._queries.move_to_end(prompt)
+        return vec
+
+    def _retrieve(self, chunk_index: int, vec: np.ndarray) -> Staged:
+        """On the guard's thread: query, select, and stage the frames the slots lack."""
+        cfg = self.config
+        self._ensure_stream()
+        lo, _ = self.layout.window(chunk_index)
+        self.writer.wait_frames_below(lo, cfg.deadline_s)
+        newest = self.writer.newest_below(lo, cfg.keep_newest)
+        try:
+            return self._select_and_stage(lo, vec, newest)
+        except NotFound:  # an entry was pruned between the query and the fetch: ask again
+            return self._select_and_stage(lo, vec, [])
+
+    def _select_and_stage(self, lo: int, vec: np.ndarray, newest: list[tuple[int, int]]) -> Staged:
+        cfg, lay = self.config, self.layout
+        space = "nam" if cfg.scorer == "nam" else "emb"
+        k_total = cfg.k_max if cfg.adaptive_k != "off" else cfg.k
+        result = self.memory.query(cfg.stream, space, vec, k_total + cfg.keep_newest,
+                                   exclude_frames=(lo, FUTURE_FRAMES))
+        sel = select(result, newest, lay.layers, cfg.k, cfg.adaptive_k, cfg.k_min, cfg.k_max,
+                     cfg.adaptive_threshold, skip_frames_below=lay.sink_frames)
+        plan: LoadPlan = self.slots.plan(sel)
+        return self.slots.stage(plan, lambda ids, layers: self.memory.fetch(cfg.stream, list(ids), list(layers)).kv)
+
+    # -- after the chunk -------------------------------------------------------------------------
+    def after_chunk(self, chunk_index: int, kv: Any, keys: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        """Record chunk `chunk_index`'s prototype frame, if it is a recording chunk (async, bounded).
+
+        `keys` adds or overrides entry key vectors by key space (e.g. {"emb": a frame embedding}).
+        """
+        cfg = self.config
+        if not cfg.enabled or chunk_index % cfg.record_interval:
+            return
+        frame = self.layout.chunk_frames(chunk_index)[0] + cfg.record_frame
+        if frame < self.layout.sink_frames:
+            return  # sink frames stay in the cache for the whole video
+        views = self.adapter.frame_kv(kv, frame)
+        self.writer.submit(chunk_index, frame, self._prompts.get(chunk_index, ""), views, self.adapter, keys)
+
+    def _put(self, entries: list) -> list[int]:
+        self._ensure_stream()
+        return self.memory.put(self.config.stream, entries)
+
+    def _write_failed(self, exc: Exception) -> None:
+        self._guard.failure("write", f"{type(exc).__name__}: {exc}")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def stats(self) -> PluginStats:
+        w = self.writer.stats() if self.writer is not None else None
+        return PluginStats(
+            chunks=self._chunks, retrievals=self._retrievals, fallbacks=self._fallbacks,
+            frames_loaded=self._loaded, frames_moved=self._moved, prefetch_hits=self._prefetch_hits,
+            prefetch_misses=self._prefetch_misses, writes_submitted=w.submitted if w else 0,
+            writes_written=w.written if w else 0, writes_dropped=w.dropped if w else 0,
+            write_failures=w.failed if w else 0, writes_pending=w.pending if w else 0,
+            outage_episodes=self._guard.episodes)
+
+    def flush(self, timeout_s: Optional[float] = None) -> bool:
+        """Wait for pending writes (True when none is left)."""
+        return True if self.writer is None else self.writer.flush(timeout_s)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush writes (bounded), stop the threads. The memory object stays open: it is the caller's."""
+        if self.writer is not None:
+            self.writer.flush(timeout_s)
+            self.writer.close()
+        self._guard.close()
+
+    def __enter__(self) -> "MemFlowPlugin":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

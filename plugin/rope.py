@@ -1,0 +1,84 @@
+"""3-D rotary position embedding over (latent frame, row, column), laid out as Wan2.1 does it.
+
+Owns the rotation used by the reference model for queries and cached keys, and its inverse (used by an
+adapter that stores keys unrotated and rotates them again at load time). Layout: head_dim/2 interleaved
+pairs split into [time | row | column] parts of c - 2(c//3), c//3, c//3 pairs (c = head_dim / 2); pair j of a
+part of p pairs turns by position * theta^(-j/p). Promises: `rotate(x, f)` then `rotate(..., inverse=True)` at
+the same frame is the identity up to float rounding; frame positions past `max_frames` are an error (the
+reference caps a video at its RoPE table, 1024 latent frames), never a silent wrap.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def pair_split(head_dim: int) -> tuple[int, int, int]:
+    """Pairs given to (time, row, column) for a head of `head_dim` channels."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def _angles(positions: torch.Tensor, pairs: int, theta: float) -> torch.Tensor:
+    # [P, pairs] float64: position * theta^(-j / pairs), as Wan's rope_params(dim = 2 * pairs)
+    inv = 1.0 / theta ** (torch.arange(pairs, dtype=torch.float64) / pairs)
+    return positions.to(torch.float64)[:, None] * inv[None, :]
+
+
+class Rope3D:
+    """Rotation tables for one model: time angles per frame position, spatial angles per token."""
+
+    def __init__(self, head_dim: int, grid_h: int, grid_w: int, max_frames: int, theta: float = 10000.0,
+                 device: Optional[torch.device] = None) -> None:
+        self.head_dim, self.grid_h, self.grid_w, self.max_frames = head_dim, grid_h, grid_w, max_frames
+        self.tokens_per_frame = grid_h * grid_w
+        ct, ch, cw = pair_split(head_dim)
+        time = _angles(torch.arange(max_frames), ct, theta)  # [max_frames, ct]
+        rows = _angles(torch.arange(grid_h), ch, theta)  # [grid_h, ch]
+        cols = _angles(torch.arange(grid_w), cw, theta)  # [grid_w, cw]
+        spatial = torch.cat([rows[:, None, :].expand(grid_h, grid_w, ch),
+                             cols[None, :, :].expand(grid_h, grid_w, cw)], dim=-1).reshape(self.tokens_per_frame, ch + cw)
+        self.ct = ct
+        self.time_cos = time.cos().float().to(device)  # [max_frames, ct]
+        self.time_sin = time.sin().float().to(device)
+        self.space_cos = spatial.cos().float().to(device)  # [N, ch + cw]
+        self.space_sin = spatial.sin().float().to(device)
+
+    def tables(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `frames` frames from `first_frame`: `[frames * N, 1, head_dim / 2]` float32."""
+        if first_frame < 0 or first_frame + frames > self.max_frames:
+            raise ValueError(f"RoPE positions [{first_frame}, {first_frame + frames}) are outside the table of "
+                             f"{self.max_frames} frames; raise max_frames or store keys unrotated")
+        n = self.tokens_per_frame
+        cos = torch.cat([self.time_cos[first_frame:first_frame + frames, None, :].expand(frames, n, self.ct),
+                         self.space_cos[None].expand(frames, n, -1)], dim=-1)
+        sin = torch.cat([self.time_sin[first_frame:first_frame + frames, None, :].expand(frames, n, self.ct),
+                         self.space_sin[None].expand(frames, n, -1)], dim=-1)
+        return cos.reshape(frames * n, 1, -1), sin.reshape(frames * n, 1, -1)
+
+    def rotate(self, x: torch.Tensor, first_frame: int, inverse: bool = False,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rotate `x` `[..., frames * N, H, D]` whose tokens start at frame `first_frame` (frame-major)."""
+        tokens = x.shape[-3]
+        if tokens % self.tokens_per_frame:
+            raise ValueError(f"RoPE input has {tokens} tokens, expected a multiple of {self.tokens_per_frame} per frame")
+        cos, sin = self.tables(first_frame, tokens // self.tokens_per_frame)
+        if x.device != cos.device:
+            cos, sin = cos.to(x.device), sin.to(x.device)
+        return self.apply(x, cos, -sin if inverse else sin, out)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rotate `x` `[..., T, H, D]` by precomputed `tables` (a chunk computes them once for all layers)."""
+        pairs = x.float().unflatten(-1, (-1, 2))  # [..., T, H, D/2, 2]
+        a, b = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+        if out is None:
+            return rotated.to(x.dtype)
+        out.copy_(rotated)
+        return out

@@ -1,0 +1,185 @@
+"""Write-back: recorded frames go to the bank behind the generator's back, through a bounded queue.
+
+Owns the path from a frame in the KV cache to an entry in the bank. Promises:
+- bounded memory: host staging for exactly `queue_size` frames (K/V of every layer + per-layer mean keys)
+  is allocated once (pinned on CUDA); a pending write (queued or in flight) holds one staging slot;
+- when every slot is taken, policy "drop_oldest" drops the oldest queued write (counted) and reuses its
+  slot; policy "block" waits for a slot at most `block_s`, then drops the new write (counted); the
+  generator never waits longer than that, and never at all under "drop_oldest";
+- the generator's thread only enqueues copies (non_blocking device-to-host on CUDA); one daemon thread
+  waits for them and puts up to `batch` entries per call; a failed put is counted and reported, never
+  raised to the generator;
+- read-your-writes for retrieval: `wait_frames_below` lets a query wait (bounded) for pending writes of
+  frames that have just become eligible, so results do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from memory_service import NewEntry
+from plugin.adapters.base import CacheLayout, GeneratorAdapter
+from plugin.kv_slots import to_numpy
+
+Put = Callable[[list[NewEntry]], list[int]]
+
+
+@dataclass
+class _Write:
+    chunk: int
+    frame: int
+    prompt: str
+    rope_position: Optional[int]
+    slot: int
+    event: Optional["torch.cuda.Event"]
+    extra_keys: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    submitted: int
+    written: int
+    dropped: int
+    failed: int
+    pending: int
+
+
+class WriteBack:
+    def __init__(self, layout: CacheLayout, queue_size: int, batch: int, policy: str, block_s: float,
+                 put: Put, on_error: Callable[[Exception], None], on_ok: Callable[[], None]) -> None:
+        self.layout, self.batch, self.policy, self.block_s = layout, batch, policy, block_s
+        self._put, self._on_error, self._on_ok = put, on_error, on_ok
+        cuda = layout.device.type == "cuda"
+        self._cuda = cuda
+        lay = layout
+        self._kv = torch.empty((queue_size, lay.layers, 2, lay.tokens_per_frame, lay.heads, lay.head_dim),
+                               dtype=lay.dtype, pin_memory=cuda)  # [Q, L, 2, N, H, D]
+        self._keys = torch.empty((queue_size, lay.layers, lay.key_dim), dtype=torch.float32, pin_memory=cuda)
+        self._keys_dev = torch.empty((lay.layers, lay.key_dim), dtype=torch.float32, device=lay.device) if cuda else None
+        self._unrotated = torch.empty((lay.tokens_per_frame, lay.heads, lay.head_dim), dtype=lay.dtype,
+                                      device=lay.device)
+        self._free = collections.deque(range(queue_size))
+        self._queued: collections.deque[_Write] = collections.deque()
+        self._in_flight: list[_Write] = []
+        self._records: collections.deque[tuple[int, int]] = collections.deque(maxlen=1024)  # (entry id, frame)
+        self._cond = threading.Condition()
+        self._closed = False
+        self.submitted = self.written = self.dropped = self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="memflow-writeback", daemon=True)
+        self._thread.start()
+
+    # -- generator thread --------------------------------------------------------------------------
+    def submit(self, chunk: int, frame: int, prompt: str, views: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               adapter: GeneratorAdapter, extra_keys: Optional[Mapping[str, np.ndarray]] = None) -> bool:
+        """Stage frame `frame` (per-layer K/V views in the cache) for writing; False when it was dropped."""
+        with self._cond:
+            self.submitted += 1
+            slot = self._acquire()
+            if slot is None:
+                self.dropped += 1
+                return False
+        keys_out = self._keys_dev if self._cuda else self._keys[slot]
+        for layer, (k, v) in enumerate(views):
+            ks = adapter.stored_keys(k, frame, out=self._unrotated)  # [N, H, D]
+            torch.mean(ks, dim=0, dtype=torch.float32, out=keys_out[layer].view(k.shape[1], k.shape[2]))
+            self._kv[slot, layer, 0].copy_(ks, non_blocking=self._cuda)
+            self._kv[slot, layer, 1].copy_(v, non_blocking=self._cuda)
+        event = None
+        if self._cuda:
+            self._keys[slot].copy_(keys_out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        item = _Write(chunk, frame, prompt, None if not adapter.store_rotated else frame, slot, event,
+                      dict(extra_keys or {}))
+        with self._cond:
+            self._queued.append(item)
+            self._cond.notify_all()
+        return True
+
+    def _acquire(self) -> Optional[int]:
+        if self._free:
+            return self._free.popleft()
+        if self.policy == "drop_oldest":
+            if self._queued:
+                victim = self._queued.popleft()
+                self.dropped += 1
+                self._cond.notify_all()
+                return victim.slot
+            return None
+        self._cond.wait_for(lambda: bool(self._free) or self._closed, timeout=self.block_s)
+        return self._free.popleft() if self._free else None
+
+    # -- reads -------------------------------------------------------------------------------------
+    def newest_below(self, frame: int, count: int) -> list[tuple[int, int]]:
+        """(entry id, frame) of the `count` newest written records with frame < `frame`, newest first."""
+        out: list[tuple[int, int]] = []
+        if count <= 0:
+            return out
+        with self._cond:
+            for eid, f in reversed(self._records):
+                if f < frame:
+                    out.append((eid, f))
+                    if len(out) == count:
+                        break
+        return out
+
+    def wait_frames_below(self, frame: int, timeout_s: float) -> bool:
+        """Wait until no pending write holds a frame < `frame` (they became eligible for retrieval)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not any(w.frame < frame for w in (*self._queued, *self._in_flight)), timeout=timeout_s)
+
+    def flush(self, timeout_s: Optional[float] = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queued and not self._in_flight, timeout=timeout_s)
+
+    def stats(self) -> WriteStats:
+        with self._cond:
+            return WriteStats(self.submitted, self.written, self.dropped, self.failed,
+                              len(self._queued) + len(self._in_flight))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- writer thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queued) or self._closed)
+                if not self._queued:
+                    return
+                batch = [self._queued.popleft() for _ in range(min(self.batch, len(self._queued)))]
+                self._in_flight = batch
+            ids: list[int] = []
+            try:
+                entries = [self._entry(w) for w in batch]
+                ids = list(self._put(entries))
+                self._on_ok()
+            except Exception as exc:  # noqa: BLE001 - a failed write is counted, never raised
+                self._on_error(exc)
+            with self._cond:
+                if ids:
+                    self.written += len(batch)
+                    self._records.extend((int(eid), w.frame) for eid, w in zip(ids, batch))
+                else:
+                    self.failed += len(batch)
+                self._free.extend(w.slot for w in batch)
+                self._in_flight = []
+                self._cond.notify_all()
+
+    def _entry(self, w: _Write) -> NewEntry:
+        if w.event is not None:
+            w.event.synchronize()
+        nam = self._keys[w.slot].numpy()  # [L, H*D] float32, a view: valid until the slot is released
+        keys = {"nam": nam, "emb": nam.mean(axis=0)}
+        keys.update(w.extra_keys)
+        return NewEntry(frame_index=w.frame, chunk_index=w.chunk, prompt=w.prompt, keys=keys,
+                        kv=to_numpy(self._kv[w.slot]), rope_position=w.rope_position)
