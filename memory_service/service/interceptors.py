@@ -31,6 +31,25 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self.auth = auth
         self.metrics = metrics
         self.draining = threading.Event()
+        # Handlers still running. grpc's stop() cancels calls but does not wait for their threads, and a
+        # handler reads LMDB's memory map: the bank may only close once this is zero (MemoryServer.stop).
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._running += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._running -= 1
+            if not self._running:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no handler runs; False if some still do after `timeout` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -67,14 +86,16 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _unary(self, method: str, behavior):
         def wrapped(request, context):
             t0 = time.perf_counter()
+            self._enter()
             try:
                 self._admit(context)
                 return behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - every failure is mapped to a status here
-                if _is_abort(exc):
-                    raise
+                if _is_abort(exc) or isinstance(exc, grpc.RpcError):
+                    raise  # already a status (an abort, or the request stream failed in grpc itself)
                 self._fail(method, context, exc)
             finally:
+                self._leave()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped
@@ -82,6 +103,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _streaming(self, method: str, behavior):
         def wrapped(request, context):
             t0 = time.perf_counter()
+            self._enter()
             try:
                 self._admit(context)
                 yield from behavior(request, context)
@@ -90,6 +112,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     raise
                 self._fail(method, context, exc)
             finally:
+                self._leave()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped

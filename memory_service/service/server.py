@@ -129,6 +129,11 @@ class MemoryServer:
         self.interceptor.draining.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        # grpc has cancelled what was left, but handler threads may still be inside the bank (a cancelled
+        # fetch finishing its copy): closing LMDB under them would unmap memory they are reading.
+        if not self.interceptor.wait_idle(timeout=60.0):
+            log.error("calls still running 60 s after stop; leaving the bank open", extra={"address": self.address})
+            return
         self.servicer.arenas.close()
         self.metrics.close()
         self.bank.close()
