@@ -342,6 +342,8 @@ class MemoryClient:
         return convert.prune_from_pb(self._rpc(self._stub.Prune, pb.PruneRequest(stream=stream)))
 
     def stats(self, stream: Optional[str] = None):
+        if stream == "":  # on the wire, an empty name asks for the whole bank
+            raise NotFound("stream '' not found; expected a stream name, or None for the whole bank")
         resp = self._rpc(self._stub.Stats, pb.StatsRequest(stream=stream or ""), idempotent=True)
         if stream:
             return convert.stream_stats_from_pb(resp.streams[0])

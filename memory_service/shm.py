@@ -61,6 +61,12 @@ def attach(name: str) -> shared_memory.SharedMemory:
             f"shared-memory segment {name!r} is not visible to the service (another host or /dev/shm "
             "namespace?); expected a segment on the service's host, or use the stream data plane"
         ) from None
+    except PermissionError as exc:
+        raise FailedPrecondition(f"the service may not map shared-memory segment {name!r} ({exc}); expected a "
+                                 "segment the service's user can read and write, or use the stream data plane") from None
+    except (OSError, ValueError) as exc:  # a name the OS refuses (EINVAL, too long), an empty segment
+        raise InvalidArgument(f"shared-memory segment {name!r} cannot be mapped: {exc}; expected the name of a "
+                              "non-empty segment the client created") from None
     if seg._name not in _CREATED_HERE:  # type: ignore[attr-defined]
         # the client owns it: never let this process's resource tracker unlink it at exit
         resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from typing import Optional
 
 import grpc
 
-from memory_service.errors import MemFlowError, Unavailable
+from memory_service.errors import InvalidArgument, MemFlowError, Unavailable
 from memory_service.service import convert
 from memory_service.service.auth import Authenticator
 from memory_service.service.metrics import Metrics
@@ -57,16 +57,16 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         if handler is None or not name.startswith(SERVICE_PREFIX):
             return handler
         method = name[len(SERVICE_PREFIX):]
+        parse = _lenient(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+                self._unary(method, handler.unary_unary), parse, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+                self._unary(method, handler.stream_unary, streamed=True), parse, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
+                self._streaming(method, handler.unary_stream), parse, handler.response_serializer)
         return handler  # no bidirectional methods in the contract
 
     def _admit(self, context) -> None:
@@ -83,13 +83,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         log.exception("%s failed unexpectedly", method)
         context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the service: {type(exc).__name__}: {exc}")
 
-    def _unary(self, method: str, behavior):
+    def _unary(self, method: str, behavior, streamed: bool = False):
         def wrapped(request, context):
             t0 = time.perf_counter()
             self._enter()
             try:
                 self._admit(context)
-                return behavior(request, context)
+                return behavior(_checked_stream(request, method) if streamed else _checked(request, method), context)
             except Exception as exc:  # noqa: BLE001 - every failure is mapped to a status here
                 if _is_abort(exc) or isinstance(exc, grpc.RpcError):
                     raise  # already a status (an abort, or the request stream failed in grpc itself)
@@ -106,7 +106,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             self._enter()
             try:
                 self._admit(context)
-                yield from behavior(request, context)
+                yield from behavior(_checked(request, method), context)
             except Exception as exc:  # noqa: BLE001
                 if _is_abort(exc):
                     raise
@@ -116,6 +116,38 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped
+
+
+class _Malformed:
+    """A request whose bytes did not parse; the handler turns it into INVALID_ARGUMENT (grpc says INTERNAL)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _lenient(deserialize):
+    if deserialize is None:
+        return None
+
+    def parse(data):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and anything a custom deserializer raises
+            return _Malformed(exc)
+
+    return parse
+
+
+def _checked(request, method: str):
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(f"{method} request is not a valid memflow.v1 message ({type(request.error).__name__}: "
+                              f"{request.error}); expected the protobuf message of protos/memflow/v1/memory.proto")
+    return request
+
+
+def _checked_stream(requests, method: str):
+    for request in requests:
+        yield _checked(request, method)
 
 
 def _is_abort(exc: BaseException) -> bool:

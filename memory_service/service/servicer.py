@@ -9,12 +9,13 @@ LMDB's memory map) or STREAM (chunks of at most `chunk_bytes`).
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import numpy as np
 
 from memory_service.bank import MemoryBank
-from memory_service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted
+from memory_service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memory_service.service import convert
 from memory_service.service.arenas import ArenaRegistry
 from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
@@ -46,16 +47,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise DeadlineExceeded(f"{method} reached the service after its deadline had passed")
         return identity
 
-    def _name(self, identity: Identity, name: str) -> str:
-        if not name:
-            raise InvalidArgument("stream name is empty; expected the name of one of your streams")
-        return identity.qualify(name)
+    def _name(self, identity: Identity, name: str, must_exist: bool = True) -> str:
+        """The bank's name for the caller's stream. A tenant's NotFound lists only its own streams (the bank's
+        message would list every tenant's)."""
+        qualified = identity.qualify(name)
+        if must_exist and identity.tenant:
+            try:
+                self.bank.spec(qualified)
+            except NotFound:
+                mine = sorted(identity.local(s.name) for s in self.bank.list_streams() if identity.owns(s.name))
+                shown = mine[:10] + (["..."] if len(mine) > 10 else [])
+                raise NotFound(f"stream {name!r} not found; existing streams: {shown}") from None
+        return qualified
 
     # -- streams ------------------------------------------------------------------------------------
     def CreateStream(self, request, context):
         who = self._who(context, "CreateStream")
         spec = convert.spec_from_pb(request.spec)
-        self.bank.create_stream(convert.renamed(spec, self._name(who, spec.name)))
+        self.bank.create_stream(convert.renamed(spec, self._name(who, spec.name, must_exist=False)))
         return pb.CreateStreamResponse()
 
     def DropStream(self, request, context):
@@ -84,7 +93,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 n_kv += 1
         kv = None
         if n_kv:
-            total = n_kv * spec.kv.layers * spec.kv.layer_bytes
+            total = n_kv * spec.kv.layers * _layer_bytes(spec)
             if total > self.max_put_bytes:
                 raise ResourceExhausted(f"Put of {total} K/V bytes exceeds the service limit of {self.max_put_bytes}")
             if header.plane == SHM:
@@ -115,7 +124,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         out = None
         if request.plane == SHM and spec.kv is not None:
             n_layers = len(layers) if layers else spec.kv.layers
-            nbytes = len(request.ids) * n_layers * spec.kv.layer_bytes
+            nbytes = len(request.ids) * n_layers * _layer_bytes(spec)
             if nbytes > request.arena_bytes:
                 raise FailedPrecondition(
                     f"fetch needs {nbytes} bytes but the client reserved {request.arena_bytes} in its arena: the "
@@ -130,7 +139,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             self.metrics.bytes("shm", "fetch", result.kv.nbytes)
             return
         got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
         yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, convert.chunk_to_wire)
         self.metrics.bytes("stream", "fetch", nbytes)
@@ -180,6 +189,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         who = self._who(context, "ReleaseArena")
         self.arenas.release(who.tenant, request.arena_id)
         return pb.ReleaseArenaResponse()
+
+
+def _layer_bytes(spec) -> int:
+    # Python ints: KVLayout.layer_bytes (numpy) wraps around for absurd layouts and would pass the size limits
+    return math.prod(spec.kv.layer_shape) * kv_numpy_dtype(spec.kv.dtype).itemsize
 
 
 def _fetch_header(ids, layers, dtype: str, shape, nbytes: int) -> pb.FetchResponse:

@@ -207,6 +207,7 @@ BAD = [
     ("combine", lambda m: m.query("cam0", "nam", Q, 1, combine="max"), InvalidArgument, "combine"),
     ("exclude order", lambda m: m.query("cam0", "nam", Q, 1, exclude_frames=(5, 1)), InvalidArgument, "lo <= hi"),
     ("query unknown stream", lambda m: m.query("ghost", "nam", Q, 1), NotFound, "stream 'ghost' not found"),
+    ("query empty name", lambda m: m.query("", "nam", Q, 1), NotFound, "stream '' not found"),
     # fetch
     ("fetch unknown entry", lambda m: m.fetch("cam0", [0, 99]), NotFound, "no entries [99]"),
     ("fetch bad layer", lambda m: m.fetch("cam0", [0], layers=[LAYERS]), InvalidArgument, "distinct ints in"),
@@ -224,6 +225,7 @@ BAD = [
     ("pin unknown", lambda m: m.pin("cam0", [1, 99]), NotFound, "99"),
     ("drop unknown", lambda m: m.drop_stream("ghost"), NotFound, "ghost"),
     ("stats unknown", lambda m: m.stats("ghost"), NotFound, "ghost"),
+    ("stats empty name", lambda m: m.stats(""), NotFound, "stream '' not found"),
     ("entries unknown", lambda m: m.entries("ghost"), NotFound, "ghost"),
     ("prune unknown", lambda m: m.prune("ghost"), NotFound, "ghost"),
     ("duplicate stream", lambda m: m.create_stream(make_spec()), AlreadyExists, "already exists"),
@@ -268,7 +270,7 @@ def view(x):
     return x
 
 
-CLIENT_SIDE = {"k float", "fetch no layers"}
+CLIENT_SIDE = {"k float", "fetch no layers", "stats empty name"}
 
 
 def script(m) -> list:
