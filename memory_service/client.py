@@ -23,7 +23,9 @@ from typing import Iterator, Optional, Sequence, Union
 import grpc
 import numpy as np
 
-from memory_service.errors import FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted
+from memory_service.errors import (
+    FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
+)
 from memory_service.service import convert
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
@@ -121,6 +123,8 @@ class MemoryClient:
                 self._new_arena(self.arena_bytes)
                 chosen = "shm"
             except MemFlowError as exc:
+                if plane == "shm" and isinstance(exc, (Unauthenticated, PermissionDenied)):
+                    raise  # a bad token, not a missing shared memory: say so, as every other call would
                 if plane == "shm":
                     raise FailedPrecondition(f"shared-memory data plane requested but unavailable: {exc}") from None
                 log.warning("memflow: shared memory unavailable to %s (%s); using the gRPC stream plane",
