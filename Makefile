@@ -30,8 +30,13 @@ test: $(STAMP)
 proto: $(STAMP)
 	$(PY) protos/generate.py
 
-bench: $(STAMP)
+$(VENV)/.quality: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,quality]'
+	touch $@
+
+bench: $(STAMP) $(VENV)/.quality
 	$(PY) benchmarks/bank_growth.py $(BENCH_FLAGS)
+	$(PY) benchmarks/retrieval_quality.py $(BENCH_FLAGS)
 	$(PY) benchmarks/transport.py $(BENCH_FLAGS)
 	$(PY) benchmarks/report.py
 

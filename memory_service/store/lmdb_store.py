@@ -157,7 +157,7 @@ class Reader:
 class LMDBStore:
     """The one `TensorStore` implementation: an LMDB environment in `path`."""
 
-    def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40) -> None:
+    def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40, durable: bool = True) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.max_map_size = max_map_size
@@ -165,7 +165,7 @@ class LMDBStore:
         self._write_lock = threading.Lock()
         self.env = lmdb.open(
             path, map_size=min(map_size, max_map_size), max_dbs=len(DBS) + 1, max_readers=512,
-            readahead=False, metasync=True, sync=True, lock=True,
+            readahead=False, metasync=durable, sync=durable, lock=True,
         )
         # A reopened environment keeps its (possibly grown) map size: never shrink below the file.
         current = self.env.info()["map_size"]
