@@ -197,7 +197,8 @@ class MemFlowPlugin:
         if cfg.prefetch:
             nxt = prompt if next_prompt is None else next_prompt
             nvec = self._query_vector(nxt, None)
-            self._prefetch = ((chunk_index + 1, nxt), self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec)))
+            task = self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec))
+            self._prefetch = ((chunk_index + 1, nxt), task)
         self.last_report = ChunkReport(chunk_index, prompt, report_sel, memory.frames or (0,) * self.layout.layers,
                                        loaded, moved, reason, prefetched, (time.perf_counter() - t0) * 1e3)
         return memory
@@ -221,7 +222,7 @@ class MemFlowPlugin:
         cfg = self.config
         self._ensure_stream()
         lo, _ = self.layout.window(chunk_index)
-        self.writer.wait_frames_below(lo, cfg.deadline_s)
+        self.writer.wait_frames_below(lo, cfg.deadline_s / 2)
         newest = self.writer.newest_below(lo, cfg.keep_newest)
         try:
             return self._select_and_stage(lo, vec, newest)

@@ -70,7 +70,8 @@ def adaptive_count(scores: np.ndarray, mode: str, threshold: float, lo: int, hi:
     """How many score-ranked frames to keep this chunk: `scores` `[layers, n]` descending, -inf padded.
 
     "threshold": per layer, the frames within `threshold * |best|` of the best; "gap": per layer, the frames
-    above the largest drop between neighbours. The per-layer counts are averaged and clamped to [lo, hi].
+    above the largest drop between neighbours. The per-layer counts are averaged, rounded half up and
+    clamped to [lo, hi].
     """
     counts = []
     for row in np.atleast_2d(scores):
@@ -83,7 +84,7 @@ def adaptive_count(scores: np.ndarray, mode: str, threshold: float, lo: int, hi:
             counts.append(1)
         else:
             counts.append(int(np.argmax(row[:-1] - row[1:])) + 1)
-    return int(min(hi, max(lo, round(float(np.mean(counts))))))
+    return int(min(hi, max(lo, math.floor(float(np.mean(counts)) + 0.5))))
 
 
 def select(result: Optional[QueryResult], newest: Sequence[tuple[int, int]], layers: int, k: int,

@@ -41,7 +41,8 @@ class Rope3D:
         rows = _angles(torch.arange(grid_h), ch, theta)  # [grid_h, ch]
         cols = _angles(torch.arange(grid_w), cw, theta)  # [grid_w, cw]
         spatial = torch.cat([rows[:, None, :].expand(grid_h, grid_w, ch),
-                             cols[None, :, :].expand(grid_h, grid_w, cw)], dim=-1).reshape(self.tokens_per_frame, ch + cw)
+                             cols[None, :, :].expand(grid_h, grid_w, cw)], dim=-1)
+        spatial = spatial.reshape(self.tokens_per_frame, ch + cw)
         self.ct = ct
         self.time_cos = time.cos().float().to(device)  # [max_frames, ct]
         self.time_sin = time.sin().float().to(device)
@@ -65,7 +66,8 @@ class Rope3D:
         """Rotate `x` `[..., frames * N, H, D]` whose tokens start at frame `first_frame` (frame-major)."""
         tokens = x.shape[-3]
         if tokens % self.tokens_per_frame:
-            raise ValueError(f"RoPE input has {tokens} tokens, expected a multiple of {self.tokens_per_frame} per frame")
+            raise ValueError(f"RoPE input has {tokens} tokens, expected a multiple of {self.tokens_per_frame} "
+                             "(tokens per frame)")
         cos, sin = self.tables(first_frame, tokens // self.tokens_per_frame)
         if x.device != cos.device:
             cos, sin = cos.to(x.device), sin.to(x.device)

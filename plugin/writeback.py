@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -61,12 +62,14 @@ class WriteBack:
         self._kv = torch.empty((queue_size, lay.layers, 2, lay.tokens_per_frame, lay.heads, lay.head_dim),
                                dtype=lay.dtype, pin_memory=cuda)  # [Q, L, 2, N, H, D]
         self._keys = torch.empty((queue_size, lay.layers, lay.key_dim), dtype=torch.float32, pin_memory=cuda)
-        self._keys_dev = torch.empty((lay.layers, lay.key_dim), dtype=torch.float32, device=lay.device) if cuda else None
+        self._keys_dev = (torch.empty((lay.layers, lay.key_dim), dtype=torch.float32, device=lay.device)
+                          if cuda else None)
         self._unrotated = torch.empty((lay.tokens_per_frame, lay.heads, lay.head_dim), dtype=lay.dtype,
                                       device=lay.device)
         self._free = collections.deque(range(queue_size))
         self._queued: collections.deque[_Write] = collections.deque()
         self._in_flight: list[_Write] = []
+        self._in_flight_since: Optional[float] = None
         self._records: collections.deque[tuple[int, int]] = collections.deque(maxlen=1024)  # (entry id, frame)
         self._cond = threading.Condition()
         self._closed = False
@@ -130,8 +133,15 @@ class WriteBack:
         return out
 
     def wait_frames_below(self, frame: int, timeout_s: float) -> bool:
-        """Wait until no pending write holds a frame < `frame` (they became eligible for retrieval)."""
+        """Wait until no pending write holds a frame < `frame` (they became eligible for retrieval).
+
+        Returns at once (False) while a put has been running longer than `block_s`: a stuck writer must
+        not cost every read its deadline.
+        """
         with self._cond:
+            since = self._in_flight_since
+            if since is not None and time.monotonic() - since > self.block_s:
+                return False
             return self._cond.wait_for(
                 lambda: not any(w.frame < frame for w in (*self._queued, *self._in_flight)), timeout=timeout_s)
 
@@ -157,7 +167,7 @@ class WriteBack:
                 if not self._queued:
                     return
                 batch = [self._queued.popleft() for _ in range(min(self.batch, len(self._queued)))]
-                self._in_flight = batch
+                self._in_flight, self._in_flight_since = batch, time.monotonic()
             ids: list[int] = []
             try:
                 entries = [self._entry(w) for w in batch]
@@ -172,7 +182,7 @@ class WriteBack:
                 else:
                     self.failed += len(batch)
                 self._free.extend(w.slot for w in batch)
-                self._in_flight = []
+                self._in_flight, self._in_flight_since = [], None
                 self._cond.notify_all()
 
     def _entry(self, w: _Write) -> NewEntry:

@@ -20,6 +20,7 @@ import torch
 from memory_service import LocalMemory
 from plugin import MemFlowConfig, MemFlowPlugin, SelfForcingAdapter
 from plugin.reference_model import ReferenceDiT, tiny
+from plugin.rope import pair_split
 
 # The tiny model's ops are too small to split across threads; on a loaded 2-core machine two OpenMP
 # threads spin against each other (measured 10x slower), so the plugin tests run torch single-threaded.
@@ -118,3 +119,19 @@ class Flaky:
             return attr(*args, **kwargs)
 
         return call
+
+
+def brute_force_rope(x, frame, grid_w, theta=10000.0):
+    """Wan's 3-D RoPE written out independently: complex pairs times e^(i * position * freq)."""
+    n, h, d = x.shape
+    ct, ch, cw = pair_split(d)
+    out = torch.empty_like(x, dtype=torch.float64)
+    for t in range(n):
+        pos = (frame, t // grid_w, t % grid_w)
+        angles = []
+        for p, pairs in zip(pos, (ct, ch, cw)):
+            angles += [p * theta ** (-(2.0 * j) / (2.0 * pairs)) for j in range(pairs)]
+        rot = torch.polar(torch.ones(len(angles), dtype=torch.float64), torch.tensor(angles, dtype=torch.float64))
+        z = torch.view_as_complex(x[t].double().reshape(h, -1, 2).contiguous()) * rot
+        out[t] = torch.view_as_real(z).reshape(h, d)
+    return out

@@ -7,8 +7,8 @@ import torch
 
 from plugin import SelfForcingAdapter
 from plugin.reference_model import HashTokenizer, ReferenceDiT, tiny, wan_1_3b_shape
-from plugin.rope import Rope3D, pair_split
-from plugin_helpers import CITY, FOX, WHALE, Run, tiny_model  # noqa: F401 - fixture
+from plugin.rope import Rope3D
+from plugin_helpers import CITY, FOX, WHALE, Run, brute_force_rope, tiny_model  # noqa: F401 - fixture
 
 
 def test_same_seed_same_video_other_seed_other_video(tiny_model):
@@ -26,22 +26,6 @@ def test_tokenizer_is_stable_and_pads_with_zero():
     assert ids.tolist()[:6] == tok("a red fox a red fox").tolist()[:6]
     assert ids[0] == ids[3] and ids[1] == ids[4] and ids[0] != ids[1]
     assert ids.tolist()[6:] == [0, 0] and all(0 < i < 4096 for i in ids.tolist()[:6])
-
-
-def brute_force_rope(x, frame, grid_w, theta=10000.0):
-    """Wan's 3-D RoPE written out independently: complex pairs times e^(i * position * freq)."""
-    n, h, d = x.shape
-    ct, ch, cw = pair_split(d)
-    out = torch.empty_like(x, dtype=torch.float64)
-    for t in range(n):
-        pos = (frame, t // grid_w, t % grid_w)
-        angles = []
-        for p, pairs in zip(pos, (ct, ch, cw)):
-            angles += [p * theta ** (-(2.0 * j) / (2.0 * pairs)) for j in range(pairs)]
-        rot = torch.polar(torch.ones(len(angles), dtype=torch.float64), torch.tensor(angles, dtype=torch.float64))
-        z = torch.view_as_complex(x[t].double().reshape(h, -1, 2).contiguous()) * rot
-        out[t] = torch.view_as_real(z).reshape(h, d)
-    return out
 
 
 def test_rope_matches_the_wan_formula_and_inverts():

@@ -1,0 +1,83 @@
+"""Write-back: recorded frames land in the bank intact; the queue is bounded; full means drop or bounded block."""
+
+import numpy as np
+import torch
+
+from memory_service import LocalMemory
+from plugin_helpers import FOX, WHALE, Flaky, Run, make_plugin, tiny_model  # noqa: F401
+
+
+def test_recorded_entries_are_the_cached_frames(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as memory:
+        plugin = make_plugin(memory, tiny_model)
+        run = Run(tiny_model, plugin).script([FOX] * 7 + [WHALE] * 6)
+        assert plugin.flush(10.0)
+        plugin.close()
+        entries = memory.entries("memflow")
+        assert [(e.frame_index, e.chunk_index, e.prompt, e.rope_position) for e in entries] == [
+            (9, 3, FOX, 9), (18, 6, FOX, 18), (27, 9, WHALE, 27), (36, 12, WHALE, 36)]
+        fetched = memory.fetch("memflow", [e.entry_id for e in entries]).kv  # [n, L, 2, N, H, D]
+        for e, kv in zip(entries, fetched):
+            assert torch.equal(torch.from_numpy(np.array(kv)), run.recorded[e.frame_index])
+    assert plugin.stats().writes_written == 4
+
+
+def test_unrotated_entries_say_so(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as memory:
+        plugin = make_plugin(memory, tiny_model, store_rotated=False)
+        Run(tiny_model, plugin).script([FOX] * 7)
+        plugin.flush(10.0)
+        plugin.close()
+        assert [e.rope_position for e in memory.entries("memflow")] == [None, None]
+
+
+def test_full_queue_drops_the_oldest_write(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as inner:
+        memory = Flaky(inner)
+        memory.methods = {"put"}
+        plugin = make_plugin(memory, tiny_model, record_interval=1, write_queue=3, write_batch=2, deadline_s=0.5)
+        run = Run(tiny_model, plugin).script([FOX] * 2)
+        assert plugin.flush(10.0)
+        memory.mode = "hang"
+        run.script([FOX] * 10, start=2)  # 10 records; one batch blocks in put, the rest queue
+        stats = plugin.stats()
+        assert stats.writes_pending == 3 and stats.writes_dropped >= 6
+        memory.mode = "ok"
+        memory.release.set()
+        assert plugin.flush(10.0)
+        plugin.close()
+        frames = [e.frame_index for e in inner.entries("memflow")]
+    stats = plugin.stats()
+    assert stats.writes_written + stats.writes_dropped == stats.writes_submitted == 11
+    assert frames == sorted(frames) and frames[-1] == 33  # the newest write survived; older ones were dropped
+
+
+def test_blocking_policy_waits_at_most_the_deadline_then_drops(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as inner:
+        memory = Flaky(inner)
+        memory.methods = {"put"}
+        plugin = make_plugin(memory, tiny_model, record_interval=1, write_queue=1, write_batch=1,
+                             write_policy="block", deadline_s=0.05)
+        run = Run(tiny_model, plugin).script([FOX] * 2)
+        plugin.flush(10.0)
+        memory.mode = "hang"
+        run.script([FOX] * 4, start=2)
+        assert plugin.stats().writes_dropped == 3  # chunk 2's write holds the only slot
+        memory.mode = "ok"
+        memory.release.set()
+        plugin.flush(10.0)
+        plugin.close()
+    assert plugin.stats().writes_written == 2
+
+
+def test_failed_puts_are_counted_not_raised(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as inner:
+        memory = Flaky(inner)
+        memory.methods = {"put"}
+        memory.mode = "raise"
+        plugin = make_plugin(memory, tiny_model)
+        Run(tiny_model, plugin).script([FOX] * 10)
+        plugin.flush(10.0)
+        plugin.close()
+    stats = plugin.stats()
+    assert stats.write_failures == 3 and stats.writes_written == 0 and stats.fallbacks == 0
