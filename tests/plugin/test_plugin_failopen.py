@@ -51,7 +51,7 @@ def test_errors_fall_back_and_are_logged_once_per_outage(tiny_model, tmp_path, c
 def test_a_hanging_memory_costs_at_most_one_deadline(tiny_model, tmp_path):
     with LocalMemory(str(tmp_path / "bank")) as inner:
         memory = Flaky(inner)
-        plugin = make_plugin(memory, tiny_model, deadline_s=0.2, write_queue=2)
+        plugin = make_plugin(memory, tiny_model, deadline_s=1.0, write_queue=2)
         run = Run(tiny_model, plugin).script([FOX] * 9)
         plugin.flush(10.0)
         memory.mode = "hang"
@@ -62,6 +62,7 @@ def test_a_hanging_memory_costs_at_most_one_deadline(tiny_model, tmp_path):
         assert plugin.stats().writes_pending <= 2  # the write queue stays bounded while put hangs
         memory.mode = "ok"
         memory.release.set()
+        assert plugin.flush(10.0)
         run.script([FOX] * 3, start=17)
         plugin.close()
     assert run.reports[-1].fallback is None and run.reports[-1].frames[0] == 3
