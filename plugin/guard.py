@@ -25,6 +25,7 @@ class Guard:
     def __init__(self, name: str = "memflow-memory") -> None:
         self._tasks: "queue.SimpleQueue[Optional[tuple[Callable[[], Any], Future]]]" = queue.SimpleQueue()
         self._running_since: Optional[float] = None
+        self._outstanding = 0  # submitted and not finished (queued + running)
         self._lock = threading.Lock()
         self.failures = 0
         self.episodes = 0
@@ -38,17 +39,26 @@ class Guard:
             if task is None:
                 return
             fn, fut = task
-            if not fut.set_running_or_notify_cancel():
-                continue
-            self._running_since = time.monotonic()
             try:
-                fut.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - every failure of memory is the caller's fallback
-                fut.set_exception(exc)
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                self._running_since = time.monotonic()
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - every failure of memory is the caller's fallback
+                    fut.set_exception(exc)
             finally:
                 self._running_since = None
+                with self._lock:
+                    self._outstanding -= 1
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
+    def submit(self, fn: Callable[[], Any], limit: Optional[int] = None) -> Optional[Future]:
+        """Queue `fn`; None (nothing queued) when `limit` tasks are already outstanding: a memory slower
+        than the generator must not grow a backlog."""
+        with self._lock:
+            if limit is not None and self._outstanding >= limit:
+                return None
+            self._outstanding += 1
         fut: Future = Future()
         self._tasks.put((fn, fut))
         return fut

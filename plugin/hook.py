@@ -18,6 +18,7 @@ computed on the generator's thread (once per prompt); every memory call runs on 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from plugin.retrieval import EMPTY, Selection, nam_query, select
 from plugin.writeback import WriteBack
 
 FUTURE_FRAMES = 1 << 62  # upper end of the excluded frame range: the window and everything after it
+MAX_OUTSTANDING = 2  # memory reads queued or running at once (one chunk's and the next chunk's prefetch)
 
 
 class StreamConflict(ValueError):
@@ -90,6 +92,7 @@ class MemFlowPlugin:
         self.last_report: Optional[ChunkReport] = None
         self._guard = Guard()
         self._stream_ready = False
+        self._stream_lock = threading.Lock()
         self._queries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._prompts: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._prefetch: Optional[tuple[tuple[int, str], Any]] = None
@@ -121,6 +124,11 @@ class MemFlowPlugin:
     def _ensure_stream(self) -> None:
         if self._stream_ready:
             return
+        with self._stream_lock:  # the memory thread and the writer thread both get here first
+            if not self._stream_ready:
+                self._open_stream()
+
+    def _open_stream(self) -> None:
         spec, name = self.stream_spec(), self.config.stream
         existing = {s.name: s for s in self.memory.list_streams()}
         if name in existing and self.config.on_existing == "replace":
@@ -164,13 +172,16 @@ class MemFlowPlugin:
                 fut, prefetched = self._prefetch[1], True
                 self._prefetch_hits += 1
             else:
+                self._prefetch[1].cancel()  # a wrong guess: drop it unless it already runs
                 self._prefetch_misses += 1
             self._prefetch = None
         if fut is None:
             if self._guard.stuck(cfg.deadline_s):
                 reason = "a previous memory call is still running past its deadline"
             else:
-                fut = self._guard.submit(partial(self._retrieve, chunk_index, vec))
+                fut = self._guard.submit(partial(self._retrieve, chunk_index, vec), limit=MAX_OUTSTANDING)
+                if fut is None:
+                    reason = "memory is behind: earlier calls are still queued"
         staged: Optional[Staged] = None
         if fut is not None:
             ok, value = self._guard.wait(fut, cfg.deadline_s - (time.perf_counter() - t0))
@@ -197,8 +208,8 @@ class MemFlowPlugin:
         if cfg.prefetch:
             nxt = prompt if next_prompt is None else next_prompt
             nvec = self._query_vector(nxt, None)
-            task = self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec))
-            self._prefetch = ((chunk_index + 1, nxt), task)
+            task = self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec), limit=MAX_OUTSTANDING)
+            self._prefetch = ((chunk_index + 1, nxt), task) if task is not None else None
         self.last_report = ChunkReport(chunk_index, prompt, report_sel, memory.frames or (0,) * self.layout.layers,
                                        loaded, moved, reason, prefetched, (time.perf_counter() - t0) * 1e3)
         return memory

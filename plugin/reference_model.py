@@ -31,13 +31,15 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from plugin.adapters.base import CacheLayout
-from plugin.adapters.self_forcing import allocate_cache
+from plugin.adapters.self_forcing import SelfForcingAdapter, allocate_cache
 from plugin.attention import NO_MEMORY, ChunkMemory, cache_attention
+from plugin.retrieval import nam_entry_keys
 from plugin.rope import Rope3D
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -215,6 +217,14 @@ class ReferenceDiT(nn.Module):
             c["v"].copy_(v.view_as(c["v"]))
             c["is_init"], c["prompt"] = True, prompt
         state.prompt_vec.copy_(pooled)
+
+    @torch.no_grad()
+    def frame_nam_key(self, state: StreamState, frame: int) -> np.ndarray:
+        """The NAM entry key the plugin records for resident frame `frame`: `[layers, heads*head_dim]` float32
+        (per-layer mean of its cached keys). For benchmarks that need NAM keys without a bank."""
+        views = SelfForcingAdapter(self.layout, self.text_keys).frame_kv(state.kv, frame)
+        out = torch.empty((self.cfg.layers, self.cfg.dim), dtype=torch.float32, device=self.device_)
+        return nam_entry_keys([k for k, _ in views], out).cpu().numpy()
 
     # -- streaming -----------------------------------------------------------------------------
     def new_state(self, batch: int = 1, memory_frames: int = 0) -> StreamState:

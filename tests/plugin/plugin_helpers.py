@@ -11,6 +11,7 @@ port 0 killed with SIGKILL) joins BACKENDS once memory_service.MemoryClient land
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -100,7 +101,8 @@ class Flaky:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.mode = "ok"  # "ok" | "raise" | "hang"
+        self.mode = "ok"  # "ok" | "raise" | "hang" | "slow" (sleeps `delay` seconds, then answers)
+        self.delay = 0.0
         self.methods = {"query", "fetch", "put"}
         self.release = threading.Event()
         self.calls = 0
@@ -116,6 +118,8 @@ class Flaky:
                 raise ConnectionError(f"memory {name} is down (test)")
             if self.mode == "hang":
                 self.release.wait()
+            if self.mode == "slow":
+                time.sleep(self.delay)
             return attr(*args, **kwargs)
 
         return call

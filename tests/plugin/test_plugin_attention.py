@@ -96,6 +96,19 @@ def test_sma_attends_each_heads_top_frames_of_sink_and_memory(tiny_model, memory
     plugin.close()
 
 
+def test_sma_runs_through_the_model(tiny_model, memory_backend):
+    runs = {}
+    for sma in (False, True):
+        plugin = make_plugin(memory_backend.memory, tiny_model, stream=f"sma-{sma}", sma=sma, sma_k=2)
+        runs[sma] = Run(tiny_model, plugin).script(SCRIPT)
+        plugin.close()
+    dense, sparse = runs[False], runs[True]
+    assert all(torch.equal(a, b) for a, b in zip(dense.outputs[:6], sparse.outputs[:6]))  # no memory yet
+    assert dense.reports[6].selection == sparse.reports[6].selection  # SMA changes attention, not retrieval
+    assert not torch.equal(dense.outputs[6], sparse.outputs[6])
+    assert all(torch.isfinite(o).all() for o in sparse.outputs)
+
+
 def test_no_memory_attention_is_the_bare_cache(tiny_model, memory_backend):
     cfg = tiny_model.cfg
     plugin, run, _ = setup_chunk(tiny_model, memory_backend.memory, True)

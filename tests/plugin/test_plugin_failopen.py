@@ -68,6 +68,22 @@ def test_a_hanging_memory_costs_at_most_one_deadline(tiny_model, tmp_path):
     assert run.reports[-1].fallback is None and run.reports[-1].frames[0] == 3
 
 
+def test_a_slow_memory_never_builds_a_backlog(tiny_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as inner:
+        memory = Flaky(inner)
+        memory.methods = {"query"}
+        plugin = make_plugin(memory, tiny_model, deadline_s=0.05, prefetch=True)
+        run = Run(tiny_model, plugin).script([FOX] * 8)
+        memory.mode, memory.delay = "slow", 0.3  # every read is 6 deadlines late
+        outstanding = []
+        for i in range(8, 20):
+            run.chunk(i, FOX, FOX)
+            outstanding.append(plugin._guard._outstanding)
+        plugin.close()
+    assert max(outstanding) <= 2, outstanding
+    assert plugin.stats().fallbacks >= 10 and len(run.outputs) == 20
+
+
 def test_existing_stream_with_another_layout_is_a_clear_error(tiny_model, tmp_path):
     with LocalMemory(str(tmp_path / "bank")) as memory:
         memory.create_stream(StreamSpec("memflow", {"nam": KeySpace(128, per_layer=True)},
