@@ -93,7 +93,8 @@ def verify(data_dir: str, must_have: set[int], deleted: set[int]) -> list[int]:
         assert not set(present) & deleted, f"acknowledged deletes came back: {sorted(set(present) & deleted)[:10]}"
         for meta in metas:  # every entry on disk is one the writer made, with its own metadata
             want = make_entry(meta.entry_id)
-            assert (meta.frame_index, meta.chunk_index, meta.prompt) == (want.frame_index, want.chunk_index, want.prompt)
+            assert (meta.frame_index, meta.chunk_index, meta.prompt) == \
+                (want.frame_index, want.chunk_index, want.prompt)
         s = m.bank._streams[STREAM]
         assert_whole_on_disk(m, s.sid, set(present), len(s.space_names))
         st = m.stats(STREAM)

@@ -1,0 +1,363 @@
+"""Bank growth: put rate, per-layer query latency, recall, memory and disk as a bank grows from 1e2 to 1e5 entries.
+
+Each index kind gets its own real bank (`LocalMemory`, LMDB in a temp dir) with one MemFlow-shaped NAM key
+space (per layer: 30 layers x 1536-d float32 by default) and a small KV payload (keys only beyond 1e4 entries,
+so the full run fits the disk). The bank grows through N = 1e2, 1e3, 1e4 (--quick stops here), 1e5; at every
+N one JSON row per index:
+
+    put_per_s        entries per second over the growth step (validation, LMDB commit, index add; 64 per put)
+    query_p50/p99_ms LocalMemory.query latency, `combine="per_layer"`, top-k per layer (p99 of --queries samples)
+    brute_p50_ms     numpy brute-force per-layer search over the same keys, same run (null where they do not
+                     fit in RAM)
+    recall_at_k      mean over queries and layers of |ids & exact ids| / k, against exact per-layer top-k
+                     computed in float32 while the keys were generated; flat rows must be 1.0 (checked)
+    bound_ms         bytes an exact per-layer scan must read (N x layers x dim x key itemsize) / memcpy
+                     bandwidth measured in this run (np.copyto, one thread): the floor for exact search on this
+                     machine (a read-only scan on several threads can beat it: memcpy also writes each byte)
+    rss_mb, disk_mb  process RSS growth since the bank was opened; LMDB file size; index_mb: the indexes' own
+                     estimate of their memory
+
+Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
+entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), hnsw and ivfpq (one
+ANN index per layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a
+JSON "skipped" line saying why, when its next step would not fit in RAM or would take longer than the step
+budget (estimated from its last measured put rate; IVF-PQ from its training cost).
+
+Keys are random with cluster structure (256 clusters): entry n in cluster c has key[l] = center[c, l] + unit
+uniform noise, queries likewise, so ANN recall means something. Each layer ranks on its own (its centers and
+noise are independent of the other layers'), which is what two-stage (one mean-over-layers first pass) must
+survive: its recall is high while each layer's top-k lies inside the query's cluster and the cluster fits in
+its 256 candidates (N ~ 1e4), and falls when the top-k spills into other clusters by per-layer chance (small
+N: ~4 entries per cluster) or a cluster outgrows the candidates (past ~256 x 256 entries). Real NAM keys
+decide which case holds; these rows show the mechanism, not MemFlow's recall.
+
+    python benchmarks/bank_growth.py [--quick] [--dim 1536] [--layers 30] [--out benchmarks/results]
+
+Writes OUT/bank_growth.jsonl (machine line first) and OUT/bank_growth.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Results, memcpy_gbps, percentiles  # noqa: E402
+
+from memory_service import KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec  # noqa: E402
+from memory_service.config import BankConfig, IndexParams  # noqa: E402
+
+INT8_STD = 256 / 12**0.5  # standard deviation of uniform int8 values
+KINDS = ("flat", "flat_fp16", "two_stage", "hnsw", "ivfpq")
+BATCH = 64  # entries per put (and per generated block)
+KV_UNTIL = 10_000  # entries past this are keys only
+# Measured on a 2-core box: IVF-PQ trains dim/4 sub-quantizers per layer, ~26 s per 1536-d layer at 2048
+# vectors. Used only to decide whether the training step fits the budget.
+IVFPQ_TRAIN_S_PER_DIM = 26.0 / 1536
+
+
+class Data:
+    """Deterministic keys: block b (entries b*BATCH ...) is regenerated bit for bit from (seed, b)."""
+
+    def __init__(self, layers: int, dim: int, seed: int, clusters: int = 256, noise: float = 1.0) -> None:
+        self.layers, self.dim, self.seed, self.noise = layers, dim, seed, noise
+        rng = np.random.default_rng(seed)
+        self.centers = rng.standard_normal((clusters, layers, dim), dtype=np.float32)  # [C, L, d]
+
+    def block(self, b: int) -> np.ndarray:
+        """Keys `[BATCH, L, d]` float32 of entries b*BATCH .. b*BATCH+BATCH-1."""
+        rng = np.random.default_rng((self.seed, b))
+        c = rng.integers(0, len(self.centers), BATCH)
+        # Uniform noise from random bytes: 7x cheaper than normals, and what matters here is cluster structure.
+        out = np.frombuffer(rng.bytes(BATCH * self.layers * self.dim), np.int8).astype(np.float32)
+        out = out.reshape(BATCH, self.layers, self.dim)
+        out *= self.noise / INT8_STD
+        out += self.centers[c]
+        return out
+
+    def queries(self, q: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, 1 << 40))  # apart from every block
+        c = rng.integers(0, len(self.centers), q)
+        return (self.centers[c] + self.noise * rng.standard_normal((q, self.layers, self.dim))).astype(np.float32)
+
+
+def pieces(i0: int, i1: int, cuts=()):
+    """(block, lo, hi) pieces covering entries [i0, i1), split at block boundaries and at `cuts`."""
+    bounds = sorted({i0, i1, *[c for c in cuts if i0 < c < i1], *range((i0 // BATCH + 1) * BATCH, i1, BATCH)})
+    for a, b in zip(bounds, bounds[1:]):
+        yield a // BATCH, a % BATCH, a % BATCH + (b - a)
+
+
+def ground_truth(data: Data, queries: np.ndarray, grid: list[int], k: int, keep_upto: int):
+    """One pass over all keys: exact per-layer top-k ids at every N of the grid ({N: [Q, L, k]}), and the keys
+    `[L, keep_upto, d]` for timing brute force (float32 scores, as faiss computes them)."""
+    q_n, layers, dim = queries.shape
+    q_t = np.ascontiguousarray(queries.transpose(1, 2, 0))  # [L, d, Q]
+    best_s = np.full((q_n, layers, k), -np.inf, np.float32)
+    best_i = np.full((q_n, layers, k), -1, np.int64)
+    kept = np.empty((layers, keep_upto, dim), np.float32) if keep_upto else None
+    truth = {}
+    cached = (-1, None)
+    for b, lo, hi in tqdm(list(pieces(0, grid[-1], grid)), desc="ground truth", unit="blk", file=sys.stderr,
+                          leave=False):
+        if cached[0] != b:
+            cached = (b, data.block(b))
+        keys_t = np.ascontiguousarray(cached[1][lo:hi].transpose(1, 0, 2))  # [L, B, d]: one gemm per layer
+        start, end = b * BATCH + lo, b * BATCH + hi
+        ids = np.arange(start, end)
+        scores = np.matmul(keys_t, q_t).transpose(2, 0, 1)  # [Q, L, B]
+        s = np.concatenate([best_s, scores], axis=2)
+        i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], axis=2)
+        top = np.argpartition(-s, k - 1, axis=2)[:, :, :k]
+        best_s, best_i = np.take_along_axis(s, top, 2), np.take_along_axis(i, top, 2)
+        if kept is not None and end <= keep_upto:
+            kept[:, start:end] = keys_t
+        if end in grid:
+            truth[end] = best_i.copy()
+    return truth, kept
+
+
+def brute_ms(kept: np.ndarray, n: int, queries: np.ndarray, k: int) -> float:
+    """p50 of numpy per-layer exact search over the first n entries (one BLAS gemv + argpartition per layer)."""
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        for layer in range(len(q)):
+            s = kept[layer, :n] @ q[layer]
+            np.argpartition(-s, k - 1)[:k]
+        times.append(time.perf_counter() - t)
+    return percentiles(times)[0]
+
+
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    """ids, truth `[L, k]` -> mean per-layer overlap fraction."""
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(ids, truth)]))
+
+
+def spec(kind: str, layers: int, dim: int) -> StreamSpec:
+    index = "flat" if kind == "flat_fp16" else kind
+    dtype = "float16" if kind == "flat_fp16" else "float32"
+    kv = KVLayout(layers=layers, heads=1, head_dim=16, tokens_per_frame=4)  # 256 B per layer: "small"
+    return StreamSpec("bench", {"nam": KeySpace(dim, per_layer=True, index=index, dtype=dtype)}, kv=kv)
+
+
+def key_itemsize(kind: str) -> int:
+    return 2 if kind == "flat_fp16" else 4
+
+
+def index_bytes(kind: str, n: int, layers: int, dim: int) -> int:
+    """Memory a kind's indexes need at n entries (what decides whether the next step fits in RAM)."""
+    if kind == "two_stage":
+        return n * (dim * 4 + 32 * 8)
+    if kind == "hnsw":
+        return n * layers * (dim * 4 + 32 * 8)
+    return n * layers * dim * key_itemsize(kind)
+
+
+def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s) -> str | None:
+    avail = psutil.virtual_memory().available
+    need = index_bytes(kind, n, layers, dim)
+    if need > 0.7 * (avail + index_bytes(kind, prev_n, layers, dim)):  # the bank's pages are reclaimable
+        return f"indexes need ~{need / 1e9:.1f} GB at N={n}; {avail / 1e9:.1f} GB available (truth keys hold " \
+               f"{kept_bytes / 1e9:.1f} GB)"
+    if kind == "ivfpq" and prev_n < params.ivf_train_min <= n:
+        est = layers * dim * IVFPQ_TRAIN_S_PER_DIM
+        if est > budget_s:
+            return f"IVF-PQ trains {layers} per-layer indexes of {dim // 4} sub-quantizers at " \
+                   f"N={params.ivf_train_min}: ~{est:.0f} s on 2 cores, over the {budget_s:.0f} s step budget"
+    if rate:
+        est = (n - prev_n) / rate  # at the last step's put rate (ANN inserts only get slower as N grows)
+        if est > budget_s:
+            return f"growing {prev_n} -> {n} estimated {est:.0f} s at the last step's {rate:.0f} puts/s, over " \
+                   f"the {budget_s:.0f} s step budget"
+    return None
+
+
+def run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar) -> None:
+    params = IndexParams(use_gpu=False)  # a CPU benchmark; faiss-gpu machines get their own rows later
+    proc = psutil.Process()
+    kept_n = 0 if kept is None else kept.shape[1]
+    with tempfile.TemporaryDirectory(prefix=f"bank_growth_{kind}_", dir=args.tmp) as tmp:
+        release_memory()
+        rss0 = proc.memory_info().rss
+        mem = LocalMemory(tmp, BankConfig(index=params, snapshot_on_close=False))
+        mem.create_stream(spec(kind, args.layers, args.dim))
+        kv_rng = np.random.default_rng(args.seed + 7)
+        kv_shape = (args.layers, 2, 4, 1, 16)
+        done, put_rate = 0, 0.0
+        for n in args.grid:
+            reason = skip_reason(kind, n, done, put_rate, params, args.layers, args.dim,
+                                 0 if kept is None else kept.nbytes, args.step_budget_s)
+            if reason:
+                res.skip(kind, n, reason)
+                break
+            t0 = time.perf_counter()
+            for b, lo, hi in pieces(done, n):
+                first = b * BATCH + lo
+                # The truth pass kept these keys ([L, N, d]) when they fit: no second generation.
+                keys = (kept[:, first:first + hi - lo].transpose(1, 0, 2) if first + hi - lo <= kept_n
+                        else data.block(b)[lo:hi])
+                kv = (kv_rng.standard_normal((hi - lo, *kv_shape), dtype=np.float32).astype(ml_dtypes.bfloat16)
+                      if first < KV_UNTIL else [None] * (hi - lo))
+                mem.put("bench", [NewEntry(first + j, (first + j) // 3, "p", {"nam": keys[j]}, kv[j])
+                                  for j in range(hi - lo)])
+                bar.update(hi - lo)
+            put_rate = (n - done) / (time.perf_counter() - t0)
+            done = n
+            p50, p99, rec = timed_queries(mem, queries, truth[n], args.k)
+            if kind == "flat" and rec != 1.0:
+                raise SystemExit(f"flat index disagrees with brute force at N={n}: recall {rec}")
+            scan = n * args.layers * args.dim * key_itemsize(kind)
+            row = dict(n=n, index=kind, put_per_s=put_rate, query_p50_ms=p50, query_p99_ms=p99,
+                       brute_p50_ms=brute.get(n), recall_at_k=rec, k=args.k, bound_ms=scan / (gbps * 1e9) * 1e3,
+                       scan_mb=scan / 1e6, rss_mb=(proc.memory_info().rss - rss0) / 1e6,
+                       index_mb=mem.bank._streams["bench"].spaces["nam"].memory_bytes() / 1e6,
+                       disk_mb=mem.stats().disk_bytes / 1e6,
+                       layers=args.layers, dim=args.dim, queries=len(queries))
+            if kind == "flat":
+                row["recall_checked"] = True
+            if kind == "ivfpq":
+                row["trained"] = n >= params.ivf_train_min
+            res.add(**row)
+        mem.close()
+        del mem
+    release_memory()
+
+
+def release_memory() -> None:
+    """Free what the previous bank left (Python garbage, glibc's free lists) so RSS deltas are the bank's own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: deltas are noisier, nothing else changes
+        pass
+
+
+def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, recall) of per-layer queries through the bank; truth `[Q, L, k]`."""
+    for q in queries[:2]:  # warm: thread pool, page faults
+        mem.query("bench", "nam", q, k)
+    times, recalls = [], []
+    for q, exact in zip(queries, truth):
+        t = time.perf_counter()
+        r = mem.query("bench", "nam", q, k)
+        times.append(time.perf_counter() - t)
+        recalls.append(recall(r.ids, exact))
+    p50, p99 = percentiles(times)
+    return p50, p99, float(np.mean(recalls))
+
+
+class Growth(Results):
+    def skip(self, kind: str, n: int, reason: str) -> None:
+        self.add(skipped=kind, n=n, reason=reason)
+
+
+def first_k(rows: list[dict]):
+    return rows[0]["k"] if rows else "k"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [r for r in rows if "index" in r]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 3, 2]})
+    colors = dict(zip(KINDS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for kind in KINDS:
+        rs = sorted((r for r in data if r["index"] == kind), key=lambda r: r["n"])
+        if not rs:
+            continue
+        ns = [r["n"] for r in rs]
+        ax1.plot(ns, [r["query_p50_ms"] for r in rs], "o-", color=colors[kind], label=f"{kind} p50")
+        ax1.plot(ns, [r["query_p99_ms"] for r in rs], "x--", color=colors[kind], alpha=0.6, label=f"{kind} p99")
+        ax2.plot(ns, [r["rss_mb"] for r in rs], "o-", color=colors[kind], label=f"{kind} RSS")
+        ax2.plot(ns, [r["disk_mb"] for r in rs], "s:", color=colors[kind], label=f"{kind} disk")
+        ax3.plot(ns, [r["recall_at_k"] for r in rs], "o-", color=colors[kind], label=kind)
+    exact = sorted({(r["n"], r["bound_ms"]) for r in data if r["index"] == "flat"})
+    if exact:
+        ax1.plot(*zip(*exact), "k:", lw=2, label="bound: fp32 scan / memcpy")
+    brute = sorted({(r["n"], r["brute_p50_ms"]) for r in data if r.get("brute_p50_ms") is not None})
+    if brute:
+        ax1.plot(*zip(*brute), "-", color="gray", lw=3, alpha=0.5, label="numpy brute force p50")
+    for ax, title, unit in ((ax1, "per-layer query latency", "ms"), (ax2, "bank memory and disk", "MB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("entries (N)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    ax3.set_xscale("log")
+    ax3.set_ylim(0, 1.05)
+    ax3.set_xlabel("entries (N)")
+    ax3.set_title(f"recall@{first_k(data)} vs exact per-layer")
+    ax3.grid(True, which="both", alpha=0.3)
+    ax3.legend(fontsize=7)
+    first = data[0] if data else {}
+    fig.suptitle(f"bank growth: {first.get('layers')} layers x {first.get('dim')}-d keys, k={first.get('k')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="up to 1e4 entries, tight step budget (< 2 min, 2 cores)")
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=0, help="queries per point (default 20 quick, 50 full)")
+    ap.add_argument("--indexes", default=",".join(KINDS), help=f"comma list of {', '.join(KINDS)}")
+    ap.add_argument("--max-n", type=int, default=0, help="largest N (default 1e4 quick, 1e5 full)")
+    ap.add_argument("--step-budget-s", type=float, default=0.0, help="skip a growth step estimated longer "
+                    "(default 40 quick, 1200 full)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    kinds = [k.strip() for k in args.indexes.split(",") if k.strip()]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        ap.error(f"unknown index kinds {sorted(unknown)}; expected some of {KINDS}")
+    max_n = args.max_n or (10_000 if args.quick else 100_000)
+    args.grid = [n for n in (100, 1_000, 10_000, 100_000) if n <= max_n]
+    args.step_budget_s = args.step_budget_s or (40.0 if args.quick else 1200.0)
+    q_count = args.queries or (20 if args.quick else 50)
+
+    t_start = time.perf_counter()
+    res = Growth("bank_growth", args.out)
+    gbps = memcpy_gbps(256 << 20)
+    res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid)
+    data = Data(args.layers, args.dim, args.seed)
+    queries = data.queries(q_count)
+    per_entry = args.layers * args.dim * 4
+    keep = max([n for n in args.grid if n * per_entry < 0.25 * psutil.virtual_memory().available], default=0)
+    truth, kept = ground_truth(data, queries, args.grid, args.k, keep)
+    brute = {n: brute_ms(kept, n, queries, args.k) for n in args.grid if n <= keep}
+    for n in args.grid:
+        if n > keep:
+            res.skip("brute_force", n, f"{n * per_entry / 1e9:.1f} GB of keys do not fit in a quarter of RAM; "
+                                       "recall still uses exact top-k computed while generating")
+    for kind in kinds:
+        with tqdm(total=args.grid[-1], desc=kind, unit="entry", file=sys.stderr, leave=False) as bar:
+            run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar)
+    path = res.close()
+    plot(res.rows, path.with_suffix(".png"))
+    print(json.dumps({"done_s": round(time.perf_counter() - t_start, 1), "results": str(path)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
