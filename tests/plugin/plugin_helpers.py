@@ -3,16 +3,29 @@
 Not named conftest.py on purpose: tests/unit imports `conftest` by module name, and a second top-level
 `conftest` module would shadow it. Test modules import the fixtures below by name.
 
-Backends: `memory_backend` yields a `Backend` (a real memory object plus a `fail()` that takes it down
-mid-stream). "local" is a LocalMemory on a tmp dir, failed by closing it; a "grpc" entry (a real server on
-port 0 killed with SIGKILL) joins BACKENDS once memory_service.MemoryClient lands.
+Backends (BACKENDS): "local" is a LocalMemory on a tmp dir; "grpc" is a MemoryClient talking to a real
+`memflow-service serve` subprocess on a free port. `memory_backend` yields a `Backend` for tests about
+results (grpc: one server for the session, each plugin on its own stream, see `make_plugin`);
+`failing_backend` yields one whose `fail()` takes it down mid-stream (local: close it; grpc: a server of its
+own, killed with SIGKILL).
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -30,7 +43,9 @@ torch.set_num_threads(1)
 FOX = "a red fox runs through deep snow in a pine forest"
 WHALE = "a blue whale swims slowly in the dark ocean"
 CITY = "a busy city street at night with neon signs and rain"
-BACKENDS = ["local"]
+BACKENDS = ["local", "grpc"]
+REPO = Path(__file__).resolve().parents[2]
+_STREAMS = itertools.count()
 
 
 @dataclass
@@ -40,14 +55,97 @@ class Backend:
     fail: Callable[[], None]
 
 
+_SHARED: dict[str, Any] = {}
+
+
+def shared_service() -> str:
+    """One `memflow-service serve` for the session's result tests, started on first use, killed at exit.
+
+    (A module-level singleton rather than a session fixture: test modules import fixtures by name, and a
+    fixture reached only through another fixture would have to be imported everywhere too.)
+    """
+    if "target" not in _SHARED:
+        root = Path(tempfile.mkdtemp(prefix="memflow-plugin-service-"))
+        proc, _SHARED["target"] = start_service(root / "bank")
+        atexit.register(lambda: (kill(proc), shutil.rmtree(root, ignore_errors=True)))
+    return _SHARED["target"]
+
+
+def _cannot_fail() -> None:
+    raise RuntimeError("memory_backend is shared; use the failing_backend fixture to take memory down")
+
+
 @pytest.fixture(params=BACKENDS)
 def memory_backend(request, tmp_path):
+    if request.param == "local":
+        with LocalMemory(str(tmp_path / "bank")) as mem:
+            yield Backend("local", mem, _cannot_fail)
+    else:
+        from memory_service import MemoryClient
+
+        with MemoryClient(shared_service(), timeout=10.0) as client:
+            yield Backend("grpc", client, _cannot_fail)
+
+
+@pytest.fixture
+def local_memory(tmp_path):
+    """A LocalMemory for tests whose subject is the plugin's own logic (backends are covered elsewhere)."""
+    with LocalMemory(str(tmp_path / "bank")) as mem:
+        yield mem
+
+
+_BARE: dict[tuple, list] = {}
+
+
+def bare_outputs(model: ReferenceDiT, prompts: list[str]) -> list[torch.Tensor]:
+    """The bare model's outputs for a script (deterministic, so computed once per model and script)."""
+    key = (id(model), tuple(prompts))
+    if key not in _BARE:
+        _BARE[key] = Run(model).script(prompts).outputs
+    return _BARE[key]
+
+
+@pytest.fixture(params=BACKENDS)
+def failing_backend(request, tmp_path):
     if request.param == "local":
         mem = LocalMemory(str(tmp_path / "bank"))
         yield Backend("local", mem, mem.close)
         mem.close()
-    else:  # pragma: no cover - future backends
-        raise ValueError(f"unknown memory backend {request.param!r}")
+    else:
+        from memory_service import MemoryClient
+
+        proc, target = start_service(tmp_path / "served")
+        client = MemoryClient(target, timeout=10.0)
+        try:
+            yield Backend("grpc", client, lambda: kill(proc))
+        finally:
+            client.close()
+            kill(proc)
+
+
+def start_service(data_dir: Path, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """`memflow-service serve` on a free port; returns the process and its "host:port" once it serves."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMFLOW_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    log = open(data_dir.parent / "serve.stderr", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "memory_service.cli", "serve", "--data-dir", str(data_dir),
+                             "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    log.close()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            found = re.search(r"serving .* on (\S+):(\d+)", proc.stdout.readline())
+            if found:
+                return proc, f"127.0.0.1:{found.group(2)}"
+    kill(proc)
+    raise RuntimeError("memflow-service serve did not come up:\n"
+                       + (data_dir.parent / "serve.stderr").read_text(errors="replace")[-2000:])
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +155,7 @@ def tiny_model() -> ReferenceDiT:
 
 def make_plugin(memory: Any, model: ReferenceDiT, store_rotated: bool = True, **config: Any) -> MemFlowPlugin:
     config.setdefault("deadline_s", 30.0)  # tests about results must not depend on the machine's load
+    config.setdefault("stream", f"video-{next(_STREAMS)}")  # banks may be shared (grpc): one stream per plugin
     return MemFlowPlugin(memory, MemFlowConfig(**config), SelfForcingAdapter.for_reference(model, store_rotated))
 
 

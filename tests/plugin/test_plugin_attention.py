@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from plugin.attention import AttentionWorkspace, ChunkMemory, cache_attention
-from plugin_helpers import FOX, WHALE, Run, brute_force_rope, make_plugin, memory_backend, tiny_model  # noqa: F401
+from plugin_helpers import (  # noqa: F401 - fixtures
+    FOX, WHALE, Run, brute_force_rope, local_memory, make_plugin, memory_backend, tiny_model,
+)
 
 SCRIPT = [FOX] * 6 + [WHALE] * 4 + [FOX] * 3
 
@@ -46,10 +48,17 @@ def setup_chunk(model, memory, store_rotated):
     return plugin, run, mem
 
 
-@pytest.mark.parametrize("store_rotated", [True, False], ids=["rotated", "unrotated"])
-def test_dense_attention_equals_naive_concatenation(tiny_model, memory_backend, store_rotated):
+def test_dense_attention_equals_naive_concatenation(tiny_model, memory_backend):
+    check_dense_attention(tiny_model, memory_backend.memory, store_rotated=True)
+
+
+def test_dense_attention_with_keys_stored_unrotated(tiny_model, local_memory):
+    check_dense_attention(tiny_model, local_memory, store_rotated=False)
+
+
+def check_dense_attention(tiny_model, memory, store_rotated):
     cfg = tiny_model.cfg
-    plugin, run, mem = setup_chunk(tiny_model, memory_backend.memory, store_rotated)
+    plugin, run, mem = setup_chunk(tiny_model, memory, store_rotated)
     n, sink = cfg.tokens_per_frame, cfg.sink_frames
     torch.manual_seed(0)
     for layer, cache in enumerate(run.state.kv):
@@ -57,7 +66,7 @@ def test_dense_attention_equals_naive_concatenation(tiny_model, memory_backend, 
         q = torch.randn(1, 2 * n, cfg.heads, cfg.head_dim)
         got = cache_attention(q, cache, end, n, sink, mem, layer)[0]
         ids = plugin.last_report.selection.layer_ids[layer]
-        mem_k, mem_v = memory_frames_from_bank(memory_backend.memory, plugin, layer, ids, cfg.grid_w)
+        mem_k, mem_v = memory_frames_from_bank(memory, plugin, layer, ids, cfg.grid_w)
         keys = torch.cat([cache["k"][0, :sink * n], *mem_k, cache["k"][0, sink * n:end]])
         values = torch.cat([cache["v"][0, :sink * n], *mem_v, cache["v"][0, sink * n:end]])
         assert keys.shape[0] == (sink + 3) * n + (end - sink * n)
@@ -68,9 +77,9 @@ def test_dense_attention_equals_naive_concatenation(tiny_model, memory_backend, 
     plugin.close()
 
 
-def test_sma_attends_each_heads_top_frames_of_sink_and_memory(tiny_model, memory_backend):
+def test_sma_attends_each_heads_top_frames_of_sink_and_memory(tiny_model, local_memory):
     cfg = tiny_model.cfg
-    plugin, run, mem = setup_chunk(tiny_model, memory_backend.memory, True)
+    plugin, run, mem = setup_chunk(tiny_model, local_memory, True)
     n, sink, top = cfg.tokens_per_frame, cfg.sink_frames, 2
     sma = ChunkMemory(mem.frames, sma_k=top, workspace=AttentionWorkspace())
     torch.manual_seed(1)
@@ -79,7 +88,7 @@ def test_sma_attends_each_heads_top_frames_of_sink_and_memory(tiny_model, memory
         q = torch.randn(1, 3 * n, cfg.heads, cfg.head_dim)
         got = cache_attention(q, cache, end, n, sink, sma, layer)[0]
         ids = plugin.last_report.selection.layer_ids[layer]
-        mem_k, mem_v = memory_frames_from_bank(memory_backend.memory, plugin, layer, ids, cfg.grid_w)
+        mem_k, mem_v = memory_frames_from_bank(local_memory, plugin, layer, ids, cfg.grid_w)
         frames_k = [cache["k"][0, f * n:(f + 1) * n] for f in range(sink)] + mem_k
         frames_v = [cache["v"][0, f * n:(f + 1) * n] for f in range(sink)] + mem_v
         window_k, window_v = cache["k"][0, sink * n:end], cache["v"][0, sink * n:end]
@@ -96,10 +105,10 @@ def test_sma_attends_each_heads_top_frames_of_sink_and_memory(tiny_model, memory
     plugin.close()
 
 
-def test_sma_runs_through_the_model(tiny_model, memory_backend):
+def test_sma_runs_through_the_model(tiny_model, local_memory):
     runs = {}
     for sma in (False, True):
-        plugin = make_plugin(memory_backend.memory, tiny_model, stream=f"sma-{sma}", sma=sma, sma_k=2)
+        plugin = make_plugin(local_memory, tiny_model, sma=sma, sma_k=2)
         runs[sma] = Run(tiny_model, plugin).script(SCRIPT)
         plugin.close()
     dense, sparse = runs[False], runs[True]
@@ -109,9 +118,9 @@ def test_sma_runs_through_the_model(tiny_model, memory_backend):
     assert all(torch.isfinite(o).all() for o in sparse.outputs)
 
 
-def test_no_memory_attention_is_the_bare_cache(tiny_model, memory_backend):
+def test_no_memory_attention_is_the_bare_cache(tiny_model, local_memory):
     cfg = tiny_model.cfg
-    plugin, run, _ = setup_chunk(tiny_model, memory_backend.memory, True)
+    plugin, run, _ = setup_chunk(tiny_model, local_memory, True)
     n = cfg.tokens_per_frame
     cache = run.state.kv[0]
     end = int(cache["local_end_index"])

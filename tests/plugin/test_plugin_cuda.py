@@ -33,7 +33,7 @@ def test_pinned_non_blocking_slots_hold_the_banks_frames(tmp_path):
             m = len(report.selection.layer_ids[layer])
             for slot in range(cap - m, cap):  # active frames are right-aligned in the memory region
                 e = plugin.slots.tables[layer][slot]
-                want = torch.from_numpy(np.array(memory.fetch("memflow", [e], [layer]).kv[0, 0]))
+                want = torch.from_numpy(np.array(memory.fetch(plugin.config.stream, [e], [layer]).kv[0, 0]))
                 tokens = slice(slot * n, (slot + 1) * n)
                 got = torch.stack([cache["k_full"][0, tokens], cache["v_full"][0, tokens]])
                 assert torch.equal(got.cpu(), want)
@@ -52,5 +52,5 @@ def test_wan_1_3b_shape_streams_with_memory(tmp_path):
         assert run.reports[4].frames == (1,) * 30 and run.reports[4].fallback is None  # frame 3 left the window
         assert all(torch.isfinite(o.float()).all() for o in run.outputs)
         assert run.outputs[0].shape == (1, 3, 1560, 16) and run.outputs[0].dtype == torch.bfloat16
-        entries = memory.entries("memflow")
+        entries = memory.entries(plugin.config.stream)
         assert [e.frame_index for e in entries] == [3, 6, 9, 12] and entries[0].nbytes == 287_539_200

@@ -1,7 +1,7 @@
 """Fail-open: memory failing, erroring or hanging mid-stream never breaks or stalls generation.
 
-Written against the `memory_backend` fixture (plugin_helpers.BACKENDS), so a backend whose `fail()` kills a
-real gRPC server joins these tests by adding one entry there.
+The mid-stream failure runs on every backend of `failing_backend` (plugin_helpers.BACKENDS): a LocalMemory
+closed under the plugin, and a real gRPC service killed with SIGKILL.
 """
 
 import logging
@@ -11,14 +11,14 @@ import torch
 
 from memory_service import Budget, KeySpace, KVLayout, LocalMemory, StreamSpec
 from plugin import StreamConflict
-from plugin_helpers import FOX, WHALE, Flaky, Run, make_plugin, memory_backend, tiny_model  # noqa: F401
+from plugin_helpers import FOX, WHALE, Flaky, Run, failing_backend, make_plugin, tiny_model  # noqa: F401
 
 
-def test_memory_dying_mid_stream_makes_chunks_memory_free(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model, deadline_s=2.0)
+def test_memory_dying_mid_stream_makes_chunks_memory_free(tiny_model, failing_backend):
+    plugin = make_plugin(failing_backend.memory, tiny_model, deadline_s=2.0)
     run = Run(tiny_model, plugin).script([FOX] * 11)
     assert plugin.flush(10.0) and plugin.stats().fallbacks == 0
-    memory_backend.fail()  # frame 27 (chunk 9) becomes eligible at chunk 12: it must be fetched from a dead bank
+    failing_backend.fail()  # frame 27 (chunk 9) becomes eligible at chunk 12: it must be fetched from a dead bank
     run.script([FOX] * 3 + [WHALE] * 8, start=11)
     plugin.close()
     stats = plugin.stats()
@@ -89,18 +89,18 @@ def test_existing_stream_with_another_layout_is_a_clear_error(tiny_model, tmp_pa
         memory.create_stream(StreamSpec("memflow", {"nam": KeySpace(128, per_layer=True)},
                                         kv=KVLayout(4, 4, 32, 16, "bfloat16")))
         with pytest.raises(StreamConflict, match="exists with KV layout"):
-            make_plugin(memory, tiny_model)
+            make_plugin(memory, tiny_model, stream="memflow")
         with pytest.raises(StreamConflict, match="already exists"):
-            make_plugin(memory, tiny_model, on_existing="error")
-        plugin = make_plugin(memory, tiny_model, on_existing="replace", max_entries=5)
+            make_plugin(memory, tiny_model, stream="memflow", on_existing="error")
+        plugin = make_plugin(memory, tiny_model, stream="memflow", on_existing="replace", max_entries=5)
         spec = {s.name: s for s in memory.list_streams()}["memflow"]
         assert spec.kv.dtype == "float32" and spec.budget == Budget(max_entries=5)
         plugin.close()
-        make_plugin(memory, tiny_model).close()  # the same layout is reused
+        make_plugin(memory, tiny_model, stream="memflow").close()  # the same layout is reused
 
 
-def test_a_cache_without_memory_slots_is_refused(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model)
+def test_a_cache_without_memory_slots_is_refused(tiny_model, tmp_path):
+    plugin = make_plugin(LocalMemory(str(tmp_path / "bank")), tiny_model)
     state = tiny_model.new_state()  # memory_frames=0
     with pytest.raises(ValueError, match="reserves 0 memory frames per layer, the plugin needs 3"):
         plugin.before_chunk(0, FOX, state.kv)

@@ -6,7 +6,9 @@ import torch
 
 from memory_service import QueryResult, QueryTrace
 from plugin.retrieval import adaptive_count, reference_nam_scores, select
-from plugin_helpers import CITY, FOX, WHALE, Run, make_plugin, memory_backend, tiny_model  # noqa: F401
+from plugin_helpers import (  # noqa: F401 - fixtures
+    CITY, FOX, WHALE, Run, local_memory, make_plugin, memory_backend, tiny_model,
+)
 
 REVISIT = [FOX] * 12 + [WHALE] * 12 + [FOX] * 12
 
@@ -28,10 +30,17 @@ def brute_force_choice(model, run, chunk, prompt, k, keep_newest):
     return out
 
 
-@pytest.mark.parametrize("k, keep_newest", [(3, 1), (2, 0)])
-def test_nam_through_the_bank_equals_brute_force(tiny_model, memory_backend, k, keep_newest):
+def test_nam_through_the_bank_equals_brute_force(tiny_model, memory_backend):
+    check_nam(tiny_model, memory_backend.memory, k=3, keep_newest=1)
+
+
+def test_pure_nam_top_k_equals_brute_force(tiny_model, local_memory):
+    check_nam(tiny_model, local_memory, k=2, keep_newest=0)
+
+
+def check_nam(tiny_model, memory, k, keep_newest):
     script = [FOX] * 8 + [WHALE] * 8 + [CITY] * 5 + [FOX] * 5
-    plugin = make_plugin(memory_backend.memory, tiny_model, k=k, keep_newest=keep_newest)
+    plugin = make_plugin(memory, tiny_model, k=k, keep_newest=keep_newest)
     run = Run(tiny_model, plugin).script(script)
     plugin.close()
     checked = 0
@@ -67,8 +76,8 @@ def test_scene_revisit_retrieves_the_first_visit(tiny_model, memory_backend):
         assert all(REVISIT[frames[e] // 3] == WHALE for ids in run.reports[chunk].selection.layer_ids for e in ids)
 
 
-def test_embedding_scorer_ranks_by_cosine_of_layer_means(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model, scorer="embedding", k=2, keep_newest=0)
+def test_embedding_scorer_ranks_by_cosine_of_layer_means(tiny_model, local_memory):
+    plugin = make_plugin(local_memory, tiny_model, scorer="embedding", k=2, keep_newest=0)
     run = Run(tiny_model, plugin).script(REVISIT)
     plugin.close()
     for chunk in (24, 30, 35):
@@ -110,8 +119,8 @@ def test_select_keeps_newest_once_skips_sink_and_padding():
     assert select(None, newest=[(4, 12)], layers=2, k=3).layer_ids == ((4,), (4,))
 
 
-def test_adaptive_k_varies_within_bounds(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model, adaptive_k="gap", k_min=1, k_max=4)
+def test_adaptive_k_varies_within_bounds(tiny_model, local_memory):
+    plugin = make_plugin(local_memory, tiny_model, adaptive_k="gap", k_min=1, k_max=4)
     assert plugin.memory_frames == 4
     run = Run(tiny_model, plugin).script(REVISIT)
     plugin.close()

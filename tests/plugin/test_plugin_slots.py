@@ -2,13 +2,13 @@
 
 import torch
 
-from plugin_helpers import FOX, WHALE, Run, make_plugin, memory_backend, tiny_model  # noqa: F401
+from plugin_helpers import FOX, WHALE, Run, local_memory, make_plugin, tiny_model  # noqa: F401 - fixtures
 
 REVISIT = [FOX] * 12 + [WHALE] * 12 + [FOX] * 12
 
 
-def test_delta_loading_copies_only_frames_not_resident(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model)
+def test_delta_loading_copies_only_frames_not_resident(tiny_model, local_memory):
+    plugin = make_plugin(local_memory, tiny_model)
     run = Run(tiny_model, plugin)
     unchanged = changed = 0
     previous = None
@@ -34,8 +34,8 @@ def test_delta_loading_copies_only_frames_not_resident(tiny_model, memory_backen
         assert set(plugin.slots.tables[layer][-len(active):]) == set(active)
 
 
-def test_a_frame_is_never_loaded_twice_nor_while_resident(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model)
+def test_a_frame_is_never_loaded_twice_nor_while_resident(tiny_model, local_memory):
+    plugin = make_plugin(local_memory, tiny_model)
     run = Run(tiny_model, plugin).script(REVISIT)
     plugin.close()
     for chunk, report in enumerate(run.reports):
@@ -65,8 +65,8 @@ def test_prefetch_gives_the_same_video(tiny_model, tmp_path):
     assert sum(r.prefetched for r in run.reports) == len(REVISIT) - 1
 
 
-def test_prefetch_with_a_wrong_guess_falls_back_to_a_fresh_query(tiny_model, memory_backend):
-    plugin = make_plugin(memory_backend.memory, tiny_model, prefetch=True)
+def test_prefetch_with_a_wrong_guess_falls_back_to_a_fresh_query(tiny_model, local_memory):
+    plugin = make_plugin(local_memory, tiny_model, prefetch=True)
     run = Run(tiny_model, plugin)
     for chunk, prompt in enumerate(REVISIT):
         run.chunk(chunk, prompt)  # no next_prompt: the plugin guesses "same prompt", wrong at each switch

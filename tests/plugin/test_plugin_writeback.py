@@ -13,10 +13,10 @@ def test_recorded_entries_are_the_cached_frames(tiny_model, tmp_path):
         run = Run(tiny_model, plugin).script([FOX] * 7 + [WHALE] * 6)
         assert plugin.flush(10.0)
         plugin.close()
-        entries = memory.entries("memflow")
+        entries = memory.entries(plugin.config.stream)
         assert [(e.frame_index, e.chunk_index, e.prompt, e.rope_position) for e in entries] == [
             (9, 3, FOX, 9), (18, 6, FOX, 18), (27, 9, WHALE, 27), (36, 12, WHALE, 36)]
-        fetched = memory.fetch("memflow", [e.entry_id for e in entries]).kv  # [n, L, 2, N, H, D]
+        fetched = memory.fetch(plugin.config.stream, [e.entry_id for e in entries]).kv  # [n, L, 2, N, H, D]
         for e, kv in zip(entries, fetched):
             assert torch.equal(torch.from_numpy(np.array(kv)), run.recorded[e.frame_index])
     assert plugin.stats().writes_written == 4
@@ -28,7 +28,7 @@ def test_unrotated_entries_say_so(tiny_model, tmp_path):
         Run(tiny_model, plugin).script([FOX] * 7)
         plugin.flush(10.0)
         plugin.close()
-        assert [e.rope_position for e in memory.entries("memflow")] == [None, None]
+        assert [e.rope_position for e in memory.entries(plugin.config.stream)] == [None, None]
 
 
 def test_full_queue_drops_the_oldest_write(tiny_model, tmp_path):
@@ -46,7 +46,7 @@ def test_full_queue_drops_the_oldest_write(tiny_model, tmp_path):
         memory.release.set()
         assert plugin.flush(10.0)
         plugin.close()
-        frames = [e.frame_index for e in inner.entries("memflow")]
+        frames = [e.frame_index for e in inner.entries(plugin.config.stream)]
     stats = plugin.stats()
     assert stats.writes_written + stats.writes_dropped == stats.writes_submitted == 11
     assert frames == sorted(frames) and frames[-1] == 33  # the newest write survived; older ones were dropped
