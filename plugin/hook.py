@@ -76,6 +76,15 @@ class PluginStats:
 
 
 class MemFlowPlugin:
+    """MemFlow for one streaming video: `MemFlowPlugin(memory, config, adapter)`.
+
+    `memory` is a `LocalMemory` or a `MemoryClient`; `adapter` describes the generator's KV cache
+    (`SelfForcingAdapter.for_reference(model)` for the reference model). One plugin serves one video on one
+    stream (`config.stream`); allocate the video's cache with `memory_frames=plugin.memory_frames`. Hooks:
+    `before_chunk(chunk_index, prompt, kv, *, next_prompt=None, query=None) -> ChunkMemory` and
+    `after_chunk(chunk_index, kv, keys=None)`. `last_report` and `stats()` say what happened.
+    """
+
     def __init__(self, memory: Any, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")

@@ -127,3 +127,24 @@ def test_adaptive_k_varies_within_bounds(tiny_model, local_memory):
     totals = [r.frames[0] for r in run.reports[9:]]
     assert all(1 <= t <= 4 for t in totals) and len(set(totals)) >= 2, totals
     assert all(len(set(r.frames)) == 1 for r in run.reports)  # one k per chunk
+
+
+def test_embedding_scorer_with_caller_keys_and_queries(tiny_model, local_memory):
+    """Any key space: the caller supplies entry keys (after_chunk keys=) and query vectors (before_chunk query=)."""
+    plugin = make_plugin(local_memory, tiny_model, scorer="embedding", k=1, keep_newest=0)
+    state = tiny_model.new_state(memory_frames=plugin.memory_frames)
+    scene_of = {FOX: 0, WHALE: 1, CITY: 2}
+    script = [FOX] * 6 + [WHALE] * 6 + [CITY] * 6 + [FOX] * 6
+    checked = 0
+    for chunk, prompt in enumerate(script):
+        onehot = np.eye(tiny_model.cfg.dim, dtype=np.float32)[scene_of[prompt]]
+        mem = plugin.before_chunk(chunk, prompt, state.kv, query=onehot)
+        tiny_model.generate_chunk(state, chunk, prompt, mem)
+        plugin.after_chunk(chunk, state.kv, keys={"emb": onehot})
+        frames = dict(plugin.last_report.selection.frames)
+        lo = tiny_model.layout.window(chunk)[0]
+        if any(script[c] == prompt for c in range(3, chunk + 1, 3) if 3 * c < lo):  # a record of this scene is eligible
+            assert [script[f // 3] for f in frames.values()] == [prompt], (chunk, frames)
+            checked += 1
+    plugin.close()
+    assert checked >= 12
