@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from memory_service.config import BankConfig
-from memory_service.errors import AlreadyExists, InvalidArgument, NotFound
+from memory_service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from memory_service.pruning import LFU, parse_policy
 from memory_service import eviction
 from memory_service.pruning.planner import Plan
@@ -65,6 +65,7 @@ class MemoryBank:
 
     # -- streams ---------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
+        self._check_open()
         if not isinstance(spec, StreamSpec):
             raise InvalidArgument(f"create_stream takes a StreamSpec, got {type(spec).__name__}")
         parse_policy(spec.policy)  # an unknown policy is refused before anything is written
@@ -100,13 +101,19 @@ class MemoryBank:
                     os.remove(path)
 
     def list_streams(self) -> list[StreamSpec]:
+        self._check_open()
         with self._lock:
             return [s.spec for s in self._streams.values()]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"the memory bank in {self.data_dir} is closed; open a new one")
 
     def spec(self, name: str) -> StreamSpec:
         return self._stream(name).spec
 
     def _stream(self, name: str) -> Stream:
+        self._check_open()
         s = self._streams.get(name)
         if s is None:
             known = sorted(self._streams)
@@ -355,6 +362,7 @@ class MemoryBank:
             return [s.entries[i] for i in sorted(s.entries)]
 
     def stats(self, stream: Optional[str] = None):
+        self._check_open()
         if stream is not None:
             return self._stream_stats(self._stream(stream))
         with self._lock:

@@ -303,3 +303,18 @@ def test_background_pruner_expires_without_puts(tmp_path):
                 break
             threading.Event().wait(0.01)
         assert m.stats("cam0").entries == 0 and m.stats("cam0").evicted_total == 3
+
+
+def test_closed_bank_refuses_every_call(tmp_path):
+    from memory_service import Unavailable
+
+    m = LocalMemory(str(tmp_path / "bank"))
+    m.create_stream(make_spec())
+    m.put("cam0", [make_entry(0)])
+    m.close()
+    calls = [lambda: m.list_streams(), lambda: m.stats(), lambda: m.stats("cam0"), lambda: m.create_stream(make_spec("x")),
+             lambda: m.query("cam0", "emb", np.ones(EMB), 1), lambda: m.fetch("cam0", [0]), lambda: m.put("cam0", [make_entry(1)]),
+             lambda: m.delete("cam0", [0]), lambda: m.pin("cam0", [0])]
+    for call in calls:
+        with pytest.raises(Unavailable, match="closed"):
+            call()
