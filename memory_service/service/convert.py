@@ -128,6 +128,9 @@ def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
         raise errors.InvalidArgument(f"{what} has shape {list(shape)}; expected at most {MAX_TENSOR_DIMS} "
                                      "non-negative dims")
     dtype = dtype_of(t.dtype)
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:  # numpy refuses even an empty one
+        raise errors.InvalidArgument(f"{what} has shape {list(shape)}, which no array can have; expected a shape "
+                                     "that matches its bytes")
     want = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape must not wrap around to a small size
     if len(t.data) != want:
         raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes; dtype {t.dtype} shape {list(shape)} "
