@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-SCORERS = ("nam", "embedding")
+SCORERS = ("nam", "embedding", "recent")
 ADAPTIVE_MODES = ("off", "threshold", "gap")
 WRITE_POLICIES = ("drop_oldest", "block")
 ON_EXISTING = ("reuse", "replace", "error")
@@ -27,7 +27,9 @@ class MemFlowConfig:
     stream: str = "memflow"  # the bank stream this generator reads and writes
     on_existing: str = "reuse"  # the stream already exists: reuse it, replace (drop) it, or raise
     # retrieval
-    scorer: str = "nam"  # "nam": per-layer text-key vs frame-key; "embedding": one vector per entry
+    # "nam": per-layer text-key vs frame-key; "embedding": one vector per entry; "recent": the fixed strategy the
+    # paper compares against - the k newest records, no query
+    scorer: str = "nam"
     k: int = 3  # memory frames per layer, the newest record included
     keep_newest: int = 1  # newest non-resident records always kept (the reference keeps 1)
     adaptive_k: str = "off"  # "threshold" / "gap": choose k per chunk from the scores, within [k_min, k_max]

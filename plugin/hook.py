@@ -226,6 +226,8 @@ class MemFlowPlugin:
     def _query_vector(self, prompt: str, query: Optional[np.ndarray]) -> np.ndarray:
         if query is not None:
             return np.asarray(query, np.float32)
+        if self.config.scorer == "recent":
+            return np.zeros(0, np.float32)  # nothing is scored
         vec = self._queries.get(prompt)
         if vec is None:
             nam = nam_query(self.adapter.text_keys(prompt))  # [L, H*D]
@@ -243,7 +245,7 @@ class MemFlowPlugin:
         self._ensure_stream()
         lo, _ = self.layout.window(chunk_index)
         self.writer.wait_frames_below(lo, cfg.deadline_s / 2)
-        newest = self.writer.newest_below(lo, cfg.keep_newest)
+        newest = self.writer.newest_below(lo, cfg.k if cfg.scorer == "recent" else cfg.keep_newest)
         try:
             return self._select_and_stage(lo, vec, newest)
         except NotFound:  # an entry was pruned between the query and the fetch: ask again
@@ -253,8 +255,8 @@ class MemFlowPlugin:
         cfg, lay = self.config, self.layout
         space = "nam" if cfg.scorer == "nam" else "emb"
         k_total = cfg.k_max if cfg.adaptive_k != "off" else cfg.k
-        result = self.memory.query(cfg.stream, space, vec, k_total + cfg.keep_newest,
-                                   exclude_frames=(lo, FUTURE_FRAMES))
+        result = None if cfg.scorer == "recent" else self.memory.query(
+            cfg.stream, space, vec, k_total + cfg.keep_newest, exclude_frames=(lo, FUTURE_FRAMES))
         sel = select(result, newest, lay.layers, cfg.k, cfg.adaptive_k, cfg.k_min, cfg.k_max,
                      cfg.adaptive_threshold, skip_frames_below=lay.sink_frames)
         plan: LoadPlan = self.slots.plan(sel)

@@ -148,3 +148,20 @@ def test_embedding_scorer_with_caller_keys_and_queries(tiny_model, local_memory)
             checked += 1
     plugin.close()
     assert checked >= 12
+
+
+def test_recent_scorer_loads_the_k_newest_records_without_querying(tiny_model, local_memory):
+    """The fixed strategy (the paper's comparison): always the k newest eligible records, whatever the prompt."""
+    plugin = make_plugin(local_memory, tiny_model, scorer="recent", k=2, keep_newest=1)
+    run = Run(tiny_model, plugin)
+    prompts = [FOX] * 12 + [WHALE] * 6
+    for i, p in enumerate(prompts):
+        run.chunk(i, p)
+    fpc = tiny_model.cfg.frames_per_chunk
+    for report in run.reports[6:]:
+        lo = tiny_model.layout.window(report.chunk_index)[0]
+        eligible = sorted(f for f in run.recorded if f < lo and f >= tiny_model.cfg.sink_frames)
+        got = {f for _, f in report.selection.frames}
+        assert got == set(eligible[::-1][:2]), report.chunk_index
+        if report.chunk_index >= 9:
+            assert len(got) == 2 and all(f < fpc * report.chunk_index for f in got)
