@@ -42,6 +42,7 @@ import argparse
 import ctypes
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -165,7 +166,11 @@ def index_bytes(kind: str, n: int, layers: int, dim: int) -> int:
     return n * layers * dim * key_itemsize(kind)
 
 
-def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s) -> str | None:
+def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s, where) -> str | None:
+    disk_need = (n - prev_n) * layers * dim * key_itemsize(kind) * 1.2  # LMDB pages: ~20% over the raw keys
+    free = shutil.disk_usage(where).free
+    if disk_need > free:
+        return f"keys need ~{disk_need / 1e9:.1f} GB more disk at N={n}; {free / 1e9:.1f} GB free under {where}"
     avail = psutil.virtual_memory().available
     need = index_bytes(kind, n, layers, dim)
     if need > 0.7 * (avail + index_bytes(kind, prev_n, layers, dim)):  # the bank's pages are reclaimable
@@ -198,7 +203,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar) -> N
         done, put_rate = 0, 0.0
         for n in args.grid:
             reason = skip_reason(kind, n, done, put_rate, params, args.layers, args.dim,
-                                 0 if kept is None else kept.nbytes, args.step_budget_s)
+                                 0 if kept is None else kept.nbytes, args.step_budget_s, tmp)
             if reason:
                 res.skip(kind, n, reason)
                 break
