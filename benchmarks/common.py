@@ -7,13 +7,16 @@ stdout as they are measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -77,3 +80,19 @@ def memcpy_gbps(nbytes: int, reps: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
+
+
+@contextlib.contextmanager
+def running_service(data_dir: str) -> Iterator[str]:
+    """`memflow-service serve` on `data_dir` and a free port, in its own process; yields its target."""
+    proc = subprocess.Popen([sys.executable, "-m", "memory_service.cli", "serve", "--data-dir", data_dir,
+                             "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r" on (\S+:\d+)", line)
+        if not m:
+            raise SystemExit(f"memflow-service did not start: {line!r}")
+        yield m.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -2,18 +2,21 @@
 
 Streams `--chunks` chunks (default 240) of the tiny reference model through `MemFlowPlugin` with a prompt
 script whose scenes return after long gaps, on a bank with an entry budget and a pruning policy. Memory is a
-`LocalMemory` on a temporary directory, or `memory_service.MemoryClient(--target)` for a running service.
+`LocalMemory` on a temporary directory, a `memflow-service` the demo starts on a temporary directory
+(`--service`, what `make demo` runs), or `memory_service.MemoryClient(--target)` for a running service.
 Prints a per-scene retrieval summary (how much of what each scene retrieved was recorded under its own
 prompt, and how much came from an earlier visit), one JSON line of totals, and writes a PNG: for each
 chunk, which past chunks its memory frames came from (retrieval map), and the bank size over time.
 
-    python benchmarks/demo.py [--chunks 240] [--budget 40] [--policy lfu] [--target host:port]
+    python benchmarks/demo.py [--chunks 240] [--budget 40] [--policy lfu] [--service | --target host:port]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,9 +24,11 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from common import running_service  # noqa: E402
 from plugin import MemFlowConfig, MemFlowPlugin, SelfForcingAdapter  # noqa: E402
 from plugin.reference_model import ReferenceDiT, tiny  # noqa: E402
 
@@ -44,16 +49,22 @@ def script(chunks: int) -> list[str]:
     return names
 
 
-def open_memory(target: str | None, tmp: str):
-    if target is None:
-        from memory_service import LocalMemory
+@contextlib.contextmanager
+def open_memory(args: argparse.Namespace, tmp: str):
+    """The bank the demo streams into: a service it starts (--service), one it is pointed at (--target), or an
+    in-process LocalMemory."""
+    from memory_service import LocalMemory, MemoryClient
 
-        return LocalMemory(tmp)
-    try:
-        from memory_service import MemoryClient
-    except (ImportError, AttributeError) as exc:
-        sys.exit(f"--target needs memory_service.MemoryClient, which is not available yet: {exc}")
-    return MemoryClient(target)
+    if args.service:
+        with running_service(os.path.join(tmp, "service")) as target, MemoryClient(target) as client:
+            print(f"memflow-service started on {target} (data in a temporary directory)")
+            yield client
+    elif args.target:
+        with MemoryClient(args.target) as client:
+            yield client
+    else:
+        with LocalMemory(tmp) as memory:
+            yield memory
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -68,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     except ImportError:  # tqdm is in the bench extra; the demo still runs without a bar
         def tqdm(it, **_):
             return it
-    with tempfile.TemporaryDirectory(prefix="memflow-demo-") as tmp, open_memory(args.target, tmp) as memory:
+    with tempfile.TemporaryDirectory(prefix="memflow-demo-") as tmp, open_memory(args, tmp) as memory:
         plugin = MemFlowPlugin(memory, cfg, SelfForcingAdapter.for_reference(model))
         state = model.new_state(memory_frames=plugin.memory_frames)
         reports, bank = [], []
@@ -185,6 +196,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40, help="bank entries kept (records beyond are pruned)")
     parser.add_argument("--policy", default="lfu", help="pruning policy expression, e.g. fifo, lru, lfu, importance")
     parser.add_argument("--target", default=None, help="host:port of a memflow service (default: in-process bank)")
+    parser.add_argument("--service", action="store_true", help="start memflow-service on a temporary data dir and "
+                                                                   "stream through it (what `make demo` does)")
     parser.add_argument("--prefetch", action="store_true", help="overlap chunk n+1's retrieval with chunk n")
     parser.add_argument("--deadline", type=float, default=1.0, help="seconds a memory read may take")
     parser.add_argument("--seed", type=int, default=0)

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, percentiles  # noqa: E402
-from transport import start_service  # noqa: E402
+from common import RESULTS, Results, percentiles, running_service  # noqa: E402
 
 from memory_service import LocalMemory, MemoryClient, NewEntry  # noqa: E402
 from plugin import MemFlowConfig, MemFlowPlugin, SelfForcingAdapter  # noqa: E402
@@ -123,8 +122,7 @@ class Runner:
 def run_size(res: Results, model, adapter, kvs, keys, n: int, args, tmp: str) -> None:
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(LocalMemory(f"{tmp}/local-{n}"))
-        proc, target = start_service(f"{tmp}/svc-{n}")
-        stack.callback(lambda: (proc.terminate(), proc.wait(30)))
+        target = stack.enter_context(running_service(f"{tmp}/svc-{n}"))
         shm = stack.enter_context(MemoryClient(target, plane="shm"))
         stream = stack.enter_context(MemoryClient(target, plane="stream"))
         backends = {"none": None, "fixed": local, "memflow_local": local, "memflow_shm": shm, "memflow_stream": stream}

@@ -18,7 +18,6 @@ Measures, with the service in its own process (`memflow-service serve` on a temp
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, percentiles  # noqa: E402
+from common import RESULTS, Results, percentiles, running_service  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, MemoryClient, NewEntry, StreamSpec  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
@@ -41,17 +40,6 @@ RAW_METHOD = "/bench.Raw/Stream"
 
 
 # ---- processes ----------------------------------------------------------------------------------------
-
-def start_service(data_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "memory_service.cli", "serve", "--data-dir", data_dir,
-                             "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    m = re.search(r" on (\S+:\d+)", line)
-    if not m:
-        proc.kill()
-        raise SystemExit(f"service did not start: {line!r}")
-    return proc, m.group(1)
-
 
 def raw_server_main() -> None:
     """A bare gRPC server streaming N requested bytes in CHUNK pieces: identity serializers, no protobuf, and
@@ -189,8 +177,7 @@ def main() -> None:
     tokens = 156 if args.quick else 1560
     reps = 10 if args.quick else 5
     res = Results("transport", Path(args.out))
-    with tempfile.TemporaryDirectory(prefix="memflow-transport-") as tmp:
-        service, target = start_service(tmp)
+    with tempfile.TemporaryDirectory(prefix="memflow-transport-") as tmp, running_service(tmp) as target:
         raw_proc, raw_target = start_raw()
         try:
             raw = grpc.insecure_channel(raw_target, options=[("grpc.max_receive_message_length", 64 << 20),
@@ -205,9 +192,8 @@ def main() -> None:
                 bench_query(res, shm, 1000 if args.quick else 10000, 50 if args.quick else 100)
             raw.close()
         finally:
-            for proc in (service, raw_proc):
-                proc.terminate()
-                proc.wait(30)
+            raw_proc.terminate()
+            raw_proc.wait(30)
     print(f"wrote {res.close()}", file=sys.stderr)
 
 
