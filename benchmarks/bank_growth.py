@@ -7,15 +7,16 @@ N one JSON row per index:
 
     put_per_s        entries per second over the growth step (validation, LMDB commit, index add; 64 per put)
     query_p50/p99_ms LocalMemory.query latency, `combine="per_layer"`, top-k per layer (p99 of --queries samples)
-    brute_p50_ms     numpy brute-force per-layer search over the same keys, same run (null where they do not
-                     fit in RAM)
+    brute_p50_ms     numpy brute-force per-layer search over the same keys, each run right after the bank's
+                     query (null where the keys do not fit in RAM)
     recall_at_k      mean over queries and layers of |ids & exact ids| / k, against exact per-layer top-k
                      computed in float32 while the keys were generated; flat rows must be 1.0 (checked)
     bound_ms         bytes an exact per-layer scan must read (N x layers x dim x key itemsize) / memcpy
                      bandwidth measured in this run (np.copyto, one thread): the floor for exact search on this
                      machine (a read-only scan on several threads can beat it: memcpy also writes each byte)
-    rss_mb, disk_mb  process RSS growth since the bank was opened; LMDB file size; index_mb: the indexes' own
-                     estimate of their memory
+    rss_mb, disk_mb  process RSS growth since the bank was opened; LMDB file size. rss_anon_mb: the part not
+                     backed by a file (indexes, heap) - the rest is LMDB's memory map, reclaimable page cache
+                     (two-stage reranks read candidate keys through it); index_mb: the indexes' own estimate
 
 Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
 entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), hnsw and ivfpq (one
@@ -42,6 +43,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -129,16 +131,13 @@ def ground_truth(data: Data, queries: np.ndarray, grid: list[int], k: int, keep_
     return truth, kept
 
 
-def brute_ms(kept: np.ndarray, n: int, queries: np.ndarray, k: int) -> float:
-    """p50 of numpy per-layer exact search over the first n entries (one BLAS gemv + argpartition per layer)."""
-    times = []
-    for q in queries:
-        t = time.perf_counter()
-        for layer in range(len(q)):
-            s = kept[layer, :n] @ q[layer]
-            np.argpartition(-s, k - 1)[:k]
-        times.append(time.perf_counter() - t)
-    return percentiles(times)[0]
+def brute_s(kept: np.ndarray, n: int, q: np.ndarray, k: int) -> float:
+    """Seconds of one numpy per-layer exact search over the first n entries (BLAS gemv + argpartition per layer)."""
+    t = time.perf_counter()
+    for layer in range(len(q)):
+        s = kept[layer, :n] @ q[layer]
+        np.argpartition(-s, k - 1)[:k]
+    return time.perf_counter() - t
 
 
 def recall(ids: np.ndarray, truth: np.ndarray) -> float:
@@ -189,13 +188,13 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
     return None
 
 
-def run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar) -> None:
+def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
     params = IndexParams(use_gpu=False)  # a CPU benchmark; faiss-gpu machines get their own rows later
     proc = psutil.Process()
     kept_n = 0 if kept is None else kept.shape[1]
     with tempfile.TemporaryDirectory(prefix=f"bank_growth_{kind}_", dir=args.tmp) as tmp:
         release_memory()
-        rss0 = proc.memory_info().rss
+        info0 = proc.memory_info()
         mem = LocalMemory(tmp, BankConfig(index=params, snapshot_on_close=False))
         mem.create_stream(spec(kind, args.layers, args.dim))
         kv_rng = np.random.default_rng(args.seed + 7)
@@ -220,13 +219,13 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar) -> N
                 bar.update(hi - lo)
             put_rate = (n - done) / (time.perf_counter() - t0)
             done = n
-            p50, p99, rec = timed_queries(mem, queries, truth[n], args.k)
+            p50, p99, rec, brute = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n)
             if kind == "flat" and rec != 1.0:
                 raise SystemExit(f"flat index disagrees with brute force at N={n}: recall {rec}")
             scan = n * args.layers * args.dim * key_itemsize(kind)
             row = dict(n=n, index=kind, put_per_s=put_rate, query_p50_ms=p50, query_p99_ms=p99,
-                       brute_p50_ms=brute.get(n), recall_at_k=rec, k=args.k, bound_ms=scan / (gbps * 1e9) * 1e3,
-                       scan_mb=scan / 1e6, rss_mb=(proc.memory_info().rss - rss0) / 1e6,
+                       brute_p50_ms=brute, recall_at_k=rec, k=args.k, bound_ms=scan / (gbps * 1e9) * 1e3,
+                       scan_mb=scan / 1e6, **rss_growth(proc, info0),
                        index_mb=mem.bank._streams["bench"].spaces["nam"].memory_bytes() / 1e6,
                        disk_mb=mem.stats().disk_bytes / 1e6,
                        layers=args.layers, dim=args.dim, queries=len(queries))
@@ -249,18 +248,29 @@ def release_memory() -> None:
         pass
 
 
-def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float, float]:
-    """(p50 ms, p99 ms, recall) of per-layer queries through the bank; truth `[Q, L, k]`."""
+def rss_growth(proc: psutil.Process, info0) -> dict:
+    info = proc.memory_info()
+    anon = (info.rss - info.shared) - (info0.rss - info0.shared)  # Linux: shared = file-backed resident pages
+    return {"rss_mb": (info.rss - info0.rss) / 1e6, "rss_anon_mb": anon / 1e6}
+
+
+def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: np.ndarray, k: int, kept, n: int):
+    """(p50 ms, p99 ms, recall, brute p50 ms or None) of per-layer queries through the bank; truth `[Q, L, k]`.
+
+    Each bank query is followed by the same query as numpy brute force over `kept`, so both see the same
+    machine (on a shared box a baseline timed minutes apart measures someone else's load)."""
     for q in queries[:2]:  # warm: thread pool, page faults
         mem.query("bench", "nam", q, k)
-    times, recalls = [], []
+    times, brute, recalls = [], [], []
     for q, exact in zip(queries, truth):
         t = time.perf_counter()
         r = mem.query("bench", "nam", q, k)
         times.append(time.perf_counter() - t)
         recalls.append(recall(r.ids, exact))
+        if kept is not None:
+            brute.append(brute_s(kept, n, q, k))
     p50, p99 = percentiles(times)
-    return p50, p99, float(np.mean(recalls))
+    return p50, p99, float(np.mean(recalls)), (percentiles(brute)[0] if brute else None)
 
 
 class Growth(Results):
@@ -288,16 +298,21 @@ def plot(rows: list[dict], path: Path) -> None:
         ns = [r["n"] for r in rs]
         ax1.plot(ns, [r["query_p50_ms"] for r in rs], "o-", color=colors[kind], label=f"{kind} p50")
         ax1.plot(ns, [r["query_p99_ms"] for r in rs], "x--", color=colors[kind], alpha=0.6, label=f"{kind} p99")
-        ax2.plot(ns, [r["rss_mb"] for r in rs], "o-", color=colors[kind], label=f"{kind} RSS")
+        ax2.plot(ns, [r["rss_anon_mb"] for r in rs], "o-", color=colors[kind], label=f"{kind} anon RSS")
         ax2.plot(ns, [r["disk_mb"] for r in rs], "s:", color=colors[kind], label=f"{kind} disk")
         ax3.plot(ns, [r["recall_at_k"] for r in rs], "o-", color=colors[kind], label=kind)
     exact = sorted({(r["n"], r["bound_ms"]) for r in data if r["index"] == "flat"})
     if exact:
         ax1.plot(*zip(*exact), "k:", lw=2, label="bound: fp32 scan / memcpy")
-    brute = sorted({(r["n"], r["brute_p50_ms"]) for r in data if r.get("brute_p50_ms") is not None})
+    by_n: dict[int, list[float]] = {}
+    for r in data:
+        if r.get("brute_p50_ms") is not None:
+            by_n.setdefault(r["n"], []).append(r["brute_p50_ms"])
+    brute = sorted((n, float(np.median(v))) for n, v in by_n.items())  # one per kind, measured beside it
     if brute:
         ax1.plot(*zip(*brute), "-", color="gray", lw=3, alpha=0.5, label="numpy brute force p50")
-    for ax, title, unit in ((ax1, "per-layer query latency", "ms"), (ax2, "bank memory and disk", "MB")):
+    for ax, title, unit in ((ax1, "per-layer query latency", "ms"),
+                            (ax2, "bank memory (RSS not file-backed) and LMDB disk", "MB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("entries (N)")
@@ -345,20 +360,21 @@ def main() -> None:
     t_start = time.perf_counter()
     res = Growth("bank_growth", args.out)
     gbps = memcpy_gbps(256 << 20)
-    res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid)
+    # Timings on a shared box mean little without the load they were taken under.
+    res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid, loadavg_start=os.getloadavg()[0])
     data = Data(args.layers, args.dim, args.seed)
     queries = data.queries(q_count)
     per_entry = args.layers * args.dim * 4
     keep = max([n for n in args.grid if n * per_entry < 0.25 * psutil.virtual_memory().available], default=0)
     truth, kept = ground_truth(data, queries, args.grid, args.k, keep)
-    brute = {n: brute_ms(kept, n, queries, args.k) for n in args.grid if n <= keep}
     for n in args.grid:
         if n > keep:
             res.skip("brute_force", n, f"{n * per_entry / 1e9:.1f} GB of keys do not fit in a quarter of RAM; "
                                        "recall still uses exact top-k computed while generating")
     for kind in kinds:
         with tqdm(total=args.grid[-1], desc=kind, unit="entry", file=sys.stderr, leave=False) as bar:
-            run_kind(kind, args, data, queries, truth, kept, gbps, brute, res, bar)
+            run_kind(kind, args, data, queries, truth, kept, gbps, res, bar)
+    res.header["loadavg_end"] = os.getloadavg()[0]
     path = res.close()
     plot(res.rows, path.with_suffix(".png"))
     print(json.dumps({"done_s": round(time.perf_counter() - t_start, 1), "results": str(path)}), file=sys.stderr)
