@@ -26,7 +26,7 @@ class IndexParams:
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
     hnsw_rebuild_tombstone_ratio: float = 0.25  # rebuild an HNSW graph once this share is deleted
-    ivf_nlist: int = 0  # 0: chosen from the size at training time (about 4 * sqrt(n))
+    ivf_nlist: int = 0  # 0: chosen from the size at training time (sqrt(n), within [16, 4096])
     ivf_nprobe: int = 32
     ivf_pq_m: int = 0  # 0: dim / 4 sub-quantizers (capped to a divisor of dim)
     ivf_refine: int = 8  # exact rerank of k * refine PQ candidates
