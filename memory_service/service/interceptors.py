@@ -36,11 +36,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._running = 0
         self._idle = threading.Condition()
 
-    def _enter(self) -> None:
+    def _enter(self, method: str) -> None:
+        self.metrics.in_flight.labels(method).inc()
         with self._idle:
             self._running += 1
 
-    def _leave(self) -> None:
+    def _leave(self, method: str) -> None:
+        self.metrics.in_flight.labels(method).dec()
         with self._idle:
             self._running -= 1
             if not self._running:
@@ -86,7 +88,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _unary(self, method: str, behavior, streamed: bool = False):
         def wrapped(request, context):
             t0 = time.perf_counter()
-            self._enter()
+            self._enter(method)
             try:
                 self._admit(context)
                 return behavior(_checked_stream(request, method) if streamed else _checked(request, method), context)
@@ -95,7 +97,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     raise  # already a status (an abort, or the request stream failed in grpc itself)
                 self._fail(method, context, exc)
             finally:
-                self._leave()
+                self._leave(method)
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped
@@ -103,7 +105,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _streaming(self, method: str, behavior):
         def wrapped(request, context):
             t0 = time.perf_counter()
-            self._enter()
+            self._enter(method)
             try:
                 self._admit(context)
                 yield from behavior(_checked(request, method), context)
@@ -112,7 +114,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                     raise
                 self._fail(method, context, exc)
             finally:
-                self._leave()
+                self._leave(method)
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped

@@ -1,15 +1,15 @@
 """Prometheus metrics of the service, on their own registry (so several servers in one process never clash).
 
-Owns the metric names: request latency per method (histogram), errors by method and code, bytes moved per
-data plane and direction, entries pruned, and - read from the bank at scrape time - entries and payload bytes
-per stream. `serve_http(port)` exposes them at /metrics.
+Owns the metric names: request latency per method (histogram), requests in flight per method, errors by
+method and code, bytes moved per data plane and direction, entries pruned, and - read from the bank at scrape
+time - entries and payload bytes per stream. `serve_http(port)` exposes them at /metrics.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -43,6 +43,8 @@ class Metrics:
                                  buckets=_BUCKETS, registry=self.registry)
         self.errors = Counter("memflow_request_errors_total", "failed requests by method and status code",
                               ["method", "code"], registry=self.registry)
+        self.in_flight = Gauge("memflow_requests_in_flight", "requests being handled now, by method", ["method"],
+                               registry=self.registry)
         self.moved = Counter("memflow_data_plane_bytes_total", "K/V bytes moved by data plane and direction",
                              ["plane", "direction"], registry=self.registry)
         self.prunes = Counter("memflow_pruned_entries_total", "entries evicted by explicit Prune calls",

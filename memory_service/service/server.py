@@ -126,9 +126,13 @@ class MemoryServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        # Lame duck first: health says NOT_SERVING and the interceptor answers every new call UNAVAILABLE (a
+        # clean, retryable refusal; a call racing grpc's own shutdown would get CANCELLED or hang instead),
+        # while the calls in flight get `grace` seconds to finish. Then grpc stops and cancels what is left.
         self.interceptor.draining.set()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.interceptor.wait_idle(timeout=max(0.0, grace))
+        self.server.stop(0).wait()
         # grpc has cancelled what was left, but handler threads may still be inside the bank (a cancelled
         # fetch finishing its copy): closing LMDB under them would unmap memory they are reading.
         if not self.interceptor.wait_idle(timeout=60.0):

@@ -135,14 +135,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         ids = convert.ids_from_pb(request.ids)
         if out is not None:
             result = self.bank.fetch(stream, ids, layers, out=out)
-            yield _fetch_header(result.ids, result.layers, spec.kv.dtype, result.kv.shape, result.kv.nbytes)
+            # counted before the yield: the client may have its answer (and scrape) before the generator resumes
             self.metrics.bytes("shm", "fetch", result.kv.nbytes)
+            yield _fetch_header(result.ids, result.layers, spec.kv.dtype, result.kv.shape, result.kv.nbytes)
             return
         got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
         nbytes = math.prod(shape) * dtype.itemsize
         yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
-        yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, convert.chunk_to_wire)
-        self.metrics.bytes("stream", "fetch", nbytes)
+
+        def frame(chunk):  # counted as each layer is framed, before it is yielded
+            self.metrics.bytes("stream", "fetch", len(chunk))
+            return convert.chunk_to_wire(chunk)
+
+        yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame)
 
     # -- the rest -----------------------------------------------------------------------------------
     def Delete(self, request, context):

@@ -45,7 +45,8 @@ SMALL_ARENA = 8 << 20  # the default 256 MiB arena takes ~0.7 s to pre-fault; te
 
 # ---- a `memflow-service serve` subprocess ---------------------------------------------------------------
 
-SERVING = re.compile(r"serving .* on (\S+):(\d+)")
+SERVING = re.compile(r"serving .* on (\S+):(\d+) \(")  # "serving DIR on HOST:PORT (plaintext, ...)"
+METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 
 
 @dataclasses.dataclass
@@ -55,6 +56,11 @@ class ServeProc:
     data_dir: str
     stderr_path: str
     line: str
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        m = METRICS.search(self.line)
+        return int(m.group(1)) if m else None
 
     @property
     def target(self) -> str:
@@ -142,6 +148,28 @@ def self_signed_cert(directory: Path, name: str = "server") -> tuple[str, str]:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return str(cert_path), str(key_path)
+
+
+# ---- Prometheus ---------------------------------------------------------------------------------------------
+
+def scrape(port: int) -> dict:
+    """{(name, sorted labels): value} of every sample at http://127.0.0.1:port/metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_in_flight(port: int, method: str, n: int = 1, tries: int = 2000) -> None:
+    """Wait until the service is handling `n` calls of `method` (its in-flight gauge), polling /metrics."""
+    for _ in range(tries):
+        if scrape(port).get(("memflow_requests_in_flight", (("method", method),)), 0) >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the service never had {n} {method} call(s) in flight")
 
 
 # ---- comparable views of results -----------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
-import urllib.request
 
 import grpc
 import numpy as np
@@ -18,9 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from google.protobuf.descriptor_pool import DescriptorPool
-from prometheus_client.parser import text_string_to_metric_families
 
-from svc_util import DIM, KV, LAYERS, REPO, SMALL_ARENA, make_entry, make_spec, write_tokens
+from svc_util import DIM, KV, LAYERS, REPO, SMALL_ARENA, make_entry, make_spec, scrape, write_tokens
 
 from memory_service import NotFound
 from memory_service.client import MemoryClient
@@ -80,13 +78,6 @@ def test_reflection_lists_and_describes_the_service(server):
     channel.close()
 
 
-def scrape(port: int) -> dict:
-    """{(name, sorted labels): value} of every sample at /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def test_metrics_count_requests_bytes_and_entries(make_server):
     srv = make_server(metrics_port=0)
     assert srv.metrics_port
@@ -107,6 +98,7 @@ def test_metrics_count_requests_bytes_and_entries(make_server):
     assert m[("memflow_request_seconds_count", (("method", "Put"),))] == 2
     assert m[("memflow_request_seconds_sum", (("method", "Query"),))] > 0
     assert m[("memflow_request_seconds_bucket", (("le", "+Inf"), ("method", "Query")))] == 5
+    assert m[("memflow_requests_in_flight", (("method", "Query"),))] == 0
     moved = {labels: v for (name, labels), v in m.items() if name == "memflow_data_plane_bytes_total"}
     assert moved[(("direction", "put"), ("plane", "shm"))] == 3 * per_entry
     assert moved[(("direction", "put"), ("plane", "stream"))] == 2 * per_entry

@@ -12,63 +12,48 @@ import sys
 import threading
 
 import grpc
-import ml_dtypes
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from svc_util import REPO, make_entry, make_spec
+from svc_util import REPO, make_entry, make_spec, wait_in_flight
 
-from memory_service import KVLayout, LocalMemory, NewEntry
+from memory_service import LocalMemory, NewEntry
 from memory_service.client import MemoryClient
 from memory_service.service import convert
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
 
-BIG = KVLayout(layers=4, heads=8, head_dim=128, tokens_per_frame=2048)  # 32 MiB per entry
-KEYS_SPEC = {"emb": make_spec().key_spaces["emb"]}
-
-
-def big_entry(seed: int) -> NewEntry:
-    rng = np.random.default_rng(seed)
-    kv = rng.standard_normal(BIG.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
-    return NewEntry(seed, 0, f"big {seed}", {"emb": make_entry(seed).keys["emb"]}, kv)
-
 
 class HeldPut:
-    """A stream-plane Put whose request stream stops, mid-payload, until released.
+    """A stream-plane Put whose request stream stops after its first K/V chunk until released."""
 
-    `holding` is set once 24 MiB have been handed to grpc: more than HTTP/2 flow control lets sit unread,
-    so by then the service's handler is provably running and consuming this call.
-    """
-
-    def __init__(self, stream: str, entry: NewEntry, hold_after: int = 24 << 20, chunk: int = 1 << 20) -> None:
+    def __init__(self, stream: str, entry: NewEntry, chunk: int = 256) -> None:
         self.header = pb.PutHeader(stream=stream, entries=[convert.entry_to_pb(entry)])
         self.kv = np.ascontiguousarray(entry.kv).reshape(-1).view(np.uint8).tobytes()
-        self.hold_after, self.chunk = hold_after, chunk
-        self.holding, self.release = threading.Event(), threading.Event()
+        self.chunk = chunk
+        self.release = threading.Event()
 
     def __iter__(self):
         yield pb.PutRequest(header=self.header)
         for start in range(0, len(self.kv), self.chunk):
-            if start >= self.hold_after and not self.release.is_set():
-                self.holding.set()
+            if start:
                 self.release.wait(120)
             yield pb.PutRequest(kv_chunk=self.kv[start:start + self.chunk])
 
 
 def refused_while_draining(target: str) -> tuple:
-    """Poll until a new call is refused; returns (status code, health status seen on a fresh Check or None)."""
+    """Poll until a new call is refused; returns its (status code, message)."""
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.MemoryServiceStub(channel)
     try:
         for _ in range(400):
             try:
-                stub.Stats(pb.StatsRequest(), timeout=5)
+                stub.Stats(pb.StatsRequest(), timeout=30)
             except grpc.RpcError as exc:
-                return exc.code()
+                return exc.code(), exc.details()
             threading.Event().wait(0.025)
-        return None
+        return None, None
     finally:
         channel.close()
 
@@ -76,60 +61,58 @@ def refused_while_draining(target: str) -> tuple:
 def check_reopened(data_dir: str, acked: dict) -> None:
     """Every acknowledged entry is in the bank, bit for bit."""
     with LocalMemory(data_dir) as m:
-        for stream, entries in acked.items():
-            ids = sorted(entries)
-            assert [e.entry_id for e in m.entries(stream)] == ids
-            got = m.fetch(stream, ids).kv
-            for n, eid in enumerate(ids):
-                assert got[n].tobytes() == np.asarray(entries[eid].kv).tobytes(), (stream, eid)
+        ids = sorted(acked)
+        assert [e.entry_id for e in m.entries("cam0")] == ids
+        got = m.fetch("cam0", ids).kv
+        for n, eid in enumerate(ids):
+            assert got[n].tobytes() == acked[eid].kv.tobytes(), eid
 
 
-def run_drain(target: str, begin_stop, stopped) -> dict:
-    """Small puts, then a held big put; begin the stop; expect refusals; release; expect the ack."""
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+def run_drain(target: str, metrics_port: int, begin_stop, stopped) -> dict:
+    """Puts, then a held put, provably in the service's hands (its in-flight gauge); begin the stop; expect
+    NOT_SERVING and refusals of new calls; release; expect the held put acknowledged."""
+    channel = grpc.insecure_channel(target)
     stub = pb_grpc.MemoryServiceStub(channel)
-    acked: dict = {"cam0": {}, "big": {}}
+    acked: dict = {}
     with MemoryClient(target, plane="stream") as c:
         c.create_stream(make_spec())
-        c.create_stream(make_spec("big", kv=BIG, key_spaces=KEYS_SPEC))
         for i in range(0, 6, 2):
             ids = c.put("cam0", [make_entry(i), make_entry(i + 1)])
-            acked["cam0"].update({eid: make_entry(i + n) for n, eid in enumerate(ids)})
-        acked["big"][c.put("big", [big_entry(0)])[0]] = big_entry(0)
-    held = HeldPut("big", big_entry(1))
+            acked.update({eid: make_entry(i + n) for n, eid in enumerate(ids)})
+    held = HeldPut("cam0", make_entry(6))
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service="memflow.v1.MemoryService"), timeout=60)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     future = stub.Put.future(iter(held), timeout=120)
-    assert held.holding.wait(60), "the held put never got going"
+    wait_in_flight(metrics_port, "Put")
     begin_stop()
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert refused_while_draining(target) == grpc.StatusCode.UNAVAILABLE
+    code, details = refused_while_draining(target)
+    assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
     assert not future.done()  # still in flight, still waiting for its bytes
     held.release.set()
-    ids = list(future.result(timeout=60).ids)
-    assert ids == [1]
-    acked["big"][1] = big_entry(1)
-    watch.cancel()  # an open watch is a call in flight too: it would hold the stop for its whole grace
+    assert list(future.result(timeout=60).ids) == [6]
+    acked[6] = make_entry(6)
+    watch.cancel()
     stopped()
     channel.close()
     return acked
 
 
 def test_stop_drains_an_in_flight_put(make_server):
-    srv = make_server()
+    srv = make_server(metrics_port=0)
     stopper = threading.Thread(target=srv.stop, args=(30.0,))
-    acked = run_drain(srv.address, stopper.start, lambda: stopper.join(60))
+    acked = run_drain(srv.address, srv.metrics_port, stopper.start, lambda: stopper.join(60))
     assert not stopper.is_alive()
     check_reopened(srv.config.data_dir, acked)
 
 
 @pytest.mark.slow
 def test_sigterm_drains_an_in_flight_put_and_exits_0(serve, tmp_path):
-    proc = serve(tmp_path / "bank")
-    acked = run_drain(proc.target, proc.proc.terminate, lambda: None)
+    proc = serve(tmp_path / "bank", "--metrics-port", "0")
+    acked = run_drain(proc.target, proc.metrics_port, proc.proc.terminate, lambda: None)
     assert proc.proc.wait(60) == 0, proc.stderr()[-3000:]
-    assert '"stopped"' in proc.stderr() or "stopped" in proc.stderr()
+    assert '"msg": "stopped"' in proc.stderr()
     check_reopened(proc.data_dir, acked)
 
 
