@@ -7,8 +7,6 @@ after every message; every entry's metadata and payload bytes at the end of each
 
 from __future__ import annotations
 
-import secrets
-from multiprocessing import shared_memory
 
 import grpc
 import ml_dtypes
@@ -26,7 +24,7 @@ from memory_service.service import convert
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
 from memory_service.service.server import MemoryServer
-from memory_service.shm import NONCE_BYTES
+from memory_service.shm import NONCE_BYTES, Arena
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -51,11 +49,9 @@ class Live:
         self.client.put("cam0", [make_entry(i, pinned=i == 2) for i in range(6)])
         self.client.create_stream(StreamSpec("k", {"e": KeySpace(9)}))
         self.client.put("k", [NewEntry(0, 0, "", {"e": np.ones(9, np.float32)})])
-        self.segment = shared_memory.SharedMemory(create=True, size=ARENA_BYTES)
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        self.segment.buf[:NONCE_BYTES] = nonce
+        self.arena = Arena(ARENA_BYTES)  # a client-side arena, registered by hand through the raw stub
         self.arena_id = self.stub.RegisterArena(pb.RegisterArenaRequest(
-            shm_name=self.segment.name, size=ARENA_BYTES, nonce=nonce)).arena_id
+            shm_name=self.arena.name, size=self.arena.size, nonce=self.arena.nonce)).arena_id
         self.full = bank_state(self.client)
         self.stats = self.quick()
 
@@ -79,8 +75,7 @@ class Live:
         self.client.close()
         self.channel.close()
         self.server.stop(0)
-        self.segment.close()
-        self.segment.unlink()
+        self.arena.close()
 
 
 @pytest.fixture(scope="module")

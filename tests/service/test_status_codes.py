@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 import socket
-from multiprocessing import shared_memory
 
 import grpc
 import ml_dtypes
@@ -25,7 +24,7 @@ from memory_service.client import MemoryClient
 from memory_service.service import convert
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
-from memory_service.shm import NONCE_BYTES
+from memory_service.shm import NONCE_BYTES, Arena
 
 ALICE = "alice:" + "a" * 24
 READER = "alice:" + "r" * 24 + ":ro"
@@ -216,14 +215,13 @@ def test_failed_precondition_bogus_arenas(client, server, stub):
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert missing in e.details() and "not visible to the service" in e.details() and "stream data plane" in e.details()
 
-    seg = shared_memory.SharedMemory(create=True, size=1 << 16)
+    arena = Arena(1 << 16)  # a client-side arena, registered by hand through the raw stub
     try:
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        seg.buf[:NONCE_BYTES] = nonce
-        e = rpc_error(lambda: stub.RegisterArena(pb.RegisterArenaRequest(shm_name=seg.name, size=1 << 16,
+        e = rpc_error(lambda: stub.RegisterArena(pb.RegisterArenaRequest(shm_name=arena.name, size=arena.size,
                                                                          nonce=b"x" * NONCE_BYTES)))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "nonce differs" in e.details()
-        arena_id = stub.RegisterArena(pb.RegisterArenaRequest(shm_name=seg.name, size=1 << 16, nonce=nonce)).arena_id
+        arena_id = stub.RegisterArena(pb.RegisterArenaRequest(shm_name=arena.name, size=arena.size,
+                                                              nonce=arena.nonce)).arena_id
         fetch = pb.FetchRequest(stream="cam0", ids=[0, 1], plane=pb.DATA_PLANE_SHM, arena_id="feedfacefeedface",
                                 arena_offset=4096, arena_bytes=1 << 15)
         e = rpc_error(lambda: list(stub.Fetch(fetch)))
@@ -236,16 +234,15 @@ def test_failed_precondition_bogus_arenas(client, server, stub):
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside arena" in e.details()
         fetch.arena_offset = 4096
         header = list(stub.Fetch(fetch))[0].header  # the honest request works, straight into the segment
-        n = int(np.prod(header.shape)) * 2
-        got = np.frombuffer(seg.buf, ml_dtypes.bfloat16, count=n // 2, offset=4096).reshape(tuple(header.shape))
+        n = int(np.prod(header.shape))
+        got = np.frombuffer(arena.segment.buf, ml_dtypes.bfloat16, count=n, offset=4096).reshape(tuple(header.shape))
         assert got.tobytes() == np.stack([make_entry(0).kv, make_entry(1).kv]).tobytes()
         del got
         stub.ReleaseArena(pb.ReleaseArenaRequest(arena_id=arena_id))
         e = rpc_error(lambda: list(stub.Fetch(fetch)))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "register the arena again" in e.details()
     finally:
-        seg.close()
-        seg.unlink()
+        arena.close()
 
 
 @pytest.mark.slow
