@@ -86,6 +86,11 @@ def test_mixed_load_on_both_planes(serve, tmp_path):
         for w in workers:
             w.start()
         stop.wait(SECONDS)
+        for _ in range(600):  # on a loaded machine, go on until every operation ran on both planes (<= 60 s)
+            done = {(w.plane, op) for w in workers for op, n in w.ops.items() if n}
+            if len(done) == 8 or any(w.errors for w in workers):
+                break
+            time.sleep(0.1)
         stop.set()
         for w in workers:
             w.join(120)
@@ -93,9 +98,8 @@ def test_mixed_load_on_both_planes(serve, tmp_path):
         errors = [e for w in workers for e in w.errors]
         assert errors == []
         totals = {op: sum(w.ops[op] for w in workers) for op in ("put", "query", "fetch", "delete")}
-        assert all(totals[op] > 0 for op in totals), totals
-        print("load ops", totals)
-        assert {w.plane for w in workers if w.ops["fetch"]} == {"shm", "stream"}
+        done = {(w.plane, op) for w in workers for op, n in w.ops.items() if n}
+        assert done == {(plane, op) for plane in ("shm", "stream") for op in totals}, totals
 
         for s in range(STREAMS):
             stream = f"s{s}"
