@@ -7,6 +7,7 @@ after every message; every entry's metadata and payload bytes at the end of each
 
 from __future__ import annotations
 
+import os
 
 import grpc
 import ml_dtypes
@@ -31,7 +32,8 @@ CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED}
 STREAMS = ("cam0", "k")
 ARENA_BYTES = 1 << 20
-FUZZ = settings(max_examples=75, deadline=None, database=None,
+# MEMFLOW_FUZZ_EXAMPLES=2000 for a longer hunt than the default run
+FUZZ = settings(max_examples=int(os.environ.get("MEMFLOW_FUZZ_EXAMPLES", 75)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -54,6 +56,7 @@ class Live:
             shm_name=self.arena.name, size=self.arena.size, nonce=self.arena.nonce)).arena_id
         self.full = bank_state(self.client)
         self.stats = self.quick()
+        self.first_change = None  # the first call that changed the bank: later failures are its echoes
 
     def quick(self) -> tuple:
         """What any change to the bank moves: every stream's counters, and the streams themselves."""
@@ -61,14 +64,17 @@ class Live:
         return (tuple(sorted(st_.streams, key=lambda s: s.name)), st_.entries, st_.payload_bytes,
                 tuple(sorted(s.name for s in self.client.list_streams())))
 
-    def check(self, call) -> None:
+    def check(self, call, what=None) -> None:
         """Run one raw call; a refusal must be a client error; the server must answer and be unchanged."""
         try:
             call()
         except grpc.RpcError as exc:
             assert exc.code() in CLIENT_ERRORS, (exc.code(), exc.details())
             assert exc.details(), "a refusal must say what was wrong"
-        assert self.quick() == self.stats
+        now = self.quick()
+        if now != self.stats and self.first_change is None:
+            self.first_change = what if what is not None else call
+        assert now == self.stats, f"the bank changed; first changed by: {self.first_change}"
 
     def close(self) -> None:
         assert bank_state(self.client) == self.full
@@ -151,6 +157,23 @@ def _nan_bytes(msgs, data):
     return msgs[:1] + [pb.PutRequest(kv_chunk=bytes(kv))]
 
 
+def _byte_short(msgs, data):
+    payload = [i for i, m in enumerate(msgs) if i and m.WhichOneof("part") == "kv_chunk" and len(m.kv_chunk) >= 3]
+    if not payload:
+        return msgs
+    i = payload[-1]
+    return msgs[:i] + [pb.PutRequest(kv_chunk=msgs[i].kv_chunk[:-1])] + msgs[i + 1:]
+
+
+def _drop_chunk(msgs, data):
+    # only a payload chunk (>= 3 bytes) goes: dropping the chunk or header an earlier mutation added would undo it
+    payload = [i for i, m in enumerate(msgs) if i and m.WhichOneof("part") == "kv_chunk" and len(m.kv_chunk) >= 3]
+    if not payload:
+        return msgs
+    drop = data.draw(st.sampled_from(payload))
+    return msgs[:drop] + msgs[drop + 1:]
+
+
 def _mutate_entry(msgs, data, **fields):
     if not msgs[0].HasField("header"):
         return msgs
@@ -181,14 +204,14 @@ def _header(msgs, **fields):
     return [pb.PutRequest(header=header)] + msgs[1:]
 
 
-# Each mutation makes a valid Put invalid in one specific way; a Put gets one or more of them.
+# Each mutation makes a valid Put invalid in one specific way, and none undoes another; a Put gets one to three.
 MUTATIONS = {
     "no header": lambda m, d: m[1:],
     "nothing at all": lambda m, d: [],
     "header twice": lambda m, d: m[:2] + [m[0]] + m[2:],
     "header at the end": lambda m, d: m + [m[0]],
-    "a byte short": lambda m, d: m[:-1] + [pb.PutRequest(kv_chunk=m[-1].kv_chunk[:-1])],
-    "bytes missing": lambda m, d: m[:d.draw(st.integers(1, len(m) - 1))] if len(m) > 1 else m,
+    "a byte short": _byte_short,
+    "a chunk missing": _drop_chunk,
     "two bytes extra": lambda m, d: m + [pb.PutRequest(kv_chunk=b"\x00\x00")],  # with "a byte short": still +1
     "empty chunks only": lambda m, d: m[:1] + [pb.PutRequest(kv_chunk=b"")] * 3,
     "NaN in K/V": _nan_bytes,
@@ -220,7 +243,7 @@ def test_put_stream_mutations(live, data, names):
         if not msgs:
             break
         msgs = MUTATIONS[name](msgs, data)
-    live.check(lambda: live.stub.Put(iter(msgs), timeout=30))
+    live.check(lambda: live.stub.Put(iter(msgs), timeout=30), what=(names, msgs))
 
 
 @FUZZ
