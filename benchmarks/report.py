@@ -46,11 +46,23 @@ def render_file(path: Path, readme_dir: Path) -> str:
         facts = ", ".join(f"{k} {v}" for k, v in (m.items() if isinstance(m, dict) else [("host", m)]))
         out.append(f"Machine: {facts}. Command: `{machine.get('command', '?')}`.")
         out.append("")
+    if any(r.get("row") == "summary" for r in rows):  # per-sample time series: the table shows the summaries
+        total = len(rows)
+        rows = [r for r in rows if r.get("row") == "summary"]
+        out.append(f"Summary rows only; {total - len(rows)} samples over time are in the JSON lines and the plot.")
+        out.append("")
     cols: list[str] = []
     for row in rows:
         for key, value in row.items():
             if key not in cols and not isinstance(value, (list, dict)):
                 cols.append(key)
+    # a column with one value in every row is a fact of the run, not a result: say it once above the table
+    constant = [c for c in cols if len(rows) > 1 and all(c in r for r in rows)
+                and len({json.dumps(r[c]) for r in rows}) == 1]
+    if constant:
+        out.append("In every row: " + ", ".join(f"{c} {_fmt(rows[0][c])}" for c in constant) + ".")
+        out.append("")
+    cols = [c for c in cols if c not in constant]
     if rows:
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
