@@ -36,6 +36,7 @@ $(VENV)/.quality: $(STAMP)
 
 bench: $(STAMP) $(VENV)/.quality
 	$(PY) benchmarks/bank_growth.py $(BENCH_FLAGS)
+	$(PY) benchmarks/pruning_growth.py $(BENCH_FLAGS)
 	$(PY) benchmarks/retrieval_quality.py $(BENCH_FLAGS)
 	$(PY) benchmarks/overhead.py $(BENCH_FLAGS)
 	$(PY) benchmarks/transport.py $(BENCH_FLAGS)
