@@ -158,6 +158,7 @@ class MemoryBank:
             degraded = self.store.write(fn)
             for meta in metas:
                 s.entries[meta.entry_id] = meta
+            s.columns_added(metas)
             id_arr = np.array(ids, np.int64)
             for space in s.space_names:
                 s.spaces[space].add(id_arr, np.stack([keys[space] for _, keys, _ in checked]))

@@ -101,4 +101,4 @@ def mirror(s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> 
     s.evicted_total += len(p.evict)
     s.degraded_total += len(p.degrade)
     s.dirty.clear()
-    s.touch()
+    s.columns_removed(p.evict)

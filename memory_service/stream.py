@@ -61,8 +61,23 @@ class Stream:
     def touch(self) -> None:
         self._cols = None
 
+    def columns_added(self, metas: list[EntryMeta]) -> None:
+        """New entries (ids above every existing one) extend the cached columns in place of a rebuild."""
+        if self._cols is None or not metas:
+            return
+        add = (np.array([m.entry_id for m in metas], np.int64), np.array([m.frame_index for m in metas], np.int64),
+               np.array([m.created for m in metas], np.float64), np.array([m.pinned for m in metas], np.bool_))
+        self._cols = tuple(np.concatenate([col, new]) for col, new in zip(self._cols, add))  # type: ignore[assignment]
+
+    def columns_removed(self, ids) -> None:
+        if self._cols is None or not len(ids):
+            return
+        keep = ~np.isin(self._cols[0], np.asarray(ids, np.int64))
+        self._cols = tuple(col[keep] for col in self._cols)  # type: ignore[assignment]
+
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, frame_index, created, pinned), sorted by id; cached until the next mutation."""
+        """(ids, frame_index, created, pinned), sorted by id; cached, and kept current by puts and evictions
+        (a rebuild from every entry in Python cost ~2 ms at 1e4 entries on the query after each put)."""
         if self._cols is None:
             metas = [self.entries[i] for i in sorted(self.entries)]
             self._cols = (

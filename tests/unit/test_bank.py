@@ -318,3 +318,23 @@ def test_closed_bank_refuses_every_call(tmp_path):
     for call in calls:
         with pytest.raises(Unavailable, match="closed"):
             call()
+
+
+def test_cached_filter_columns_match_a_rebuild_after_puts_evictions_pins(tmp_path):
+    """The filter columns are kept current incrementally; they must equal a rebuild from the entry table."""
+    m = LocalMemory(str(tmp_path / "bank"))
+    m.create_stream(make_spec(budget=Budget(max_entries=7)))
+    s = m.bank._streams["cam0"]
+    rng = np.random.default_rng(3)
+    for step in range(30):
+        m.put("cam0", [make_entry(100 * step + j, frame=int(rng.integers(0, 50))) for j in range(int(rng.integers(1, 4)))])
+        m.query("cam0", "emb", np.ones(EMB), 2, exclude_frames=(10, 20))  # builds the cache
+        if step % 7 == 3:
+            m.pin("cam0", [min(e.entry_id for e in m.entries("cam0"))])
+        if step % 5 == 4:
+            m.delete("cam0", [max(e.entry_id for e in m.entries("cam0"))])
+        cached = [c.copy() for c in s.columns()]
+        s.touch()
+        for got, want in zip(cached, s.columns()):
+            assert np.array_equal(got, want), step
+    m.close()
