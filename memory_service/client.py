@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence, Union
 import grpc
 import numpy as np
 
+from memory_service.config import is_loopback
 from memory_service.errors import (
     FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
 )
@@ -366,14 +367,8 @@ def _ids(ids) -> list[int]:
 
 
 def _same_host(target: str) -> bool:
-    """Whether `target` names this machine (loopback address, localhost, or a unix socket)."""
-    from memory_service.service.server import is_loopback
-
+    """Whether `target` names this machine: a unix socket, or a loopback host ("[::1]:p", "127.0.0.1:p", "localhost:p")."""
     if target.startswith("unix:"):
         return True
-    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.endswith("]") is False else target
-    if target.startswith("["):
-        host = target[1:target.index("]")]
-    elif target.count(":") == 1:
-        host = target.split(":")[0]
-    return is_loopback(host)
+    host = target.rsplit(":", 1)[0] if ":" in target else target
+    return is_loopback(host.strip("[]"))

@@ -7,6 +7,7 @@ source is an error that names the key and the known ones, so a typo never silent
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -153,3 +154,13 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
         else:
             out[key] = value
     return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback (the default bind; the shm plane's test)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import functools
-import os
 import secrets
 import sys
 import threading
@@ -160,7 +159,3 @@ class Arena:
         except BufferError:
             pass  # live arrays still view it; the mapping goes away with them
 
-
-def shm_visible(name: str) -> bool:
-    """Whether a segment of this name exists in this process's /dev/shm."""
-    return os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))

@@ -12,7 +12,6 @@ Owns the server's life cycle. Promises:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import threading
@@ -25,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memory_service.bank import MemoryBank
-from memory_service.config import ServiceConfig
+from memory_service.config import ServiceConfig, is_loopback
 from memory_service.errors import InvalidArgument
 from memory_service.service.auth import Authenticator
 from memory_service.service import convert
@@ -36,15 +35,6 @@ from memory_service.service.servicer import MemoryServicer
 
 log = logging.getLogger("memflow.service")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def service_handlers(servicer) -> grpc.GenericRpcHandler:
