@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from memory_service.pruning import Composite, PruneView
+from memory_service.pruning import TTL, Composite, PruneView
 from memory_service.pruning.planner import Plan, fp8_bytes, over_budget, plan
 from memory_service.store.codec import Header, body_bytes, decode_into, encode
 from memory_service.store.lmdb_store import Writer, dumps, entry_key, payload_key
@@ -27,7 +27,8 @@ def parts(policy) -> tuple:
 def plan_for(s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
     budget = s.spec.budget
     over_e, over_b = over_budget(budget, len(s.entries) + add_entries, s.payload_bytes + add_bytes)
-    expiring = "ttl" in s.spec.policy
+    ttl = min((p.seconds for p in parts(s.policy) if isinstance(p, TTL)), default=None)
+    expiring = ttl is not None and len(s.entries) > 0 and bool(np.any(now - s.columns()[2] >= ttl))
     if not (over_e or over_b or expiring):
         return Plan()
     candidates = [m for m in s.entries.values() if not m.pinned]
@@ -38,7 +39,7 @@ def plan_for(s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
     need = over_e + slack + (math.ceil(over_b / max(1, s.payload_bytes / max(1, len(s.entries)))) if over_b else 0)
     vectors = np.stack([s.compact[m.entry_id] for m in candidates]) if s.policy.needs_vectors and candidates else None
     choice = s.policy.choose(PruneView(tuple(candidates), now, need, vectors))
-    return plan(s.spec.name, budget, list(s.entries.values()), candidates, add_entries, add_bytes, choice,
+    return plan(s.spec.name, budget, len(s.entries), s.payload_bytes, candidates, add_entries, add_bytes, choice,
                 s.spec.degrade, _degraded_bytes(s), slack)
 
 def _degraded_bytes(s: Stream):

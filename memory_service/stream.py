@@ -8,7 +8,6 @@ rebuilt from LMDB keys when there is no usable snapshot. LMDB always wins.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -26,6 +25,39 @@ log = logging.getLogger("memflow.bank")
 REBUILD_BATCH = 1024
 
 
+class EntryTable(dict):
+    """entry id -> EntryMeta, with the sum of their payload bytes kept current (budgets check it on every put;
+    summing it afresh cost ~0.5 ms at 5000 entries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __setitem__(self, eid: int, meta: EntryMeta) -> None:
+        old = dict.get(self, eid)
+        self.nbytes += meta.nbytes - (old.nbytes if old is not None else 0)
+        super().__setitem__(eid, meta)
+
+    def __delitem__(self, eid: int) -> None:
+        self.nbytes -= self[eid].nbytes
+        super().__delitem__(eid)
+
+    def pop(self, eid: int, *default):
+        if eid in self:
+            meta = super().pop(eid)
+            self.nbytes -= meta.nbytes
+            return meta
+        return super().pop(eid, *default)
+
+    def update(self, other=(), **kw) -> None:
+        for eid, meta in dict(other, **kw).items():
+            self[eid] = meta
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = 0
+
+
 class Stream:
     def __init__(self, record: dict, params: IndexParams, store: LMDBStore) -> None:
         self.spec = StreamSpec.from_json(record["spec"])
@@ -38,7 +70,7 @@ class Stream:
         self.lock = threading.RLock()
         self.store = store
         self.space_names = list(self.spec.key_spaces)
-        self.entries: dict[int, EntryMeta] = {}
+        self.entries = EntryTable()
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
         self.verified: dict[int, int] = {}  # entry id -> bitmask of payload layers whose checksum passed
         self.compact: dict[int, np.ndarray] = {}  # only when the policy needs vectors (redundancy)
@@ -98,7 +130,7 @@ class Stream:
 
     @property
     def payload_bytes(self) -> int:
-        return sum(m.nbytes for m in self.entries.values())
+        return self.entries.nbytes
 
     # -- keys from LMDB --------------------------------------------------------------------------
     def _loader(self, space: str):
@@ -211,10 +243,8 @@ def snapshot_path(snapshot_dir: str, sid: int, sidx: int) -> str:
 
 def meta_json(meta: EntryMeta) -> dict:
     """The immutable part of an entry's metadata, as stored in the `entries` database."""
-    d = dataclasses.asdict(meta)
-    for k in ("entry_id", *STATS_FIELDS):
-        d.pop(k)
-    return d
+    skip = ("entry_id", *STATS_FIELDS)
+    return {k: v for k, v in vars(meta).items() if k not in skip}  # every field is a scalar: no deep copy
 
 
 STATS_FIELDS = ("hit_count", "last_hit", "importance", "lfu")

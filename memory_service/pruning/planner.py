@@ -33,7 +33,8 @@ def over_budget(budget: Budget, entries: int, nbytes: int) -> tuple[int, int]:
 def plan(
     stream: str,
     budget: Budget,
-    all_entries: Sequence[EntryMeta],
+    stored_entries: int,
+    stored_bytes: int,
     candidates: Sequence[EntryMeta],
     add_entries: int,
     add_bytes: int,
@@ -42,8 +43,8 @@ def plan(
     degraded_bytes,  # (EntryMeta, step) -> payload bytes after that step
     slack: int = 0,
 ) -> Plan:
-    count = len(all_entries) + add_entries
-    nbytes = sum(m.nbytes for m in all_entries) + add_bytes
+    count = stored_entries + add_entries
+    nbytes = stored_bytes + add_bytes
     by_id = {m.entry_id: m for m in candidates}
     evict: list[int] = []
     gone: set[int] = set()
@@ -98,7 +99,7 @@ def plan(
             _, over_b = over_budget(budget, count, nbytes)
     over_e, over_b = over_budget(budget, count, nbytes)
     if over_e or over_b:
-        pinned = len(all_entries) - len(candidates)
+        pinned = stored_entries - len(candidates)
         raise ResourceExhausted(
             f"stream {stream!r} budget (max_entries={budget.max_entries}, max_bytes={budget.max_bytes}) cannot "
             f"hold this put of {add_entries} entries ({add_bytes} payload bytes): {pinned} entries are pinned and "

@@ -3,8 +3,10 @@
 Owns the eviction order of every policy. A policy is a pure function of a `PruneView` (entry metadata,
 the current time as an argument, and for `redundancy` one compact key per entry): no I/O, no clock.
 It returns `expired` ids (must go now, whatever the budget: TTL) and an `order` of preferred victims;
-the bank evicts `expired`, then walks `order` until the stream is within budget. The bank never shows a
-policy a pinned entry or an entry written by the same put, so no policy can evict those.
+the bank evicts `expired`, then walks `order` until the stream is within budget - and, once it must evict
+for the budget at all, `batch_fraction` x max_entries further (default 1%; redundancy 5%), so the O(n)
+ranking and the index removals run once per that many puts instead of on every put at budget. The bank
+never shows a policy a pinned entry or an entry written by the same put, so no policy can evict those.
 
 Expressions (`parse_policy`): `name` or `name(param=value, ...)`, composed with `,then:` - e.g.
 `ttl(seconds=3600),then:redundancy`: expired entries first, then the most redundant. When every part's
@@ -14,7 +16,6 @@ order is used up and the stream is still over budget, the bank falls back to old
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
@@ -23,6 +24,9 @@ import numpy as np
 
 from memory_service.errors import InvalidArgument
 from memory_service.types import EntryMeta
+
+
+BATCH_FRACTION = 0.01  # of max_entries evicted beyond the budget at once; 0 evicts exactly to the budget
 
 
 @dataclass(frozen=True)
@@ -46,30 +50,58 @@ class PruningPolicy(Protocol):
     def choose(self, view: PruneView) -> Choice: ...
 
 
-def _by(entries: Sequence[EntryMeta], key) -> tuple[int, ...]:
-    return tuple(e.entry_id for e in sorted(entries, key=lambda e: (key(e), e.entry_id)))
+def _check_batch(policy) -> None:
+    if not 0.0 <= policy.batch_fraction < 1.0:
+        raise InvalidArgument(f"{policy.name} batch_fraction must be in [0, 1), got {policy.batch_fraction}")
+
+
+def _ids(entries: Sequence[EntryMeta]) -> np.ndarray:
+    return np.fromiter((e.entry_id for e in entries), np.int64, len(entries))
+
+
+def _by(ids: np.ndarray, values: np.ndarray) -> tuple[int, ...]:
+    """`ids` ordered by `values` (ascending), ties by id: one C sort, no Python key per entry."""
+    return tuple(ids[np.lexsort((ids, values))].tolist())
+
+
+def _column(entries: Sequence[EntryMeta], field: str) -> np.ndarray:
+    return np.fromiter((getattr(e, field) for e in entries), np.float64, len(entries))
+
+
+def _since(entries: Sequence[EntryMeta]) -> np.ndarray:
+    """Last retrieval time, or creation time for never-retrieved entries."""
+    return np.fromiter((e.created if e.last_hit is None else e.last_hit for e in entries), np.float64, len(entries))
 
 
 @dataclass(frozen=True)
 class FIFO:
     """Oldest entry first."""
 
+    batch_fraction: float = BATCH_FRACTION
     name = "fifo"
     needs_vectors = False
 
+    def __post_init__(self) -> None:
+        _check_batch(self)
+
     def choose(self, view: PruneView) -> Choice:
-        return Choice(order=_by(view.entries, lambda e: e.entry_id))
+        ids = _ids(view.entries)
+        return Choice(order=_by(ids, ids))
 
 
 @dataclass(frozen=True)
 class LRU:
     """Least recently retrieved first; never-retrieved entries count from their creation."""
 
+    batch_fraction: float = BATCH_FRACTION
     name = "lru"
     needs_vectors = False
 
+    def __post_init__(self) -> None:
+        _check_batch(self)
+
     def choose(self, view: PruneView) -> Choice:
-        return Choice(order=_by(view.entries, lambda e: e.last_hit if e.last_hit is not None else e.created))
+        return Choice(order=_by(_ids(view.entries), _since(view.entries)))
 
 
 @dataclass(frozen=True)
@@ -77,19 +109,19 @@ class LFU:
     """Least frequently retrieved first; each hit's weight halves every `half_life_s` seconds."""
 
     half_life_s: float = 600.0
+    batch_fraction: float = BATCH_FRACTION
     name = "lfu"
     needs_vectors = False
 
     def __post_init__(self) -> None:
         if not self.half_life_s > 0:
             raise InvalidArgument(f"lfu half_life_s must be > 0, got {self.half_life_s}")
+        _check_batch(self)
 
     def choose(self, view: PruneView) -> Choice:
-        def decayed(e: EntryMeta) -> float:
-            since = e.last_hit if e.last_hit is not None else e.created
-            return e.lfu * math.pow(2.0, -max(0.0, view.now - since) / self.half_life_s)
-
-        return Choice(order=_by(view.entries, decayed))
+        age = np.maximum(0.0, view.now - _since(view.entries))
+        decayed = _column(view.entries, "lfu") * np.exp2(-age / self.half_life_s)
+        return Choice(order=_by(_ids(view.entries), decayed))
 
 
 @dataclass(frozen=True)
@@ -105,19 +137,24 @@ class TTL:
             raise InvalidArgument(f"ttl seconds must be > 0, got {self.seconds}")
 
     def choose(self, view: PruneView) -> Choice:
-        expired = [e for e in view.entries if view.now - e.created >= self.seconds]
-        return Choice(expired=_by(expired, lambda e: e.created))
+        created = _column(view.entries, "created")
+        old = view.now - created >= self.seconds
+        return Choice(expired=_by(_ids(view.entries)[old], created[old]))
 
 
 @dataclass(frozen=True)
 class Importance:
     """Lowest accumulated retrieval score (plus the importance given at put) first."""
 
+    batch_fraction: float = BATCH_FRACTION
     name = "importance"
     needs_vectors = False
 
+    def __post_init__(self) -> None:
+        _check_batch(self)
+
     def choose(self, view: PruneView) -> Choice:
-        return Choice(order=_by(view.entries, lambda e: e.importance))
+        return Choice(order=_by(_ids(view.entries), _column(view.entries, "importance")))
 
 
 @dataclass(frozen=True)
@@ -135,8 +172,7 @@ class Redundancy:
     needs_vectors = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.batch_fraction < 1.0:
-            raise InvalidArgument(f"redundancy batch_fraction must be in [0, 1), got {self.batch_fraction}")
+        _check_batch(self)
 
     def choose(self, view: PruneView) -> Choice:
         n = len(view.entries)

@@ -78,10 +78,10 @@ def test_parse_errors_say_what_is_expected(text, msg):
 def test_planner_never_picks_pinned_and_refuses_what_cannot_fit():
     entries = [meta(0, pinned=True), meta(1), meta(2)]
     candidates = [m for m in entries if not m.pinned]
-    p = plan("s", Budget(max_entries=3), entries, candidates, 1, 0, FIFO().choose(view(candidates)), (), None)
+    p = plan("s", Budget(max_entries=3), len(entries), 0, candidates, 1, 0, FIFO().choose(view(candidates)), (), None)
     assert p.evict == (1,)
     with pytest.raises(ResourceExhausted, match="1 entries are pinned"):
-        plan("s", Budget(max_entries=1), entries, candidates, 1, 0, FIFO().choose(view(candidates)), (), None)
+        plan("s", Budget(max_entries=1), len(entries), 0, candidates, 1, 0, FIFO().choose(view(candidates)), (), None)
 
 
 @pytest.mark.parametrize("policy", ["fifo", "lru", "lfu", "importance", "redundancy", "ttl(seconds=5),then:lru"])
@@ -98,3 +98,28 @@ def test_long_stream_stays_within_budget(tmp_path, policy):
             st = m.stats("cam0")
             assert st.entries <= 25 and st.payload_bytes <= budget.max_bytes
         assert 0 in [e.entry_id for e in m.entries("cam0")]  # the pinned sink survives every policy
+        kept = m.stats("cam0")
+        assert kept.payload_bytes == sum(e.nbytes for e in m.entries("cam0"))  # the running total is exact
+    with LocalMemory(str(tmp_path), clock=clock) as m:  # and equals what a reopen recounts from LMDB
+        assert m.stats("cam0").payload_bytes == kept.payload_bytes
+
+
+@pytest.mark.parametrize("fraction,after", [(0.1, [90, 91, 100, 90]), (0.0, [100, 100, 100, 100])])
+def test_batch_fraction_evicts_past_the_budget_once(tmp_path, fraction, after):
+    """At budget, a batch policy evicts `fraction` x max_entries more in one go, then puts fill the gap."""
+    with LocalMemory(str(tmp_path)) as m:
+        m.create_stream(make_spec(budget=Budget(max_entries=100), policy=f"lru(batch_fraction={fraction})"))
+        m.put("cam0", [make_entry(i, kv=False) for i in range(100)])
+        seen = []
+        for n, puts in enumerate((1, 1, 9, 1)):
+            for j in range(puts):
+                m.put("cam0", [make_entry(1000 + 10 * n + j, kv=False)])
+            seen.append(m.stats("cam0").entries)
+        assert seen == after
+        oldest = min(e.entry_id for e in m.entries("cam0"))
+        assert oldest == (22 if fraction else 12)  # never retrieved: LRU falls back to creation order
+
+
+def test_batch_fraction_out_of_range_is_refused():
+    with pytest.raises(InvalidArgument, match=r"lfu batch_fraction must be in \[0, 1\), got 1.5"):
+        parse_policy("lfu(batch_fraction=1.5)")
