@@ -2,10 +2,12 @@
 
 One simulated stream of C chunks (1e5; --quick 1e4), one second per chunk on a simulated clock (`clock=`),
 runs through a real bank (`LocalMemory`, LMDB, `durable=False`: no fsync, commits still atomic). As a
-generator would, before every chunk the bank is queried with the current scene's per-layer key (k=3, the
-frames still in the local window excluded), so hits, recency, decayed frequency and importance evolve; every
-3rd chunk (MemFlow's default) records one entry: per-layer NAM-like keys (4 layers x 128-d by default) and a
-small bf16 KV payload for the first 1e4 entries, keys only beyond (so the unbounded run fits the disk).
+generator would, the bank is queried with the current scene's per-layer key (k=3, the frames still in the local
+window excluded), so hits, recency, decayed frequency and importance evolve - before every 3rd chunk by
+default, i.e. before each recorded one (`--query-every 1`: every chunk, as a generator does; the same
+latencies at 3x the run time). Every 3rd chunk (MemFlow's default) records one entry: per-layer NAM-like keys
+(4 layers x 128-d by default) and a small bf16 KV payload for the first 1e4 entries, keys only beyond (so the
+unbounded run fits the disk).
 
 Keys: a handful of recurring scenes (8 by default) in segments of 12-36 chunks, each scene returning after
 random gaps (an own schedule: these rows do not move when retrieval_quality's story does). An entry's key is
@@ -15,11 +17,13 @@ policies see structure: redundancy finds near-duplicates within a visit, and a f
 toward their centroid win query after query - recency/frequency/importance policies keep them, FIFO and TTL
 age them out (`hit_age_s` shows which).
 
-Runs: `unbounded` (dashed in the plot), every policy at each entry budget (--budgets), and one byte budget
-(lru, `max_bytes` = the raw payload of the smallest entry budget, `degrade=("fp8",)`): 14 runs in full, 8 in
---quick (one budget). Each run is a fresh subprocess, so `rss_mb` is the process's RSS growth since its bank was
-opened (`rss_anon_mb`: the part not backed by a file, i.e. indexes and heap, not LMDB's map) with nothing left
-over from a previous run. Every `C / --samples` chunks one "sample" row per run:
+Runs: `unbounded` (dashed in the plot; it queries a third as often, since no policy reads its hits and its scan
+grows to C/3 entries), every policy at each entry budget (--budgets, default 1000), and one payload budget
+(lru, `max_bytes` = the raw payload of the smallest entry budget, `degrade=("fp8",)`, plus 5x that entry
+budget, since entries past --kv-until carry no payload): 8 runs. Each run is a fresh subprocess, so `rss_mb` is
+the process's RSS growth since its bank was opened (`rss_anon_mb`: the part not backed by a file, i.e. indexes
+and heap, not LMDB's map) with nothing left over from a previous run. Every `C / --samples` chunks one "sample"
+row per run:
 
     entries, payload_mb, key_mb  the stream's stats (max_bytes bounds payload only; keys are never budgeted)
     disk_mb                      LMDB file size (never shrinks; freed pages are reused)
@@ -31,11 +35,11 @@ over from a previous run. Every `C / --samples` chunks one "sample" row per run:
 Then one "summary" row per run: final state, latencies over the last 10% of the stream and `p50_vs_unbounded`
 (that p50 over the unbounded run's). Every sample of a bounded run is checked against its budget; a breach
 stops the benchmark. Summary rows come first in the results file (they are what report.py's table shows).
-Runs go one at a time (--jobs 1), so no run's latencies carry another's load. The bank costs ~2 ms of CPU per
-chunk at these sizes (the harness ~3% of it), so --quick takes ~2.5 min on 2 cores at load 1, ~4 min at load 5
-(--jobs 2: ~30% less wall time, latencies skewed by the sibling run).
+Two runs go at once (--jobs 2, one per core): each latency then carries a sibling run's load, alike for
+every run, so the ratios hold; --jobs 1 for clean absolute latencies at twice the wall time. On 2 cores at
+load ~1 the full form takes ~5 min, --quick ~30 s.
 
-    python benchmarks/pruning_growth.py [--quick] [--layers 4] [--dim 128] [--budgets 1000,5000] [--jobs 1]
+    python benchmarks/pruning_growth.py [--quick] [--layers 4] [--dim 128] [--budgets 1000,5000] [--jobs 2]
 
 Writes OUT/bank_growth_pruning.jsonl (machine line first) and OUT/bank_growth_pruning.png.
 """
@@ -81,23 +85,30 @@ class Run:
     max_entries: Optional[int] = None
     max_bytes: Optional[int] = None
     degrade: tuple[str, ...] = ()
+    query_every: int = INTERVAL
 
     @property
     def budget(self) -> str:
+        parts = [f"entries<={self.max_entries}"] if self.max_entries is not None else []
         if self.max_bytes is not None:
-            return f"payload<={self.max_bytes / 1e6:.1f}MB" + "".join(f"+{d}" for d in self.degrade)
-        return f"entries<={self.max_entries}" if self.max_entries is not None else "none"
+            parts.append(f"payload<={self.max_bytes / 1e6:.1f}MB" + "".join(f"+{d}" for d in self.degrade))
+        return ",".join(parts) or "none"
 
 
 def plan_runs(args) -> list[Run]:
-    runs = [Run("unbounded", "fifo")]
+    # The unbounded run queries a third as often: no policy reads its hits, and its scan grows to C/3 entries.
+    runs = [Run("unbounded", "fifo", query_every=3 * args.query_every)]
     for budget in args.budgets:
         for short, expr in POLICIES.items():
             if short in args.policies:
-                runs.append(Run(f"{short}@{budget}", expr.format(ttl=args.ttl_s), max_entries=budget))
+                runs.append(Run(f"{short}@{budget}", expr.format(ttl=args.ttl_s), max_entries=budget,
+                                query_every=args.query_every))
     raw_entry = args.layers * 2 * KV_TOKENS * KV_HEAD_DIM * 2  # bf16 payload bytes of one entry
     budget_bytes = min(args.budgets) * raw_entry
-    runs.append(Run(f"lru@{budget_bytes / 1e6:.1f}MB+fp8", "lru", max_bytes=budget_bytes, degrade=("fp8",)))
+    # A payload budget of the smallest entry budget's raw bytes, fp8 before eviction; past --kv-until entries
+    # carry no payload, so an entry budget of 5x bounds the keys.
+    runs.append(Run(f"lru@{budget_bytes / 1e6:.1f}MB+fp8", "lru", max_entries=5 * min(args.budgets),
+                    max_bytes=budget_bytes, degrade=("fp8",), query_every=args.query_every))
     return runs
 
 
@@ -160,7 +171,7 @@ def worker(cfg: dict) -> None:
     layout = KVLayout(layers=layers, heads=1, head_dim=KV_HEAD_DIM, tokens_per_frame=KV_TOKENS)
     spec = StreamSpec("cam0", {"nam": KeySpace(dim, per_layer=True)}, kv=layout,
                       budget=Budget(run.max_entries, run.max_bytes), policy=run.policy, degrade=run.degrade)
-    q_ms = np.zeros(chunks)  # preallocated: the harness adds nothing to RSS as the stream grows
+    q_ms = np.full(chunks, np.nan)  # preallocated: the harness adds nothing to RSS as the stream grows
     put_ms = np.full(chunks, np.nan)
     age = np.full(chunks, np.nan)  # mean age (s) of each query's distinct hits
     clock = SimClock()
@@ -177,12 +188,13 @@ def worker(cfg: dict) -> None:
         for c in range(chunks):
             clock.t = float(c)
             lo = max(0, c - WINDOW_CHUNKS) * INTERVAL
-            t = time.perf_counter()
-            r = mem.query("cam0", "nam", keys.query(c), k, exclude_frames=(lo, c * INTERVAL))
-            q_ms[c] = (time.perf_counter() - t) * 1e3
-            frames = r.frames[r.frames >= 0]  # [L, k] -> hits; recorded frame f was chunk f // INTERVAL
-            if len(frames):
-                age[c] = c - float(np.mean(np.unique(frames))) / INTERVAL
+            if c % run.query_every == 0:
+                t = time.perf_counter()
+                r = mem.query("cam0", "nam", keys.query(c), k, exclude_frames=(lo, c * INTERVAL))
+                q_ms[c] = (time.perf_counter() - t) * 1e3
+                frames = r.frames[r.frames >= 0]  # [L, k] -> hits; recorded frame f was chunk f // INTERVAL
+                if len(frames):
+                    age[c] = c - float(np.mean(np.unique(frames))) / INTERVAL
             if c % INTERVAL == 0:
                 n = c // INTERVAL
                 kv = (kv_rng.standard_normal(layout.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
@@ -209,7 +221,8 @@ def sample(mem, run: Run, chunk: int, window: slice, q_ms, put_ms, age, proc, in
     if run.max_bytes is not None and st.payload_bytes > run.max_bytes:
         raise SystemExit(f"{run.name}: {st.payload_bytes} payload bytes at chunk {chunk}, over its budget of "
                          f"{run.max_bytes}")
-    q50, q99 = percentiles(q_ms[window] / 1e3)
+    queries = q_ms[window][~np.isnan(q_ms[window])]
+    q50, q99 = percentiles(queries / 1e3)
     puts = put_ms[window][~np.isnan(put_ms[window])]
     p50, p99 = percentiles(puts / 1e3) if len(puts) else (None, None)
     ages = age[window][~np.isnan(age[window])]
@@ -261,7 +274,7 @@ def plot(rows: list[dict], runs: list[Run], path: Path, title: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = dict(zip([*POLICIES, "bytes"], palette))
-    budgets = sorted({r.max_entries for r in runs if r.max_entries is not None})
+    budgets = sorted({r.max_entries for r in runs if r.max_entries is not None and r.max_bytes is None})
     styles = ["-", "-.", ":"]
     for run in [*runs[1:], runs[0]]:  # unbounded (runs[0]) drawn last, on top
         rs = [r for r in rows if r.get("row") == "sample" and r["run"] == run.name]
@@ -294,25 +307,27 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         return worker(json.loads(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1e4 chunks, one budget (1000 entries)")
+    ap.add_argument("--quick", action="store_true", help="1e4 chunks instead of 1e5")
     ap.add_argument("--chunks", type=int, default=0, help="stream length (default 1e5, 1e4 quick)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--query-every", type=int, default=INTERVAL, help="query before every Nth chunk (default 3: "
+                    "before each recorded chunk; 1 = every chunk, as a generator does: 3x the run time)")
     ap.add_argument("--scenes", type=int, default=8, help="recurring scenes the keys cluster around")
-    ap.add_argument("--budgets", default="", help="entry budgets, comma list (default 1000,5000; 1000 quick)")
+    ap.add_argument("--budgets", default="", help="entry budgets, comma list (default 1000; e.g. 1000,5000)")
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"some of {', '.join(POLICIES)}")
     ap.add_argument("--ttl-s", type=float, default=3600.0, help="TTL of the ttl+lfu run (simulated seconds)")
     ap.add_argument("--kv-until", type=int, default=10_000, help="entries past this are keys only")
     ap.add_argument("--samples", type=int, default=50, help="sample rows per run")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (2 cuts --quick's "
-                    "wall time by ~30%% on 2 cores, but every latency then includes a sibling run's load)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process (1: latencies "
+                    "free of a sibling run's load, twice the wall time)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     args.chunks = args.chunks or (10_000 if args.quick else 100_000)
-    args.budgets = [int(b) for b in (args.budgets or ("1000" if args.quick else "1000,5000")).split(",")]
+    args.budgets = [int(b) for b in (args.budgets or "1000").split(",")]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = set(args.policies) - set(POLICIES)
     if unknown:
@@ -322,6 +337,7 @@ def main() -> None:
     t_start = time.perf_counter()
     res = Results("bank_growth_pruning", args.out)
     res.header.update(chunks=args.chunks, layers=args.layers, dim=args.dim, k=args.k, scenes=args.scenes,
+                      query_every=args.query_every,
                       jobs=args.jobs, runs=[dataclasses.asdict(r) for r in runs], loadavg_start=os.getloadavg()[0])
     lock = threading.Lock()
 

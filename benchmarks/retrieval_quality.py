@@ -23,15 +23,20 @@ Rows: per source, policy and budget (100%, 30%, 10% of the stream's records): `r
 (>= 1 same-scene frame), bank size; the fixed strategy (always the last K records, the paper's comparison) as
 the floor; adaptive K (plugin.retrieval.adaptive_count) against fixed K: frames loaded per chunk and recall.
 
-    python benchmarks/retrieval_quality.py [--quick] [--sources embedding,nam] [--out benchmarks/results]
+The story is 3000 chunks (1000 records; --quick 1200). The two key sources run side by side, one process and
+one core each (--jobs 2); generating the NAM keys with the tiny model is most of the run (~40 ms per chunk).
+
+    python benchmarks/retrieval_quality.py [--quick] [--chunks 3000] [--sources embedding,nam] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -136,12 +141,9 @@ def embedding_keys(chunks: list[Chunk], seed: int, drift: float = 0.35) -> Keys:
 
 def nam_keys(chunks: list[Chunk], seed: int) -> Keys:
     """Generate the narrative with the tiny reference model; record its per-layer NAM keys."""
-    import torch
-
     from plugin import reference_model as rm
     from plugin.retrieval import nam_query
 
-    torch.set_num_threads(1)  # the tiny model's ops are too small to split across threads
     model = rm.ReferenceDiT(rm.tiny(seed=seed, max_frames=3 * len(chunks) + 64))
     state = model.new_state()
     frame, query = [], []
@@ -219,57 +221,77 @@ def fixed_floor(chunks: list[Chunk], k: int, interval: int, window_chunks: int) 
     return {"recall_at_k": float(np.mean(recalls)), "probes": len(recalls)}
 
 
+def evaluate(source: str, args) -> list[dict]:
+    """Every row of one key source (its own process: sources run side by side, one core each)."""
+    import torch
+
+    torch.set_num_threads(1)  # the models' ops are too small to split, and the other source has the other core
+    chunks = narrative(args.chunks, args.seed)
+    records = len(range(0, args.chunks, args.interval))
+    rows: list[dict] = []
+    keys = embedding_keys(chunks, args.seed) if source == "embedding" else nam_keys(chunks, args.seed)
+    from plugin.retrieval import adaptive_count
+
+    with tempfile.TemporaryDirectory(prefix="memflow-quality-") as tmp:
+        best = (-1.0, None)
+        for budget_pct in BUDGETS:
+            budget = None if budget_pct == 1.0 else max(1, int(records * budget_pct))
+            for policy in POLICIES:
+                row = run_stream(chunks, keys, policy, budget, args.k, args.interval, args.window_chunks, tmp)
+                rows.append(dict(source=source, policy=policy, budget_pct=int(budget_pct * 100), k=args.k, **row))
+                # best = good on every revisit, the long gaps included (FIFO can win overall and lose them all)
+                score = min(row["recall_at_k"], row["long_gap_recall"])
+                if budget_pct == BUDGETS[-1] and score > best[0]:
+                    best = (score, policy)
+        # adaptive K against fixed K, with the best policy at the smallest budget
+        policy = best[1]
+        budget = max(1, int(records * BUDGETS[-1]))
+        for kk in (1, 2, 3, 6):
+            row = run_stream(chunks, keys, policy, budget, kk, args.interval, args.window_chunks, tmp)
+            rows.append(dict(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k=kk, mode="fixed_k",
+                             frames_loaded=float(kk), **row))
+        loaded: list[int] = []
+
+        def adaptive(r, got):
+            n_keep = adaptive_count(np.atleast_2d(r.scores), args.adaptive, args.adaptive_threshold, 1, 6)
+            loaded.append(n_keep)
+            return got[:n_keep]
+
+        row = run_stream(chunks, keys, policy, budget, 6, args.interval, args.window_chunks, tmp, adaptive)
+        # recall of adaptive K: same-scene share of what it loaded
+        rows.append(dict(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k="adaptive",
+                         mode="adaptive_k", frames_loaded=float(np.mean(loaded)), **row))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1200 chunks instead of 6000")
+    parser.add_argument("--quick", action="store_true", help="1200 chunks instead of 3000")
+    parser.add_argument("--chunks", type=int, default=0, help="story length (default 3000, 1200 quick)")
     parser.add_argument("--sources", default="embedding,nam")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--interval", type=int, default=3, help="record every Nth chunk")
     parser.add_argument("--window-chunks", type=int, default=3, help="chunks still in the local window")
     parser.add_argument("--adaptive", default="gap", choices=["gap", "threshold"], help="adaptive K rule")
     parser.add_argument("--adaptive-threshold", type=float, default=0.1, help="for --adaptive threshold")
+    parser.add_argument("--jobs", type=int, default=2, help="key sources evaluated at once, one process each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    n = 1200 if args.quick else 6000
-    chunks = narrative(n, args.seed)
-    records = len(range(0, n, args.interval))
+    args.chunks = args.chunks or (1200 if args.quick else 3000)
+    sources = [src.strip() for src in args.sources.split(",") if src.strip()]
+    unknown = set(sources) - {"embedding", "nam"}
+    if unknown:
+        parser.error(f"unknown sources {sorted(unknown)}; expected some of embedding, nam")
     res = Results("retrieval_quality", Path(args.out))
-    floor = fixed_floor(chunks, args.k, args.interval, args.window_chunks)
+    res.header.update(chunks=args.chunks, jobs=args.jobs)
+    floor = fixed_floor(narrative(args.chunks, args.seed), args.k, args.interval, args.window_chunks)
     res.add(source="any", policy="fixed_last_k", budget_pct=100, k=args.k, **floor)
-    from plugin.retrieval import adaptive_count
-
-    with tempfile.TemporaryDirectory(prefix="memflow-quality-") as tmp:
-        for source in args.sources.split(","):
-            keys = embedding_keys(chunks, args.seed) if source == "embedding" else nam_keys(chunks, args.seed)
-            best = (-1.0, None)
-            for budget_pct in BUDGETS:
-                budget = None if budget_pct == 1.0 else max(1, int(records * budget_pct))
-                for policy in POLICIES:
-                    row = run_stream(chunks, keys, policy, budget, args.k, args.interval, args.window_chunks, tmp)
-                    res.add(source=source, policy=policy, budget_pct=int(budget_pct * 100), k=args.k, **row)
-                    # best = good on every revisit, the long gaps included (FIFO can win overall and lose them all)
-                    score = min(row["recall_at_k"], row["long_gap_recall"])
-                    if budget_pct == BUDGETS[-1] and score > best[0]:
-                        best = (score, policy)
-            # adaptive K against fixed K, with the best policy at the smallest budget
-            policy = best[1]
-            budget = max(1, int(records * BUDGETS[-1]))
-            for kk in (1, 2, 3, 6):
-                row = run_stream(chunks, keys, policy, budget, kk, args.interval, args.window_chunks, tmp)
-                res.add(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k=kk, mode="fixed_k",
-                        frames_loaded=float(kk), **row)
-            loaded: list[int] = []
-
-            def adaptive(r, got):
-                n_keep = adaptive_count(np.atleast_2d(r.scores), args.adaptive, args.adaptive_threshold, 1, 6)
-                loaded.append(n_keep)
-                return got[:n_keep]
-
-            row = run_stream(chunks, keys, policy, budget, 6, args.interval, args.window_chunks, tmp, adaptive)
-            # recall of adaptive K: same-scene share of what it loaded
-            res.add(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k="adaptive", mode="adaptive_k",
-                    frames_loaded=float(np.mean(loaded)), **row)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per source: no torch or faiss state shared
+    with ProcessPoolExecutor(max(1, min(args.jobs, len(sources))), mp_context=ctx) as pool:
+        for rows in pool.map(evaluate, sources, [args] * len(sources)):
+            for row in rows:
+                res.add(**row)
     print(f"wrote {res.close()}", file=sys.stderr)
 
 

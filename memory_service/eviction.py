@@ -32,15 +32,15 @@ def plan_for(s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
     if not (over_e or over_b or expiring):
         return Plan()
     candidates = [m for m in s.entries.values() if not m.pinned]
-    slack = 0
-    if budget.max_entries is not None:
-        fraction = max([getattr(p, "batch_fraction", 0.0) for p in parts(s.policy)])
-        slack = int(fraction * budget.max_entries)
-    need = over_e + slack + (math.ceil(over_b / max(1, s.payload_bytes / max(1, len(s.entries)))) if over_b else 0)
+    fraction = max([getattr(p, "batch_fraction", 0.0) for p in parts(s.policy)])
+    slack = int(fraction * budget.max_entries) if budget.max_entries is not None else 0
+    slack_bytes = int(fraction * budget.max_bytes) if budget.max_bytes is not None else 0
+    per_entry = max(1.0, s.payload_bytes / max(1, len(s.entries)))
+    need = over_e + slack + (math.ceil((over_b + slack_bytes) / per_entry) if over_b else 0)
     vectors = np.stack([s.compact[m.entry_id] for m in candidates]) if s.policy.needs_vectors and candidates else None
     choice = s.policy.choose(PruneView(tuple(candidates), now, need, vectors))
     return plan(s.spec.name, budget, len(s.entries), s.payload_bytes, candidates, add_entries, add_bytes, choice,
-                s.spec.degrade, _degraded_bytes(s), slack)
+                s.spec.degrade, _degraded_bytes(s), slack, slack_bytes)
 
 def _degraded_bytes(s: Stream):
     def after(meta: EntryMeta, step: str) -> int:

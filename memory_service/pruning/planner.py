@@ -42,6 +42,7 @@ def plan(
     degrade_steps: Sequence[str],
     degraded_bytes,  # (EntryMeta, step) -> payload bytes after that step
     slack: int = 0,
+    slack_bytes: int = 0,
 ) -> Plan:
     count = stored_entries + add_entries
     nbytes = stored_bytes + add_bytes
@@ -71,32 +72,33 @@ def plan(
         if eid not in gone:
             drop(eid)
             target_e -= 1
-    degrade: list[tuple[int, str]] = []
+    # bytes: degrade, then evict; once over, shed `slack_bytes` more. Keys-only entries free no payload bytes.
     _, over_b = over_budget(budget, count, nbytes)
+    shed = over_b + (slack_bytes if over_b else 0)
+    degraded: dict[int, str] = {}  # entry id -> step, in decision order
     for step in degrade_steps:
         for eid in order:
-            if over_b <= 0:
+            if shed <= 0:
                 break
             meta = by_id[eid]
-            if eid in gone or meta.codec == "none" or (step == "fp8" and meta.codec != "raw"):
-                continue
-            if any(d == eid for d, _ in degrade):
+            if eid in gone or eid in degraded or meta.codec == "none" or (step == "fp8" and meta.codec != "raw"):
                 continue
             after = degraded_bytes(meta, step)
             if after < meta.nbytes:
-                degrade.append((eid, step))
+                degraded[eid] = step
                 nbytes -= meta.nbytes - after
+                shed -= meta.nbytes - after
                 by_id[eid] = _with_bytes(meta, after)
-                over_b -= meta.nbytes - after
-    if degrade:
-        reasons.append(f"{len(degrade)} degraded")
+    if degraded:
+        reasons.append(f"{len(degraded)} degraded")
     for eid in order:
-        if over_b <= 0:
+        if shed <= 0:
             break
-        if eid not in gone:
+        if eid not in gone and by_id[eid].nbytes > 0:
+            shed -= by_id[eid].nbytes
             drop(eid)
-            degrade = [(d, s) for d, s in degrade if d != eid]
-            _, over_b = over_budget(budget, count, nbytes)
+            degraded.pop(eid, None)
+    degrade = list(degraded.items())
     over_e, over_b = over_budget(budget, count, nbytes)
     if over_e or over_b:
         pinned = stored_entries - len(candidates)

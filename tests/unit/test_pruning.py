@@ -123,3 +123,18 @@ def test_batch_fraction_evicts_past_the_budget_once(tmp_path, fraction, after):
 def test_batch_fraction_out_of_range_is_refused():
     with pytest.raises(InvalidArgument, match=r"lfu batch_fraction must be in \[0, 1\), got 1.5"):
         parse_policy("lfu(batch_fraction=1.5)")
+
+
+def test_byte_budget_never_evicts_keys_only_entries(tmp_path):
+    """Evicting an entry without payload frees no payload bytes: a byte budget must take entries that have one."""
+    with LocalMemory(str(tmp_path)) as m:
+        m.create_stream(make_spec(policy="fifo(batch_fraction=0)"))
+        m.put("cam0", [make_entry(0)])
+        per_entry = m.stats("cam0").payload_bytes
+        m.drop_stream("cam0")
+        m.create_stream(make_spec(budget=Budget(max_bytes=5 * per_entry), policy="fifo(batch_fraction=0)"))
+        keys_only = m.put("cam0", [make_entry(i, kv=False) for i in range(3)])  # the oldest: FIFO's first choice
+        with_kv = [m.put("cam0", [make_entry(10 + i)])[0] for i in range(8)]
+        left = [e.entry_id for e in m.entries("cam0")]
+        assert left == keys_only + with_kv[3:]
+        assert m.stats("cam0").payload_bytes == 5 * per_entry
