@@ -16,6 +16,7 @@ import pytest
 
 from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
+from memory_service.index import space as space_module
 from memory_service.index.space import SpaceIndex
 from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, prepare
 from memory_service.types import KeySpace
@@ -260,9 +261,12 @@ def space(index: str, metric: str, keys: np.ndarray, params: IndexParams = PARAM
     return s
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["serial", "pooled"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_flat_space_is_exact_per_layer_and_mean(metric, dtype):
+def test_flat_space_is_exact_per_layer_and_mean(metric, dtype, pooled, monkeypatch):
+    # Small layers are searched in the caller's thread, large ones on the pool: both paths must agree.
+    monkeypatch.setattr(space_module, "POOL_MIN_FLOATS_PER_LAYER", 0 if pooled else 10**12)
     rng = np.random.default_rng(11)
     keys = layered(rng, 400, DIM)
     s = space("flat", metric, keys, dtype=dtype)
