@@ -49,10 +49,24 @@ def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
+_LAST_DENY: tuple = (None, None)  # (deny ids as bytes, their selector): a per-layer query asks L times
+
+
 def _deny_selector(deny: Optional[np.ndarray]) -> Optional[faiss.IDSelector]:
+    """A selector that skips `deny`. The last one is reused (selectors are read-only in a search, so threads
+    may share it): a per-layer query passes the same ids to every layer's index, and building the selector
+    cost ~25 us of a ~120 us layer search at 1000 x 128."""
+    global _LAST_DENY
     if deny is None or len(deny) == 0:
         return None
-    return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(deny, dtype=np.int64)))
+    ids = np.ascontiguousarray(deny, dtype=np.int64)
+    key = ids.tobytes()
+    last_key, last_sel = _LAST_DENY
+    if last_key == key:
+        return last_sel
+    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids))
+    _LAST_DENY = (key, sel)
+    return sel
 
 
 class _FaissIndex:
