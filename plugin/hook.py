@@ -195,6 +195,7 @@ class MemFlowPlugin:
         if fut is not None:
             ok, value = self._guard.wait(fut, cfg.deadline_s - (time.perf_counter() - t0))
             staged, reason = (value, None) if ok else (None, value)
+        self.writer.release_held()  # the last chunk's write-back waited for this retrieval (see writeback.py)
         memory, report_sel, loaded, moved = NO_MEMORY, EMPTY, 0, 0
         if staged is not None:
             try:
@@ -275,7 +276,8 @@ class MemFlowPlugin:
         if frame < self.layout.sink_frames:
             return  # sink frames stay in the cache for the whole video
         views = self.adapter.frame_kv(kv, frame)
-        self.writer.submit(chunk_index, frame, self._prompts.get(chunk_index, ""), views, self.adapter, keys)
+        self.writer.submit(chunk_index, frame, self._prompts.get(chunk_index, ""), views, self.adapter, keys,
+                           hold=True)
 
     def _put(self, entries: list) -> list[int]:
         self._ensure_stream()

@@ -1,9 +1,12 @@
 """Write-back: recorded frames land in the bank intact; the queue is bounded; full means drop or bounded block."""
 
+import time
+
 import numpy as np
 import torch
 
 from memory_service import LocalMemory
+from plugin.writeback import MAX_HOLD_S
 from plugin_helpers import FOX, WHALE, Flaky, Run, make_plugin, tiny_model  # noqa: F401
 
 
@@ -20,6 +23,26 @@ def test_recorded_entries_are_the_cached_frames(tiny_model, tmp_path):
         for e, kv in zip(entries, fetched):
             assert torch.equal(torch.from_numpy(np.array(kv)), run.recorded[e.frame_index])
     assert plugin.stats().writes_written == 4
+
+
+def test_write_back_waits_for_the_next_retrieval(tiny_model, tmp_path):
+    """A chunk's write goes out after the next chunk's retrieval (so it never competes with it), or on its own
+    after MAX_HOLD_S when no chunk follows."""
+    with LocalMemory(str(tmp_path / "bank")) as memory:
+        plugin = make_plugin(memory, tiny_model)  # records chunks 3, 6, ...
+        run = Run(tiny_model, plugin).script([FOX] * 4)
+        time.sleep(MAX_HOLD_S / 3)
+        stats = plugin.stats()
+        assert (stats.writes_written, stats.writes_pending) == (0, 1)  # chunk 3's write waits for chunk 4
+        run.script([FOX], start=4)
+        assert plugin.flush(10.0) and plugin.stats().writes_written == 1
+        run.script([FOX] * 2, start=5)  # chunk 6 records; nothing retrieves after it
+        deadline = time.monotonic() + MAX_HOLD_S + 10.0
+        while plugin.stats().writes_written < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert plugin.stats().writes_written == 2  # went out by itself, with no flush
+        plugin.close()
+        assert [e.frame_index for e in memory.entries(plugin.config.stream)] == [9, 18]
 
 
 def test_unrotated_entries_say_so(tiny_model, tmp_path):
