@@ -61,6 +61,7 @@ class EntryTable(dict):
 class Stream:
     def __init__(self, record: dict, params: IndexParams, store: LMDBStore) -> None:
         self.spec = StreamSpec.from_json(record["spec"])
+        self._spec_json = self.spec.to_json()  # written with the stream record on every put; the spec never changes
         self.sid: int = record["sid"]
         self.next_id: int = record.get("next_id", 0)
         self.version: int = record.get("version", 0)
@@ -85,7 +86,7 @@ class Stream:
 
     def record(self) -> dict:
         return {
-            "sid": self.sid, "spec": self.spec.to_json(), "next_id": self.next_id, "version": self.version,
+            "sid": self.sid, "spec": self._spec_json, "next_id": self.next_id, "version": self.version,
             "evicted_total": self.evicted_total, "degraded_total": self.degraded_total,
         }
 
