@@ -21,7 +21,6 @@ import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
-import faiss
 import numpy as np
 
 from memory_service.config import BankConfig
@@ -44,8 +43,6 @@ class MemoryBank:
         self.data_dir = str(data_dir)
         self.config = config or BankConfig()
         self.clock = clock
-        if self.config.index.faiss_threads > 0:
-            faiss.omp_set_num_threads(self.config.index.faiss_threads)
         self.store = LMDBStore(os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
                               self.config.durable)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")

@@ -34,9 +34,9 @@ class IndexParams:
     ivf_train_min: int = 2048  # below this many vectors an IVF space answers exactly
     two_stage_candidates: int = 256  # first-pass candidates (at least 16 * k)
     use_gpu: bool = True  # use faiss-gpu for flat search when a GPU is present
-    # faiss's OpenMP threads per search (process-wide). 1: per-layer searches already run on a thread pool, and
-    # OpenMP's spin-waits make a 50-vector search 20x slower on a busy 2-core machine (0.24 vs 0.011 ms). 0 keeps
-    # faiss's default.
+    # faiss's OpenMP threads in each thread that searches or adds. 1: large per-layer searches already run on a
+    # thread pool, and OpenMP's spin-waits make a 50-vector search 20x slower on a busy 2-core machine (0.24 vs
+    # 0.011 ms). 0 keeps faiss's default.
     faiss_threads: int = 1
 
 

@@ -15,6 +15,7 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional, Protocol
 
 import faiss
@@ -47,6 +48,19 @@ def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
 
 def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+_THREAD = threading.local()
+
+
+def _omp_threads(n: int) -> None:
+    """Give faiss `n` OpenMP threads in the calling thread (0: faiss's default). omp_set_num_threads binds only
+    the thread that calls it - a thread started later (a gRPC handler, the plugin's worker, the layer pool)
+    begins at the process default, one per core - so each thread that calls faiss sets it once. Measured: the
+    plugin's worker searched a 10-frame bank in 1.6 ms per layer with the default, 0.05 ms with 1 thread."""
+    if n > 0 and getattr(_THREAD, "omp", None) != n:
+        faiss.omp_set_num_threads(n)
+        _THREAD.omp = n
 
 
 _LAST_DENY: tuple = (None, None)  # (deny ids as bytes, their selector): a per-layer query asks L times
@@ -90,12 +104,14 @@ class _FaissIndex:
         return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        _omp_threads(self.params.faiss_threads)
         x = prepare(vectors, self.metric)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise InvalidArgument(f"index expects vectors [n, {self.dim}], got {list(x.shape)}")
         self._index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> None:
+        _omp_threads(self.params.faiss_threads)
         if self.approximate:
             self._tombstones.update(int(i) for i in ids)
             if len(self._tombstones) > self.params.hnsw_rebuild_tombstone_ratio * max(1, self._index.ntotal):
@@ -124,6 +140,7 @@ class _FaissIndex:
         return int(self._index.ntotal) - len(self._tombstones)
 
     def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        _omp_threads(self.params.faiss_threads)
         q = prepare(queries, self.metric)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InvalidArgument(f"index expects queries [q, {self.dim}], got {list(q.shape)}")
