@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     sizes = [int(x) for x in (args.bank_sizes or ("10,1000" if args.quick else "10,1000,10000")).split(",")]
-    args.rounds = args.rounds or (3 if args.quick else 6)
+    args.rounds = args.rounds or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
     cfg = rm.tiny() if args.model == "tiny" else rm.wan_1_3b_shape()
     model = rm.ReferenceDiT(cfg, device=args.device)

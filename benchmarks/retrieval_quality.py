@@ -23,10 +23,10 @@ Rows: per source, policy and budget (100%, 30%, 10% of the stream's records): `r
 (>= 1 same-scene frame), bank size; the fixed strategy (always the last K records, the paper's comparison) as
 the floor; adaptive K (plugin.retrieval.adaptive_count) against fixed K: frames loaded per chunk and recall.
 
-The story is 2400 chunks (800 records; --quick 1200). The two key sources run side by side, one process and
+The story is 1800 chunks (600 records; --quick 1200). The two key sources run side by side, one process and
 one core each (--jobs 2); generating the NAM keys with the tiny model is most of the run (~40 ms per chunk).
 
-    python benchmarks/retrieval_quality.py [--quick] [--chunks 2400] [--sources embedding,nam] [--jobs 2]
+    python benchmarks/retrieval_quality.py [--quick] [--chunks 1800] [--sources embedding,nam] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ def evaluate(source: str, args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1200 chunks instead of 2400")
-    parser.add_argument("--chunks", type=int, default=0, help="story length (default 2400, 1200 quick)")
+    parser.add_argument("--quick", action="store_true", help="1200 chunks instead of 1800")
+    parser.add_argument("--chunks", type=int, default=0, help="story length (default 1800, 1200 quick)")
     parser.add_argument("--sources", default="embedding,nam")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--interval", type=int, default=3, help="record every Nth chunk")
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    args.chunks = args.chunks or (1200 if args.quick else 2400)
+    args.chunks = args.chunks or (1200 if args.quick else 1800)
     sources = [src.strip() for src in args.sources.split(",") if src.strip()]
     unknown = set(sources) - {"embedding", "nam"}
     if unknown:
