@@ -23,10 +23,12 @@ Rows: per source, policy and budget (100%, 30%, 10% of the stream's records): `r
 (>= 1 same-scene frame), bank size; the fixed strategy (always the last K records, the paper's comparison) as
 the floor; adaptive K (plugin.retrieval.adaptive_count) against fixed K: frames loaded per chunk and recall.
 
-The story is 1800 chunks (600 records; --quick 1200). The two key sources run side by side, one process and
-one core each (--jobs 2); generating the NAM keys with the tiny model is most of the run (~40 ms per chunk).
+Story lengths (the `chunks` column): 6000 chunks for embedding keys (2000 records; a 10% budget is 200
+entries), 1800 for NAM keys, whose tiny model must generate every chunk (~40 ms each; 10% is 60 entries, about
+5 per scene, a much tighter bank); --quick tells 1200 for both. The two sources run side by side, one process
+and one core each (--jobs 2), so the run takes about as long as the NAM side.
 
-    python benchmarks/retrieval_quality.py [--quick] [--chunks 1800] [--sources embedding,nam] [--jobs 2]
+    python benchmarks/retrieval_quality.py [--quick] [--chunks 6000] [--nam-chunks 1800] [--sources embedding,nam]
 """
 
 from __future__ import annotations
@@ -226,9 +228,11 @@ def evaluate(source: str, args) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)  # the models' ops are too small to split, and the other source has the other core
-    chunks = narrative(args.chunks, args.seed)
-    records = len(range(0, args.chunks, args.interval))
-    rows: list[dict] = []
+    n = args.nam_chunks if source == "nam" else args.chunks
+    chunks = narrative(n, args.seed)
+    records = len(range(0, n, args.interval))
+    floor = fixed_floor(chunks, args.k, args.interval, args.window_chunks)
+    rows: list[dict] = [dict(source=source, chunks=n, policy="fixed_last_k", budget_pct=100, k=args.k, **floor)]
     keys = embedding_keys(chunks, args.seed) if source == "embedding" else nam_keys(chunks, args.seed)
     from plugin.retrieval import adaptive_count
 
@@ -238,7 +242,7 @@ def evaluate(source: str, args) -> list[dict]:
             budget = None if budget_pct == 1.0 else max(1, int(records * budget_pct))
             for policy in POLICIES:
                 row = run_stream(chunks, keys, policy, budget, args.k, args.interval, args.window_chunks, tmp)
-                rows.append(dict(source=source, policy=policy, budget_pct=int(budget_pct * 100), k=args.k, **row))
+                rows.append(dict(source=source, chunks=n, policy=policy, budget_pct=int(budget_pct * 100), k=args.k, **row))
                 # best = good on every revisit, the long gaps included (FIFO can win overall and lose them all)
                 score = min(row["recall_at_k"], row["long_gap_recall"])
                 if budget_pct == BUDGETS[-1] and score > best[0]:
@@ -248,7 +252,7 @@ def evaluate(source: str, args) -> list[dict]:
         budget = max(1, int(records * BUDGETS[-1]))
         for kk in (1, 2, 3, 6):
             row = run_stream(chunks, keys, policy, budget, kk, args.interval, args.window_chunks, tmp)
-            rows.append(dict(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k=kk, mode="fixed_k",
+            rows.append(dict(source=source, chunks=n, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k=kk, mode="fixed_k",
                              frames_loaded=float(kk), **row))
         loaded: list[int] = []
 
@@ -259,15 +263,18 @@ def evaluate(source: str, args) -> list[dict]:
 
         row = run_stream(chunks, keys, policy, budget, 6, args.interval, args.window_chunks, tmp, adaptive)
         # recall of adaptive K: same-scene share of what it loaded
-        rows.append(dict(source=source, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k="adaptive",
+        rows.append(dict(source=source, chunks=n, policy=policy, budget_pct=int(BUDGETS[-1] * 100), k="adaptive",
                          mode="adaptive_k", frames_loaded=float(np.mean(loaded)), **row))
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1200 chunks instead of 1800")
-    parser.add_argument("--chunks", type=int, default=0, help="story length (default 1800, 1200 quick)")
+    parser.add_argument("--quick", action="store_true", help="1200-chunk stories")
+    parser.add_argument("--chunks", type=int, default=0, help="story length for embedding keys (default 6000, "
+                        "1200 quick)")
+    parser.add_argument("--nam-chunks", type=int, default=0, help="story length for NAM keys (default 1800, 1200 "
+                        "quick): the tiny model generates every chunk, ~40 ms each")
     parser.add_argument("--sources", default="embedding,nam")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--interval", type=int, default=3, help="record every Nth chunk")
@@ -278,15 +285,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    args.chunks = args.chunks or (1200 if args.quick else 1800)
+    args.chunks = args.chunks or (1200 if args.quick else 6000)
+    args.nam_chunks = args.nam_chunks or (1200 if args.quick else 1800)
     sources = [src.strip() for src in args.sources.split(",") if src.strip()]
     unknown = set(sources) - {"embedding", "nam"}
     if unknown:
         parser.error(f"unknown sources {sorted(unknown)}; expected some of embedding, nam")
     res = Results("retrieval_quality", Path(args.out))
-    res.header.update(chunks=args.chunks, jobs=args.jobs)
-    floor = fixed_floor(narrative(args.chunks, args.seed), args.k, args.interval, args.window_chunks)
-    res.add(source="any", policy="fixed_last_k", budget_pct=100, k=args.k, **floor)
+    res.header.update(chunks=args.chunks, nam_chunks=args.nam_chunks, jobs=args.jobs)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per source: no torch or faiss state shared
     with ProcessPoolExecutor(max(1, min(args.jobs, len(sources))), mp_context=ctx) as pool:
         for rows in pool.map(evaluate, sources, [args] * len(sources)):
