@@ -110,19 +110,19 @@ class WriteBack:
         item = _Write(chunk, frame, prompt, None if not adapter.store_rotated else frame, slot, event,
                       dict(extra_keys or {}), time.monotonic() if hold else None)
         with self._cond:
-            self._release(lambda w: True)  # at most the newest write is ever held
+            self._release()  # at most the newest write is ever held
             self._queued.append(item)
             self._cond.notify_all()
         return True
 
     def release_held(self) -> None:
         with self._cond:
-            self._release(lambda w: True)
+            self._release()
 
-    def _release(self, which: Callable[[_Write], bool]) -> None:
-        """Under the lock: let held writes matching `which` go."""
+    def _release(self, below_frame: Optional[int] = None) -> None:
+        """Under the lock: let held writes go (only those of frames < `below_frame` when given)."""
         for w in self._queued:
-            if w.held_since is not None and which(w):
+            if w.held_since is not None and (below_frame is None or w.frame < below_frame):
                 w.held_since = None
                 self._cond.notify_all()
 
@@ -168,7 +168,7 @@ class WriteBack:
         not cost every read its deadline.
         """
         with self._cond:
-            self._release(lambda w: w.frame < frame)
+            self._release(below_frame=frame)
             since = self._in_flight_since
             if since is not None and time.monotonic() - since > self.block_s:
                 return False
@@ -177,7 +177,7 @@ class WriteBack:
 
     def flush(self, timeout_s: Optional[float] = None) -> bool:
         with self._cond:
-            self._release(lambda w: True)
+            self._release()
             return self._cond.wait_for(lambda: not self._queued and not self._in_flight, timeout=timeout_s)
 
     def stats(self) -> WriteStats:
@@ -187,7 +187,7 @@ class WriteBack:
 
     def close(self) -> None:
         with self._cond:
-            self._release(lambda w: True)
+            self._release()
             self._closed = True
             self._cond.notify_all()
 
