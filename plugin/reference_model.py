@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin.adapters.base import CacheLayout
-from plugin.adapters.self_forcing import SelfForcingAdapter, allocate_cache
+from plugin.adapters.self_forcing import SelfForcingAdapter, allocate_cache, commit_chunk, make_room
 from plugin.attention import NO_MEMORY, ChunkMemory, cache_attention
 from plugin.retrieval import nam_entry_keys
 from plugin.rope import Rope3D
@@ -248,7 +248,7 @@ class ReferenceDiT(nn.Module):
         if memory.frames and len(memory.frames) != cfg.layers:
             raise ValueError(f"ChunkMemory has {len(memory.frames)} layers, the model has {cfg.layers}")
         self._set_prompt(state, prompt)
-        self._make_room(state)
+        state.write_start = make_room(state.kv, self.layout)  # the window rolling shared with every generator
         b = state.kv[0]["k"].shape[0]
         g = torch.Generator(device=self.device_).manual_seed(cfg.seed * 1_000_003 + chunk_index)
         shape = (b, cfg.frames_per_chunk, cfg.tokens_per_frame, cfg.latent_channels)
@@ -261,31 +261,9 @@ class ReferenceDiT(nn.Module):
                 nxt = cfg.sigmas[i + 1]
                 x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=g, device=self.device_, dtype=torch.float32)
         self._forward(state, chunk_index, x0.to(self.dtype), 0.0, memory)  # clean pass: K/V of the chunk
-        s = cfg.frames_per_chunk * cfg.tokens_per_frame
-        for layer in state.kv:
-            layer["global_end_index"].add_(s)
-            layer["local_end_index"].fill_(state.write_start + s)
+        commit_chunk(state.kv, state.write_start, self.layout)
         state.next_chunk += 1
         return x0.to(self.dtype)
-
-    def _make_room(self, state: StreamState) -> None:
-        """Roll the window left (sink kept) so the chunk fits; evicted frames are never read again."""
-        cfg = self.cfg
-        n, s = cfg.tokens_per_frame, cfg.frames_per_chunk * cfg.tokens_per_frame
-        sink = cfg.sink_frames * n
-        for layer in state.kv:
-            local_end = int(layer["local_end_index"].item())
-            capacity = layer["k"].shape[1]
-            evict = local_end + s - capacity
-            if evict > 0:
-                kept = local_end - evict - sink
-                for buf in (layer["k"], layer["v"]):
-                    for dst in range(sink, sink + kept, evict):  # blocks of `evict` tokens never overlap
-                        width = min(evict, sink + kept - dst)
-                        buf[:, dst:dst + width].copy_(buf[:, dst + evict:dst + evict + width])
-                layer["local_end_index"].fill_(local_end - evict)
-                local_end -= evict
-            state.write_start = local_end
 
     def _forward(self, state: StreamState, chunk_index: int, x: torch.Tensor, sigma: float,
                  memory: ChunkMemory) -> torch.Tensor:

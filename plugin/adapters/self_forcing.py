@@ -12,6 +12,8 @@ and zero allocations per chunk, and with m = 0 it is the bare cache. A real Self
 plugin by allocating its cache with `allocate_cache` and attending through `plugin.attention`.
 Cross-attention caches (per layer "k", "v" `[B, text_tokens, H, D]`, "is_init") are the generator's own;
 the adapter asks the generator for a prompt's text keys through `text_keys_fn`.
+`make_room` and `commit_chunk` are the window rolling every generator on this layout shares (the reference
+model and the diffusers Wan driver), so all of them evict the same frames at the same chunk.
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ def allocate_cache(layout: CacheLayout, batch: int = 1, memory_frames: int = 0) 
             "global_end_index": torch.zeros(1, dtype=torch.long), "local_end_index": torch.zeros(1, dtype=torch.long),
         })
     return cache
+
+
+def make_room(kv: Sequence[dict], layout: CacheLayout) -> int:
+    """Roll every layer's window left (sink kept) so one more chunk fits; returns the local token where the
+    chunk's K/V go. Evicted frames are never read again; the chunk is not committed (see `commit_chunk`)."""
+    n, s = layout.tokens_per_frame, layout.frames_per_chunk * layout.tokens_per_frame
+    sink = layout.sink_frames * n
+    write_start = 0
+    for layer in kv:
+        local_end = int(layer["local_end_index"].item())
+        capacity = layer["k"].shape[1]
+        evict = local_end + s - capacity
+        if evict > 0:
+            kept = local_end - evict - sink
+            for buf in (layer["k"], layer["v"]):
+                for dst in range(sink, sink + kept, evict):  # blocks of `evict` tokens never overlap
+                    width = min(evict, sink + kept - dst)
+                    buf[:, dst:dst + width].copy_(buf[:, dst + evict:dst + evict + width])
+            layer["local_end_index"].fill_(local_end - evict)
+            local_end -= evict
+        write_start = local_end
+    return write_start
+
+
+def commit_chunk(kv: Sequence[dict], write_start: int, layout: CacheLayout) -> None:
+    """The chunk whose K/V were written from local token `write_start` is now part of the cache."""
+    s = layout.frames_per_chunk * layout.tokens_per_frame
+    for layer in kv:
+        layer["global_end_index"].add_(s)
+        layer["local_end_index"].fill_(write_start + s)
 
 
 class SelfForcingAdapter:
