@@ -8,12 +8,15 @@ only delegate here. Promises:
 - after `put` returns, the stream is within its budget (the put's own evictions commit with it);
 - queries never see another stream's entries, and run under the stream's lock only for the search itself.
 Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory and are persisted with
-the next write, or at most `hit_flush_interval_s` later, or on close.
+the next write, or at most `hit_flush_interval_s` later by a background thread, or on close: a query never
+writes, so it never fails on a full disk. Deletes, drops and prunes commit on a full disk (the store's
+reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and still closes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -24,7 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from memory_service.config import BankConfig
-from memory_service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from memory_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from memory_service.pruning import LFU, parse_policy
 from memory_service import eviction
 from memory_service.pruning.planner import Plan
@@ -37,6 +40,8 @@ from memory_service.types import (
 )
 from memory_service.validate import check_entries, check_ids, check_query
 
+log = logging.getLogger("memflow.bank")
+
 
 class MemoryBank:
     def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time):
@@ -44,7 +49,7 @@ class MemoryBank:
         self.config = config or BankConfig()
         self.clock = clock
         self.store = LMDBStore(os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
-                              self.config.durable)
+                              self.config.durable, reserve_bytes=self.config.reserve_bytes)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
         self._lock = threading.RLock()
         self._streams: dict[str, Stream] = {}
@@ -90,7 +95,7 @@ class MemoryBank:
                     w.delete_prefix(db, prefix)
 
             with s.lock:
-                self.store.write(fn)
+                self.store.write(fn, frees=True)
                 del self._streams[name]
             for sidx in range(len(s.space_names)):
                 path = os.path.join(self.snapshot_dir, f"stream{s.sid}-space{sidx}.npz")
@@ -169,7 +174,8 @@ class MemoryBank:
         s = self._stream(stream)
         with s.lock:
             p = eviction.plan_for(s, 0, 0, self.clock())
-            degraded = self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums))
+            degraded = self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums),
+                                        frees=True)
             eviction.mirror(s, p, degraded, s.next_id)
         return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
 
@@ -199,7 +205,7 @@ class MemoryBank:
             frames = s.frames_of(ids)
             self._record_hits(s, ids)
         if time.monotonic() - self._last_flush > self.config.hit_flush_interval_s:
-            self.flush()
+            self._flush_soon()  # never inline: a query must not write (nor fail on a full disk)
         return QueryResult(ids=ids, scores=scores, frames=frames, trace=QueryTrace(scanned, tuple(steps)))
 
     def _record_hits(self, s: Stream, ids: np.ndarray) -> None:
@@ -218,6 +224,27 @@ class MemoryBank:
             s.entries[eid] = _updated(m, hit_count=m.hit_count + 1, last_hit=now, lfu=lfu,
                                       importance=m.importance + c / len(rows))
             s.dirty.add(eid)
+
+    _flusher: Optional[threading.Thread] = None  # the one-shot statistics flush a query may start
+
+    def _flush_soon(self) -> None:
+        """Persist statistics on a one-shot thread (the pruner thread does it when the bank has one)."""
+        if self._pruner is not None or not self._lock.acquire(blocking=False):
+            return  # the pruner flushes; or the bank is busy (a drop, a close): the next query asks again
+        try:
+            if self._stop.is_set() or (self._flusher is not None and self._flusher.is_alive()):
+                return
+            self._last_flush = time.monotonic()
+            self._flusher = threading.Thread(target=self._flush_quietly, name="memflow-flush", daemon=True)
+            self._flusher.start()
+        finally:
+            self._lock.release()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except ResourceExhausted as exc:  # a full disk: they stay in memory and go with a later write
+            log.warning("retrieval statistics not persisted yet: %s", exc)
 
     def flush(self) -> None:
         """Persist retrieval statistics of every stream."""
@@ -334,7 +361,7 @@ class MemoryBank:
         with s.lock:
             self._require(s, id_arr)
             p = Plan(evict=tuple(id_arr.tolist()), reason="deleted")
-            self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums))
+            self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums), frees=True)
             eviction.mirror(s, p, {}, s.next_id)
         return len(id_arr)
 
@@ -378,7 +405,8 @@ class MemoryBank:
             )
 
     def snapshot(self) -> None:
-        """Write index snapshots stamped with each stream's version (fast reopen for ANN indexes)."""
+        """Write index snapshots stamped with each stream's version (fast reopen for ANN indexes); one that
+        does not fit on the disk is skipped (no partial file is left) and the next open rebuilds from LMDB."""
         for s in list(self._streams.values()):
             with s.lock:
                 s.save_snapshot(self.snapshot_dir)
@@ -398,8 +426,8 @@ class MemoryBank:
                             pass
                 try:
                     self.flush()
-                except Exception:
-                    pass
+                except Exception as exc:  # noqa: BLE001 - a full disk: they stay in memory, retried next time
+                    log.debug("retrieval statistics not persisted yet: %s", exc)
 
         self._pruner = threading.Thread(target=loop, name="memflow-pruner", daemon=True)
         self._pruner.start()
@@ -407,10 +435,15 @@ class MemoryBank:
     def close(self) -> None:
         if self._closed:
             return
-        self._stop.set()
-        if self._pruner is not None:
-            self._pruner.join()
-        self.flush()
+        with self._lock:  # no query starts a flusher after this
+            self._stop.set()
+        for thread in (self._pruner, self._flusher):
+            if thread is not None:
+                thread.join()
+        try:
+            self.flush()
+        except ResourceExhausted as exc:  # a full disk must not stop a clean close: LMDB holds every entry
+            log.warning("closing without persisting the latest retrieval statistics: %s", exc)
         if self.config.snapshot_on_close:
             self.snapshot()
         self.store.close()

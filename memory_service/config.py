@@ -50,6 +50,9 @@ class BankConfig:
     verify_checksums: bool = True  # payload checksums checked on the first read of each layer after open
     verify_every_read: bool = False  # ... or on every read
     snapshot_on_close: bool = True
+    # disk held back (a file of real blocks, at most 1/16 of the filesystem) so that deletes, drops and prunes
+    # still commit on a full disk; 0 turns it off
+    reserve_bytes: int = 8 << 20
     hit_flush_interval_s: float = 5.0  # retrieval statistics are persisted at most this stale
     index: IndexParams = field(default_factory=IndexParams)
 

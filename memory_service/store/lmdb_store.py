@@ -9,6 +9,14 @@ Promises: a `write` is one LMDB transaction (all of it is visible after it retur
 and it survives `kill -9` once committed); the map grows by doubling when full, only while no reader is
 inside (the gate), up to `max_map_size`; past that, or on a full disk, writes raise ResourceExhausted
 and every committed record stays readable. Reads hand out buffers straight from the memory map.
+
+A full disk never locks the bank up. LMDB is copy-on-write, so even a delete needs a few fresh pages; the
+store keeps a reserve file (`reserve`, real blocks) beside the environment and gives it up when a write that
+frees space (`write(..., frees=True)`: delete, drop, prune) hits ENOSPC, then retries. Pages a commit frees
+become reusable only after one more commit (LMDB keeps the previous snapshot whole), and an aborted write
+does not count, so a put retried on a full disk would never see them: after a space-freeing commit on a low
+disk, and once before a write gives up on ENOSPC, the store commits a one-key "advance" transaction. The
+reserve is refilled (as far as the disk allows) after later commits, before puts can take that space.
 """
 
 from __future__ import annotations
@@ -157,12 +165,14 @@ class Reader:
 class LMDBStore:
     """The one `TensorStore` implementation: an LMDB environment in `path`."""
 
-    def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40, durable: bool = True) -> None:
+    def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40, durable: bool = True,
+                 reserve_bytes: int = 8 << 20) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.max_map_size = max_map_size
         self._gate = _Gate()
         self._write_lock = threading.Lock()
+        self._advances = 0
         self.env = lmdb.open(
             path, map_size=min(map_size, max_map_size), max_dbs=len(DBS) + 1, max_readers=512,
             readahead=False, metasync=durable, sync=durable, lock=True,
@@ -172,6 +182,8 @@ class LMDBStore:
         if current < min(map_size, max_map_size):
             self.env.set_mapsize(min(map_size, max_map_size))
         self._dbs = {name: self.env.open_db(name.encode()) for name in DBS}
+        self.reserve = Reserve(os.path.join(path, RESERVE_FILE), reserve_bytes)
+        self.reserve.refill()
 
     # -- reads -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -181,26 +193,56 @@ class LMDBStore:
                 yield Reader(txn, self._dbs)
 
     # -- writes ----------------------------------------------------------------------------------
-    def write(self, fn: Callable[[Writer], T]) -> T:
+    def write(self, fn: Callable[[Writer], T], frees: bool = False) -> T:
         """Run `fn` in one write transaction; grow the map and rerun it if the map fills up.
 
+        `frees`: the write frees space (delete, drop, prune), so on a full disk it may use the reserve.
         `fn` must not change anything outside the transaction: it may run more than once.
         """
         with self._write_lock:
+            advanced = released = False
             while True:
                 try:
                     with self._gate.shared():
                         with self.env.begin(write=True, buffers=True) as txn:
-                            return fn(Writer(txn, self._dbs))
+                            result = fn(Writer(txn, self._dbs))
+                    break
                 except lmdb.MapFullError:
                     self._grow()
                 except lmdb.Error as exc:
-                    if _is_disk_full(exc, self.path):
-                        raise ResourceExhausted(
-                            f"disk full under {self.path}: the write was rolled back and the bank is unchanged; "
-                            "free space or lower the stream budgets"
-                        ) from None
-                    raise
+                    if not _is_disk_full(exc, self.path):
+                        raise
+                    if not advanced:  # pages the last commit freed become usable after one more commit
+                        advanced = True
+                        self.env.reader_check()  # a dead process's reader slot would pin freed pages
+                        if self._advance():
+                            continue
+                    if frees and not released and self.reserve.release():
+                        released = True
+                        continue
+                    raise ResourceExhausted(
+                        f"disk full under {self.path}: the write was rolled back and the bank is unchanged; "
+                        + ("even the space reserve did not make room for it; " if frees else
+                           "delete entries or drop streams (they still work on a full disk), ")
+                        + "free space or lower the stream budgets"
+                    ) from None
+            if released or (frees and self.reserve.disk_low()):
+                self._advance()  # so that the next write can reuse what this one freed
+            self.reserve.refill()
+            return result
+
+    def _advance(self) -> bool:
+        """Commit a one-key transaction (see the module docstring); False if even that found no room."""
+        try:
+            with self._gate.shared():
+                with self.env.begin(write=True) as txn:
+                    self._advances += 1
+                    txn.put(b"advance", str(self._advances).encode(), db=self._dbs["meta"])
+            return True
+        except lmdb.Error as exc:
+            if _is_disk_full(exc, self.path):
+                return False
+            raise
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -227,6 +269,64 @@ class LMDBStore:
 
     def close(self) -> None:
         self.env.close()
+
+
+RESERVE_FILE = "reserve"
+
+
+class Reserve:
+    """Disk space held back for writes that free space: a file of real blocks (fallocate, else zeros).
+
+    Its size is `target` bytes, at most 1/16 of the filesystem; `release` empties it, `refill` grows it back as
+    far as free space allows (a partial reserve is better than none). Only the write lock's holder calls it.
+    """
+
+    CHUNK = 64 << 10
+
+    def __init__(self, path: str, target: int) -> None:
+        self.path = path
+        try:
+            total = shutil.disk_usage(os.path.dirname(path)).total
+        except OSError:
+            total = 0
+        self.target = max(0, min(int(target), total // 16)) // 4096 * 4096
+        self.size = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def disk_low(self) -> bool:
+        return shutil.disk_usage(os.path.dirname(self.path)).free < max(2 * self.target, 4 << 20)
+
+    def release(self) -> bool:
+        if self.size == 0:
+            return False
+        os.truncate(self.path, 0)
+        self.size = 0
+        return True
+
+    def refill(self) -> None:
+        if self.size >= self.target or shutil.disk_usage(os.path.dirname(self.path)).free < 4096:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, self.size, self.target - self.size)
+                self.size = self.target
+            except OSError:  # ENOSPC, or a filesystem without fallocate: zeros, chunk by chunk, while they fit
+                os.ftruncate(fd, self.size)
+                zeros = bytes(self.CHUNK)
+                while self.size < self.target:
+                    try:
+                        n = os.pwrite(fd, zeros[: min(self.CHUNK, self.target - self.size)], self.size)
+                    except OSError:
+                        break
+                    if n <= 0:
+                        break
+                    self.size += n
+                os.ftruncate(fd, self.size)
+            os.fsync(fd)
+        except OSError:
+            pass  # the reserve is best effort; the disk may be full right now
+        finally:
+            os.close(fd)
 
 
 def _is_disk_full(exc: lmdb.Error, path: str) -> bool:

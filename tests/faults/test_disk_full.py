@@ -1,11 +1,17 @@
-"""A real full disk: the bank on a 4 MiB tmpfs fills up; the failing put is RESOURCE_EXHAUSTED and changes nothing.
+"""A real full disk: the bank on a 4 MiB tmpfs fills up. A failing put is RESOURCE_EXHAUSTED and changes nothing;
+deletes and drops still commit and the space they free takes new puts; queries never write; a close (and a
+SIGTERM'd `memflow-service serve`) on the full disk ends cleanly, leaves no partial file, and the next start
+serves everything that was acknowledged.
 
 Needs permission to mount tmpfs (root, as on CI and developer machines here); skips cleanly elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +19,14 @@ import pytest
 from conftest import make_entry, make_spec
 from memory_service import LocalMemory, ResourceExhausted
 from memory_service.config import BankConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
+
+from svc_util import start_serve  # noqa: E402
+
+from memory_service.client import MemoryClient  # noqa: E402
+
+CONFIG = BankConfig(map_size=64 << 20, snapshot_on_close=False)
 
 
 @pytest.fixture
@@ -28,9 +42,32 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def fill(m, stream: str, acked: dict[int, int], next_seed: int, batch: int = 1) -> int:
+    """Put entries of fresh seeds into `stream` until the disk refuses; returns the next unused seed."""
+    with pytest.raises(ResourceExhausted, match="disk full"):
+        for _ in range(100_000):  # 4 MiB holds a few thousand 1.3 KiB entries at most
+            seeds = list(range(next_seed, next_seed + batch))
+            next_seed += batch
+            acked.update(zip(m.put(stream, [make_entry(s) for s in seeds]), seeds))
+    return next_seed
+
+
+def assert_holds(m, stream: str, acked: dict[int, int]) -> None:
+    """Exactly the acknowledged entries, each with its own K/V bit for bit."""
+    ids = sorted(acked)
+    assert [e.entry_id for e in m.entries(stream)] == ids
+    if ids:
+        got = m.fetch(stream, ids).kv
+        assert got.tobytes() == np.stack([make_entry(acked[i]).kv for i in ids]).tobytes()
+
+
+def no_partial_files(root: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if ".tmp" in f]
+
+
 def test_full_disk_is_resource_exhausted_and_bank_stays_readable(tiny_disk):
     data = tiny_disk + "/bank"
-    with LocalMemory(data, BankConfig(map_size=64 << 20, snapshot_on_close=False)) as m:
+    with LocalMemory(data, CONFIG) as m:
         m.create_stream(make_spec())
         acked: list[int] = []
         with pytest.raises(ResourceExhausted, match="disk full"):
@@ -48,3 +85,103 @@ def test_full_disk_is_resource_exhausted_and_bank_stays_readable(tiny_disk):
         assert np.array_equal(m.fetch("cam0", acked).kv, kv)
     with LocalMemory(data, BankConfig(snapshot_on_close=False)) as m:  # reopens after the failures
         assert m.stats("cam0").entries == len(acked)
+
+
+def test_delete_on_a_full_disk_commits_and_its_space_takes_new_puts(tiny_disk):
+    data = tiny_disk + "/bank"
+    with LocalMemory(data, CONFIG) as m:
+        m.create_stream(make_spec())
+        acked: dict[int, int] = {}
+        seed = fill(m, "cam0", acked, 0)
+        for rnd in range(4):  # again and again: each delete on the full disk commits, each refill reuses it
+            victims = sorted(acked)[:100]
+            assert m.delete("cam0", victims) == 100
+            for eid in victims:
+                del acked[eid]
+            assert m.stats("cam0").entries == len(acked)
+            before = len(acked)
+            seed = fill(m, "cam0", acked, seed)
+            assert len(acked) - before >= 50, f"round {rnd}: only {len(acked) - before} puts fit after 100 deletes"
+        assert_holds(m, "cam0", acked)
+    with LocalMemory(data, CONFIG) as m:
+        assert_holds(m, "cam0", acked)
+
+
+def test_drop_on_a_full_disk_commits_and_its_space_takes_new_puts(tiny_disk):
+    data = tiny_disk + "/bank"
+    with LocalMemory(data, CONFIG) as m:
+        m.create_stream(make_spec("keep"))
+        m.create_stream(make_spec("big"))
+        keep: dict[int, int] = {}
+        big: dict[int, int] = {}
+        for seed in range(0, 600, 4):  # about a third of the disk
+            keep.update(zip(m.put("keep", [make_entry(s) for s in range(seed, seed + 4)]), range(seed, seed + 4)))
+        seed = fill(m, "big", big, 600, batch=4)  # the rest of the disk: about 2 MiB
+        assert len(big) > 400
+        m.drop_stream("big")
+        assert [s.name for s in m.list_streams()] == ["keep"]
+        before = len(keep)
+        seed = fill(m, "keep", keep, seed)
+        assert len(keep) - before >= len(big) // 2, f"{len(keep) - before} puts fit where {len(big)} entries were"
+        assert_holds(m, "keep", keep)
+    with LocalMemory(data, CONFIG) as m:
+        assert [s.name for s in m.list_streams()] == ["keep"]
+        assert_holds(m, "keep", keep)
+
+
+def test_queries_on_a_full_disk_never_fail_and_close_is_clean(tiny_disk):
+    data = tiny_disk + "/bank"
+    # statistics due at every query, and snapshots on close: both are writes the full disk refuses
+    config = BankConfig(map_size=64 << 20, hit_flush_interval_s=0.0)
+    with LocalMemory(data, config) as m:
+        m.create_stream(make_spec())
+        acked: dict[int, int] = {}
+        fill(m, "cam0", acked, 0, batch=8)
+        for seed in list(acked.values())[::3]:  # hits on a third of the bank: many dirty statistics
+            e = make_entry(seed)
+            assert seed in m.query("cam0", "emb", e.keys["emb"], 4).frames.tolist()
+            m.query("cam0", "nam", e.keys["nam"], 2)
+        with pytest.raises(ResourceExhausted):
+            m.put("cam0", [make_entry(10**6 + i) for i in range(64)])
+        hits = {e.entry_id: e.hit_count for e in m.entries("cam0")}
+        assert sum(hits.values()) >= len(acked) // 3
+    # the close skipped what did not fit (statistics, snapshots) and left no partial file behind
+    assert no_partial_files(tiny_disk) == []
+    with LocalMemory(data, CONFIG) as m:
+        assert_holds(m, "cam0", acked)
+        e = make_entry(acked[0])
+        assert m.query("cam0", "emb", e.keys["emb"], 1).ids.tolist() == [0]
+
+
+def test_sigterm_of_the_service_on_a_full_disk_exits_cleanly_and_restart_serves_everything(tiny_disk, tmp_path):
+    data = tiny_disk + "/bank"
+    logs = str(tmp_path)  # the service's stderr must not need the full disk
+    proc = start_serve(data, log_dir=logs)
+    acked: dict[int, int] = {}
+    try:
+        with MemoryClient(proc.target, plane="stream", timeout=60) as c:
+            c.create_stream(make_spec())
+            seed = 0
+            with pytest.raises(ResourceExhausted, match="disk full"):
+                for _ in range(100_000):
+                    seeds = list(range(seed, seed + 8))
+                    seed += 8
+                    acked.update(zip(c.put("cam0", [make_entry(s) for s in seeds]), seeds))
+            for s in list(acked.values())[::4]:  # queries on the full disk: never an error
+                assert s in c.query("cam0", "emb", make_entry(s).keys["emb"], 2).frames.tolist()
+            victims = sorted(acked)[:16]  # a delete on the full disk through the service
+            assert c.delete("cam0", victims) == 16
+            for eid in victims:
+                del acked[eid]
+        # the close on SIGTERM flushes statistics and writes snapshots: neither fits; it still ends cleanly
+        assert proc.terminate() == 0, proc.stderr()[-3000:]
+        assert "Traceback" not in proc.stderr()
+        assert no_partial_files(tiny_disk) == []
+        proc = start_serve(data, log_dir=logs)
+        with MemoryClient(proc.target, plane="stream", timeout=60) as c:
+            assert_holds(c, "cam0", acked)
+            first = min(acked)
+            assert c.query("cam0", "emb", make_entry(acked[first]).keys["emb"], 1).ids.tolist() == [first]
+        assert proc.terminate() == 0, proc.stderr()[-3000:]
+    finally:
+        proc.kill()
