@@ -27,7 +27,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from memory_service.config import BankConfig
-from memory_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from memory_service.errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted, Unavailable,
+)
 from memory_service.pruning import LFU, parse_policy
 from memory_service import eviction
 from memory_service.pruning.planner import Plan
@@ -43,6 +45,29 @@ from memory_service.validate import check_entries, check_ids, check_query
 log = logging.getLogger("memflow.bank")
 
 
+@dataclasses.dataclass(frozen=True)
+class UnopenedStream:
+    """A stream record on disk that the bank could not open: the stream is unavailable, the others are served."""
+
+    name: str
+    reason: str
+    sid: Optional[int] = None  # None when the record is too damaged to name its id
+    key: bytes = dataclasses.field(default=b"", repr=False)  # the record's LMDB key, as stored
+
+
+def _build_stream(record: dict, params, store: LMDBStore) -> Stream:
+    """A new stream's in-memory state; what fails here is the caller's spec, so nothing is written."""
+    try:
+        return Stream(record, params, store)
+    except MemFlowError:
+        raise
+    except MemoryError:
+        raise ResourceExhausted(f"stream {record['spec']['name']!r} needs more memory to build than the service has; "
+                                "expected a smaller layout") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. faiss refusing a structure: the spec, not the service
+        raise InvalidArgument(f"stream {record['spec']['name']!r} cannot be built: {type(exc).__name__}: {exc}") from None
+
+
 class MemoryBank:
     def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time):
         self.data_dir = str(data_dir)
@@ -53,6 +78,7 @@ class MemoryBank:
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
         self._lock = threading.RLock()
         self._streams: dict[str, Stream] = {}
+        self._unavailable: dict[str, UnopenedStream] = {}  # records on disk this bank could not open
         self._last_flush = time.monotonic()
         self._closed = False
         self._stop = threading.Event()
@@ -61,9 +87,54 @@ class MemoryBank:
             raw = r.get("meta", b"next_sid")
             self._next_sid = int(bytes(raw)) if raw is not None else 1
             for key, value in r.iter_prefix("streams", b""):
-                s = Stream(loads(value), self.config.index, self.store)
-                s.load(r, self.snapshot_dir)
-                self._streams[s.spec.name] = s
+                self._open_stream(r, bytes(key), bytes(value))
+
+    def _open_stream(self, r, key: bytes, value: bytes) -> None:
+        """Open one stream record at start; a record that cannot be opened (written by an older version without
+        the spec limits, or damaged) makes that stream unavailable, never the bank: the others are served."""
+        name = key.decode("utf-8", errors="replace")
+        sid = None
+        try:
+            try:
+                record = loads(value)
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise InvalidArgument(f"the record is not valid JSON ({exc})") from None
+            sid = record.get("sid") if isinstance(record, dict) else None
+            s = Stream(record, self.config.index, self.store)  # checks the spec (limits) before building anything
+            s.load(r, self.snapshot_dir)
+        except Exception as exc:  # noqa: BLE001 - any failure of one record must not take the others down
+            reason = f"{type(exc).__name__}: {exc}"
+            ok_sid = sid if isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid < 2**32 else None
+            self._unavailable[name] = UnopenedStream(name, reason, ok_sid, key)
+            log.error("stream %r is unavailable: its record in %s cannot be opened (%s); the other streams are "
+                      "served", name, self.data_dir, reason, extra={"stream": name})
+            return
+        self._streams[s.spec.name] = s
+
+    def unavailable_streams(self) -> list[UnopenedStream]:
+        """Streams whose record is on disk but could not be opened, with the reason (inspect lists them)."""
+        self._check_open()
+        return sorted(self._unavailable.values(), key=lambda u: u.name)
+
+    def _drop_unavailable(self, name: str) -> None:
+        """DropStream of an unavailable stream: its record goes and, when the record still names its id, all of
+        its entries and snapshots with it (the way out for an operator whose data directory holds a bad record)."""
+        u = self._unavailable[name]
+        if u.sid is not None and any(s.sid == u.sid for s in self._streams.values()):
+            u = dataclasses.replace(u, sid=None)  # a damaged record naming a live stream's id: never touch its data
+
+        def fn(w: Writer) -> None:
+            w.delete("streams", u.key)
+            if u.sid is not None:
+                for db in ("entries", "stats", "keys", "phead", "pbody"):
+                    w.delete_prefix(db, _SID.pack(u.sid))
+
+        self.store.write(fn, frees=True)
+        del self._unavailable[name]
+        if u.sid is not None and os.path.isdir(self.snapshot_dir):
+            for f in os.listdir(self.snapshot_dir):
+                if f.startswith(f"stream{u.sid}-space"):
+                    os.remove(os.path.join(self.snapshot_dir, f))
 
     # -- streams ---------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
@@ -74,18 +145,27 @@ class MemoryBank:
         with self._lock:
             if spec.name in self._streams:
                 raise AlreadyExists(f"stream {spec.name!r} already exists; drop it first or pick another name")
+            if spec.name in self._unavailable:
+                raise AlreadyExists(f"stream {spec.name!r} already exists but is unavailable "
+                                    f"({self._unavailable[spec.name].reason}); drop it first or pick another name")
             record = {"sid": self._next_sid, "spec": spec.to_json(), "next_id": 0, "version": 0}
+            # The stream is built (indexes included) and its record serialized before anything is written: a
+            # record on disk is always one the next start can open.
+            stream = _build_stream(record, self.config.index, self.store)
+            data = dumps(record)
 
             def fn(w: Writer) -> None:
-                w.put("streams", spec.name.encode(), dumps(record))
+                w.put("streams", spec.name.encode(), data)
                 w.put("meta", b"next_sid", str(self._next_sid + 1).encode())
 
             self.store.write(fn)
             self._next_sid += 1
-            self._streams[spec.name] = Stream(record, self.config.index, self.store)
+            self._streams[spec.name] = stream
 
     def drop_stream(self, name: str) -> None:
         with self._lock:
+            if name in self._unavailable:
+                return self._drop_unavailable(name)
             s = self._stream(name)
             prefix = _SID.pack(s.sid)
 
@@ -107,6 +187,14 @@ class MemoryBank:
         with self._lock:
             return [s.spec for s in self._streams.values()]
 
+    def usage(self, prefix: str = "") -> tuple[int, int]:
+        """(streams, stored payload + key bytes) of the streams whose names start with `prefix` (a tenant's quota
+        check). Read without the streams' locks, so it never waits for a put; a put in flight may be missing."""
+        self._check_open()
+        with self._lock:
+            streams = [s for name, s in self._streams.items() if name.startswith(prefix)]
+        return len(streams), sum(s.payload_bytes + len(s.entries) * s.key_bytes_per_entry for s in streams)
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable(f"the memory bank in {self.data_dir} is closed; open a new one")
@@ -117,6 +205,9 @@ class MemoryBank:
     def _stream(self, name: str) -> Stream:
         self._check_open()
         s = self._streams.get(name)
+        if s is None and name in self._unavailable:
+            raise FailedPrecondition(f"stream {name!r} is unavailable: its record in the data directory cannot be "
+                                     f"opened ({self._unavailable[name].reason}); drop it to remove it")
         if s is None:
             known = sorted(self._streams)
             shown = known[:10] + (["..."] if len(known) > 10 else [])

@@ -42,7 +42,11 @@ def _inspect(args: argparse.Namespace) -> int:
         stats = memory.stats()
         for s in stats.streams:
             print(json.dumps({"stream": s.name, **dataclasses.asdict(s)}, default=str))
-        print(json.dumps({"streams": len(stats.streams), "entries": stats.entries,
+        unavailable = memory.bank.unavailable_streams()
+        for u in unavailable:  # records on disk the bank cannot open: named, with why, never a hang or a crash
+            print(json.dumps({"stream": u.name, "unavailable": True, "reason": u.reason}))
+        print(json.dumps({"streams": len(stats.streams), "unavailable_streams": len(unavailable),
+                          "entries": stats.entries,
                           "payload_bytes": stats.payload_bytes, "disk_bytes": stats.disk_bytes,
                           "map_size": stats.map_size}))
     return 0

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from memory_service.config import IndexParams
+from memory_service.errors import InvalidArgument
 from memory_service.index.space import SpaceIndex, compact
 from memory_service.pruning import parse_policy
 from memory_service.store.lmdb_store import _SID, LMDBStore, Reader, entry_key, keys_key, loads
@@ -61,13 +62,18 @@ class EntryTable(dict):
 
 class Stream:
     def __init__(self, record: dict, params: IndexParams, store: LMDBStore) -> None:
+        """Builds everything a stream needs (its indexes included) from its record, or raises before building any
+        of it: the spec is checked against memory_service/limits.py first, so the cost here is bounded by those
+        limits (at most MAX_KEY_SPACES x MAX_LAYERS empty indexes), never by the numbers a record holds."""
+        if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+            raise InvalidArgument(f"a stream record must be an object with a 'spec' object, got {str(record)[:80]!r}")
         self.spec = StreamSpec.from_json(record["spec"])
         self._spec_json = self.spec.to_json()  # written with the stream record on every put; the spec never changes
-        self.sid: int = record["sid"]
-        self.next_id: int = record.get("next_id", 0)
-        self.version: int = record.get("version", 0)
-        self.evicted_total: int = record.get("evicted_total", 0)
-        self.degraded_total: int = record.get("degraded_total", 0)
+        self.sid: int = _counter(record, "sid", None, 2**32)
+        self.next_id: int = _counter(record, "next_id", 0, 2**63)
+        self.version: int = _counter(record, "version", 0, 2**63)
+        self.evicted_total: int = _counter(record, "evicted_total", 0, 2**63)
+        self.degraded_total: int = _counter(record, "degraded_total", 0, 2**63)
         self.policy = parse_policy(self.spec.policy)
         self.lock = threading.RLock()
         self.store = store

@@ -2,18 +2,21 @@
 
 Owns the public data model (DESIGN.md "Data model"): what a stream is (`StreamSpec`), what a caller
 writes (`NewEntry`), what the bank keeps per entry (`EntryMeta`), and what comes back from queries,
-fetches and stats. Constructors check only what a value can check alone (types, signs); checks that
-need a stream (dims, shapes) happen in the bank, which owns the stream.
+fetches and stats. Constructors check only what a value can check alone (types, signs, and every size
+against the limits of memory_service/limits.py, so no spec the bank cannot build gets past a constructor);
+checks that need a stream (dims, shapes of keys and K/V) happen in the bank, which owns the stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import numpy as np
 
+from memory_service import limits
 from memory_service.errors import InvalidArgument
 
 METRICS = ("ip", "cosine", "l2")
@@ -44,8 +47,11 @@ class KeySpace:
     layers: Optional[int] = None  # per-layer spaces only; defaults to the stream's KV layers
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dim, int) or self.dim < 1:
-            raise InvalidArgument(f"key space dim must be a positive int, got {self.dim!r}")
+        _bounded("key space dim", self.dim, limits.MAX_KEY_DIM, "MAX_KEY_DIM")
+        if self.layers is not None:
+            _bounded("KeySpace.layers", self.layers, limits.MAX_LAYERS, "MAX_LAYERS")
+        if not isinstance(self.per_layer, bool):
+            raise InvalidArgument(f"KeySpace.per_layer must be a bool, got {self.per_layer!r}")
         _one_of("metric", self.metric, METRICS)
         _one_of("index", self.index, INDEX_KINDS)
         _one_of("key dtype", self.dtype, KEY_DTYPES)
@@ -64,11 +70,15 @@ class KVLayout:
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        for name in ("layers", "heads", "head_dim", "tokens_per_frame"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise InvalidArgument(f"KVLayout.{name} must be a positive int, got {value!r}")
+        for name, limit in (("layers", "MAX_LAYERS"), ("heads", "MAX_HEADS"), ("head_dim", "MAX_HEAD_DIM"),
+                            ("tokens_per_frame", "MAX_TOKENS_PER_FRAME")):
+            _bounded(f"KVLayout.{name}", getattr(self, name), getattr(limits, limit), limit)
         _one_of("KV dtype", self.dtype, KV_DTYPES)
+        if self.entry_bytes > limits.MAX_KV_BYTES_PER_ENTRY:
+            raise InvalidArgument(
+                f"KVLayout {list(self.shape)} {self.dtype} is {self.entry_bytes} bytes of K/V per entry; expected at "
+                f"most {limits.MAX_KV_BYTES_PER_ENTRY} (MAX_KV_BYTES_PER_ENTRY, memory_service/limits.py)"
+            )
 
     @property
     def layer_shape(self) -> tuple[int, int, int, int]:
@@ -80,7 +90,12 @@ class KVLayout:
 
     @property
     def layer_bytes(self) -> int:
-        return int(np.prod(self.layer_shape)) * np.dtype(kv_numpy_dtype(self.dtype)).itemsize
+        # Python ints (math.prod), never numpy's: an int64 product wraps around for an absurd layout
+        return math.prod(self.layer_shape) * np.dtype(kv_numpy_dtype(self.dtype)).itemsize
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.layers * self.layer_bytes
 
 
 @dataclass(frozen=True)
@@ -91,10 +106,10 @@ class Budget:
     max_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for name in ("max_entries", "max_bytes"):
+        for name, limit in (("max_entries", "MAX_BUDGET_ENTRIES"), ("max_bytes", "MAX_BUDGET_BYTES")):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise InvalidArgument(f"Budget.{name} must be a positive int or None, got {value!r}")
+            if value is not None:
+                _bounded(f"Budget.{name}", value, getattr(limits, limit), limit, " or None (unbounded)")
 
 
 @dataclass(frozen=True)
@@ -116,22 +131,50 @@ class StreamSpec:
     degrade: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or len(self.name) > 200 or "\x00" in self.name:
-            raise InvalidArgument(f"stream name must be 1-200 characters without NUL, got {self.name!r}")
-        if not self.key_spaces:
+        cap = limits.MAX_STREAM_NAME_CHARS
+        if not isinstance(self.name, str) or not self.name or len(self.name) > cap or "\x00" in self.name:
+            shown = self.name if not isinstance(self.name, str) or len(self.name) <= cap else self.name[:40] + "..."
+            raise InvalidArgument(f"stream name is {shown!r}"
+                                  + (f" ({len(self.name)} characters)" if isinstance(self.name, str) else "")
+                                  + f"; expected 1-{cap} characters without NUL (MAX_STREAM_NAME_CHARS)")
+        if not isinstance(self.key_spaces, Mapping) or not self.key_spaces:
             raise InvalidArgument(f"stream {self.name!r} needs at least one key space, got none")
-        if len(self.key_spaces) > 16:
-            raise InvalidArgument(f"stream {self.name!r} has {len(self.key_spaces)} key spaces, at most 16")
+        if len(self.key_spaces) > limits.MAX_KEY_SPACES:
+            raise InvalidArgument(f"stream {self.name!r} has {len(self.key_spaces)} key spaces; expected at most "
+                                  f"{limits.MAX_KEY_SPACES} (MAX_KEY_SPACES, memory_service/limits.py)")
+        if self.kv is not None and not isinstance(self.kv, KVLayout):
+            raise InvalidArgument(f"stream {self.name!r} kv must be a KVLayout or None, got {type(self.kv).__name__}")
+        if not isinstance(self.budget, Budget):
+            raise InvalidArgument(f"stream {self.name!r} budget must be a Budget, got {type(self.budget).__name__}")
+        key_values = 0
         for space_name, space in self.key_spaces.items():
-            if not isinstance(space_name, str) or not space_name:
-                raise InvalidArgument(f"key space names must be non-empty strings, got {space_name!r}")
+            if (not isinstance(space_name, str) or not space_name or len(space_name) > limits.MAX_KEY_SPACE_NAME_CHARS
+                    or "\x00" in space_name):
+                raise InvalidArgument(f"key space name is {str(space_name)[:40]!r}; expected 1-"
+                                      f"{limits.MAX_KEY_SPACE_NAME_CHARS} characters without NUL "
+                                      "(MAX_KEY_SPACE_NAME_CHARS)")
             if not isinstance(space, KeySpace):
                 raise InvalidArgument(f"key space {space_name!r} must be a KeySpace, got {type(space).__name__}")
             if space.per_layer and space.layers is None and self.kv is None:
                 raise InvalidArgument(
                     f"per-layer key space {space_name!r} needs KeySpace.layers when the stream has no KV layout"
                 )
+            layers = (space.layers if space.layers is not None else self.kv.layers) if space.per_layer else 1  # type: ignore[union-attr]
+            key_values += layers * space.dim
+        if key_values > limits.MAX_KEY_VALUES_PER_ENTRY:
+            raise InvalidArgument(
+                f"stream {self.name!r} has {key_values} key values per entry (layers x dim over its key spaces); "
+                f"expected at most {limits.MAX_KEY_VALUES_PER_ENTRY} (MAX_KEY_VALUES_PER_ENTRY, memory_service/limits.py)"
+            )
+        if not isinstance(self.policy, str) or len(self.policy) > limits.MAX_POLICY_CHARS:
+            raise InvalidArgument(f"stream {self.name!r} policy is {str(self.policy)[:40]!r}"
+                                  + (f"... ({len(self.policy)} characters)" if isinstance(self.policy, str) else "")
+                                  + f"; expected a policy expression of at most {limits.MAX_POLICY_CHARS} characters "
+                                  "(MAX_POLICY_CHARS, memory_service/limits.py)")
         _one_of("storage", self.storage, STORAGE_CODECS)
+        if not isinstance(self.degrade, (list, tuple)) or len(self.degrade) > limits.MAX_DEGRADE_STEPS:
+            raise InvalidArgument(f"stream {self.name!r} degrade is {self.degrade!r:.80}; expected a list of at most "
+                                  f"{limits.MAX_DEGRADE_STEPS} steps (MAX_DEGRADE_STEPS, memory_service/limits.py)")
         for step in self.degrade:
             _one_of("degrade step", step, DEGRADE_STEPS)
         object.__setattr__(self, "key_spaces", dict(self.key_spaces))
@@ -286,6 +329,13 @@ def kv_numpy_dtype(name: str) -> np.dtype:
         return np.dtype(table[name])
     except KeyError:
         raise InvalidArgument(f"unknown KV dtype {name!r}; expected one of {KV_DTYPES}") from None
+
+
+def _bounded(what: str, value: object, hi: int, limit: str, alternative: str = "") -> None:
+    """`value` is an int (never a bool) in [1, hi]; the message names the limit and where it is defined."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+        raise InvalidArgument(f"{what} is {value!r}; expected an int in [1, {hi}]{alternative} "
+                              f"({limit}, memory_service/limits.py)")
 
 
 def _one_of(what: str, value: object, allowed: tuple[str, ...]) -> None:

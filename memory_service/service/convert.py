@@ -2,7 +2,8 @@
 
 Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto). Promises:
 - every `*_from_pb` either returns a valid value or raises InvalidArgument naming the field, what was
-  received and what was expected (a malformed message never reaches the bank half-read);
+  received and what was expected (a malformed message never reaches the bank half-read); an enum value the
+  proto does not name is refused (`enum_from_pb`), never taken for the default;
 - `status_of(exc)` (server) and `error_from(code, message)` (client) are inverse: a MemFlowError crosses the
   wire as its status code and comes back as the same class with the same message.
 """
@@ -46,6 +47,20 @@ def error_from(code: grpc.StatusCode, message: str) -> Exception:
         err.code = code.name
         return err
     return cls(message)
+
+
+# ---- enums ------------------------------------------------------------------------------------------------
+# proto3 enums are open: a message carries any int32 in an enum field and the generated code keeps it. A value
+# the contract does not name is refused, never read as the default (DataPlane 9 was served as STREAM).
+
+def enum_from_pb(value: int, field: str) -> int:
+    """`value` of the enum field `field` ("PutHeader.plane"), or InvalidArgument naming the allowed values."""
+    message, name = field.split(".")
+    enum = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name[name].enum_type
+    if enum.values_by_number.get(int(value)) is None:
+        allowed = ", ".join(f"{v.name} ({v.number})" for v in enum.values)
+        raise errors.InvalidArgument(f"{field} is {int(value)}, which is not a {enum.name}; expected one of {allowed}")
+    return int(value)
 
 
 # ---- K/V chunks on the streaming plane ---------------------------------------------------------------------

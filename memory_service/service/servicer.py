@@ -84,6 +84,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "header":
             raise InvalidArgument("Put stream must start with a PutHeader message")
         header = first.header
+        convert.enum_from_pb(header.plane, "PutHeader.plane")
         stream = self._name(who, header.stream)
         spec = self.bank.spec(stream)
         n_kv = 0
@@ -118,6 +119,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     def Fetch(self, request, context) -> Iterator[pb.FetchResponse]:
         who = self._who(context, "Fetch")
+        convert.enum_from_pb(request.plane, "FetchRequest.plane")
         stream = self._name(who, request.stream)
         spec = self.bank.spec(stream)
         layers = list(request.layers) or None
