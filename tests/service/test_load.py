@@ -1,13 +1,18 @@
-"""Load: 16 client threads (half on the shared-memory plane, half on the stream plane) x 4 streams, mixed
-put / query / fetch / delete for a few seconds against a `memflow-service serve` subprocess.
+"""Load: 32 clients, each on its own thread and connection (half on the shared-memory plane, half on the stream
+plane) x 4 streams, mixed put / query / fetch / delete for a few seconds against a `memflow-service serve`
+subprocess.
 
 Required: no error at all; entry ids unique per stream and contiguous; every fetch bit-exact; every query hit
-names an entry that was written, with that entry's frame; and at the end each stream holds exactly what was
-acknowledged minus what was deleted.
+names an entry that was written, with that entry's frame; and at the end each stream (and the bank) holds
+exactly what was acknowledged minus what was deleted, with exact counters.
+
+MEMFLOW_SOAK=1 runs the long form (75 s, as the outside harness did) and prints a JSON summary line.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections import defaultdict
@@ -19,7 +24,8 @@ from svc_util import DIM, LAYERS, SMALL_ARENA, make_entry, make_spec
 
 from memory_service.client import MemoryClient
 
-THREADS, STREAMS, SECONDS = 16, 4, 3.0
+SOAK = os.environ.get("MEMFLOW_SOAK", "") not in ("", "0")
+THREADS, STREAMS, SECONDS = 32, 4, 75.0 if SOAK else 5.0
 
 
 class Worker(threading.Thread):
@@ -101,6 +107,7 @@ def test_mixed_load_on_both_planes(serve, tmp_path):
         done = {(w.plane, op) for w in workers for op, n in w.ops.items() if n}
         assert done == {(plane, op) for plane in ("shm", "stream") for op in totals}, totals
 
+        live_total = 0
         for s in range(STREAMS):
             stream = f"s{s}"
             seed_of: dict[int, int] = {}
@@ -111,6 +118,7 @@ def test_mixed_load_on_both_planes(serve, tmp_path):
                 deleted |= w.deleted[stream]
             assert sorted(seed_of) == list(range(len(seed_of)))  # ids are dense: no put lost or doubled
             live = sorted(set(seed_of) - deleted)
+            live_total += len(live)
             assert [m.entry_id for m in admin.entries(stream)] == live
             st = admin.stats(stream)
             assert (st.entries, st.next_entry_id, st.evicted_total) == (len(live), len(seed_of), len(deleted))
@@ -126,4 +134,8 @@ def test_mixed_load_on_both_planes(serve, tmp_path):
                     hit = ids >= 0
                     assert all(i in seed_of for i in ids[hit].tolist()), "a query returned an id never written"
                     assert [seed_of[i] for i in ids[hit].tolist()] == frames[hit].tolist()
+        bank = admin.stats()
+        assert (bank.entries, len(bank.streams)) == (live_total, STREAMS)
+        print(json.dumps({"test": "mixed_load", "clients": THREADS, "seconds": SECONDS, "ops": sum(totals.values()),
+                          **totals, "errors": 0, "entries": live_total}))
     assert "failed unexpectedly" not in proc.stderr()
