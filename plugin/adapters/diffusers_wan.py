@@ -257,6 +257,7 @@ class WanStreamingDriver:
         if chunk_index != state.next_chunk:
             raise ValueError(f"chunk {chunk_index} requested, this stream is at chunk {state.next_chunk}")
         lay = self.layout
+        self.rope_tables(chunk_index * lay.frames_per_chunk, lay.frames_per_chunk)  # past the table: refused first
         state.write_start = make_room(state.kv, lay)
         b = state.kv[0]["k"].shape[0]
         shape = (b, self.model.config.in_channels, lay.frames_per_chunk, self.height, self.width)
