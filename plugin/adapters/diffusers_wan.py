@@ -45,6 +45,16 @@ SELF_FORCING_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
 NUM_TRAIN_TIMESTEPS = 1000.0
 
 
+def shifted_timesteps(timesteps: Sequence[float], shift: float = 5.0) -> tuple[float, ...]:
+    """Timesteps warped as Wan's flow-matching scheduler shifts them (Self-Forcing's `warp_denoising_step`):
+    sigma' = shift * sigma / (1 + (shift - 1) * sigma), sigma = t / 1000."""
+    out = []
+    for t in timesteps:
+        sigma = t / NUM_TRAIN_TIMESTEPS
+        out.append(NUM_TRAIN_TIMESTEPS * shift * sigma / (1 + (shift - 1) * sigma))
+    return tuple(out)
+
+
 class ChunkContext:
     """Per-call state every processor of one driver reads (set by the driver around each transformer call)."""
 
@@ -135,7 +145,7 @@ class WanStreamingDriver:
         self.grid = (height // p_h, width // p_w)
         self.height, self.width = height, width
         self.timesteps, self.context_timestep, self.seed = tuple(float(t) for t in timesteps), context_timestep, seed
-        param = next(model.parameters())
+        param = model.blocks[0].attn1.to_k.weight  # the cached keys' dtype and device
         cfg = model.config
         heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.layout = CacheLayout(cfg.num_layers, heads, head_dim, self.grid[0] * self.grid[1], frames_per_chunk,
