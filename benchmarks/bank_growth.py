@@ -9,8 +9,10 @@ N one JSON row per index:
     query_p50/p99_ms LocalMemory.query latency, `combine="per_layer"`, top-k per layer (p99 of --queries samples)
     brute_p50_ms     numpy brute-force per-layer search over the same keys, each run right after the bank's
                      query (null where the keys do not fit in RAM)
-    recall_at_k      mean over queries and layers of |ids & exact ids| / k, against exact per-layer top-k
-                     computed in float32 while the keys were generated; flat rows must be 1.0 (checked)
+    recall_at_k      mean over queries and layers of (returned ids that belong in the exact top-k) / k. An id
+                     belongs when its exact float32 score reaches the true k-th score within float tolerance
+                     (scores, never id identity: two keys whose scores tie to the last bits may come back in
+                     either order). Flat rows must be 1.0 (checked)
     bound_ms         bytes an exact per-layer scan must read (N x layers x dim x key itemsize) / memcpy
                      bandwidth measured in this run (np.copyto, one thread): the floor for exact search on this
                      machine (a read-only scan on several threads can beat it: memcpy also writes each byte)
@@ -53,10 +55,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import psutil
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, memcpy_gbps, percentiles  # noqa: E402
+from common import RESULTS, Results, memcpy_gbps, percentiles, progress  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec  # noqa: E402
 from memory_service.config import BankConfig, IndexParams  # noqa: E402
@@ -69,6 +70,9 @@ KV_UNTIL = 10_000  # entries past this are keys only
 # vectors. Used only to decide whether the training step fits the budget.
 IVFPQ_TRAIN_S_PER_DIM = 26.0 / 1536
 HNSW_SLOWDOWN = 3.5  # put-rate drop of HNSW from the 1e3 step to the 1e4 step (measured at 30 x 1536)
+# Two float32 dot products of the same vectors, summed in different orders (BLAS gemm here, faiss in the bank),
+# differ by a few ulps of |q| |key|; 1e-5 of that bound is far above rounding and far below a real miss.
+SCORE_RTOL = 1e-5
 
 
 class Data:
@@ -103,9 +107,17 @@ def pieces(i0: int, i1: int, cuts=()):
         yield a // BATCH, a % BATCH, a % BATCH + (b - a)
 
 
+class Truth:
+    """Exact per-layer top-k at one N: ids `[Q, L, k]` and the k-th best score `[Q, L]` (float32)."""
+
+    def __init__(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        self.ids = ids
+        self.kth = scores.min(axis=2)
+
+
 def ground_truth(data: Data, queries: np.ndarray, grid: list[int], k: int, keep_upto: int):
-    """One pass over all keys: exact per-layer top-k ids at every N of the grid ({N: [Q, L, k]}), and the keys
-    `[L, keep_upto, d]` for timing brute force (float32 scores, as faiss computes them)."""
+    """One pass over all keys: exact per-layer top-k at every N of the grid ({N: Truth}), and the keys
+    `[L, keep_upto, d]` for timing brute force and scoring returned ids (float32 scores, as faiss computes them)."""
     q_n, layers, dim = queries.shape
     q_t = np.ascontiguousarray(queries.transpose(1, 2, 0))  # [L, d, Q]
     best_s = np.full((q_n, layers, k), -np.inf, np.float32)
@@ -113,8 +125,7 @@ def ground_truth(data: Data, queries: np.ndarray, grid: list[int], k: int, keep_
     kept = np.empty((layers, keep_upto, dim), np.float32) if keep_upto else None
     truth = {}
     cached = (-1, None)
-    for b, lo, hi in tqdm(list(pieces(0, grid[-1], grid)), desc="ground truth", unit="blk", file=sys.stderr,
-                          leave=False):
+    for b, lo, hi in progress(list(pieces(0, grid[-1], grid)), desc="ground truth", unit="blk", leave=False):
         if cached[0] != b:
             cached = (b, data.block(b))
         keys_t = np.ascontiguousarray(cached[1][lo:hi].transpose(1, 0, 2))  # [L, B, d]: one gemm per layer
@@ -128,7 +139,7 @@ def ground_truth(data: Data, queries: np.ndarray, grid: list[int], k: int, keep_
         if kept is not None and end <= keep_upto:
             kept[:, start:end] = keys_t
         if end in grid:
-            truth[end] = best_i.copy()
+            truth[end] = Truth(best_i.copy(), best_s.copy())
     return truth, kept
 
 
@@ -141,9 +152,43 @@ def brute_s(kept: np.ndarray, n: int, q: np.ndarray, k: int) -> float:
     return time.perf_counter() - t
 
 
-def recall(ids: np.ndarray, truth: np.ndarray) -> float:
-    """ids, truth `[L, k]` -> mean per-layer overlap fraction."""
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(ids, truth)]))
+class Keys:
+    """Float32 keys of any entry by id: from the truth pass's `kept` copy, else regenerated from its block."""
+
+    def __init__(self, data: Data, kept) -> None:
+        self.data, self.kept = data, kept
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def key(self, entry: int, layer: int) -> np.ndarray:
+        if self.kept is not None and entry < self.kept.shape[1]:
+            return self.kept[layer, entry]
+        b = entry // BATCH
+        if b not in self._blocks:
+            if len(self._blocks) > 256:  # ~24 MB per block at 30 x 1536: keep the cache bounded
+                self._blocks.clear()
+            self._blocks[b] = self.data.block(b)
+        return self._blocks[b][entry % BATCH, layer]
+
+
+def recall(ids: np.ndarray, exact_ids: np.ndarray, kth: np.ndarray, q: np.ndarray, keys: Keys) -> float:
+    """Mean per-layer fraction of the k returned ids that belong in the exact top-k; ids, exact_ids `[L, k]`, kth
+    `[L]`, q `[L, d]`. An id outside the exact set still belongs when its own exact score reaches the k-th best
+    within SCORE_RTOL (a tie broken the other way); a repeated or missing (-1) id never does."""
+    k = exact_ids.shape[1]
+    fractions = []
+    for layer, (got, exact) in enumerate(zip(ids, exact_ids)):
+        exact_set = set(exact.tolist())
+        right = 0
+        for i in dict.fromkeys(got.tolist()):  # distinct, in order
+            if i in exact_set:
+                right += 1
+            elif i >= 0:
+                key = keys.key(i, layer)
+                score = np.float32(key @ q[layer])
+                tol = SCORE_RTOL * float(np.linalg.norm(key) * np.linalg.norm(q[layer]))
+                right += bool(score >= kth[layer] - tol)
+        fractions.append(right / k)
+    return float(np.mean(fractions))
 
 
 def spec(kind: str, layers: int, dim: int) -> StreamSpec:
@@ -224,7 +269,8 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                 bar.update(hi - lo)
             put_rate = (n - done) / (time.perf_counter() - t0)
             done = n
-            p50, p99, rec, brute = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n)
+            p50, p99, rec, brute = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n,
+                                                 Keys(data, kept))
             if kind == "flat" and rec != 1.0:
                 raise SystemExit(f"flat index disagrees with brute force at N={n}: recall {rec}")
             scan = n * args.layers * args.dim * key_itemsize(kind)
@@ -259,19 +305,19 @@ def rss_growth(proc: psutil.Process, info0) -> dict:
     return {"rss_mb": (info.rss - info0.rss) / 1e6, "rss_anon_mb": anon / 1e6}
 
 
-def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: np.ndarray, k: int, kept, n: int):
-    """(p50 ms, p99 ms, recall, brute p50 ms or None) of per-layer queries through the bank; truth `[Q, L, k]`.
+def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: Truth, k: int, kept, n: int, keys: Keys):
+    """(p50 ms, p99 ms, recall, brute p50 ms or None) of per-layer queries through the bank against `truth`.
 
     Each bank query is followed by the same query as numpy brute force over `kept`, so both see the same
     machine (on a shared box a baseline timed minutes apart measures someone else's load)."""
     for q in queries[:2]:  # warm: thread pool, page faults
         mem.query("bench", "nam", q, k)
     times, brute, recalls = [], [], []
-    for q, exact in zip(queries, truth):
+    for q, exact, kth in zip(queries, truth.ids, truth.kth):
         t = time.perf_counter()
         r = mem.query("bench", "nam", q, k)
         times.append(time.perf_counter() - t)
-        recalls.append(recall(r.ids, exact))
+        recalls.append(recall(r.ids, exact, kth, q, keys))
         if kept is not None:
             brute.append(brute_s(kept, n, q, k))
     p50, p99 = percentiles(times)
@@ -377,7 +423,7 @@ def main() -> None:
             res.skip("brute_force", n, f"{n * per_entry / 1e9:.1f} GB of keys do not fit in a quarter of RAM; "
                                        "recall still uses exact top-k computed while generating")
     for kind in kinds:
-        with tqdm(total=args.grid[-1], desc=kind, unit="entry", file=sys.stderr, leave=False) as bar:
+        with progress(total=args.grid[-1], desc=kind, unit="entry", leave=False) as bar:
             run_kind(kind, args, data, queries, truth, kept, gbps, res, bar)
     res.header["loadavg_end"] = os.getloadavg()[0]
     path = res.close()

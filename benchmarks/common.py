@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine line, JSON-lines output, percentiles, a memcpy baseline.
+"""What every benchmark shares: the machine line, JSON-lines output, percentiles, a memcpy baseline, progress bars.
 
 A results file (benchmarks/results/NAME.jsonl) starts with one `{"machine": {...}, "command": "..."}` line
 (benchmarks/report.py shows it above the table) followed by one JSON object per row; rows are also printed to
@@ -62,6 +62,22 @@ class Results:
             for obj in [self.header, *self.rows]:
                 f.write(json.dumps(obj) + "\n")
         return self.path
+
+
+def progress(iterable=None, **kw):
+    """A tqdm progress bar on stderr when stderr is a terminal; silent when it is a file or a pipe (a bar redrawn
+    ten times a second would flood a log with frames; the JSON rows already say how far a run got)."""
+    from tqdm import tqdm
+
+    stream = kw.setdefault("file", sys.stderr)
+    return tqdm(iterable, disable=not _is_terminal(stream), **kw)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def percentiles(samples_s: Iterable[float]) -> tuple[float, float]:

@@ -75,16 +75,17 @@ def run(args: argparse.Namespace) -> dict:
     cfg = MemFlowConfig(stream=f"demo-{int(time.time())}", max_entries=args.budget, policy=args.policy,
                         prefetch=args.prefetch, deadline_s=args.deadline)
     try:
-        from tqdm import tqdm
+        import tqdm  # noqa: F401 - only whether it is installed
+        from common import progress
     except ImportError:  # tqdm is in the bench extra; the demo still runs without a bar
-        def tqdm(it, **_):
+        def progress(it, **_):
             return it
     with tempfile.TemporaryDirectory(prefix="memflow-demo-") as tmp, open_memory(args, tmp) as memory:
         plugin = MemFlowPlugin(memory, cfg, SelfForcingAdapter.for_reference(model))
         state = model.new_state(memory_frames=plugin.memory_frames)
         reports, bank = [], []
         t0 = time.perf_counter()
-        for i in tqdm(range(args.chunks), desc="chunks", unit="chunk"):
+        for i in progress(range(args.chunks), desc="chunks", unit="chunk"):
             prompt = SCENES[names[i]]
             nxt = SCENES[names[i + 1]] if i + 1 < args.chunks else None
             mem = plugin.before_chunk(i, prompt, state.kv, next_prompt=nxt)
