@@ -34,7 +34,6 @@ from memory_service.shm import ALIGN, Arena
 from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, kv_numpy_dtype
 
 log = logging.getLogger("memflow.client")
-CHUNK_BYTES = 4 << 20
 PLANES = ("auto", "shm", "stream")
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
@@ -81,6 +80,7 @@ class MemoryClient:
                                                  response_deserializer=convert.fetch_response_from_wire)
         self.arena_bytes = int(arena_bytes)
         self._arenas: list[tuple[Arena, str]] = []  # (arena, id at the service)
+        self._sealed = True  # sealed memfd arenas until the service shows it cannot open them
         self._specs: dict[str, StreamSpec] = {}
         self.plane = self._choose_plane(plane)
 
@@ -135,13 +135,22 @@ class MemoryClient:
         return chosen
 
     def _new_arena(self, size: int) -> None:
-        arena = Arena(size)
-        try:
-            resp = self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
-                shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True)
-        except BaseException:
-            arena.close()
-            raise
+        while True:
+            arena = Arena(size, sealed=self._sealed)
+            try:
+                resp = self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
+                    shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True)
+                break
+            except FailedPrecondition:
+                arena.close()
+                if not self._sealed:
+                    raise
+                # the service cannot open this process's memfds (another PID namespace): a POSIX segment may
+                # still be visible to it (a shared /dev/shm); it moves bytes with pread/pwrite, not memcpy
+                self._sealed = False
+            except BaseException:
+                arena.close()
+                raise
         # arenas nobody leases any more are released when a bigger one replaces them
         for old, old_id in [a for a in self._arenas if a[0].live == 0]:
             try:
@@ -261,8 +270,8 @@ class MemoryClient:
             yield pb.PutRequest(header=header)
             for a in kvs:
                 flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-                for start in range(0, flat.nbytes, CHUNK_BYTES):
-                    yield convert.chunk_to_wire(flat[start:start + CHUNK_BYTES])
+                for start in range(0, flat.nbytes, convert.CHUNK_BYTES):
+                    yield convert.chunk_to_wire(flat[start:start + convert.CHUNK_BYTES])
 
         return list(self._rpc(self._put, requests()).ids)
 

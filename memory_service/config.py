@@ -58,6 +58,24 @@ class BankConfig:
 
 
 @dataclass(frozen=True)
+class TenantQuotas:
+    """What one tenant (the tenant of an auth token) may hold at once; None lifts a limit. Past a limit a call is
+    RESOURCE_EXHAUSTED and other tenants are untouched. A service without auth has one caller, the operator (the
+    anonymous tenant): these do not bind it, only the service-wide limits and the bank's own do."""
+
+    max_arenas: Optional[int] = 32  # shm arenas registered at once (a client holds one or two)
+    max_arena_bytes: Optional[int] = 64 * GiB  # their total size
+    max_streams: Optional[int] = 1024
+    max_stored_bytes: Optional[int] = 256 * GiB  # payload + key bytes over all the tenant's streams
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value < 0:
+                raise InvalidArgument(f"config quotas.{f.name} is {value}; expected a count >= 0, or null for no limit")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     data_dir: str = "./memflow-data"
     host: str = "127.0.0.1"
@@ -69,6 +87,13 @@ class ServiceConfig:
     insecure: bool = False
     max_message_bytes: int = 64 << 20
     workers: int = 16
+    # shm arenas registered at once, service-wide (each holds one file descriptor); with auth, raised to
+    # tenants x quotas.max_arenas so that no tenant's arenas can crowd out another's
+    max_arenas: int = 256
+    # per-stream gauges on /metrics, labelled with stream names (every tenant's, and /metrics asks for no
+    # token): off unless the operator opts in; the totals are always there
+    metrics_stream_labels: bool = False
+    quotas: TenantQuotas = field(default_factory=TenantQuotas)
     bank: BankConfig = field(default_factory=BankConfig)
 
 

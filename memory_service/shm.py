@@ -7,21 +7,35 @@ Owns the two halves of an arena:
   numpy array built on it (and every view of that array) keeps its bytes reserved, and the bytes go back to
   the arena when the last array over them is garbage-collected. Fetch results are such arrays: zero copy
   to the caller, never overwritten under them.
-- `attach(name)` (service side): maps a client's segment without adopting it, so the service never
-  unlinks it. Python < 3.13 registers every attached segment with the resource tracker, which would unlink
-  the client's segment when the service exits; we unregister it right after attaching.
+- Two kinds of segment. A sealed memfd (Linux, the default): its size is sealed (`F_SEAL_SHRINK |
+  F_SEAL_GROW | F_SEAL_SEAL`), so no one - the client included - can ever shrink it, and the service opens
+  it through /proc/<client pid>/fd/<fd> (its name on the wire is `memfd:<pid>:<fd>`). A POSIX segment
+  (/dev/shm, `shm_open`): the fallback where the service cannot reach the client's descriptors (another PID
+  namespace) or memfds do not exist.
+- `ClientSegment` (service side): a client's segment, opened without adopting it. The service only maps a
+  segment whose size the kernel says is sealed against shrinking (it asks with F_GET_SEALS itself; a name or
+  a flag from the client proves nothing): copies into and out of that mapping are plain memcpy. Any other
+  segment is never mapped, because the client may shrink (`ftruncate`) it at any moment and a mapping touched
+  past the new end raises SIGBUS, killing the whole service, and no size check before the copy can close
+  that race. Its bytes move with `preadv` / `pwrite` on the descriptor instead: a read past the end comes
+  back short (a clear FailedPrecondition), a write past it only extends the client's own file. Either way
+  the service never faults on memory a client controls. A put through such a segment reads the client's
+  bytes into a private buffer first (one extra copy).
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import functools
+import mmap
+import os
 import secrets
-import sys
+import stat
 import threading
 import weakref
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Optional
 
 import numpy as np
@@ -46,30 +60,183 @@ class Segment(shared_memory.SharedMemory):
             pass
 
 
-_CREATED_HERE: set[str] = set()  # segments this process created (and its resource tracker already knows)
+_MAX_IO = 1 << 30  # bytes per preadv / pwrite call (Linux moves at most ~2 GiB per call anyway)
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Map an existing segment without taking ownership (the service side)."""
+MEMFD_PREFIX = "memfd:"
+# Linux only (as memfds are); elsewhere every segment is a POSIX one, moved by preadv / pwrite
+_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0)
+_SEALS = _SEAL_SHRINK | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
+
+
+class MemfdSegment:
+    """The client side of a sealed memfd arena: created, sized, sealed and mapped here; `buf` as SharedMemory's."""
+
+    def __init__(self, size: int) -> None:
+        self.fd = os.memfd_create("memflow-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            self._mmap: Optional[mmap.mmap] = mmap.mmap(self.fd, size)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.buf: Optional[memoryview] = memoryview(self._mmap)
+        self.size = size
+        self.name = f"{MEMFD_PREFIX}{os.getpid()}:{self.fd}"
+
+    def unlink(self) -> None:
+        """Nothing to unlink: the segment goes away with its last descriptor and mapping."""
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()  # BufferError while arrays still view it (then again at garbage collection)
+            self.buf = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except BufferError:
+            pass
+
+
+def _open_memfd(name: str) -> int:
+    pid, _, fd = name[len(MEMFD_PREFIX):].partition(":")
+    if not (pid.isdigit() and fd.isdigit()) or len(pid) > 10 or len(fd) > 10:
+        raise InvalidArgument(f"shared-memory segment name {name!r} is malformed; expected {MEMFD_PREFIX}<pid>:<fd>")
+    # Any descriptor of any process the service may open: only a sealed memfd holding the client's nonce is
+    # accepted after this (ClientSegment, ArenaRegistry.register), never a file such as the bank's own.
     try:
-        if sys.version_info >= (3, 13):
-            return Segment(name=name, track=False)
-        seg = Segment(name=name)
+        return os.open(f"/proc/{int(pid)}/fd/{int(fd)}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FailedPrecondition(
+            f"memfd segment {name!r} is not visible to the service (another host or PID namespace?); expected a "
+            "segment on the service's host: use a POSIX segment (/dev/shm) or the stream data plane"
+        ) from None
+    except PermissionError as exc:
+        raise FailedPrecondition(f"the service may not open memfd segment {name!r} ({exc}); use a POSIX segment "
+                                 "(/dev/shm) or the stream data plane") from None
+    except OSError as exc:  # the pid's descriptor is a socket or the like: not the client's (another PID namespace?)
+        raise FailedPrecondition(f"memfd segment {name!r} cannot be opened by the service ({exc}): it is not the "
+                                 "client's segment (another PID namespace?); use a POSIX segment (/dev/shm) or the "
+                                 "stream data plane") from None
+
+
+def _open_posix(name: str) -> int:
+    try:
+        import _posixshmem  # the module SharedMemory itself opens segments with
+
+        return _posixshmem.shm_open("/" + name.lstrip("/"), os.O_RDWR, mode=0o600)
     except FileNotFoundError:
         raise FailedPrecondition(
             f"shared-memory segment {name!r} is not visible to the service (another host or /dev/shm "
             "namespace?); expected a segment on the service's host, or use the stream data plane"
         ) from None
     except PermissionError as exc:
-        raise FailedPrecondition(f"the service may not map shared-memory segment {name!r} ({exc}); expected a "
+        raise FailedPrecondition(f"the service may not open shared-memory segment {name!r} ({exc}); expected a "
                                  "segment the service's user can read and write, or use the stream data plane") from None
-    except (OSError, ValueError) as exc:  # a name the OS refuses (EINVAL, too long), an empty segment
-        raise InvalidArgument(f"shared-memory segment {name!r} cannot be mapped: {exc}; expected the name of a "
-                              "non-empty segment the client created") from None
-    if seg._name not in _CREATED_HERE:  # type: ignore[attr-defined]
-        # the client owns it: never let this process's resource tracker unlink it at exit
-        resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
-    return seg
+    except (OSError, ValueError) as exc:  # a name the OS refuses (EINVAL, ENAMETOOLONG, a directory ...)
+        raise InvalidArgument(f"shared-memory segment {name!r} cannot be opened: {exc}; expected the name of a "
+                              "segment the client created") from None
+
+
+def _sealed_against_shrinking(fd: int) -> Optional[bool]:
+    """Whether the kernel forbids shrinking the file; None when it is no shared-memory file at all."""
+    if not hasattr(fcntl, "F_GET_SEALS"):
+        return False
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEAL_SHRINK)
+    except OSError:  # EINVAL: not a tmpfs / memfd file
+        return None
+
+
+class ClientSegment:
+    """The service's handle on a client's segment (see the module doc): mapped only when sealed, else a descriptor."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        memfd = name.startswith(MEMFD_PREFIX)
+        self.fd = _open_memfd(name) if memfd else _open_posix(name)
+        try:
+            st = os.fstat(self.fd)
+            sealed = _sealed_against_shrinking(self.fd)
+        except OSError as exc:  # pragma: no cover - fstat of a descriptor just opened
+            self.close()
+            raise InvalidArgument(f"shared-memory segment {name!r} cannot be examined: {exc}") from None
+        if memfd and not (stat.S_ISREG(st.st_mode) and sealed):
+            self.close()  # not what a client of this host would have named (another PID namespace?)
+            raise FailedPrecondition(f"segment {name!r} seen by the service is not a memfd sealed against shrinking "
+                                     "(F_SEAL_SHRINK); expected the client's sealed arena, or use a POSIX segment "
+                                     "(/dev/shm) or the stream data plane")
+        if not stat.S_ISREG(st.st_mode) or sealed is None:
+            self.close()
+            raise InvalidArgument(f"shared-memory segment {name!r} is not a shared-memory object")
+        self.sealed = bool(sealed)
+        self._mmap: Optional[mmap.mmap] = None
+
+    def size(self) -> int:
+        """The segment's size now (an unsealed one may change the next moment; nothing relies on it)."""
+        return os.fstat(self.fd).st_size
+
+    def map(self, size: int) -> None:
+        """Map the first `size` bytes; only for a segment sealed against shrinking, whose pages can never vanish."""
+        assert self.sealed, "an unsealed segment is never mapped"
+        self._mmap = mmap.mmap(self.fd, size)
+
+    def view(self, offset: int, nbytes: int) -> Optional[np.ndarray]:
+        """A writable uint8 view of a mapped segment (None when it is not mapped: use its descriptor)."""
+        if self._mmap is None:
+            return None
+        return np.frombuffer(self._mmap, np.uint8, count=nbytes, offset=offset)
+
+    def dup(self) -> int:
+        """A descriptor of its own for one request, so a concurrent release cannot close it under the request."""
+        return os.dup(self.fd)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a request still views it; the mapping ends with the view
+                pass
+            self._mmap = None
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_exact(fd: int, offset: int, nbytes: int, what: str) -> np.ndarray:
+    """`nbytes` of the segment at `offset`, copied into a fresh buffer; FailedPrecondition when it is shorter."""
+    buf = np.empty(nbytes, np.uint8)
+    view = memoryview(buf)
+    got = 0
+    while got < nbytes:
+        try:
+            n = os.preadv(fd, [view[got:got + _MAX_IO]], offset + got)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read {what}: {exc}") from None
+        if n == 0:
+            raise FailedPrecondition(f"{what} ends at byte {offset + got} of the segment: the arena is smaller than "
+                                     f"the range asked [{offset}, {offset + nbytes}) (was it truncated?)")
+        got += n
+    return buf
+
+
+def write_all(fd: int, offset: int, data: memoryview, what: str) -> None:
+    """Write all of `data` at `offset` (a write past the end only extends the client's own segment)."""
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, data[done:done + _MAX_IO], offset + done)
+        except OSError as exc:  # ENOSPC of /dev/shm, EFBIG
+            raise FailedPrecondition(f"cannot write {what}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,16 +249,18 @@ def _region_type(nbytes: int) -> type:
 class Arena:
     """A client-owned, pre-faulted shared-memory segment with a first-fit lease allocator."""
 
-    def __init__(self, size: int, prefault: bool = True) -> None:
+    def __init__(self, size: int, prefault: bool = True, sealed: bool = True) -> None:
+        """`sealed`: a sealed memfd where the OS has them (the service maps it: memcpy speed), else POSIX."""
         if size < ALIGN:
             raise InvalidArgument(f"arena size {size} is below the minimum of {ALIGN} bytes")
         self.size = _align(size)
+        self.segment: "MemfdSegment | Segment"
         try:
-            self.segment = Segment(create=True, size=self.size)
+            self.segment = MemfdSegment(self.size) if sealed and hasattr(os, "memfd_create") and _SEALS else \
+                Segment(create=True, size=self.size)
         except OSError as exc:
             raise ResourceExhausted(f"cannot create a {self.size}-byte shared-memory arena: {exc}") from None
         self.name = self.segment.name
-        _CREATED_HERE.add(self.segment._name)  # type: ignore[attr-defined]
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         buf = np.frombuffer(self.segment.buf, np.uint8)
         if prefault:

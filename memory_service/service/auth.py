@@ -60,6 +60,11 @@ class Authenticator:
     def __init__(self, tokens: Sequence[tuple[str, str, bool]]) -> None:
         self._tokens = [(t.encode(), Identity(tenant, ro)) for tenant, t, ro in tokens]
 
+    @property
+    def tenants(self) -> frozenset[str]:
+        """Every tenant a token names (quotas are per tenant, so this bounds what all tenants can hold)."""
+        return frozenset(identity.tenant for _, identity in self._tokens)
+
     @staticmethod
     def from_file(path: Optional[str]) -> Optional["Authenticator"]:
         if not path:

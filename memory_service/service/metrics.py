@@ -2,7 +2,11 @@
 
 Owns the metric names: request latency per method (histogram), requests in flight per method, errors by
 method and code, bytes moved per data plane and direction, entries pruned, and - read from the bank at scrape
-time - entries and payload bytes per stream. `serve_http(port)` exposes them at /metrics.
+time - the bank's streams, entries, payload bytes and LMDB file bytes. `serve_http(port)` exposes them at /metrics.
+
+/metrics asks for no token (scrapers rarely carry one), so it names no tenant's stream: per-stream gauges
+(`memflow_stream_entries`, `memflow_stream_payload_bytes`, labelled with the bank's stream name, tenant
+included) appear only when the operator opts in (`stream_labels`, ServiceConfig.metrics_stream_labels).
 """
 
 from __future__ import annotations
@@ -16,28 +20,36 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class _BankCollector:
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], object], stream_labels: bool) -> None:
         self._stats = stats
+        self._stream_labels = stream_labels
 
     def collect(self):
-        entries = GaugeMetricFamily("memflow_stream_entries", "entries per stream", labels=["stream"])
-        nbytes = GaugeMetricFamily("memflow_stream_payload_bytes", "payload bytes per stream", labels=["stream"])
         try:
             stats = self._stats()
         except Exception:  # a closing bank must not break a scrape
             return
-        for s in stats.streams:
-            entries.add_metric([s.name], s.entries)
-            nbytes.add_metric([s.name], s.payload_bytes)
-        yield entries
-        yield nbytes
+        if self._stream_labels:
+            entries = GaugeMetricFamily("memflow_stream_entries", "entries per stream", labels=["stream"])
+            nbytes = GaugeMetricFamily("memflow_stream_payload_bytes", "payload bytes per stream", labels=["stream"])
+            for s in stats.streams:
+                entries.add_metric([s.name], s.entries)
+                nbytes.add_metric([s.name], s.payload_bytes)
+            yield entries
+            yield nbytes
+        for name, doc, value in (("memflow_streams", "streams in the bank", len(stats.streams)),
+                                 ("memflow_entries", "entries in the bank, all streams", stats.entries),
+                                 ("memflow_payload_bytes", "payload bytes in the bank, all streams", stats.payload_bytes)):
+            total = GaugeMetricFamily(name, doc)
+            total.add_metric([], value)
+            yield total
         disk = GaugeMetricFamily("memflow_disk_bytes", "bytes of the LMDB files")
         disk.add_metric([], stats.disk_bytes)
         yield disk
 
 
 class Metrics:
-    def __init__(self, bank_stats: Optional[Callable[[], object]] = None) -> None:
+    def __init__(self, bank_stats: Optional[Callable[[], object]] = None, stream_labels: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram("memflow_request_seconds", "request latency by method", ["method"],
                                  buckets=_BUCKETS, registry=self.registry)
@@ -50,7 +62,7 @@ class Metrics:
         self.prunes = Counter("memflow_pruned_entries_total", "entries evicted by explicit Prune calls",
                               registry=self.registry)
         if bank_stats is not None:
-            self.registry.register(_BankCollector(bank_stats))
+            self.registry.register(_BankCollector(bank_stats, stream_labels))
         self._http = None
 
     def bytes(self, plane: str, direction: str, n: int) -> None:

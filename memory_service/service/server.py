@@ -65,9 +65,10 @@ class MemoryServer:
         if bool(config.tls_cert) != bool(config.tls_key):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key; got only one")
         self.bank = bank or MemoryBank(config.data_dir, config.bank)
-        self.metrics = Metrics(self.bank.stats)
+        self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels)
         self.interceptor = ServiceInterceptor(self.auth, self.metrics)
-        self.servicer = MemoryServicer(self.bank, self.auth, self.metrics)
+        self.servicer = MemoryServicer(self.bank, self.auth, self.metrics, quotas=config.quotas,
+                                       max_arenas=config.max_arenas)
         limit = config.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memflow-rpc"),

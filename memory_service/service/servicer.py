@@ -4,7 +4,8 @@ Owns nothing but translation: every method resolves the caller's tenant, convert
 (service/convert.py), delegates to the bank and converts the answer. Errors are raised as MemFlowError and
 turned into status codes by the interceptor (service/interceptors.py), in one place. K/V bytes move on the
 data plane the request names: SHM (offsets into a registered client arena, one copy between the arena and
-LMDB's memory map) or STREAM (chunks of at most `chunk_bytes`).
+LMDB's memory map) or STREAM (chunks of at most `chunk_bytes`, convert.CHUNK_BYTES: each message fits the 4 MiB
+a stock gRPC client accepts).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from memory_service.bank import MemoryBank
+from memory_service.config import TenantQuotas
 from memory_service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memory_service.service import convert
 from memory_service.service.arenas import ArenaRegistry
@@ -22,20 +24,25 @@ from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
 from memory_service.service.metrics import Metrics
+from memory_service.service.quotas import TenantLedger
 from memory_service.types import kv_numpy_dtype
 from memory_service.validate import check_kv_layout
 
-CHUNK_BYTES = 4 << 20
 SHM = pb.DATA_PLANE_SHM
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(self, bank: MemoryBank, auth: Optional[Authenticator], metrics: Metrics,
-                 max_put_bytes: int = 16 << 30, chunk_bytes: int = CHUNK_BYTES) -> None:
+                 max_put_bytes: int = 16 << 30, chunk_bytes: int = convert.CHUNK_BYTES,
+                 quotas: Optional[TenantQuotas] = None, max_arenas: int = 256) -> None:
         self.bank = bank
         self.auth = auth
         self.metrics = metrics
-        self.arenas = ArenaRegistry()
+        quotas = quotas or TenantQuotas()
+        self.ledger = TenantLedger(bank, quotas)
+        if auth is not None and quotas.max_arenas is not None:  # tenants within their quotas always fit
+            max_arenas = max(max_arenas, len(auth.tenants) * quotas.max_arenas)
+        self.arenas = ArenaRegistry(max_arenas, quotas.max_arenas, quotas.max_arena_bytes)
         self.max_put_bytes = max_put_bytes
         self.chunk_bytes = chunk_bytes
 
@@ -64,7 +71,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def CreateStream(self, request, context):
         who = self._who(context, "CreateStream")
         spec = convert.spec_from_pb(request.spec)
-        self.bank.create_stream(convert.renamed(spec, self._name(who, spec.name, must_exist=False)))
+        name = self._name(who, spec.name, must_exist=False)
+        with self.ledger.creating_stream(who.tenant):
+            self.bank.create_stream(convert.renamed(spec, name))
         return pb.CreateStreamResponse()
 
     def DropStream(self, request, context):
@@ -93,12 +102,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 check_kv_layout(spec, e.kv_dtype, e.kv_shape, f"entry {i}")
                 n_kv += 1
         kv = None
+        total = 0
         if n_kv:
             total = n_kv * spec.kv.layers * _layer_bytes(spec)
             if total > self.max_put_bytes:
                 raise ResourceExhausted(f"Put of {total} K/V bytes exceeds the service limit of {self.max_put_bytes}")
             if header.plane == SHM:
-                raw = self.arenas.view(who.tenant, header.arena_id, int(header.arena_offset), total)
+                with self.arenas.use(who.tenant, header.arena_id, int(header.arena_offset), total) as source:
+                    raw = source.read()  # sealed: the mapping itself; otherwise a private copy
                 _expect_end(request_iterator)
                 self.metrics.bytes("shm", "put", total)
             else:
@@ -107,7 +118,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             kv = raw.view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
         else:
             _expect_end(request_iterator)
-        ids = self.bank.put(stream, convert.entries_from_pb(header.entries, kv))
+        entries = convert.entries_from_pb(header.entries, kv)
+        with self.ledger.storing(who.tenant, total + len(entries) * _key_bytes(spec)):
+            ids = self.bank.put(stream, entries)
         return pb.PutResponse(ids=ids)
 
     # -- query / fetch ------------------------------------------------------------------------------
@@ -123,7 +136,6 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         stream = self._name(who, request.stream)
         spec = self.bank.spec(stream)
         layers = list(request.layers) or None
-        out = None
         if request.plane == SHM and spec.kv is not None:
             n_layers = len(layers) if layers else spec.kv.layers
             nbytes = len(request.ids) * n_layers * _layer_bytes(spec)
@@ -132,15 +144,22 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     f"fetch needs {nbytes} bytes but the client reserved {request.arena_bytes} in its arena: the "
                     f"client's layout of stream {request.stream!r} is stale; reload it and retry"
                 )
-            view = self.arenas.view(who.tenant, request.arena_id, int(request.arena_offset), nbytes)
-            out = view.view(kv_numpy_dtype(spec.kv.dtype)).reshape(len(request.ids), n_layers, *spec.kv.layer_shape)
-        ids = convert.ids_from_pb(request.ids)
-        if out is not None:
-            result = self.bank.fetch(stream, ids, layers, out=out)
+            with self.arenas.use(who.tenant, request.arena_id, int(request.arena_offset), nbytes) as target:
+                ids = convert.ids_from_pb(request.ids)
+                if target.view is not None:  # a sealed segment, mapped: one memcpy from LMDB's map into it
+                    out = target.view.view(kv_numpy_dtype(spec.kv.dtype)).reshape(len(request.ids), n_layers,
+                                                                                  *spec.kv.layer_shape)
+                    result = self.bank.fetch(stream, ids, layers, out=out)
+                    got_ids, got_layers, shape = result.ids, result.layers, result.kv.shape
+                else:  # never mapped (the client could shrink it under the copy): pwrite from LMDB's map
+                    got_ids, got_layers, shape, _ = self.bank.fetch_layout(stream, ids, layers)
+                    for _ in self.bank.iter_fetch(stream, ids, layers, max(1, _layer_bytes(spec)), target.write):
+                        pass
             # counted before the yield: the client may have its answer (and scrape) before the generator resumes
-            self.metrics.bytes("shm", "fetch", result.kv.nbytes)
-            yield _fetch_header(result.ids, result.layers, spec.kv.dtype, result.kv.shape, result.kv.nbytes)
+            self.metrics.bytes("shm", "fetch", nbytes)
+            yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
             return
+        ids = convert.ids_from_pb(request.ids)
         got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
         nbytes = math.prod(shape) * dtype.itemsize
         yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
@@ -176,10 +195,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                                     entries=s.entries, payload_bytes=s.payload_bytes)
         bank = self.bank.stats()
         mine = [s for s in bank.streams if who.owns(s.name)]
+        # the LMDB map and file sizes are the whole bank's, every tenant's together: only the operator (a service
+        # without auth) sees them; a tenant's answer has 0 there
+        operator = not who.tenant
         return pb.StatsResponse(
             streams=[convert.stream_stats_to_pb(s, who.local(s.name)) for s in mine],
             entries=sum(s.entries for s in mine), payload_bytes=sum(s.payload_bytes for s in mine),
-            map_size=bank.map_size, disk_bytes=bank.disk_bytes,
+            map_size=bank.map_size if operator else 0, disk_bytes=bank.disk_bytes if operator else 0,
         )
 
     def ListEntries(self, request, context):
@@ -201,6 +223,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 def _layer_bytes(spec) -> int:
     # Python ints: KVLayout.layer_bytes (numpy) wraps around for absurd layouts and would pass the size limits
     return math.prod(spec.kv.layer_shape) * kv_numpy_dtype(spec.kv.dtype).itemsize
+
+
+def _key_bytes(spec) -> int:
+    """Stored key bytes of one entry (what a tenant's stored-bytes quota counts beside its payload)."""
+    return sum(spec.layers_of(name) * ks.dim * np.dtype(ks.dtype).itemsize for name, ks in spec.key_spaces.items())
 
 
 def _fetch_header(ids, layers, dtype: str, shape, nbytes: int) -> pb.FetchResponse:

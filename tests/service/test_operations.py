@@ -79,7 +79,7 @@ def test_reflection_lists_and_describes_the_service(server):
 
 
 def test_metrics_count_requests_bytes_and_entries(make_server):
-    srv = make_server(metrics_port=0)
+    srv = make_server(metrics_port=0, metrics_stream_labels=True)  # per-stream gauges are opt-in
     assert srv.metrics_port
     per_entry = LAYERS * KV.layer_bytes
     with MemoryClient(srv.address, plane="shm", arena_bytes=SMALL_ARENA) as shm, \
@@ -107,6 +107,8 @@ def test_metrics_count_requests_bytes_and_entries(make_server):
     assert m[("memflow_request_errors_total", (("code", "NOT_FOUND"), ("method", "Query")))] == 1
     assert m[("memflow_stream_entries", (("stream", "cam0"),))] == 5
     assert m[("memflow_stream_payload_bytes", (("stream", "cam0"),))] == 5 * per_entry
+    assert (m[("memflow_streams", ())], m[("memflow_entries", ())]) == (1, 5)
+    assert m[("memflow_payload_bytes", ())] == 5 * per_entry
 
 
 def test_generated_proto_code_is_current():

@@ -247,15 +247,15 @@ def test_failed_precondition_bogus_arenas(client, server, stub):
 
 @pytest.mark.slow
 def test_failed_precondition_client_shm_across_dev_shm_namespaces(tmp_path):
-    """A service that cannot see the client's /dev/shm (as on another host): plane="shm" is an error, never a
-    silent slow path; plane="auto" falls back to the stream plane and works."""
-    probe = __import__("subprocess").run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                          "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
+    """A service that can see neither the client's /dev/shm nor its processes (as on another host: its own
+    mount and PID namespaces, so neither POSIX segments nor sealed memfds reach it): plane="shm" is an error,
+    never a silent slow path; plane="auto" falls back to the stream plane and works."""
+    unshare = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private"]
+    probe = __import__("subprocess").run([*unshare, "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a private /dev/shm here: {probe.stderr.decode().strip()}")
+        pytest.skip(f"cannot make a private /dev/shm and PID namespace here: {probe.stderr.decode().strip()}")
     script = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
-    proc = start_serve(str(tmp_path / "bank"), prefix=["unshare", "--mount", "--propagation", "private",
-                                                       "sh", "-c", script, "sh"])
+    proc = start_serve(str(tmp_path / "bank"), prefix=[*unshare, "sh", "-c", script, "sh"])
     try:
         with pytest.raises(FailedPrecondition, match="shared-memory data plane requested but unavailable"):
             MemoryClient(proc.target, plane="shm", arena_bytes=SMALL_ARENA)
