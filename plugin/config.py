@@ -25,7 +25,9 @@ class MemFlowConfig:
 
     enabled: bool = True
     stream: str = "memflow"  # the bank stream this generator reads and writes
-    on_existing: str = "reuse"  # the stream already exists: reuse it, replace (drop) it, or raise
+    # the stream already exists: "reuse" it (the same video, resumed), "replace" (drop) it, or "error"; None (the
+    # default) raises too, saying how to choose: a new plugin never silently continues another video's stream
+    on_existing: Optional[str] = None
     # retrieval
     # "nam": per-layer text-key vs frame-key; "embedding": one vector per entry; "recent": the fixed strategy the
     # paper compares against - the k newest records, no query
@@ -57,7 +59,8 @@ class MemFlowConfig:
         _one_of("scorer", self.scorer, SCORERS)
         _one_of("adaptive_k", self.adaptive_k, ADAPTIVE_MODES)
         _one_of("write_policy", self.write_policy, WRITE_POLICIES)
-        _one_of("on_existing", self.on_existing, ON_EXISTING)
+        if self.on_existing is not None:
+            _one_of("on_existing", self.on_existing, ON_EXISTING)
         _one_of("key_dtype", self.key_dtype, KEY_DTYPES)
         for name in ("k", "k_min", "k_max", "sma_k", "record_interval", "write_queue", "write_batch"):
             _positive_int(name, getattr(self, name))

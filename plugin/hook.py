@@ -40,7 +40,8 @@ MAX_OUTSTANDING = 2  # memory reads queued or running at once (one chunk's and t
 
 
 class StreamConflict(ValueError):
-    """The configured stream exists with a layout this generator cannot use."""
+    """The configured stream exists with a layout this generator cannot use, or exists and the config did not
+    say to continue it (`on_existing`)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class MemFlowPlugin:
 
     `memory` is a `LocalMemory` or a `MemoryClient`; `adapter` describes the generator's KV cache
     (`SelfForcingAdapter.for_reference(model)` for the reference model). One plugin serves one video on one
-    stream (`config.stream`); allocate the video's cache with `memory_frames=plugin.memory_frames`. Hooks:
+    stream (`config.stream`; an existing stream is continued only with `on_existing="reuse"`, so a second
+    video never attends the first one's frames by accident); allocate the video's cache with
+    `memory_frames=plugin.memory_frames`. Hooks:
     `before_chunk(chunk_index, prompt, kv, *, next_prompt=None, query=None) -> ChunkMemory` and
     `after_chunk(chunk_index, kv, keys=None)`. `last_report` and `stats()` say what happened.
     """
@@ -143,8 +146,14 @@ class MemFlowPlugin:
         if name in existing and self.config.on_existing == "replace":
             self.memory.drop_stream(name)
         elif name in existing:
+            if self.config.on_existing is None:
+                raise StreamConflict(
+                    f"stream {name!r} already exists in the bank (an earlier video's?); a new plugin does not "
+                    f"continue it silently: give this video its own stream (MemFlowConfig(stream=...)), or set "
+                    f"on_existing='reuse' to continue it (the same video resumed) or 'replace' to drop it")
             if self.config.on_existing == "error":
-                raise StreamConflict(f"stream {name!r} already exists (on_existing='error')")
+                raise StreamConflict(f"stream {name!r} already exists (on_existing='error'); name another stream "
+                                     "or set on_existing='reuse' / 'replace'")
             have = existing[name]
             if have.kv != spec.kv or any(have.key_spaces.get(s) is None or have.key_spaces[s].dim != ks.dim
                                          or have.key_spaces[s].per_layer != ks.per_layer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memory_service import Budget, KeySpace, KVLayout, LocalMemory, StreamSpec
-from plugin import StreamConflict
+from plugin import MemFlowConfig, MemFlowPlugin, SelfForcingAdapter, StreamConflict
 from plugin_helpers import FOX, WHALE, Flaky, Run, failing_backend, make_plugin, tiny_model  # noqa: F401
 
 
@@ -89,14 +89,34 @@ def test_existing_stream_with_another_layout_is_a_clear_error(tiny_model, tmp_pa
         memory.create_stream(StreamSpec("memflow", {"nam": KeySpace(128, per_layer=True)},
                                         kv=KVLayout(4, 4, 32, 16, "bfloat16")))
         with pytest.raises(StreamConflict, match="exists with KV layout"):
-            make_plugin(memory, tiny_model, stream="memflow")
+            make_plugin(memory, tiny_model, stream="memflow", on_existing="reuse")
         with pytest.raises(StreamConflict, match="already exists"):
             make_plugin(memory, tiny_model, stream="memflow", on_existing="error")
         plugin = make_plugin(memory, tiny_model, stream="memflow", on_existing="replace", max_entries=5)
         spec = {s.name: s for s in memory.list_streams()}["memflow"]
         assert spec.kv.dtype == "float32" and spec.budget == Budget(max_entries=5)
         plugin.close()
-        make_plugin(memory, tiny_model, stream="memflow").close()  # the same layout is reused
+        make_plugin(memory, tiny_model, stream="memflow", on_existing="reuse").close()  # the same layout is reused
+
+
+def test_a_second_video_never_continues_the_first_videos_stream_silently(tiny_model, tmp_path):
+    adapter = SelfForcingAdapter.for_reference(tiny_model)
+    defaults = MemFlowConfig(deadline_s=30.0)  # the default stream name, the default on_existing
+    with LocalMemory(str(tmp_path / "bank")) as memory:
+        first = MemFlowPlugin(memory, defaults, adapter)
+        Run(tiny_model, first).script([FOX] * 7)
+        first.close()
+        recorded = memory.stats(defaults.stream).entries
+        assert recorded == 2  # chunks 3 and 6
+        with pytest.raises(StreamConflict, match=r"stream 'memflow' already exists .*MemFlowConfig\(stream=\.\.\.\)"
+                                                 r".*on_existing='reuse' to continue it"):
+            MemFlowPlugin(memory, defaults, adapter)
+        assert memory.stats(defaults.stream).entries == recorded  # refused before touching the stream
+        MemFlowPlugin(memory, defaults.replace(on_existing="reuse"), adapter).close()
+        assert memory.stats(defaults.stream).entries == recorded
+        MemFlowPlugin(memory, defaults.replace(stream="video-2"), adapter).close()  # its own stream: no question
+        MemFlowPlugin(memory, defaults.replace(on_existing="replace"), adapter).close()
+        assert memory.stats(defaults.stream).entries == 0
 
 
 def test_a_cache_without_memory_slots_is_refused(tiny_model, tmp_path):
