@@ -13,7 +13,7 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from svc_util import DIM, EMB, KV, LAYERS, bank_state, make_entry, make_spec
@@ -273,6 +273,15 @@ def test_put_shm_offsets(live, data, offset, chunks):
 def test_put_random_headers(live, header, chunks):
     msgs = [pb.PutRequest(header=header)] + [pb.PutRequest(kv_chunk=c) for c in chunks]
     live.check(lambda: live.stub.Put(iter(msgs), timeout=30))
+    if header.plane not in (0, 1, 2):  # an unknown DataPlane is refused as such, never served as STREAM
+        _expect_unknown_plane(lambda: live.stub.Put(iter(msgs), timeout=30), "PutHeader.plane", header.plane)
+
+
+def _expect_unknown_plane(call, field: str, plane: int) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert f"{field} is {plane}, which is not a DataPlane" in info.value.details()
 
 
 @FUZZ
@@ -292,6 +301,8 @@ def test_fetch(live, stream, ids, layers, plane, real_arena, arena_id, offset, n
     req = pb.FetchRequest(stream=stream, ids=ids, layers=layers, plane=plane,
                           arena_id=live.arena_id if real_arena else arena_id, arena_offset=offset, arena_bytes=nbytes)
     live.check(lambda: list(live.stub.Fetch(req, timeout=30)))
+    if plane not in (0, 1, 2):
+        _expect_unknown_plane(lambda: list(live.stub.Fetch(req, timeout=30)), "FetchRequest.plane", plane)
 
 
 @FUZZ
@@ -306,6 +317,12 @@ def test_fetch(live, stream, ids, layers, plane, real_arena, arena_id, offset, n
                                          "ttl(seconds=1),then:", "then:fifo"]), st.text(max_size=12)),
        storage=st.sampled_from(["", "raw", "fp8", "zip"]), degrade=st.lists(st.sampled_from(["fp8", "keys_only", "x"]),
                                                                           max_size=2))
+# the issue's specs (issue 10 items 2 and 8): 2^40 layers of a dim-1 per-layer space built 2^40 indexes (the call
+# timed out, the service grew ~120 MB/s and never came up again); a 2^31 dim wrapped inside faiss
+@example(name="huge", spaces={"nam": pb.KeySpace(dim=1, per_layer=True)}, budget=pb.Budget(), policy="", storage="",
+         kv=pb.KVLayout(layers=2**40, heads=1, head_dim=1, tokens_per_frame=1), degrade=[])
+@example(name="wide", spaces={"e": pb.KeySpace(dim=2**31)}, kv=None, budget=pb.Budget(), policy="", storage="",
+         degrade=[])
 def test_create_stream(live, name, spaces, kv, budget, policy, storage, degrade):
     spec = pb.StreamSpec(name=name, key_spaces=spaces, budget=budget, policy=policy, storage=storage, degrade=degrade)
     if kv is not None:
