@@ -81,6 +81,14 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+# The one chunk size of the streaming plane, both directions (Fetch from the service, Put from MemoryClient). Stock
+# gRPC clients (grpc-js, Go, Java, C++, Python) refuse a received message over 4 MiB unless told otherwise, and
+# the limit counts the whole serialized message: tag, length and bytes. A chunk of 4 MiB - 4 KiB leaves room for
+# that framing (5 bytes) and keeps every chunk page-aligned in the buffers it is cut from.
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES - (4 << 10)
+
+
 def chunk_to_wire(chunk) -> bytes:
     """The serialized `{kv_chunk: chunk}` message, copying `chunk` (any buffer) exactly once."""
     return b"".join((_CHUNK_TAG, _varint(len(chunk)), chunk))

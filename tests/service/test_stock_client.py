@@ -1,0 +1,103 @@
+"""A stock gRPC client - default channel options, the generated stub, nothing of MemoryClient - moves Wan-sized
+layers on the streaming plane.
+
+Stock clients (grpc-js, Go, Java, C++, Python) refuse a received message over 4 MiB unless told otherwise, and
+the limit counts the whole serialized message. One Wan2.1-1.3B layer of one frame is 9.58 MB, so every chunk the
+service streams must fit 4 MiB with its framing; and MemoryClient's own Put chunks must fit a service whose
+limit is 4 MiB. Real MemoryServer on a free port, real channels.
+"""
+
+from __future__ import annotations
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+
+from memory_service import KeySpace, KVLayout, NewEntry, StreamSpec
+from memory_service.client import MemoryClient
+from memory_service.service import convert
+from memory_service.service.gen import memory_pb2 as pb
+from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+
+STOCK_LIMIT = 4 << 20  # what a stock client accepts: serialized message, tag and length included
+# One Wan2.1-1.3B frame layer: 1560 tokens x 12 heads x 128, K and V, bf16 = 9,584,640 bytes per layer.
+WAN_LAYER = KVLayout(layers=2, heads=12, head_dim=128, tokens_per_frame=1560, dtype="bfloat16")
+
+
+def wan_spec(name: str = "wan") -> StreamSpec:
+    return StreamSpec(name, {"e": KeySpace(8)}, kv=WAN_LAYER)
+
+
+def wan_entry(seed: int) -> NewEntry:
+    rng = np.random.default_rng(seed)
+    kv = rng.standard_normal(WAN_LAYER.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)  # [L, 2, T, H, D]
+    return NewEntry(seed, 0, f"frame {seed}", {"e": rng.standard_normal(8).astype(np.float32)}, kv)
+
+
+def stock_fetch(stub, request: pb.FetchRequest) -> tuple[pb.FetchHeader, bytes, list[int]]:
+    """(header, the K/V bytes, each message's serialized size) of a Fetch through the generated stub."""
+    header, chunks, sizes = None, [], []
+    for msg in stub.Fetch(request, timeout=60):
+        sizes.append(msg.ByteSize())
+        if msg.WhichOneof("part") == "header":
+            assert header is None, "a second header"
+            header = msg.header
+        else:
+            chunks.append(msg.kv_chunk)
+    assert header is not None
+    return header, b"".join(chunks), sizes
+
+
+@pytest.fixture
+def stock(server):
+    """The generated stub on a channel with gRPC's defaults (no message size raised)."""
+    channel = grpc.insecure_channel(server.address)
+    yield pb_grpc.MemoryServiceStub(channel)
+    channel.close()
+
+
+def test_chunk_size_fits_a_stock_client_with_its_framing():
+    framed = convert.chunk_to_wire(bytes(convert.CHUNK_BYTES))
+    assert len(framed) <= STOCK_LIMIT
+    assert pb.FetchResponse.FromString(framed).kv_chunk == bytes(convert.CHUNK_BYTES)  # what any protobuf reads
+
+
+def test_stock_client_fetches_a_wan_sized_layer_bit_exact(server, stock):
+    with MemoryClient(server.address, plane="stream") as c:
+        c.create_stream(wan_spec())
+        entries = [wan_entry(1), wan_entry(2)]
+        ids = c.put("wan", entries)
+    header, data, sizes = stock_fetch(stock, pb.FetchRequest(stream="wan", ids=ids))
+    assert list(header.shape) == [2, *WAN_LAYER.shape] and header.dtype == "bfloat16"
+    assert header.nbytes == len(data) == 2 * WAN_LAYER.layers * WAN_LAYER.layer_bytes
+    assert data == np.stack([e.kv for e in entries]).tobytes()
+    assert max(sizes) <= STOCK_LIMIT and len(sizes) > 1 + 2 * WAN_LAYER.layers  # more than one chunk per layer
+    # a subset of layers, in the order asked
+    header, data, _ = stock_fetch(stock, pb.FetchRequest(stream="wan", ids=[ids[1]], layers=[1]))
+    assert list(header.layers) == [1] and data == entries[1].kv[1:2].tobytes()
+
+
+def test_stock_client_puts_chunks_of_4_mib_minus_framing(server, stock):
+    with MemoryClient(server.address, plane="stream") as c:
+        c.create_stream(wan_spec())
+    entry = wan_entry(3)
+    header = pb.PutHeader(stream="wan", entries=[convert.entry_to_pb(entry)])
+    raw = entry.kv.tobytes()
+    biggest = STOCK_LIMIT - 5  # with its tag byte and 4-byte length, exactly 4 MiB
+    requests = [pb.PutRequest(header=header)] + [pb.PutRequest(kv_chunk=raw[i:i + biggest])
+                                                 for i in range(0, len(raw), biggest)]
+    assert max(r.ByteSize() for r in requests) == STOCK_LIMIT
+    (eid,) = stock.Put(iter(requests), timeout=60).ids
+    _, data, _ = stock_fetch(stock, pb.FetchRequest(stream="wan", ids=[eid]))
+    assert data == raw
+
+
+def test_memory_client_chunks_fit_a_service_limited_to_4_mib(make_server):
+    srv = make_server(max_message_bytes=STOCK_LIMIT)
+    with MemoryClient(srv.address, plane="stream", max_message_bytes=STOCK_LIMIT) as c:
+        c.create_stream(wan_spec())
+        entry = wan_entry(4)
+        (eid,) = c.put("wan", [entry])  # 9.58 MB per layer through the client's own chunking
+        got = c.fetch("wan", [eid])
+        assert got.kv.tobytes() == entry.kv[None].tobytes()
