@@ -9,8 +9,9 @@ only delegate here. Promises:
 - queries never see another stream's entries, and run under the stream's lock only for the search itself.
 Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory and are persisted with
 the next write, or at most `hit_flush_interval_s` later by a background thread, or on close: a query never
-writes, so it never fails on a full disk. Deletes, drops and prunes commit on a full disk (the store's
-reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and still closes.
+writes, so it never fails on a full disk. Deletes, drops, prunes and puts that evict commit on a full disk
+(the store's reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and
+still closes.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ class MemoryBank:
                         w.put_payload(s.sid, meta.entry_id, layer, header, body)
                 return eviction.apply(w, s, p, ids[-1] + 1, self.config.verify_checksums)
 
-            degraded = self.store.write(fn)
+            degraded = self.store.write(fn, frees=bool(p.evict))  # evicting: it may use the full-disk reserve
             for meta in metas:
                 s.entries[meta.entry_id] = meta
             s.columns_added(metas)

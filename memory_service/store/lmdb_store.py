@@ -259,9 +259,10 @@ class LMDBStore:
         return int(self.env.info()["map_size"])
 
     def disk_bytes(self) -> int:
+        """Bytes of the LMDB files (the full-disk reserve beside them is not counted)."""
         return sum(
             os.path.getsize(os.path.join(self.path, f)) for f in os.listdir(self.path)
-            if os.path.isfile(os.path.join(self.path, f))
+            if f != RESERVE_FILE and os.path.isfile(os.path.join(self.path, f))
         )
 
     def sync(self) -> None:

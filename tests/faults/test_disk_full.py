@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import make_entry, make_spec
-from memory_service import LocalMemory, ResourceExhausted
+from memory_service import Budget, LocalMemory, ResourceExhausted
 from memory_service.config import BankConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
@@ -127,6 +127,22 @@ def test_drop_on_a_full_disk_commits_and_its_space_takes_new_puts(tiny_disk):
     with LocalMemory(data, CONFIG) as m:
         assert [s.name for s in m.list_streams()] == ["keep"]
         assert_holds(m, "keep", keep)
+
+
+def test_a_stream_at_its_budget_keeps_taking_puts_on_a_full_disk(tiny_disk):
+    data = tiny_disk + "/bank"
+    with LocalMemory(data, CONFIG) as m:
+        m.create_stream(make_spec("ring", budget=Budget(max_entries=200)))  # FIFO: each put past it evicts
+        m.create_stream(make_spec("fill"))
+        for seed in range(200):
+            m.put("ring", [make_entry(seed)])
+        fill(m, "fill", {}, 10_000)
+        for seed in range(20_000, 20_300):  # every put evicts the oldest: the room it needs is the room it frees
+            m.put("ring", [make_entry(seed)])
+        entries = m.entries("ring")
+        assert 190 <= len(entries) <= 200
+        assert [e.frame_index for e in entries] == list(range(20_300 - len(entries), 20_300))
+        assert_holds(m, "ring", {e.entry_id: e.frame_index for e in entries})
 
 
 def test_queries_on_a_full_disk_never_fail_and_close_is_clean(tiny_disk):
