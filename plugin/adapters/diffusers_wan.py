@@ -141,6 +141,8 @@ class WanStreamingDriver:
             raise ValueError(f"latent frame {height}x{width} is not a multiple of the spatial patch {p_h}x{p_w}")
         if not timesteps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in timesteps):
             raise ValueError(f"timesteps must be non-empty values in (0, {NUM_TRAIN_TIMESTEPS:g}], got {timesteps!r}")
+        if any(isinstance(block.attn1.processor, CachedSelfAttention) for block in model.blocks):
+            raise ValueError("the model already serves a WanStreamingDriver; close() that driver first")
         self.model, self.encode_prompt = model, encode_prompt
         self.grid = (height // p_h, width // p_w)
         self.height, self.width = height, width
