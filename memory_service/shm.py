@@ -161,6 +161,7 @@ class ClientSegment:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._mmap: Optional[mmap.mmap] = None
         memfd = name.startswith(MEMFD_PREFIX)
         self.fd = _open_memfd(name) if memfd else _open_posix(name)
         try:
@@ -178,7 +179,6 @@ class ClientSegment:
             self.close()
             raise InvalidArgument(f"shared-memory segment {name!r} is not a shared-memory object")
         self.sealed = bool(sealed)
-        self._mmap: Optional[mmap.mmap] = None
 
     def size(self) -> int:
         """The segment's size now (an unsealed one may change the next moment; nothing relies on it)."""
