@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import struct
@@ -37,6 +38,7 @@ from memory_service.errors import ResourceExhausted
 from memory_service.store.codec import Header
 
 T = TypeVar("T")
+log = logging.getLogger("memflow.store")
 DBS = ("streams", "entries", "stats", "keys", "phead", "pbody", "meta")
 _SID = struct.Struct(">I")
 _SID_EID = struct.Struct(">IQ")
@@ -196,7 +198,8 @@ class LMDBStore:
     def write(self, fn: Callable[[Writer], T], frees: bool = False) -> T:
         """Run `fn` in one write transaction; grow the map and rerun it if the map fills up.
 
-        `frees`: the write frees space (delete, drop, prune), so on a full disk it may use the reserve.
+        `frees`: the write frees space (a delete, drop, prune, or a put that evicts), so on a full disk it may
+        use the reserve.
         `fn` must not change anything outside the transaction: it may run more than once.
         """
         with self._write_lock:
@@ -226,10 +229,17 @@ class LMDBStore:
                            "delete entries or drop streams (they still work on a full disk), ")
                         + "free space or lower the stream budgets"
                     ) from None
+            self._after_commit(frees, released)
+            return result
+
+    def _after_commit(self, frees: bool, released: bool) -> None:
+        """Housekeeping after a commit; never raises (the caller's write is committed whatever happens here)."""
+        try:
             if released or (frees and self.reserve.disk_low()):
                 self._advance()  # so that the next write can reuse what this one freed
             self.reserve.refill()
-            return result
+        except Exception as exc:  # noqa: BLE001 - e.g. the filesystem went away: the next write reports it
+            log.warning("full-disk reserve upkeep failed under %s: %s", self.path, exc)
 
     def _advance(self) -> bool:
         """Commit a one-key transaction (see the module docstring); False if even that found no room."""
@@ -239,6 +249,8 @@ class LMDBStore:
                     self._advances += 1
                     txn.put(b"advance", str(self._advances).encode(), db=self._dbs["meta"])
             return True
+        except lmdb.MapFullError:
+            return False  # the caller grows the map when its own write hits this
         except lmdb.Error as exc:
             if _is_disk_full(exc, self.path):
                 return False
