@@ -64,7 +64,7 @@ class Stream:
     def __init__(self, record: dict, params: IndexParams, store: LMDBStore) -> None:
         """Builds everything a stream needs (its indexes included) from its record, or raises before building any
         of it: the spec is checked against memory_service/limits.py first, so the cost here is bounded by those
-        limits (at most MAX_KEY_SPACES x MAX_LAYERS empty indexes), never by the numbers a record holds."""
+        limits (at most MAX_INDEXES_PER_STREAM empty indexes), never by the numbers a record holds."""
         if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
             raise InvalidArgument(f"a stream record must be an object with a 'spec' object, got {str(record)[:80]!r}")
         self.spec = StreamSpec.from_json(record["spec"])

@@ -146,7 +146,7 @@ class StreamSpec:
             raise InvalidArgument(f"stream {self.name!r} kv must be a KVLayout or None, got {type(self.kv).__name__}")
         if not isinstance(self.budget, Budget):
             raise InvalidArgument(f"stream {self.name!r} budget must be a Budget, got {type(self.budget).__name__}")
-        key_values = 0
+        key_values = indexes = 0
         for space_name, space in self.key_spaces.items():
             if (not isinstance(space_name, str) or not space_name or len(space_name) > limits.MAX_KEY_SPACE_NAME_CHARS
                     or "\x00" in space_name):
@@ -159,12 +159,22 @@ class StreamSpec:
                 raise InvalidArgument(
                     f"per-layer key space {space_name!r} needs KeySpace.layers when the stream has no KV layout"
                 )
-            layers = (space.layers if space.layers is not None else self.kv.layers) if space.per_layer else 1  # type: ignore[union-attr]
+            layers = 1
+            if space.per_layer:
+                layers = space.layers if space.layers is not None else self.kv.layers  # type: ignore[union-attr]
             key_values += layers * space.dim
+            indexes += layers if space.per_layer and space.index != "two_stage" else 1
         if key_values > limits.MAX_KEY_VALUES_PER_ENTRY:
             raise InvalidArgument(
                 f"stream {self.name!r} has {key_values} key values per entry (layers x dim over its key spaces); "
-                f"expected at most {limits.MAX_KEY_VALUES_PER_ENTRY} (MAX_KEY_VALUES_PER_ENTRY, memory_service/limits.py)"
+                f"expected at most {limits.MAX_KEY_VALUES_PER_ENTRY} (MAX_KEY_VALUES_PER_ENTRY, "
+                "memory_service/limits.py)"
+            )
+        if indexes > limits.MAX_INDEXES_PER_STREAM:
+            raise InvalidArgument(
+                f"stream {self.name!r} needs {indexes} search indexes (one per layer of each per-layer key space, one "
+                f"per other space); expected at most {limits.MAX_INDEXES_PER_STREAM} (MAX_INDEXES_PER_STREAM, "
+                "memory_service/limits.py)"
             )
         if not isinstance(self.policy, str) or len(self.policy) > limits.MAX_POLICY_CHARS:
             raise InvalidArgument(f"stream {self.name!r} policy is {str(self.policy)[:40]!r}"

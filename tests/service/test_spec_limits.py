@@ -61,11 +61,15 @@ BAD_SPECS = [
      dict(key_spaces={"e": ks()}, kv=kvl(1024, 1024, 4096, 1 << 20)), "bytes of K/V per entry; expected at most"),
     ("8M key values per entry", dict(key_spaces={"n": ks(1 << 20, True, 8)}), "key values per entry"),
     ("17 key spaces", dict(key_spaces={f"s{i}": ks() for i in range(17)}), "17 key spaces; expected at most 16"),
+    ("16 per-layer spaces of 1024 layers", dict(key_spaces={f"s{i}": ks(1, True, 1024) for i in range(16)}),
+     "needs 16384 search indexes"),
     ("budget of 2^62 bytes", dict(key_spaces={"e": ks()}, budget=pb.Budget(max_bytes=2**62)), "Budget.max_bytes is"),
     ("budget of 2^62 entries", dict(key_spaces={"e": ks()}, budget=pb.Budget(max_entries=2**62)),
      "Budget.max_entries is"),
-    ("budget of -1 entries", dict(key_spaces={"e": ks()}, budget=pb.Budget(max_entries=-1)), "Budget.max_entries is -1"),
-    ("a 2000-character policy", dict(key_spaces={"e": ks()}, policy="fifo" * 500), "characters); expected a policy expression of at most 1000"),
+    ("budget of -1 entries", dict(key_spaces={"e": ks()}, budget=pb.Budget(max_entries=-1)),
+     "Budget.max_entries is -1"),
+    ("a 2000-character policy", dict(key_spaces={"e": ks()}, policy="fifo" * 500),
+     "characters); expected a policy expression of at most 1000"),
 ]
 
 
@@ -127,22 +131,22 @@ def test_specs_past_a_limit_are_refused_and_never_persisted(tmp_path):
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, code, details)
                 assert says in details and "expected" in details, (what, details)
                 assert list(stub.ListStreams(pb.ListStreamsRequest(), timeout=30).streams) == [], what
-            # at the limits themselves a stream is fine: 1024 layers of a dim-1 per-layer space, and 16 spaces
-            edge = pb.StreamSpec(name="edge", key_spaces={f"s{i}": ks(1, True, 1024) for i in range(16)})
+            # at the limits themselves a stream is fine: two dim-1 per-layer spaces of 1024 layers (2048 indexes)
+            edge = pb.StreamSpec(name="edge", key_spaces={f"s{i}": ks(1, True, 1024) for i in range(2)})
             stub.CreateStream(pb.CreateStreamRequest(spec=edge), timeout=30)
         assert proc.terminate() == 0
         proc = start_serve(data_dir)
         with MemoryClient(proc.target, plane="stream") as c:
             assert [s.name for s in c.list_streams()] == ["edge"]
             ids = c.put("edge", [make_edge_entry()])
-            assert c.query("edge", "s3", np.ones((1024, 1), np.float32), 1).ids[:, 0].tolist() == ids * 1024
+            assert c.query("edge", "s1", np.ones((1024, 1), np.float32), 1).ids[:, 0].tolist() == ids * 1024
     finally:
         proc.kill()
     assert [line.get("stream") for line in inspect(data_dir)] == ["edge", None]
 
 
 def make_edge_entry() -> NewEntry:
-    return NewEntry(0, 0, "", {f"s{i}": np.ones((1024, 1), np.float32) for i in range(16)})
+    return NewEntry(0, 0, "", {f"s{i}": np.ones((1024, 1), np.float32) for i in range(2)})
 
 
 def test_a_bad_stream_record_on_disk_leaves_the_others_served(tmp_path):

@@ -55,6 +55,10 @@ BAD = [
     (lambda: spec_with(key_spaces={"n": KeySpace(1 << 20, per_layer=True, layers=8)}),
      "has 8388608 key values per entry (layers x dim over its key spaces); expected at most 4194304"),
     (lambda: spec_with(key_spaces={f"s{i}": KeySpace(1) for i in range(17)}), "17 key spaces; expected at most 16"),
+    (lambda: spec_with(key_spaces={"a": KeySpace(1, per_layer=True, layers=1024),
+                                   "b": KeySpace(1, per_layer=True, layers=1024), "c": KeySpace(1)}),
+     "needs 2049 search indexes (one per layer of each per-layer key space, one per other space); expected at most "
+     "2048 (MAX_INDEXES_PER_STREAM"),
     (lambda: spec_with(key_spaces={"x" * 201: KeySpace(1)}), "key space name is 'xxxx"),
     (lambda: spec_with(policy="lru" * 400), "(1200 characters); expected a policy expression of at most 1000"),
     (lambda: spec_with(degrade=("fp8",) * 9), "expected a list of at most 8 steps"),
@@ -77,14 +81,18 @@ def test_every_limit_is_accepted_at_its_value(tmp_path):
     KVLayout(1, 1, 1, limits.MAX_TOKENS_PER_FRAME)
     assert KVLayout(1, 1024, 4096, 256, "float16").entry_bytes == limits.MAX_KV_BYTES_PER_ENTRY
     Budget(limits.MAX_BUDGET_ENTRIES, limits.MAX_BUDGET_BYTES)
+    StreamSpec("s", {f"s{i}": KeySpace(1) for i in range(limits.MAX_KEY_SPACES)})
+    # 1024 + 1010 + 14 two_stage spaces (one index each) = 2048 indexes
+    StreamSpec("s", {"a": KeySpace(1, per_layer=True, layers=1024), "b": KeySpace(1, per_layer=True, layers=1010),
+                     **{f"t{i}": KeySpace(1, per_layer=True, layers=1024, index="two_stage") for i in range(14)}})
     spec = StreamSpec("e" * limits.MAX_STREAM_NAME_CHARS, {f"s{i}": KeySpace(1, per_layer=True, layers=1024)
-                                                           for i in range(limits.MAX_KEY_SPACES)},
+                                                           for i in range(2)},
                       policy="fifo" + " " * (limits.MAX_POLICY_CHARS - 4), degrade=("fp8",) * 8)
-    with LocalMemory(str(tmp_path / "bank")) as m:  # it builds, takes an entry and reopens
+    with LocalMemory(str(tmp_path / "bank")) as m:  # 2048 indexes: it builds, takes an entry and reopens
         m.create_stream(spec)
-        m.put(spec.name, [NewEntry(0, 0, "", {f"s{i}": np.ones((1024, 1), np.float32) for i in range(16)})])
+        m.put(spec.name, [NewEntry(0, 0, "", {f"s{i}": np.ones((1024, 1), np.float32) for i in range(2)})])
     with LocalMemory(str(tmp_path / "bank")) as m:
-        assert m.query(spec.name, "s15", np.ones((1024, 1)), 1).ids[:, 0].tolist() == [0] * 1024
+        assert m.query(spec.name, "s1", np.ones((1024, 1)), 1).ids[:, 0].tolist() == [0] * 1024
 
 
 def test_a_spec_forced_past_the_limits_is_refused_by_the_bank_and_never_stored(tmp_path):
@@ -117,8 +125,8 @@ def test_unopenable_records_leave_the_others_served_in_process(tmp_path):
         m.put("cam0", [make_entry(i) for i in range(2)])
     old = {"sid": 1, "next_id": 0, "version": 0,  # claims cam0's id: dropping it must not touch cam0's data
            "spec": {**make_spec("dup").to_json(), "kv": {**make_spec().to_json()["kv"], "layers": T40}}}
-    plant(data_dir, {b"dup": json.dumps(old).encode(), b"list": b"[1, 2]",
-                     b"counter": json.dumps({**old, "sid": 7, "next_id": "x", "spec": make_spec("counter").to_json()}).encode()})
+    counter = {**old, "sid": 7, "next_id": "x", "spec": make_spec("counter").to_json()}
+    plant(data_dir, {b"dup": json.dumps(old).encode(), b"list": b"[1, 2]", b"counter": json.dumps(counter).encode()})
     with LocalMemory(data_dir) as m:
         assert [s.name for s in m.list_streams()] == ["cam0"]
         assert {u.name: u.sid for u in m.bank.unavailable_streams()} == {"counter": 7, "dup": 1, "list": None}
