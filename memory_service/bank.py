@@ -34,6 +34,7 @@ from memory_service.errors import (
 from memory_service.pruning import LFU, parse_policy
 from memory_service import eviction
 from memory_service.pruning.planner import Plan
+from memory_service.store.dirlock import DirLock
 from memory_service.store.codec import body_bytes, check_raw, decode_into, encode
 from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads
 from memory_service.stream import Stream, meta_json, stats_json
@@ -70,12 +71,19 @@ def _build_stream(record: dict, params, store: LMDBStore) -> Stream:
 
 
 class MemoryBank:
-    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time):
+    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time,
+                 read_only: bool = False):
         self.data_dir = str(data_dir)
         self.config = config or BankConfig()
         self.clock = clock
+        # One writer per directory, across processes (store/dirlock.py); a read-only bank (inspect, beside a
+        # live service) takes no lock and writes nothing: no snapshots, and a write raises PermissionDenied.
+        self.read_only = read_only
+        self._dirlock = None if read_only else DirLock.acquire(self.data_dir)
+        if read_only:
+            self.config = dataclasses.replace(self.config, snapshot_on_close=False)
         self.store = LMDBStore(os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
-                              self.config.durable, reserve_bytes=self.config.reserve_bytes)
+                              self.config.durable, readonly=read_only, reserve_bytes=self.config.reserve_bytes)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
         self._lock = threading.RLock()
         self._streams: dict[str, Stream] = {}
@@ -341,6 +349,8 @@ class MemoryBank:
     def flush(self) -> None:
         """Persist retrieval statistics of every stream."""
         self._last_flush = time.monotonic()
+        if self.read_only:
+            return  # a read-only bank's hits stay in memory: it writes nothing
         for s in list(self._streams.values()):
             with s.lock:
                 if not s.dirty:
@@ -540,6 +550,8 @@ class MemoryBank:
             self.snapshot()
         self.store.close()
         self._closed = True
+        if self._dirlock is not None:
+            self._dirlock.release()  # after LMDB is closed: the next writer finds everything on disk
 
     def destroy(self) -> None:
         """Close and delete the data directory (tests and benchmarks)."""

@@ -37,8 +37,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from memory_service.config import BankConfig
     from memory_service.local import LocalMemory
 
-    # Writes nothing of its own (no snapshots on close), so it may run beside a live service.
-    with LocalMemory(args.data_dir, BankConfig(snapshot_on_close=False)) as memory:
+    # Read-only: takes no writer lock and writes nothing, so it may run beside a live service.
+    with LocalMemory(args.data_dir, BankConfig(snapshot_on_close=False), read_only=True) as memory:
         stats = memory.stats()
         for s in stats.streams:
             print(json.dumps({"stream": s.name, **dataclasses.asdict(s)}, default=str))
@@ -65,8 +65,12 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["insecure"] = True
     config = load_service_config(args.config, overrides=overrides)
     t0 = time.perf_counter()
-    server = MemoryServer(config)
-    server.start()
+    server = MemoryServer(config)  # refuses a data directory another process holds (store/dirlock.py)
+    try:
+        server.start()
+    except BaseException:
+        server.close_unstarted()  # the bank closes cleanly and its directory lock is released
+        raise
     stats = server.bank.stats()
     print(f"memflow-service: serving {config.data_dir} on {server.address} "
           f"({'TLS' if config.tls_cert else 'plaintext'}, {'token auth' if server.auth else 'no auth'}; "

@@ -14,10 +14,17 @@ from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult
 
 
 class LocalMemory:
-    """An in-process memory bank in `data_dir` (created if missing). Use as a context manager."""
+    """An in-process memory bank in `data_dir` (created if missing). Use as a context manager.
 
-    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, **bank_kwargs) -> None:
-        self.bank = MemoryBank(data_dir, config, **bank_kwargs)
+    It is the directory's one writer while open: a second writer (a `memflow-service serve`, another
+    LocalMemory, in this process or another) raises Unavailable naming the holder's PID. `read_only=True`
+    opens beside a running writer instead: no lock, nothing written, and every mutating call raises
+    PermissionDenied.
+    """
+
+    def __init__(self, data_dir: str, config: Optional[BankConfig] = None, *, read_only: bool = False,
+                 **bank_kwargs) -> None:
+        self.bank = MemoryBank(data_dir, config, read_only=read_only, **bank_kwargs)
 
     def __enter__(self) -> "LocalMemory":
         return self

@@ -3,6 +3,10 @@
 Owns, for every MemoryService method (health and reflection pass untouched):
 - admission: UNAVAILABLE while the server drains for shutdown; UNAUTHENTICATED without a valid bearer token
   (before the servicer runs);
+- the drain's bookkeeping (MemoryServer.stop): which calls are still open (a call is open from its handler's
+  start until grpc has sent its status, so a finished call's answer is never cut off), and which of them wait
+  on their client (a request message not yet arrived, a response not yet taken); once `cut` is set, a request
+  stream that is still open ends in UNAVAILABLE at its next message, before its handler can reach the bank;
 - error mapping: a MemFlowError aborts the call with its status code (convert.status_of) and its message;
   anything else is logged with its traceback and becomes INTERNAL;
 - metrics: latency histogram per method, error counter per method and code.
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 
@@ -31,15 +35,33 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self.auth = auth
         self.metrics = metrics
         self.draining = threading.Event()
+        self.cut = threading.Event()
         # Handlers still running. grpc's stop() cancels calls but does not wait for their threads, and a
         # handler reads LMDB's memory map: the bank may only close once this is zero (MemoryServer.stop).
         self._running = 0
+        self._open = 0  # calls whose status grpc has not sent yet (handler running, or its answer on the way)
+        self._waiting = 0  # running handlers blocked on their client, outside the bank
         self._idle = threading.Condition()
 
-    def _enter(self, method: str) -> None:
+    def _enter(self, method: str, context) -> None:
         self.metrics.in_flight.labels(method).inc()
         with self._idle:
             self._running += 1
+            self._open += 1
+        if not context.add_callback(self._closed):  # runs once grpc has sent the status (or the call died)
+            self._closed()
+
+    def _closed(self) -> None:
+        with self._idle:
+            self._open -= 1
+            self._idle.notify_all()
+
+    def _wait_on_client(self, delta: int) -> bool:
+        """Count a handler in (+1) or out (-1) of waiting on its client; True if the drain has cut calls off."""
+        with self._idle:
+            self._waiting += delta
+            self._idle.notify_all()
+            return self.cut.is_set()
 
     def _leave(self, method: str) -> None:
         self.metrics.in_flight.labels(method).dec()
@@ -52,6 +74,24 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         """Wait until no handler runs; False if some still do after `timeout` seconds."""
         with self._idle:
             return self._idle.wait_for(lambda: self._running == 0, timeout)
+
+    def wait_answered(self, timeout: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Wait until every call has its status sent; False after `timeout` s or once `give_up()` is true."""
+        return self._wait(lambda: self._open == 0, timeout, give_up)
+
+    def wait_only_clients(self, timeout: float) -> bool:
+        """Wait until every open call waits on its client: none is in the bank, none has an answer unsent."""
+        return self._wait(lambda: self._open == self._waiting, timeout, lambda: False)
+
+    def _wait(self, done: Callable[[], bool], timeout: float, give_up: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0 or give_up():
+                    return False
+                self._idle.wait(min(left, 0.1))  # give_up is polled: a signal handler may flip it, never notify
+            return True
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -88,10 +128,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _unary(self, method: str, behavior, streamed: bool = False):
         def wrapped(request, context):
             t0 = time.perf_counter()
-            self._enter(method)
+            self._enter(method, context)
             try:
                 self._admit(context)
-                return behavior(_checked_stream(request, method) if streamed else _checked(request, method), context)
+                return behavior(self._checked_stream(request, method) if streamed else _checked(request, method),
+                                context)
             except Exception as exc:  # noqa: BLE001 - every failure is mapped to a status here
                 if _is_abort(exc) or isinstance(exc, grpc.RpcError):
                     raise  # already a status (an abort, or the request stream failed in grpc itself)
@@ -105,10 +146,15 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _streaming(self, method: str, behavior):
         def wrapped(request, context):
             t0 = time.perf_counter()
-            self._enter(method)
+            self._enter(method, context)
             try:
                 self._admit(context)
-                yield from behavior(_checked(request, method), context)
+                for response in behavior(_checked(request, method), context):
+                    self._wait_on_client(+1)  # grpc sends it (flow control: the client's pace) before resuming us
+                    try:
+                        yield response
+                    finally:
+                        self._wait_on_client(-1)
             except Exception as exc:  # noqa: BLE001
                 if _is_abort(exc):
                     raise
@@ -118,6 +164,28 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
         return wrapped
+
+    def _checked_stream(self, requests, method: str):
+        """The request stream, parsed; once the drain cuts calls off, it ends in UNAVAILABLE instead of going on:
+        a client still sending when the grace runs out is refused before its handler reaches the bank."""
+        it = iter(requests)
+        while True:
+            self._wait_on_client(+1)
+            try:
+                request = next(it)
+            except StopIteration:
+                request = _END
+            finally:
+                cut = self._wait_on_client(-1)
+            if cut:
+                raise Unavailable("the memory service is shutting down and its grace ran out before this call's "
+                                  "request was complete; nothing of it was written: retry against a running instance")
+            if request is _END:
+                return
+            yield _checked(request, method)
+
+
+_END = object()
 
 
 class _Malformed:
@@ -145,11 +213,6 @@ def _checked(request, method: str):
         raise InvalidArgument(f"{method} request is not a valid memflow.v1 message ({type(request.error).__name__}: "
                               f"{request.error}); expected the protobuf message of protos/memflow/v1/memory.proto")
     return request
-
-
-def _checked_stream(requests, method: str):
-    for request in requests:
-        yield _checked(request, method)
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -5,16 +5,25 @@ Owns the server's life cycle. Promises:
   unless `insecure=True`;
 - `grpc.health.v1` reports SERVING for "" and "memflow.v1.MemoryService" while it serves; server reflection
   lists the service;
+- `start()` that cannot listen (port in use, an address not of this machine) raises Unavailable saying which
+  address and why, before anything is served;
 - `stop()` drains: health turns NOT_SERVING, new calls get UNAVAILABLE, calls in flight get `grace` seconds
-  to finish, then the bank is closed cleanly (statistics flushed, snapshots written, LMDB closed);
-- `serve_forever()` does that on SIGTERM or SIGINT.
+  to finish and every finished call gets its answer (a committed put is answered OK, never cut off); when the
+  grace runs out, calls still waiting on their client are refused UNAVAILABLE or cancelled before they
+  reach the bank, calls inside the bank run to their end and are answered; then the bank is closed cleanly
+  (statistics flushed, snapshots written, LMDB closed, the data directory's lock released);
+- `serve_forever()` does that on SIGTERM or SIGINT; a second signal during the drain ends the grace at once,
+  and the bank is still closed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Optional
@@ -25,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memory_service.bank import MemoryBank
 from memory_service.config import ServiceConfig, is_loopback
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.service.auth import Authenticator
 from memory_service.service import convert
 from memory_service.service.gen import memory_pb2
@@ -34,6 +43,7 @@ from memory_service.service.metrics import Metrics
 from memory_service.service.servicer import MemoryServicer
 
 log = logging.getLogger("memflow.service")
+_FLUSH_S = 1.0
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
@@ -83,6 +93,7 @@ class MemoryServer:
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self._stopped = threading.Event()
+        self._hurry = False  # set by a second signal (a plain flag: signal handlers must not take locks)
 
     @property
     def address(self) -> str:
@@ -93,17 +104,31 @@ class MemoryServer:
         """Bind and start; returns the port (config.port 0 picks a free one)."""
         where = f"{self.config.host}:{self.config.port}" if ":" not in self.config.host else \
             f"[{self.config.host}]:{self.config.port}"
-        if self.config.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(self.config.tls_key).read_bytes(),
-                                                  Path(self.config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(where, creds)
-        else:
-            self.port = self.server.add_insecure_port(where)
-        if not self.port:
-            raise InvalidArgument(f"cannot listen on {where}: address in use or not available")
+        for what, port, flags in (("gRPC", self.config.port, "--port"), ("metrics", self.config.metrics_port,
+                                                                         "--metrics-port")):
+            problem = None if port is None else _bind_problem(what, self.config.host, port, flags)
+            if problem:
+                raise Unavailable(problem)
+        try:
+            if self.config.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(self.config.tls_key).read_bytes(),
+                                                      Path(self.config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(where, creds)
+            else:
+                self.port = self.server.add_insecure_port(where)
+        except RuntimeError:  # grpc >= 1.5x raises "Failed to bind to address ..." instead of returning 0
+            self.port = 0
+        if not self.port:  # free a moment ago: lost a race for it
+            raise Unavailable(f"cannot listen for gRPC on {where}: grpc could not bind it (see its log above); "
+                              "pick another --port")
         self.server.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            try:
+                self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            except OSError:
+                self.server.stop(0)
+                raise Unavailable(_bind_problem("metrics", self.config.host, self.config.metrics_port, "--metrics-port")
+                                  or f"cannot serve metrics on port {self.config.metrics_port}") from None
         self.bank.start_pruner()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -119,11 +144,25 @@ class MemoryServer:
         self._stopped.set()
         # Lame duck first: health says NOT_SERVING and the interceptor answers every new call UNAVAILABLE (a
         # clean, retryable refusal; a call racing grpc's own shutdown would get CANCELLED or hang instead),
-        # while the calls in flight get `grace` seconds to finish. Then grpc stops and cancels what is left.
+        # while the calls in flight get `grace` seconds to finish - and to have their answers sent: grpc's
+        # stop cancels a call whose handler returned but whose status is not on the wire yet, and a client
+        # would take a committed put for a failed one.
         self.interceptor.draining.set()
         self.health.enter_graceful_shutdown()
-        self.interceptor.wait_idle(timeout=max(0.0, grace))
-        self.server.stop(0).wait()
+        if not self.interceptor.wait_answered(max(0.0, grace), give_up=lambda: self._hurry):
+            # Grace over: request streams still open end in UNAVAILABLE at their next message, so no new
+            # write starts; what is inside the bank now runs to its end and is answered. Then only calls that
+            # wait on their clients are open, and cancelling them writes nothing.
+            log.warning("drain grace over, cutting off calls still waiting on their clients",
+                        extra={"address": self.address, "second_signal": self._hurry})
+            self.interceptor.cut.set()
+            if not self.interceptor.wait_only_clients(timeout=60.0):
+                log.error("calls still inside the bank 60 s after the grace; stopping anyway",
+                          extra={"address": self.address})
+        # A short grace for grpc itself: a call it took in but had not yet handed to a handler thread gets
+        # the interceptor's UNAVAILABLE instead of a CANCELLED. What is left after it (a health Watch, a client
+        # that stopped sending after the cut) is cancelled; none of it can write.
+        self.server.stop(0.0 if self._hurry else _FLUSH_S).wait()
         # grpc has cancelled what was left, but handler threads may still be inside the bank (a cancelled
         # fetch finishing its copy): closing LMDB under them would unmap memory they are reading.
         if not self.interceptor.wait_idle(timeout=60.0):
@@ -134,19 +173,68 @@ class MemoryServer:
         self.bank.close()
         log.info("stopped", extra={"address": self.address})
 
+    def close_unstarted(self) -> None:
+        """Release what __init__ took (the bank and its directory lock) when start() failed."""
+        self._stopped.set()
+        self.servicer.arenas.close()
+        self.metrics.close()
+        self.bank.close()
+
     def serve_forever(self, grace: float = 10.0) -> None:
-        """Block until SIGTERM/SIGINT (main thread) or `stop()`; then drain and close."""
-        done = threading.Event()
+        """Block until SIGTERM/SIGINT (main thread) or `stop()`; then drain and close.
+
+        The handlers stay installed through the drain: a second signal ends the grace at once (calls inside
+        the bank still finish, the bank is still closed); only SIGKILL skips the close.
+        """
+        signals: list[int] = []
 
         def on_signal(signum, _frame) -> None:
-            log.info("signal received, draining", extra={"signal": signal.Signals(signum).name})
-            done.set()
+            signals.append(signum)  # no logging, no locks here: the main thread may hold any of them
+            if len(signals) > 1:
+                self._hurry = True
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while not done.wait(0.5) and not self._stopped.is_set():
-                pass
+            while not signals and not self._stopped.is_set():
+                time.sleep(0.2)
+            if signals:
+                log.info("signal received, draining", extra={"signal": signal.Signals(signals[0]).name,
+                                                            "grace_s": grace})
+            self.stop(grace)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self.stop(grace)
+
+
+def _bind_problem(what: str, host: str, port: int, flags: str) -> Optional[str]:
+    """None if `host:port` can be bound here; else one line: which address, why (the OS's own answer), what to do.
+
+    Bind only, on each address the host resolves to, the way grpc binds (SO_REUSEADDR): nothing is sent
+    anywhere, and asking first keeps grpc's own multi-line error log out of a refusal that should be one line.
+    """
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen for {what} on {where}: the host does not resolve ({exc.strerror}); pass an IP " \
+               "address of this machine to --host"
+    first: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+                probe.bind(address)
+            return None
+        except OSError as exc:
+            first = first or exc
+    assert first is not None
+    if first.errno == errno.EADDRINUSE:
+        reason, hint = "the port is already in use", f"stop the process listening there or pick another {flags}"
+    elif first.errno == errno.EADDRNOTAVAIL:
+        reason, hint = "the address is not one of this machine's", \
+            "bind an address of this machine (--host 127.0.0.1 for local clients only, 0.0.0.0 for every interface)"
+    elif first.errno in (errno.EACCES, errno.EPERM):
+        reason, hint = "permission denied (ports below 1024 need privileges)", f"pick another {flags}"
+    else:
+        reason, hint = first.strerror or str(first), f"check {flags}"
+    return f"cannot listen for {what} on {where}: {reason}; {hint}"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import lmdb
 import numpy as np
 
-from memory_service.errors import ResourceExhausted
+from memory_service.errors import NotFound, PermissionDenied, ResourceExhausted
 from memory_service.store.codec import Header
 
 T = TypeVar("T")
@@ -168,23 +168,29 @@ class LMDBStore:
     """The one `TensorStore` implementation: an LMDB environment in `path`."""
 
     def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40, durable: bool = True,
-                 reserve_bytes: int = 8 << 20) -> None:
-        os.makedirs(path, exist_ok=True)
+                 readonly: bool = False, reserve_bytes: int = 8 << 20) -> None:
+        # readonly: beside a live writer in another process (LMDB serves readers of many processes); creates
+        # nothing, and a write raises PermissionDenied.
+        if readonly and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise NotFound(f"no memory bank in {os.path.dirname(path)}: {path}/data.mdb does not exist")
+        if not readonly:
+            os.makedirs(path, exist_ok=True)
         self.path = path
+        self.readonly = readonly
         self.max_map_size = max_map_size
         self._gate = _Gate()
         self._write_lock = threading.Lock()
         self._advances = 0
         self.env = lmdb.open(
             path, map_size=min(map_size, max_map_size), max_dbs=len(DBS) + 1, max_readers=512,
-            readahead=False, metasync=durable, sync=durable, lock=True,
+            readahead=False, metasync=durable, sync=durable, lock=True, readonly=readonly,
         )
         # A reopened environment keeps its (possibly grown) map size: never shrink below the file.
         current = self.env.info()["map_size"]
-        if current < min(map_size, max_map_size):
+        if current < min(map_size, max_map_size) and not readonly:
             self.env.set_mapsize(min(map_size, max_map_size))
         self._dbs = {name: self.env.open_db(name.encode()) for name in DBS}
-        self.reserve = Reserve(os.path.join(path, RESERVE_FILE), reserve_bytes)
+        self.reserve = Reserve(os.path.join(path, RESERVE_FILE), 0 if readonly else reserve_bytes)
         self.reserve.refill()
 
     # -- reads -----------------------------------------------------------------------------------
@@ -202,6 +208,9 @@ class LMDBStore:
         use the reserve.
         `fn` must not change anything outside the transaction: it may run more than once.
         """
+        if self.readonly:
+            raise PermissionDenied(f"the bank in {os.path.dirname(self.path)} is open read-only; open it without "
+                                   "read_only to write (only while no other process holds it)")
         with self._write_lock:
             advanced = released = False
             while True:

@@ -2,11 +2,13 @@
 
 While a Put is in flight, a stop must refuse new calls (UNAVAILABLE) and report NOT_SERVING, let the Put
 finish and acknowledge it, then close the bank cleanly: the process exits 0 and the data directory
-reopens with everything acknowledged. A stop while cancelled calls still run must never crash.
+reopens with everything acknowledged. A stop while cancelled calls still run must never crash. A second
+SIGTERM during the drain ends the grace but never skips the bank's close.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -157,3 +159,33 @@ def test_stop_with_cancelled_calls_still_running_does_not_crash():
     r = subprocess.run([sys.executable, "-c", CANCELLED_FETCHES], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "survived" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_second_sigterm_cuts_the_grace_but_still_closes_the_bank(serve, tmp_path):
+    """A put held open by its client would keep the drain waiting its whole grace; a second SIGTERM ends the
+    grace at once: the held put is refused (nothing of it written), the bank is closed, the process exits 0.
+    Before the fix the second signal met the default handler and killed the process mid-drain."""
+    proc = serve(tmp_path / "bank", "--metrics-port", "0")
+    acked = {}
+    with MemoryClient(proc.target, plane="stream") as c:
+        c.create_stream(make_spec())
+        for i, eid in enumerate(c.put("cam0", [make_entry(i) for i in range(3)])):
+            acked[eid] = make_entry(i)
+    channel = grpc.insecure_channel(proc.target)
+    held = HeldPut("cam0", make_entry(3))
+    future = pb_grpc.MemoryServiceStub(channel).Put.future(iter(held), timeout=120)
+    wait_in_flight(proc.metrics_port, "Put")
+    proc.proc.send_signal(signal.SIGTERM)
+    code, _ = refused_while_draining(proc.target)  # the drain has begun: the first signal was handled
+    assert code == grpc.StatusCode.UNAVAILABLE
+    proc.proc.send_signal(signal.SIGTERM)
+    rc = proc.proc.wait(60)
+    assert rc == 0, f"exit {rc}\n" + proc.stderr()[-3000:]
+    assert '"msg": "stopped"' in proc.stderr()
+    with pytest.raises(grpc.RpcError) as err:
+        future.result(timeout=60)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err.value
+    held.release.set()
+    channel.close()
+    check_reopened(proc.data_dir, acked)  # the three acknowledged entries, and not the held one
