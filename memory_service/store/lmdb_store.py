@@ -196,9 +196,23 @@ class LMDBStore:
     # -- reads -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def reader(self) -> Iterator[Reader]:
+        if self.readonly:
+            self._follow_growth()
         with self._gate.shared():
             with self.env.begin(buffers=True) as txn:
                 yield Reader(txn, self._dbs)
+
+    def _follow_growth(self) -> None:
+        """Read-only beside a writer: when its map has grown past ours, map the new size (LMDB refuses a read
+        transaction with MDB_MAP_RESIZED until then)."""
+        with self._gate.shared():
+            try:
+                self.env.begin().abort()
+                return
+            except lmdb.MapResizedError:
+                pass
+        with self._gate.exclusive():
+            self.env.set_mapsize(0)  # 0: adopt the size the writer recorded
 
     # -- writes ----------------------------------------------------------------------------------
     def write(self, fn: Callable[[Writer], T], frees: bool = False) -> T:

@@ -18,6 +18,7 @@ from svc_util import REPO, make_entry, make_spec, serve_cmd
 
 from memory_service import LocalMemory
 from memory_service.client import MemoryClient
+from memory_service.config import BankConfig
 from memory_service.errors import PermissionDenied, Unavailable
 
 
@@ -124,3 +125,22 @@ def test_read_only_local_memory_writes_nothing(tmp_path):
         with pytest.raises(PermissionDenied, match="read-only"):
             ro.put("cam0", [make_entry(1)])
     assert files_of(bank) == before
+
+
+@pytest.mark.slow
+def test_read_only_bank_follows_a_growing_writer(serve, tmp_path):
+    """A read-only bank open beside a service keeps reading after the service's LMDB map grows past the size
+    the reader mapped (LMDB says MDB_MAP_RESIZED until the reader adopts the new size)."""
+    config = tmp_path / "small-map.json"
+    config.write_text(json.dumps({"bank": {"map_size": 256 << 10}}))
+    bank = str(tmp_path / "bank")
+    proc = serve(bank, "--config", str(config))
+    with MemoryClient(proc.target, plane="stream") as c:
+        c.create_stream(make_spec())
+        c.put("cam0", [make_entry(0)])
+        with LocalMemory(bank, BankConfig(map_size=256 << 10), read_only=True) as ro:  # maps 256 KiB for now
+            want = ro.fetch("cam0", [0]).kv.tobytes()
+            for start in range(1, 1001, 100):  # ~2 MiB of keys and K/V: the 256 KiB map doubles several times
+                c.put("cam0", [make_entry(i) for i in range(start, start + 100)])
+            assert c.stats().map_size >= 4 * (256 << 10)
+            assert ro.fetch("cam0", [0]).kv.tobytes() == want
