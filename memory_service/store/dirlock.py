@@ -6,6 +6,7 @@ Owns the file `LOCK` inside a data directory. Promises:
   raises `Unavailable` naming the holder's PID, so two services never hand out the same entry ids;
 - the lock lives exactly as long as its open file: `release()` (or the holder's death, even by SIGKILL)
   frees it, so a crashed service never leaves a stale lock behind (a PID left in the file means nothing);
+  a child forked while it is held does not keep it (its copy of the descriptor is closed in the child);
 - readers (`memflow-service inspect`, a read-only bank) take no lock: LMDB serves readers of many processes.
 The file is never deleted: unlinking it while another process waits on it would let two holders lock two
 different files of the same name.
@@ -16,11 +17,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import weakref
 from typing import Optional
 
 from memory_service.errors import Unavailable
 
 LOCK_NAME = "LOCK"
+_HELD: "weakref.WeakSet[DirLock]" = weakref.WeakSet()
 
 
 class DirLock:
@@ -46,7 +49,9 @@ class DirLock:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(path, fd)
+        lock = cls(path, fd)
+        _HELD.add(lock)
+        return lock
 
     @property
     def held(self) -> bool:
@@ -63,7 +68,25 @@ class DirLock:
             pass
         os.close(fd)  # closing the only descriptor of the open file drops the flock
 
-    __del__ = release  # a bank dropped unclosed (or failing in __init__) frees the directory with its LMDB env
+    def __del__(self) -> None:  # a bank dropped unclosed (or failing in __init__) frees the directory with LMDB
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the process's exit frees the lock anyway
+            pass
+
+    def _forget_in_child(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the child's copy only: the parent's descriptor keeps the lock, its PID stays written
+
+
+def _after_fork_in_child() -> None:
+    # flock belongs to the open file, which a fork shares: a child outliving the bank would hold the lock
+    for lock in list(_HELD):
+        lock._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _holder(path: str) -> str:

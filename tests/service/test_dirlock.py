@@ -144,3 +144,25 @@ def test_read_only_bank_follows_a_growing_writer(serve, tmp_path):
                 c.put("cam0", [make_entry(i) for i in range(start, start + 100)])
             assert c.stats().map_size >= 4 * (256 << 10)
             assert ro.fetch("cam0", [0]).kv.tobytes() == want
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """flock belongs to the open file, which fork shares: without care a child (a DataLoader worker forked
+    from a generator holding a LocalMemory) would hold the directory after its parent closed the bank."""
+    bank = str(tmp_path / "bank")
+    memory = LocalMemory(bank)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: wait until told, touch nothing
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        os.close(read_end)
+        memory.close()
+        other = run([sys.executable, "-c", LOCAL_OPEN, bank])  # while the child still lives
+        assert other.returncode == 0 and "opened" in other.stdout, other.stdout + other.stderr
+    finally:
+        os.write(write_end, b"x")
+        os.close(write_end)
+        os.waitpid(child, 0)
