@@ -23,6 +23,20 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+if not _is_terminal(sys.stderr):
+    # Libraries' own bars too (a model loader's "Loading weights"): tqdm and Hugging Face read these switches
+    # when they are first imported, which is after this module in every benchmark.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version()}
@@ -71,13 +85,6 @@ def progress(iterable=None, **kw):
 
     stream = kw.setdefault("file", sys.stderr)
     return tqdm(iterable, disable=not _is_terminal(stream), **kw)
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
 
 
 def percentiles(samples_s: Iterable[float]) -> tuple[float, float]:
