@@ -5,6 +5,7 @@ through the public protocol: create_stream, list_streams, drop_stream, put, quer
 
     kv  = generator cache allocated with memory_frames=plugin.memory_frames
     mem = plugin.before_chunk(i, prompt, kv)   # query the bank, delta-load frames into the cache's slots
+                                               # (mirrors=(kv_uncond,): CFG's other cache gets the same frames)
     ... generator attends through plugin.attention.cache_attention(..., memory=mem) ...
     plugin.after_chunk(i, kv)                  # record the chunk's prototype frame (async)
 
@@ -18,20 +19,22 @@ computed on the generator's thread (once per prompt); every memory call runs on 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from memory_service import Budget, KeySpace, KVLayout, NotFound, StreamSpec
 from plugin.adapters.base import GeneratorAdapter
-from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory
+from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory, MemoryFence
 from plugin.config import MemFlowConfig
 from plugin.guard import Guard
 from plugin.kv_slots import LoadPlan, MemorySlots, Staged
+from plugin.pinned import ArenaPins, PinnedBudget
 from plugin.retrieval import EMPTY, Selection, nam_query, select
 from plugin.writeback import WriteBack
 
@@ -74,6 +77,10 @@ class PluginStats:
     write_failures: int
     writes_pending: int
     outage_episodes: int
+    pinned_bytes: int = 0  # page-locked host memory held now (staging, write-back, registered arenas)
+    frames_direct: int = 0  # frame-layers copied to the GPU straight from a registered shared-memory arena
+    frames_staged: int = 0  # through a pinned staging lane
+    frames_pageable: int = 0  # from pageable memory (the pinned budget had no room)
 
 
 class MemFlowPlugin:
@@ -100,7 +107,13 @@ class MemFlowPlugin:
                              f"{self.layout.frames_per_chunk} frames")
         self.memory_frames = config.memory_frames
         self.workspace = AttentionWorkspace()
-        self.slots = MemorySlots(self.layout, self.memory_frames)
+        cuda = self.layout.device.type == "cuda" and config.enabled
+        # one budget for every page-locked byte of this plugin; one fence (copy stream + reused events) on the
+        # cache's device orders all its copies against the generator's attention (attention.py)
+        self.pinned = PinnedBudget(config.pinned_bytes)
+        self.fence = MemoryFence(self.layout.device, self.layout.layers) if cuda else None
+        self.pins = ArenaPins(self.pinned) if cuda else None
+        self.slots = MemorySlots(self.layout, self.memory_frames, budget=self.pinned, fence=self.fence, pins=self.pins)
         self.last_report: Optional[ChunkReport] = None
         self._guard = Guard()
         self._stream_ready = False
@@ -108,13 +121,16 @@ class MemFlowPlugin:
         self._queries: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._prompts: collections.OrderedDict[int, str] = collections.OrderedDict()
         self._prefetch: Optional[tuple[tuple[int, str], Any]] = None
+        self._bound_caches: Optional[tuple[int, ...]] = None  # ids of the caches bound, and their regions'
+        self._cache_marks: tuple = ()  # fingerprints (adapter.check_cache): a reallocation is refused
         self._chunks = self._retrievals = self._fallbacks = self._loaded = self._moved = 0
         self._prefetch_hits = self._prefetch_misses = 0
         self.writer: Optional[WriteBack] = None
         if not config.enabled:
             return
         self.writer = WriteBack(self.layout, config.write_queue, config.write_batch, config.write_policy,
-                                config.deadline_s, self._put, self._write_failed, partial(self._guard.success, "write"))
+                                config.deadline_s, self._put, self._write_failed, partial(self._guard.success, "write"),
+                                fence=self.fence, budget=self.pinned)
         opened = self._guard.submit(self._ensure_stream)
         try:
             opened.result(timeout=max(1.0, 10 * config.deadline_s))
@@ -167,11 +183,14 @@ class MemFlowPlugin:
 
     # -- before the chunk ------------------------------------------------------------------------
     def before_chunk(self, chunk_index: int, prompt: str, kv: Any, *, next_prompt: Optional[str] = None,
-                     query: Optional[np.ndarray] = None) -> ChunkMemory:
+                     query: Optional[np.ndarray] = None, mirrors: Sequence[Any] = (),
+                     _recache_from: Optional[int] = None) -> ChunkMemory:
         """Retrieve and load this chunk's memory; returns what the generator's attention uses.
 
         `next_prompt` (default: the same prompt) lets `prefetch` start chunk n+1's retrieval now; `query`
-        overrides the query vector (embedding scorer: `[dim]`; NAM: `[layers, dim]`).
+        overrides the query vector (embedding scorer: `[dim]`; NAM: `[layers, dim]`). `mirrors` are the
+        video's other caches attending the same memory (CFG's unconditional cache): loaded with the same
+        frames, bound once (no reload per call), never recorded from.
         """
         cfg = self.config
         if not cfg.enabled:
@@ -181,12 +200,15 @@ class MemFlowPlugin:
         self._prompts[chunk_index] = prompt
         while len(self._prompts) > 64:
             self._prompts.popitem(last=False)
-        self.slots.bind(kv, self.adapter)
+        self.slots.bind(kv, self.adapter, mirrors)
+        self._check_caches(kv, mirrors)
+        sink = self.adapter.sink_range(kv)
+        lo = self.layout.window(chunk_index)[0] if _recache_from is None else _recache_from
         vec = self._query_vector(prompt, query)
         key = (chunk_index, prompt)
         fut, prefetched, reason = None, False, None
         if self._prefetch is not None:
-            if self._prefetch[0] == key and query is None:
+            if self._prefetch[0] == key and query is None and _recache_from is None:
                 fut, prefetched = self._prefetch[1], True
                 self._prefetch_hits += 1
             else:
@@ -197,7 +219,7 @@ class MemFlowPlugin:
             if self._guard.stuck(cfg.deadline_s):
                 reason = "a previous memory call is still running past its deadline"
             else:
-                fut = self._guard.submit(partial(self._retrieve, chunk_index, vec), limit=MAX_OUTSTANDING)
+                fut = self._guard.submit(partial(self._retrieve, lo, vec, sink), limit=MAX_OUTSTANDING)
                 if fut is None:
                     reason = "memory is behind: earlier calls are still queued"
         staged: Optional[Staged] = None
@@ -205,7 +227,13 @@ class MemFlowPlugin:
             ok, value = self._guard.wait(fut, cfg.deadline_s - (time.perf_counter() - t0))
             staged, reason = (value, None) if ok else (None, value)
         self.writer.release_held()  # the last chunk's write-back waited for this retrieval (see writeback.py)
+        # on CUDA even a memory-free chunk carries the fence: its attention records the events that the next
+        # copies (slot loads, the write-back's reads) wait on
+        epoch = self.fence.new_chunk() if self.fence is not None else 0
+        attention_fn = getattr(self.adapter, "attention_fn", None)  # the generator's own attention, if it says
         memory, report_sel, loaded, moved = NO_MEMORY, EMPTY, 0, 0
+        if self.fence is not None or attention_fn is not None:
+            memory = ChunkMemory((), 0, self.workspace, self.fence, epoch, attention_fn)
         if staged is not None:
             try:
                 result = self.slots.commit(staged, self.adapter)
@@ -220,18 +248,40 @@ class MemFlowPlugin:
                 self._moved += moved
                 report_sel = staged.plan.selection
                 if any(result.frames):
-                    memory = ChunkMemory(result.frames, cfg.sma_k if cfg.sma else 0, self.workspace)
+                    memory = ChunkMemory(result.frames, cfg.sma_k if cfg.sma else 0, self.workspace, self.fence,
+                                         epoch, attention_fn)
         if reason is not None:
             self._fallbacks += 1
             self._guard.failure("read", reason)
-        if cfg.prefetch:
+        if cfg.prefetch and _recache_from is None:
             nxt = prompt if next_prompt is None else next_prompt
             nvec = self._query_vector(nxt, None)
-            task = self._guard.submit(partial(self._retrieve, chunk_index + 1, nvec), limit=MAX_OUTSTANDING)
+            nlo = self.layout.window(chunk_index + 1)[0]
+            task = self._guard.submit(partial(self._retrieve, nlo, nvec, sink), limit=MAX_OUTSTANDING)
             self._prefetch = ((chunk_index + 1, nxt), task) if task is not None else None
         self.last_report = ChunkReport(chunk_index, prompt, report_sel, memory.frames or (0,) * self.layout.layers,
                                        loaded, moved, reason, prefetched, (time.perf_counter() - t0) * 1e3)
         return memory
+
+    def before_recache(self, chunk_index: int, prompt: str, kv: Any, first_frame: int, *,
+                       mirrors: Sequence[Any] = ()) -> ChunkMemory:
+        """Memory for a recache forward at a prompt switch (LongLive's `_recache_after_switch`): re-running
+        frames [first_frame, chunk `chunk_index`'s first) with the new `prompt`, it attends frames below
+        `first_frame` chosen by the new prompt's text keys (all re-run frames are resident). Call it after
+        the cache was emptied for the recache (`adapters.self_forcing.begin_recache`, which moves the sink
+        when it is rewritten), then `before_chunk(chunk_index, prompt, ...)` as usual."""
+        return self.before_chunk(chunk_index, prompt, kv, mirrors=mirrors, _recache_from=first_frame)
+
+    def _check_caches(self, kv: Any, mirrors: Sequence[Any]) -> None:
+        """A cache whose K/V were reallocated is refused, never attended without its memory frames."""
+        ids = (id(kv), *(id(m) for m in mirrors))
+        marks = tuple(self.adapter.check_cache(c) for c in (kv, *mirrors))
+        if ids != self._bound_caches:
+            self._bound_caches, self._cache_marks = ids, marks
+        elif marks != self._cache_marks:
+            raise ValueError("the KV cache's memory region was reallocated since the plugin bound it (its "
+                             "tensors changed); the plugin's slots would no longer be attended. Allocate the "
+                             "cache once per video (allocate_cache) and write into it in place")
 
     def _query_vector(self, prompt: str, query: Optional[np.ndarray]) -> np.ndarray:
         if query is not None:
@@ -249,24 +299,34 @@ class MemFlowPlugin:
             self._queries.move_to_end(prompt)
         return vec
 
-    def _retrieve(self, chunk_index: int, vec: np.ndarray) -> Staged:
-        """On the guard's thread: query, select, and stage the frames the slots lack."""
+    def _retrieve(self, lo: int, vec: np.ndarray, sink: tuple[int, int]) -> Staged:
+        """On the guard's thread: query frames below `lo` (the window, or a recache's first frame), select
+        (never a frame the sink `sink` holds), and stage the frames the slots lack."""
         cfg = self.config
         self._ensure_stream()
-        lo, _ = self.layout.window(chunk_index)
         self.writer.wait_frames_below(lo, cfg.deadline_s / 2)
-        newest = self.writer.newest_below(lo, cfg.k if cfg.scorer == "recent" else cfg.keep_newest)
+        moved = sink != (0, self.layout.sink_frames)  # a recache rewrote the sink: its frames are resident
+        count = cfg.k if cfg.scorer == "recent" else cfg.keep_newest
+        newest = self.writer.newest_below(lo, count + (self.layout.sink_frames if moved else 0))
+        newest = [(e, f) for e, f in newest if not sink[0] <= f < sink[1]][:count]
         try:
-            return self._select_and_stage(lo, vec, newest)
+            return self._select_and_stage(lo, vec, newest, sink if moved else None)
         except NotFound:  # an entry was pruned between the query and the fetch: ask again
-            return self._select_and_stage(lo, vec, [])
+            return self._select_and_stage(lo, vec, [], sink if moved else None)
 
-    def _select_and_stage(self, lo: int, vec: np.ndarray, newest: list[tuple[int, int]]) -> Staged:
+    def _select_and_stage(self, lo: int, vec: np.ndarray, newest: list[tuple[int, int]],
+                          sink: Optional[tuple[int, int]] = None) -> Staged:
         cfg, lay = self.config, self.layout
         space = "nam" if cfg.scorer == "nam" else "emb"
         k_total = cfg.k_max if cfg.adaptive_k != "off" else cfg.k
+        extra = lay.sink_frames if sink is not None else 0
         result = None if cfg.scorer == "recent" else self.memory.query(
-            cfg.stream, space, vec, k_total + cfg.keep_newest, exclude_frames=(lo, FUTURE_FRAMES))
+            cfg.stream, space, vec, k_total + cfg.keep_newest + extra, exclude_frames=(lo, FUTURE_FRAMES))
+        if result is not None and sink is not None:  # hits on frames the moved sink holds: not loaded twice
+            held = (result.frames >= sink[0]) & (result.frames < sink[1])
+            result = dataclasses.replace(result, ids=np.where(held, -1, result.ids),
+                                         scores=np.where(held, -np.inf, result.scores),
+                                         frames=np.where(held, -1, result.frames))
         sel = select(result, newest, lay.layers, cfg.k, cfg.adaptive_k, cfg.k_min, cfg.k_max,
                      cfg.adaptive_threshold, skip_frames_below=lay.sink_frames)
         plan: LoadPlan = self.slots.plan(sel)
@@ -281,9 +341,10 @@ class MemFlowPlugin:
         cfg = self.config
         if not cfg.enabled or chunk_index % cfg.record_interval:
             return
-        frame = self.layout.chunk_frames(chunk_index)[0] + cfg.record_frame
-        if frame < self.layout.sink_frames:
-            return  # sink frames stay in the cache for the whole video
+        first, end = self.layout.chunk_frames(chunk_index)  # the adapter's mapping: chunks may be uneven
+        frame = first + cfg.record_frame
+        if frame < self.layout.sink_frames or frame >= end:
+            return  # sink frames stay in the cache for the whole video; a short chunk lacks record_frame
         views = self.adapter.frame_kv(kv, frame)
         self.writer.submit(chunk_index, frame, self._prompts.get(chunk_index, ""), views, self.adapter, keys,
                            hold=True)
@@ -298,13 +359,15 @@ class MemFlowPlugin:
     # -- lifecycle -------------------------------------------------------------------------------
     def stats(self) -> PluginStats:
         w = self.writer.stats() if self.writer is not None else None
+        staging = self.slots.staging_stats()
         return PluginStats(
             chunks=self._chunks, retrievals=self._retrievals, fallbacks=self._fallbacks,
             frames_loaded=self._loaded, frames_moved=self._moved, prefetch_hits=self._prefetch_hits,
             prefetch_misses=self._prefetch_misses, writes_submitted=w.submitted if w else 0,
             writes_written=w.written if w else 0, writes_dropped=w.dropped if w else 0,
             write_failures=w.failed if w else 0, writes_pending=w.pending if w else 0,
-            outage_episodes=self._guard.episodes)
+            outage_episodes=self._guard.episodes, pinned_bytes=self.pinned.used, frames_direct=staging.direct,
+            frames_staged=staging.staged, frames_pageable=staging.pageable)
 
     def flush(self, timeout_s: Optional[float] = None) -> bool:
         """Wait for pending writes (True when none is left)."""
@@ -316,6 +379,9 @@ class MemFlowPlugin:
             self.writer.flush(timeout_s)
             self.writer.close()
         self._guard.close()
+        self.slots.close()  # waits for the copies still reading host staging or the arenas, then lets them go
+        if self.pins is not None:
+            self.pins.close()
 
     def __enter__(self) -> "MemFlowPlugin":
         return self

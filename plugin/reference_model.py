@@ -7,6 +7,13 @@ their absolute frame, text cross-attention with its own K/V cache per layer, and
 flow-matching denoising passes that attend to the cache without committing, then one clean pass at t=0
 that commits the chunk's K/V. Output is a deterministic function of (config, seed, prompts, memory).
 
+The real pipelines' cache shapes are exercised too: uneven leading chunks (`first_chunks`, e.g. (1,) for
+Self-Forcing's independent first frame), classifier-free guidance with a second, unconditional cache
+(`generate_chunk(..., uncond=...)`, as Self-Forcing's diffusion inference), relative RoPE (`rope_mode=
+"relative"`: the cache holds unrotated keys and each attention rotates [sink | memory | window] at
+positions 0, 1, ... - LongLive's "infinity" model - so a video is not capped by the RoPE table), and a
+recache at a prompt switch (`recache`, LongLive's `_recache_after_switch`, with or without a global sink).
+
 Configs: `tiny()` (CPU tests and demo, milliseconds per chunk) and `wan_1_3b_shape()` (Wan2.1-T2V-1.3B's
 shapes: 30 layers, 12 heads x 128, 1560 tokens per frame, 3 frames per chunk, bf16, random weights; for GPU
 timing).
@@ -37,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin.adapters.base import CacheLayout
-from plugin.adapters.self_forcing import SelfForcingAdapter, allocate_cache, commit_chunk, make_room
+from plugin.adapters.self_forcing import (
+    SelfForcingAdapter, allocate_cache, begin_recache, commit_chunk, make_room, recache_frames,
+)
 from plugin.attention import NO_MEMORY, ChunkMemory, cache_attention
 from plugin.retrieval import nam_entry_keys
 from plugin.rope import Rope3D
@@ -65,8 +74,12 @@ class ModelConfig:
     max_frames: int = 1024  # RoPE table: the longest video in latent frames
     dtype: str = "float32"
     seed: int = 0
+    first_chunks: tuple[int, ...] = ()  # sizes of leading chunks that differ from frames_per_chunk
+    rope_mode: str = "absolute"  # "absolute": keys cached rotated at their frame; "relative": see module doc
 
     def __post_init__(self) -> None:
+        if self.rope_mode not in ("absolute", "relative"):
+            raise ValueError(f"ModelConfig.rope_mode is {self.rope_mode!r}; expected 'absolute' or 'relative'")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype is {self.dtype!r}; expected one of {sorted(DTYPES)}")
         if not self.sigmas or any(not 0 < s <= 1 for s in self.sigmas):
@@ -148,6 +161,7 @@ class StreamState:
     prompt_vec: torch.Tensor  # [B, 1, dim]
     next_chunk: int = 0
     write_start: int = 0  # local token where the current chunk's K/V go
+    rotated: Optional[torch.Tensor] = None  # relative RoPE: [B, (M + cache frames) * N, H, D] rotated keys
 
 
 class ReferenceDiT(nn.Module):
@@ -171,7 +185,7 @@ class ReferenceDiT(nn.Module):
         self.to(self.dtype).eval().requires_grad_(False)
         self.rope = Rope3D(cfg.head_dim, cfg.grid_h, cfg.grid_w, cfg.max_frames, cfg.rope_theta, self.device_)
         self.layout = CacheLayout(cfg.layers, cfg.heads, cfg.head_dim, cfg.tokens_per_frame, cfg.frames_per_chunk,
-                                  cfg.sink_frames, cfg.window_frames, self.dtype, self.device_)
+                                  cfg.sink_frames, cfg.window_frames, self.dtype, self.device_, cfg.first_chunks)
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -234,54 +248,103 @@ class ReferenceDiT(nn.Module):
         cross = [{"k": torch.zeros(shape, dtype=self.dtype, device=self.device_),
                   "v": torch.zeros(shape, dtype=self.dtype, device=self.device_), "is_init": False, "prompt": None}
                  for _ in range(cfg.layers)]
-        return StreamState(allocate_cache(self.layout, batch, memory_frames), cross,
-                           torch.zeros((batch, 1, cfg.dim), dtype=self.dtype, device=self.device_))
+        kv = allocate_cache(self.layout, batch, memory_frames)
+        rotated = torch.empty_like(kv[0]["k_full"]) if cfg.rope_mode == "relative" else None
+        return StreamState(kv, cross, torch.zeros((batch, 1, cfg.dim), dtype=self.dtype, device=self.device_),
+                           rotated=rotated)
 
     @torch.no_grad()
     def generate_chunk(self, state: StreamState, chunk_index: int, prompt: str,
-                       memory: Optional[ChunkMemory] = None) -> torch.Tensor:
-        """Generate chunk `chunk_index` (chunks come in order): latents `[B, frames_per_chunk, N, C]`."""
+                       memory: Optional[ChunkMemory] = None, *, uncond: Optional[StreamState] = None,
+                       negative_prompt: str = "", guidance: float = 3.0) -> torch.Tensor:
+        """Generate chunk `chunk_index` (chunks come in order): latents `[B, frames, N, C]`.
+
+        `uncond`: classifier-free guidance with a second cache (Self-Forcing's `kv_cache_neg`), conditioned on
+        `negative_prompt`: flow = uncond + guidance * (cond - uncond); both caches commit the chunk and attend
+        the same `memory` (load it into both with `before_chunk(..., mirrors=(uncond.kv,))`).
+        """
         if chunk_index != state.next_chunk:
             raise ValueError(f"chunk {chunk_index} requested, this stream is at chunk {state.next_chunk}")
+        if uncond is not None and uncond.next_chunk != chunk_index:
+            raise ValueError(f"the unconditional stream is at chunk {uncond.next_chunk}, not {chunk_index}")
         cfg = self.cfg
         memory = memory or NO_MEMORY
         if memory.frames and len(memory.frames) != cfg.layers:
             raise ValueError(f"ChunkMemory has {len(memory.frames)} layers, the model has {cfg.layers}")
-        self._set_prompt(state, prompt)
-        state.write_start = make_room(state.kv, self.layout)  # the window rolling shared with every generator
+        first, end = self.layout.chunk_frames(chunk_index)
+        f = end - first
+        states = [(state, prompt)] + ([(uncond, negative_prompt)] if uncond is not None else [])
+        for st, pr in states:
+            self._set_prompt(st, pr)
+            st.write_start = make_room(st.kv, self.layout, f)  # the window rolling shared with every generator
         b = state.kv[0]["k"].shape[0]
         g = torch.Generator(device=self.device_).manual_seed(cfg.seed * 1_000_003 + chunk_index)
-        shape = (b, cfg.frames_per_chunk, cfg.tokens_per_frame, cfg.latent_channels)
+        shape = (b, f, cfg.tokens_per_frame, cfg.latent_channels)
         x = torch.randn(shape, generator=g, device=self.device_, dtype=torch.float32)
         x0 = x
         for i, sigma in enumerate(cfg.sigmas):
-            flow = self._forward(state, chunk_index, x.to(self.dtype), sigma, memory).float()
+            flow = self._forward(state, first, x.to(self.dtype), sigma, memory).float()
+            if uncond is not None:
+                flow_u = self._forward(uncond, first, x.to(self.dtype), sigma, memory).float()
+                flow = flow_u + guidance * (flow - flow_u)
             x0 = x - sigma * flow
             if i + 1 < len(cfg.sigmas):
                 nxt = cfg.sigmas[i + 1]
                 x = (1 - nxt) * x0 + nxt * torch.randn(shape, generator=g, device=self.device_, dtype=torch.float32)
-        self._forward(state, chunk_index, x0.to(self.dtype), 0.0, memory)  # clean pass: K/V of the chunk
-        commit_chunk(state.kv, state.write_start, self.layout)
-        state.next_chunk += 1
+        for st, _ in states:
+            self._forward(st, first, x0.to(self.dtype), 0.0, memory)  # clean pass: K/V of the chunk
+            commit_chunk(st.kv, st.write_start, self.layout, f)
+            st.next_chunk += 1
         return x0.to(self.dtype)
 
-    def _forward(self, state: StreamState, chunk_index: int, x: torch.Tensor, sigma: float,
+    @torch.no_grad()
+    def recache(self, state: StreamState, prompt: str, history: torch.Tensor, *, global_sink: bool = False,
+                memory: Optional[ChunkMemory] = None) -> tuple[int, int]:
+        """A prompt switch before chunk `state.next_chunk`, as LongLive's `_recache_after_switch`: the cache is
+        emptied and rebuilt by clean passes over the last frames under the new `prompt` (block-causal, one
+        chunk-sized block at a time, attending `memory`). `history` `[B, frames so far, N, C]` holds the
+        video's clean latents. Without `global_sink` the re-run's first frames become the sink. Returns the
+        re-run frames [first, end)."""
+        end = self.layout.chunk_frames(state.next_chunk)[0]
+        if history.shape[1] < end:
+            raise ValueError(f"history holds {history.shape[1]} frames, the video has {end}")
+        first, end = recache_frames(self.layout, end, global_sink)
+        self._set_prompt(state, prompt)
+        begin_recache(state.kv, self.layout, first, global_sink)
+        memory = memory or NO_MEMORY
+        frame = first
+        while frame < end:
+            f = min(self.cfg.frames_per_chunk, end - frame)
+            state.write_start = make_room(state.kv, self.layout, f)
+            self._forward(state, frame, history[:, frame:frame + f].to(self.dtype), 0.0, memory)
+            commit_chunk(state.kv, state.write_start, self.layout, f)
+            frame += f
+        return first, end
+
+    def _forward(self, state: StreamState, first_frame: int, x: torch.Tensor, sigma: float,
                  memory: ChunkMemory) -> torch.Tensor:
         cfg = self.cfg
         b, f, n, _ = x.shape
         h = self.patch_in(x).flatten(1, 2)  # [B, S, dim]
         h = h + self.time_mlp(_timestep_embedding(sigma, 64, h))
-        cos, sin = self.rope.tables(chunk_index * cfg.frames_per_chunk, f)  # [S, 1, D/2] each
         lo, hi = state.write_start, state.write_start + f * n
+        relative = cfg.rope_mode == "relative"
+        if not relative:
+            cos, sin = self.rope.tables(first_frame, f)  # [S, 1, D/2] each
         for layer, (blk, kv, cross) in enumerate(zip(self.blocks, state.kv, state.cross)):
             y = blk.norm1(h) + cfg.prompt_strength * state.prompt_vec
             q = blk.norm_q(blk.q(y)).unflatten(-1, (cfg.heads, cfg.head_dim))  # [B, S, H, D]
             k = blk.norm_k(blk.k(y)).unflatten(-1, (cfg.heads, cfg.head_dim))
             v = blk.v(y).unflatten(-1, (cfg.heads, cfg.head_dim))
-            q = self.rope.apply(q, cos, sin)
-            self.rope.apply(k, cos, sin, out=kv["k"][:, lo:hi])
             kv["v"][:, lo:hi].copy_(v)
-            attn = cache_attention(q, kv, hi, n, cfg.sink_frames, memory, layer)  # [B, S, H, D]
+            if relative:
+                kv["k"][:, lo:hi].copy_(k)  # unrotated; rotated below at its place in the attended sequence
+                q, view = self._relative_view(state, kv, q, hi, memory.layer_frames(layer))
+                attn = cache_attention(q, view, hi, n, cfg.sink_frames, memory, layer)
+            else:
+                q = self.rope.apply(q, cos, sin)
+                self.rope.apply(k, cos, sin, out=kv["k"][:, lo:hi])
+                attn = cache_attention(q, kv, hi, n, cfg.sink_frames, memory, layer)  # [B, S, H, D]
             h = h + blk.o(attn.reshape(b, f * n, cfg.dim))
             cq = blk.cross_norm_q(blk.cross_q(blk.norm3(h))).unflatten(-1, (cfg.heads, cfg.head_dim))
             c = F.scaled_dot_product_attention(cq.transpose(1, 2), cross["k"].transpose(1, 2),
@@ -289,6 +352,41 @@ class ReferenceDiT(nn.Module):
             h = h + blk.cross_o(c.transpose(1, 2).reshape(b, f * n, cfg.dim))
             h = h + blk.ffn(blk.norm2(h))
         return self.head(self.head_norm(h)).view(b, f, n, cfg.latent_channels)
+
+    def relative_positions(self, m: int, end: int) -> tuple[list[int], list[int], list[int]]:
+        """Relative RoPE frame positions of the attended sequence of a layer with `m` memory frames and the
+        cache filled to local token `end`: (memory, sink, window) - sink 0..s-1, memory s..s+m-1, then the
+        window. (Each layer's active memory frames are the memory region's last m slots.)"""
+        s, n = self.cfg.sink_frames, self.cfg.tokens_per_frame
+        window = end // n - s
+        return list(range(s, s + m)), list(range(s)), list(range(s + m, s + m + window))
+
+    def _relative_view(self, state: StreamState, kv: dict, q: torch.Tensor, end: int,
+                       m: int) -> tuple[torch.Tensor, dict]:
+        """Rotate one layer's attended keys [memory m | sink | window to `end`] into `state.rotated` at their
+        relative positions; returns the rotated query and a cache view for `cache_attention`."""
+        n, cap = self.cfg.tokens_per_frame, kv["memory_frames"]
+        mem, sink, window = self.relative_positions(m, end)
+        positions = mem + sink + window  # storage order of k_full: [memory | sink | window]
+        start = (cap - m) * n
+        cos, sin = self._tables_at(positions)  # [T, 1, D/2]
+        self.rope.apply(kv["k_full"][:, start:cap * n + end], cos, sin, out=state.rotated[:, start:cap * n + end])
+        f = q.shape[1] // n
+        qcos, qsin = cos[-f * n:], sin[-f * n:]  # the chunk is the window's last frames
+        return self.rope.apply(q, qcos, qsin), {"k_full": state.rotated, "v_full": kv["v_full"],
+                                                "memory_frames": cap}
+
+    def _tables_at(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.rope
+        if max(positions) >= r.max_frames:
+            raise ValueError(f"relative RoPE positions reach {max(positions)}, the table has {r.max_frames} frames")
+        idx = torch.tensor(positions, device=r.time_cos.device)
+        n, frames = r.tokens_per_frame, len(positions)
+        out = []
+        for time, space in ((r.time_cos, r.space_cos), (r.time_sin, r.space_sin)):
+            t = time[idx][:, None, :].expand(frames, n, r.ct)
+            out.append(torch.cat([t, space[None].expand(frames, n, -1)], dim=-1).reshape(frames * n, 1, -1))
+        return out[0], out[1]
 
 
 def _timestep_embedding(sigma: float, dim: int, like: torch.Tensor) -> torch.Tensor:
