@@ -6,9 +6,14 @@ Owns the path from a frame in the KV cache to an entry in the bank. Promises:
 - when every slot is taken, policy "drop_oldest" drops the oldest queued write (counted) and reuses its
   slot; policy "block" waits for a slot at most `block_s`, then drops the new write (counted); the
   generator never waits longer than that, and never at all under "drop_oldest";
-- the generator's thread only enqueues copies (non_blocking device-to-host on CUDA); one daemon thread
-  waits for them and puts up to `batch` entries per call; a failed put is counted and reported, never
-  raised to the generator;
+- the generator's thread only enqueues copies; one daemon thread waits for them and puts up to `batch`
+  entries per call; a failed put is counted and reported, never raised to the generator;
+- on CUDA the copies (device-to-host, non_blocking into page-locked staging inside the plugin's pinned budget;
+  pageable, and then synchronous, past it) run on the plugin's copy stream (`MemoryFence`, attention.py), after
+  the generator's current stream and every attention stream, so they read the chunk's K/V once written,
+  whichever stream wrote them; the generator's streams then wait (on the GPU, no host sync) for the copies
+  before their next work, so rolling the window cannot move a frame that is still being read. Each staging
+  slot has one CUDA event, made once and re-recorded: nothing is allocated per write;
 - read-your-writes for retrieval: `wait_frames_below` lets a query wait (bounded) for pending writes of
   frames that have just become eligible, so results do not depend on thread timing;
 - retrieval first: a write submitted with `hold=True` (the plugin's after_chunk) waits until
@@ -31,7 +36,9 @@ import torch
 
 from memory_service import NewEntry
 from plugin.adapters.base import CacheLayout, GeneratorAdapter
+from plugin.attention import MemoryFence
 from plugin.kv_slots import to_numpy
+from plugin.pinned import PinnedBudget, host_buffer
 
 Put = Callable[[list[NewEntry]], list[int]]
 MAX_HOLD_S = 0.5  # a held write goes out after this even when no retrieval releases it
@@ -60,19 +67,30 @@ class WriteStats:
 
 class WriteBack:
     def __init__(self, layout: CacheLayout, queue_size: int, batch: int, policy: str, block_s: float,
-                 put: Put, on_error: Callable[[Exception], None], on_ok: Callable[[], None]) -> None:
+                 put: Put, on_error: Callable[[Exception], None], on_ok: Callable[[], None], *,
+                 fence: Optional[MemoryFence] = None, budget: Optional[PinnedBudget] = None) -> None:
         self.layout, self.batch, self.policy, self.block_s = layout, batch, policy, block_s
         self._put, self._on_error, self._on_ok = put, on_error, on_ok
         cuda = layout.device.type == "cuda"
         self._cuda = cuda
+        if cuda and fence is None:
+            fence = MemoryFence(layout.device, layout.layers)
+        self._fence = fence
+        self._budget = budget
         lay = layout
-        self._kv = torch.empty((queue_size, lay.layers, 2, lay.tokens_per_frame, lay.heads, lay.head_dim),
-                               dtype=lay.dtype, pin_memory=cuda)  # [Q, L, 2, N, H, D]
-        self._keys = torch.empty((queue_size, lay.layers, lay.key_dim), dtype=torch.float32, pin_memory=cuda)
+        self._kv, kv_pinned = host_buffer((queue_size, lay.layers, 2, lay.tokens_per_frame, lay.heads, lay.head_dim),
+                                          lay.dtype, cuda, budget)  # [Q, L, 2, N, H, D]
+        self._keys, keys_pinned = host_buffer((queue_size, lay.layers, lay.key_dim), torch.float32, cuda, budget)
+        self._reserved = kv_pinned + keys_pinned
+        self._kv_async, self._keys_async = kv_pinned > 0, keys_pinned > 0  # page-locked: non_blocking copies
         self._keys_dev = (torch.empty((lay.layers, lay.key_dim), dtype=torch.float32, device=lay.device)
                           if cuda else None)
         self._unrotated = torch.empty((lay.tokens_per_frame, lay.heads, lay.head_dim), dtype=lay.dtype,
                                       device=lay.device)
+        self._events = [torch.cuda.Event() for _ in range(queue_size)] if cuda else []  # one per staging slot
+        if fence is not None:
+            for t in (self._keys_dev, self._unrotated):
+                t.record_stream(fence.stream)  # used on the copy stream only
         self._free = collections.deque(range(queue_size))
         self._queued: collections.deque[_Write] = collections.deque()
         self._in_flight: list[_Write] = []
@@ -96,17 +114,15 @@ class WriteBack:
             if slot is None:
                 self.dropped += 1
                 return False
-        keys_out = self._keys_dev if self._cuda else self._keys[slot]
-        for layer, (k, v) in enumerate(views):
-            ks = adapter.stored_keys(k, frame, out=self._unrotated)  # [N, H, D]
-            torch.mean(ks, dim=0, dtype=torch.float32, out=keys_out[layer].view(k.shape[1], k.shape[2]))
-            self._kv[slot, layer, 0].copy_(ks, non_blocking=self._cuda)
-            self._kv[slot, layer, 1].copy_(v, non_blocking=self._cuda)
         event = None
-        if self._cuda:
-            self._keys[slot].copy_(keys_out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+        if self._fence is None:
+            self._stage(slot, frame, views, adapter)
+        else:
+            with self._fence.copies() as generator:
+                self._stage(slot, frame, views, adapter)
+                event = self._events[slot]
+                event.record(self._fence.stream)
+                self._fence.hold_generator(event, generator)  # no window roll before these copies are done
         item = _Write(chunk, frame, prompt, None if not adapter.store_rotated else frame, slot, event,
                       dict(extra_keys or {}), time.monotonic() if hold else None)
         with self._cond:
@@ -114,6 +130,18 @@ class WriteBack:
             self._queued.append(item)
             self._cond.notify_all()
         return True
+
+    def _stage(self, slot: int, frame: int, views: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               adapter: GeneratorAdapter) -> None:
+        """Copy frame `frame`'s K/V (keys as the bank stores them) and its per-layer mean keys into `slot`."""
+        keys_out = self._keys_dev if self._keys_dev is not None else self._keys[slot]  # [L, H*D]
+        for layer, (k, v) in enumerate(views):
+            ks = adapter.stored_keys(k, frame, out=self._unrotated)  # [N, H, D]
+            torch.mean(ks, dim=0, dtype=torch.float32, out=keys_out[layer].view(k.shape[1], k.shape[2]))
+            self._kv[slot, layer, 0].copy_(ks, non_blocking=self._kv_async)
+            self._kv[slot, layer, 1].copy_(v, non_blocking=self._kv_async)
+        if self._keys_dev is not None:
+            self._keys[slot].copy_(keys_out, non_blocking=self._keys_async)
 
     def release_held(self) -> None:
         with self._cond:
@@ -190,6 +218,9 @@ class WriteBack:
             self._release()
             self._closed = True
             self._cond.notify_all()
+        if self._budget is not None and self._reserved:
+            self._budget.release(self._reserved)  # the staging goes with this object; no new write can start
+            self._reserved = 0
 
     # -- writer thread -----------------------------------------------------------------------------
     def _run(self) -> None:
