@@ -30,10 +30,11 @@ import numpy as np
 
 from memory_service import Budget, KeySpace, KVLayout, NotFound, StreamSpec
 from plugin.adapters.base import GeneratorAdapter
-from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory
+from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory, MemoryFence
 from plugin.config import MemFlowConfig
 from plugin.guard import Guard
 from plugin.kv_slots import LoadPlan, MemorySlots, Staged
+from plugin.pinned import ArenaPins, PinnedBudget
 from plugin.retrieval import EMPTY, Selection, nam_query, select
 from plugin.writeback import WriteBack
 
@@ -76,6 +77,10 @@ class PluginStats:
     write_failures: int
     writes_pending: int
     outage_episodes: int
+    pinned_bytes: int = 0  # page-locked host memory held now (staging, write-back, registered arenas)
+    frames_direct: int = 0  # frame-layers copied to the GPU straight from a registered shared-memory arena
+    frames_staged: int = 0  # through a pinned staging lane
+    frames_pageable: int = 0  # from pageable memory (the pinned budget had no room)
 
 
 class MemFlowPlugin:
@@ -102,7 +107,13 @@ class MemFlowPlugin:
                              f"{self.layout.frames_per_chunk} frames")
         self.memory_frames = config.memory_frames
         self.workspace = AttentionWorkspace()
-        self.slots = MemorySlots(self.layout, self.memory_frames)
+        cuda = self.layout.device.type == "cuda" and config.enabled
+        # one budget for every page-locked byte of this plugin; one fence (copy stream + reused events) on the
+        # cache's device orders all its copies against the generator's attention (attention.py)
+        self.pinned = PinnedBudget(config.pinned_bytes)
+        self.fence = MemoryFence(self.layout.device, self.layout.layers) if cuda else None
+        self.pins = ArenaPins(self.pinned) if cuda else None
+        self.slots = MemorySlots(self.layout, self.memory_frames, budget=self.pinned, fence=self.fence, pins=self.pins)
         self.last_report: Optional[ChunkReport] = None
         self._guard = Guard()
         self._stream_ready = False
@@ -118,7 +129,8 @@ class MemFlowPlugin:
         if not config.enabled:
             return
         self.writer = WriteBack(self.layout, config.write_queue, config.write_batch, config.write_policy,
-                                config.deadline_s, self._put, self._write_failed, partial(self._guard.success, "write"))
+                                config.deadline_s, self._put, self._write_failed, partial(self._guard.success, "write"),
+                                fence=self.fence, budget=self.pinned)
         opened = self._guard.submit(self._ensure_stream)
         try:
             opened.result(timeout=max(1.0, 10 * config.deadline_s))
@@ -215,7 +227,13 @@ class MemFlowPlugin:
             ok, value = self._guard.wait(fut, cfg.deadline_s - (time.perf_counter() - t0))
             staged, reason = (value, None) if ok else (None, value)
         self.writer.release_held()  # the last chunk's write-back waited for this retrieval (see writeback.py)
+        # on CUDA even a memory-free chunk carries the fence: its attention records the events that the next
+        # copies (slot loads, the write-back's reads) wait on
+        epoch = self.fence.new_chunk() if self.fence is not None else 0
+        attention_fn = getattr(self.adapter, "attention_fn", None)  # the generator's own attention, if it says
         memory, report_sel, loaded, moved = NO_MEMORY, EMPTY, 0, 0
+        if self.fence is not None or attention_fn is not None:
+            memory = ChunkMemory((), 0, self.workspace, self.fence, epoch, attention_fn)
         if staged is not None:
             try:
                 result = self.slots.commit(staged, self.adapter)
@@ -230,7 +248,8 @@ class MemFlowPlugin:
                 self._moved += moved
                 report_sel = staged.plan.selection
                 if any(result.frames):
-                    memory = ChunkMemory(result.frames, cfg.sma_k if cfg.sma else 0, self.workspace)
+                    memory = ChunkMemory(result.frames, cfg.sma_k if cfg.sma else 0, self.workspace, self.fence,
+                                         epoch, attention_fn)
         if reason is not None:
             self._fallbacks += 1
             self._guard.failure("read", reason)
@@ -340,13 +359,15 @@ class MemFlowPlugin:
     # -- lifecycle -------------------------------------------------------------------------------
     def stats(self) -> PluginStats:
         w = self.writer.stats() if self.writer is not None else None
+        staging = self.slots.staging_stats()
         return PluginStats(
             chunks=self._chunks, retrievals=self._retrievals, fallbacks=self._fallbacks,
             frames_loaded=self._loaded, frames_moved=self._moved, prefetch_hits=self._prefetch_hits,
             prefetch_misses=self._prefetch_misses, writes_submitted=w.submitted if w else 0,
             writes_written=w.written if w else 0, writes_dropped=w.dropped if w else 0,
             write_failures=w.failed if w else 0, writes_pending=w.pending if w else 0,
-            outage_episodes=self._guard.episodes)
+            outage_episodes=self._guard.episodes, pinned_bytes=self.pinned.used, frames_direct=staging.direct,
+            frames_staged=staging.staged, frames_pageable=staging.pageable)
 
     def flush(self, timeout_s: Optional[float] = None) -> bool:
         """Wait for pending writes (True when none is left)."""
@@ -358,6 +379,9 @@ class MemFlowPlugin:
             self.writer.flush(timeout_s)
             self.writer.close()
         self._guard.close()
+        self.slots.close()  # waits for the copies still reading host staging or the arenas, then lets them go
+        if self.pins is not None:
+            self.pins.close()
 
     def __enter__(self) -> "MemFlowPlugin":
         return self

@@ -2,19 +2,33 @@
 
 Owns which bank entry sits in which slot of which layer, and every copy into the slots. Promises:
 - slots are the preallocated front region of the generator's KV cache (adapter `memory_region`); nothing
-  is allocated per chunk besides the host tensors a fetch returns;
+  is allocated per chunk besides the host tensors a fetch returns (host staging and CUDA events are made once,
+  staging on first need);
 - delta loading: an (entry, layer) already resident is never copied from the host again; it stays in its
   slot or, when the active set shrinks, moves device-to-device (counted apart); a chunk whose selection did
   not change copies 0 frames;
 - a layer's m active frames always occupy its last m slots, so attention reads one contiguous view;
-- on CUDA, fetched frames go through a pinned staging buffer and are copied with `non_blocking=True`; the
-  staging buffer is not rewritten (by the prefetch thread) before the copies reading it have finished.
-`plan` and `stage` run on the memory thread (they read the slot table, which only `commit` changes, on the
-generator's thread, after the staged result was awaited); a plan staged against an older table is refused.
+- on CUDA every copy into the slots runs on the plugin's copy stream of the cache's device (`MemoryFence`,
+  attention.py), after the generator's current stream and the last attention that read the slots, and each
+  layer's attention waits for that layer's copies (`mark_ready`); the regions are `record_stream`ed on the copy
+  stream, so the caching allocator never hands their memory out while a copy may still write it;
+- host memory on the way: a fetched array that views a shared-memory arena registered with CUDA (pinned.py) is
+  copied to the GPU in place (`non_blocking`, one host copy on the whole path); any other is copied into one of
+  `LANES` = 2 pinned staging lanes (double-buffered: chunk n+1's stage fills the other lane while chunk n's
+  copies still read theirs), bounded by the plugin's pinned budget; what fits in neither is copied from
+  pageable memory, synchronously (slower, the same bytes);
+- a lane is rewritten only after the copies that read it have finished (its event, waited for on the memory
+  thread), and a staged result is committed only while its lane still holds it (generation check), so no copy
+  ever reads staging that a later stage has overwritten; the fetched arrays an in-place copy reads (and their
+  arena leases) are held until that copy has finished.
+`plan` and `stage` run on the memory thread, one at a time (they read the slot table, which only `commit`
+changes, on the generator's thread, after the staged result was awaited); a plan staged against an older
+table is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -24,9 +38,12 @@ import numpy as np
 import torch
 
 from plugin.adapters.base import CacheLayout, GeneratorAdapter
+from plugin.attention import MemoryFence
+from plugin.pinned import ArenaPins, PinnedBudget
 from plugin.retrieval import Selection
 
 Fetch = Callable[[Sequence[int], Sequence[int]], np.ndarray]  # (ids, layers) -> [n, nl, 2, N, H, D]
+LANES = 2  # staging lanes: one being filled for chunk n+1 while chunk n's copies read the other
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,9 @@ class LoadPlan:
 class Staged:
     plan: LoadPlan
     data: tuple[torch.Tensor, ...]  # per group `[n, len(layers), 2, N, H, D]` on the host
+    lane: int = -1  # the staging lane it was staged through (-1: none)
+    generation: int = 0  # the lane's generation then: a newer stage of the lane makes it stale
+    pinned: tuple[bool, ...] = ()  # per group: page-locked (copied non_blocking)
 
 
 @dataclass(frozen=True)
@@ -53,8 +73,38 @@ class LoadResult:
     moved: int  # (entry, layer) frames moved between slots
 
 
+@dataclass(frozen=True)
+class StagingStats:
+    direct: int  # frame-layers copied to the GPU straight from a registered arena
+    staged: int  # through a staging lane
+    pageable: int  # from pageable memory (no lane room within the budget)
+    lane_fills: tuple[int, ...]  # stages per lane
+    lane_waits: int  # stages that had to wait for a lane's copies to finish
+    staging_bytes: int  # host staging allocated (pinned on CUDA)
+
+
+class _Lane:
+    """One staging buffer, the event of the copies that read it, and what those copies hold."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.staging: Optional[torch.Tensor] = None  # [rows, 2, N, H, D], made on first need
+        self.allocated = False
+        self.reserved = 0  # bytes of the plugin's pinned budget it holds
+        self.event = torch.cuda.Event() if cuda else None  # re-recorded by every commit through this lane
+        self.pending = False  # the event was recorded and not yet waited for
+        self.held: tuple[torch.Tensor, ...] = ()  # host tensors the pending copies read
+        self.generation = 0
+        self.fills = 0
+        self.lock = threading.Lock()
+
+
 class MemorySlots:
-    def __init__(self, layout: CacheLayout, capacity: int) -> None:
+    """`host_staging` (default: on CUDA) stages fetched frames through the lanes; `budget` bounds their bytes;
+    `pins` registers shared-memory arenas; `fence` orders the copies (CUDA)."""
+
+    def __init__(self, layout: CacheLayout, capacity: int, *, budget: Optional[PinnedBudget] = None,
+                 fence: Optional[MemoryFence] = None, pins: Optional[ArenaPins] = None,
+                 host_staging: Optional[bool] = None) -> None:
         self.layout = layout
         self.capacity = capacity
         self.tables: list[list[Optional[int]]] = [[None] * capacity for _ in range(layout.layers)]
@@ -63,12 +113,16 @@ class MemorySlots:
         self._mirrors: list[Sequence[tuple[torch.Tensor, torch.Tensor]]] = []  # other caches of the video (CFG)
         self._bound: Optional[tuple[int, ...]] = None
         self._cuda = layout.device.type == "cuda"
-        self._staging: Optional[torch.Tensor] = None
-        self._copied: Optional["torch.cuda.Event"] = None
+        if self._cuda and fence is None and capacity:
+            fence = MemoryFence(layout.device, layout.layers)
+        self.fence = fence
+        self.budget = budget if budget is not None else PinnedBudget(0)
+        self._pins = pins
+        self._host_staging = self._cuda if host_staging is None else host_staging
+        self._lanes = [_Lane(self._cuda) for _ in range(LANES)]
+        self._next_lane = 0
         self._lock = threading.Lock()
-        if self._cuda and capacity:
-            shape = (capacity * layout.layers, 2, layout.tokens_per_frame, layout.heads, layout.head_dim)
-            self._staging = torch.empty(shape, dtype=layout.dtype, pin_memory=True)  # [cap*L, 2, N, H, D]
+        self._direct = self._staged = self._pageable = self._lane_waits = 0
 
     def bind(self, kv: object, adapter: GeneratorAdapter, mirrors: Sequence[object] = ()) -> None:
         """Attach to the cache of the video being generated (and `mirrors`, its other caches that attend the
@@ -86,6 +140,14 @@ class MemorySlots:
             n = self.layout.tokens_per_frame
             # use the last `capacity` frames of a larger region, so right-alignment matches the attention view
             bound.append([(k[(have - self.capacity) * n:], v[(have - self.capacity) * n:]) for k, v in regions])
+        if self.fence is not None:
+            for regions in bound:
+                for k, v in regions:
+                    if k.device != self.fence.device or v.device != self.fence.device:
+                        raise ValueError(f"the cache's memory region is on {k.device}, the plugin's layout says "
+                                         f"{self.fence.device}; build the adapter's CacheLayout on the cache's device")
+                    k.record_stream(self.fence.stream)  # the copy stream writes them: never reused under it
+                    v.record_stream(self.fence.stream)
         self._regions, self._mirrors = bound[0], bound[1:]
         self._bound = key
         self.reset()
@@ -97,6 +159,16 @@ class MemorySlots:
     def resident(self, layer: int) -> tuple[int, ...]:
         """Entries active or parked in `layer`'s slots, slot order."""
         return tuple(e for e in self.tables[layer] if e is not None)
+
+    def staging_stats(self) -> StagingStats:
+        with self._lock:
+            return StagingStats(self._direct, self._staged, self._pageable, tuple(lane.fills for lane in self._lanes),
+                                self._lane_waits, sum(lane.staging.numel() * lane.staging.element_size()
+                                                      for lane in self._lanes if lane.staging is not None))
+
+    def lane_buffer(self, lane: int) -> Optional[torch.Tensor]:
+        """Lane `lane`'s staging buffer (None before its first need, or when the budget had no room)."""
+        return self._lanes[lane].staging
 
     # -- memory thread -----------------------------------------------------------------------------
     def plan(self, selection: Selection) -> LoadPlan:
@@ -116,26 +188,75 @@ class MemorySlots:
         return LoadPlan(self.version, selection, groups)
 
     def stage(self, plan: LoadPlan, fetch: Fetch) -> Staged:
-        """Fetch the plan's frames from the bank into host memory (pinned staging on CUDA)."""
+        """Fetch the plan's frames into host memory the GPU can copy from (see module docstring)."""
         lay = self.layout
         frame_shape = (2, lay.tokens_per_frame, lay.heads, lay.head_dim)
-        data = []
+        lane, index, generation = self._take_lane()
+        data: list[torch.Tensor] = []
+        pinned: list[bool] = []
         row = 0
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous commit's copies still read the staging buffer
         for ids, layers in plan.groups:
             arr = fetch(ids, layers)
             want = (len(ids), len(layers), *frame_shape)
             if tuple(arr.shape) != want:
                 raise ValueError(f"fetch returned {list(arr.shape)}, expected {list(want)}")
-            host = to_torch(arr)
-            if self._staging is not None:
-                rows = len(ids) * len(layers)
-                dst = self._staging[row:row + rows].view(want)
-                dst.copy_(host)
-                host, row = dst, row + rows
-            data.append(host)
-        return Staged(plan, tuple(data))
+            rows = len(ids) * len(layers)
+            if self._pins is not None and self._pins.direct(arr):
+                data.append(to_torch(arr))  # page-locked where the service wrote it: no host copy here
+                pinned.append(True)
+                kind = "direct"
+            elif self._host_staging and self._lane_room(lane, row + rows):
+                dst = lane.staging[row:row + rows].view(want)  # type: ignore[index]
+                dst.copy_(to_torch(arr))
+                data.append(dst)
+                pinned.append(self._cuda)  # lanes are page-locked on CUDA
+                row += rows
+                kind = "staged"
+            else:
+                data.append(to_torch(arr))
+                pinned.append(False)
+                kind = "pageable"
+            with self._lock:
+                if kind == "direct":
+                    self._direct += rows
+                elif kind == "staged":
+                    self._staged += rows
+                else:
+                    self._pageable += rows
+        return Staged(plan, tuple(data), index, generation, tuple(pinned))
+
+    def _take_lane(self) -> tuple[_Lane, int, int]:
+        """The next lane, once the copies that read it have finished: (lane, index, its new generation)."""
+        with self._lock:
+            index = self._next_lane
+            self._next_lane = (index + 1) % LANES
+        lane = self._lanes[index]
+        with lane.lock:  # a commit through this lane is either done issuing its copies or not begun (then stale)
+            lane.generation += 1
+            lane.fills += 1
+            if lane.pending:
+                assert lane.event is not None
+                if not lane.event.query():
+                    with self._lock:
+                        self._lane_waits += 1
+                    lane.event.synchronize()  # the memory thread waits, never the generator
+                lane.pending = False
+            lane.held = ()
+            return lane, index, lane.generation
+
+    def _lane_room(self, lane: _Lane, rows: int) -> bool:
+        if not lane.allocated:
+            lay = self.layout
+            lane.allocated = True  # once: a budget that had no room is not asked again every chunk
+            shape = (self.capacity * lay.layers, 2, lay.tokens_per_frame, lay.heads, lay.head_dim)
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=lay.dtype).element_size()
+            if self.budget.reserve(nbytes):
+                try:
+                    lane.staging = torch.empty(shape, dtype=lay.dtype, pin_memory=self._cuda)  # [cap*L, 2, N, H, D]
+                    lane.reserved = nbytes
+                except RuntimeError:  # the driver refused to lock more memory: no lane (pageable copies)
+                    self.budget.release(nbytes)
+        return lane.staging is not None and rows <= lane.staging.shape[0]
 
     # -- generator thread --------------------------------------------------------------------------
     def commit(self, staged: Staged, adapter: GeneratorAdapter) -> LoadResult:
@@ -145,11 +266,30 @@ class MemorySlots:
             raise RuntimeError(f"load plan made against slot table v{plan.version}, table is v{self.version}")
         if self._regions is None:
             raise RuntimeError("MemorySlots.commit before bind(kv)")
-        source = {}
-        for (ids, layers), block in zip(plan.groups, staged.data):
+        lane = self._lanes[staged.lane] if 0 <= staged.lane < LANES else None
+        with lane.lock if lane is not None else contextlib.nullcontext():
+            if lane is not None and staged.generation != lane.generation:
+                raise RuntimeError(f"staged frames of lane {staged.lane} generation {staged.generation} were "
+                                   f"overwritten by a newer stage (generation {lane.generation})")
+            if self.fence is None:
+                return self._apply(staged, adapter)
+            with self.fence.copies():
+                try:
+                    return self._apply(staged, adapter)
+                finally:
+                    if lane is not None:  # even after a failure: copies may have been issued from the lane
+                        assert lane.event is not None
+                        lane.event.record(self.fence.stream)
+                        lane.pending, lane.held = True, staged.data
+
+    def _apply(self, staged: Staged, adapter: GeneratorAdapter) -> LoadResult:
+        plan = staged.plan
+        source: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}
+        pinned = staged.pinned or (False,) * len(staged.data)
+        for (ids, layers), block, locked in zip(plan.groups, staged.data, pinned):
             for i, e in enumerate(ids):
                 for j, layer in enumerate(layers):
-                    source[(e, layer)] = block[i, j]  # [2, N, H, D]
+                    source[(e, layer)] = (block[i, j], locked)  # [2, N, H, D]
         frames = dict(plan.selection.frames)
         n, cap = self.layout.tokens_per_frame, self.capacity
         loaded = moved = 0
@@ -157,29 +297,32 @@ class MemorySlots:
         selection = plan.selection.layer_ids or tuple(() for _ in self.tables)
         for layer, want in enumerate(selection):
             table = self.tables[layer]
-            k_region, v_region = self._regions[layer]  # [cap*N, H, D]
+            k_region, v_region = self._regions[layer]  # type: ignore[index]  # [cap*N, H, D]
             m = len(want)
             target = range(cap - m, cap)
             wanted = set(want)
-            new = [None] * cap
+            new: list[Optional[int]] = [None] * cap
             for j in target:
                 if table[j] in wanted:
                     new[j] = table[j]
             free = [j for j in target if new[j] is None]
             where = {e: j for j, e in enumerate(table) if e is not None}
+            touched = False
             for e in want:
                 if e in new:
                     continue
                 j = free.pop(0)
+                touched = True
                 if e in where:  # parked outside the active range: device-to-device
                     src = where[e]
                     k_region[j * n:(j + 1) * n].copy_(k_region[src * n:(src + 1) * n])
                     v_region[j * n:(j + 1) * n].copy_(v_region[src * n:(src + 1) * n])
                     moved += 1
                 else:
-                    frame = source[(e, layer)]
-                    k_region[j * n:(j + 1) * n].copy_(frame[0], non_blocking=self._cuda)
-                    v_region[j * n:(j + 1) * n].copy_(frame[1], non_blocking=self._cuda)
+                    frame, locked = source[(e, layer)]
+                    # page-locked: an async DMA; pageable: a synchronous copy (non_blocking would be too)
+                    k_region[j * n:(j + 1) * n].copy_(frame[0], non_blocking=locked)
+                    v_region[j * n:(j + 1) * n].copy_(frame[1], non_blocking=locked)
                     index = j - (cap - m)  # its place among the layer's active frames, attention order
                     adapter.load_keys(k_region[j * n:(j + 1) * n], frames[e],
                                       adapter.memory_position(frames[e], index, m))
@@ -188,16 +331,26 @@ class MemorySlots:
                     mk[j * n:(j + 1) * n].copy_(k_region[j * n:(j + 1) * n])
                     mv[j * n:(j + 1) * n].copy_(v_region[j * n:(j + 1) * n])
                 new[j] = e
+            if touched and self.fence is not None:
+                self.fence.mark_ready(layer)  # this layer's attention waits for exactly these copies
             # entries outside the active range stay parked (their bytes are intact) for a cheap move back
             for j in range(cap - m):
                 new[j] = table[j] if table[j] not in wanted else None
             self.tables[layer] = new
             counts.append(m)
-        if self._cuda and loaded:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
         self.version += 1
         return LoadResult(tuple(counts), loaded, moved)
+
+    def close(self) -> None:
+        """Wait for the copies still reading host memory, then let the staging go (and its budget)."""
+        for lane in self._lanes:
+            with lane.lock:
+                if lane.pending and lane.event is not None:
+                    lane.event.synchronize()
+                lane.pending, lane.held = False, ()
+                if lane.staging is not None:
+                    self.budget.release(lane.reserved)
+                    lane.staging, lane.reserved = None, 0
 
 
 def to_torch(arr: np.ndarray) -> torch.Tensor:
