@@ -54,6 +54,9 @@ class MemFlowConfig:
     write_queue: int = 4  # pending writes (queued + in flight); host staging is preallocated for this many
     write_policy: str = "drop_oldest"  # full queue: drop the oldest queued write, or block (up to deadline_s)
     write_batch: int = 4  # entries per put
+    # page-locked host memory this plugin may hold (CUDA): write-back staging, the two load-staging lanes and the
+    # shared-memory arenas it registers; past it, copies use pageable memory (synchronous, same results)
+    pinned_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         _one_of("scorer", self.scorer, SCORERS)
@@ -68,6 +71,8 @@ class MemFlowConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MemFlowConfig.{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.pinned_bytes, int) or isinstance(self.pinned_bytes, bool) or self.pinned_bytes < 0:
+            raise ValueError(f"MemFlowConfig.pinned_bytes must be an int >= 0 bytes, got {self.pinned_bytes!r}")
         for name in ("max_entries", "max_bytes"):
             value = getattr(self, name)
             if value is not None:
