@@ -419,7 +419,8 @@ class MemoryBank:
         self._require(s, id_arr)
         gone = [int(i) for i in id_arr if s.entries[int(i)].codec == "none"]
         if gone:
-            raise NotFound(f"entries {gone[:10]} of stream {stream!r} were degraded to keys only: their KV is gone")
+            raise NotFound(f"entries {gone[:10]} of stream {stream!r} hold keys only (codec 'none': put without K/V, "
+                           "or degraded to keys only by pruning): they have no K/V to fetch")
         shape = (len(id_arr), len(layer_list), *s.spec.kv.layer_shape)
         return s, id_arr.tolist(), layer_list, shape, kv_numpy_dtype(s.spec.kv.dtype)
 

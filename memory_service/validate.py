@@ -46,6 +46,9 @@ def check_kv_layout(spec: StreamSpec, dtype: str, shape, what: str) -> None:
     """The K/V's dtype name and shape against the stream's layout (no data needed: the wire checks this first)."""
     if spec.kv is None:
         raise InvalidArgument(f"{what} carries kv but stream {spec.name!r} is keys-only (no KVLayout)")
+    if not dtype:  # the wire's NewEntry.kv_dtype, required with has_kv
+        raise InvalidArgument(f"{what} has K/V but no kv_dtype; stream {spec.name!r} expects kv_dtype "
+                              f"{spec.kv.dtype!r} and kv_shape {list(spec.kv.shape)} with has_kv")
     if dtype != spec.kv.dtype:
         raise InvalidArgument(f"{what} kv has dtype {dtype}, stream {spec.name!r} expects {spec.kv.dtype}")
     if tuple(shape) != spec.kv.shape:

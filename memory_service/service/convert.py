@@ -142,6 +142,18 @@ def tensor_to_pb(arr: np.ndarray, name: Optional[str] = None) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=list(arr.shape), data=arr.reshape(-1).view(np.uint8).tobytes())
 
 
+VECTOR_DTYPE = "float32"  # the one dtype of keys and query vectors on the wire, whatever a key space stores
+
+
+def vectors_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
+    """Keys (NewEntry.keys) or a query (QueryRequest.vectors): a float32 Tensor, as the proto documents. Another
+    dtype is refused, never cast: float16 or int64 numbers were once accepted and ranked as if they were float32."""
+    if t.dtype != VECTOR_DTYPE:
+        raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected {VECTOR_DTYPE!r} (keys and query "
+                                     "vectors travel as float32 whatever the key space stores)")
+    return tensor_from_pb(t, what)
+
+
 def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
     """A read-only array over the message's bytes, after checking dtype, shape and length."""
     if t.dtype not in TENSOR_DTYPES:
@@ -247,7 +259,7 @@ def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray]) -> li
     """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`)."""
     out, n = [], 0
     for i, m in enumerate(msgs):
-        keys = {space: tensor_from_pb(t, f"entry {i} keys[{space!r}]") for space, t in m.keys.items()}
+        keys = {space: vectors_from_pb(t, f"entry {i} NewEntry.keys[{space!r}]") for space, t in m.keys.items()}
         entry_kv = None
         if m.has_kv:
             entry_kv = kv[n]  # type: ignore[index]
@@ -278,7 +290,7 @@ def query_to_pb(stream: str, space: str, vectors, k: int, combine: str, exclude_
 
 def query_args_from_pb(msg: pb.QueryRequest) -> dict:
     return dict(
-        vectors=tensor_from_pb(msg.vectors, "query vectors"), k=int(msg.k), combine=msg.combine or "per_layer",
+        vectors=vectors_from_pb(msg.vectors, "QueryRequest.vectors"), k=int(msg.k), combine=msg.combine or "per_layer",
         exclude_frames=(int(msg.exclude_lo), int(msg.exclude_hi)) if msg.has_exclude_frames else None,
         pinned_only=msg.pinned_only, time_range=(msg.time_lo, msg.time_hi) if msg.has_time_range else None,
     )

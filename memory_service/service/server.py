@@ -4,7 +4,7 @@ Owns the server's life cycle. Promises:
 - it listens on 127.0.0.1 by default; bound to any other address without a token file it refuses to start
   unless `insecure=True`;
 - `grpc.health.v1` reports SERVING for "" and "memflow.v1.MemoryService" while it serves; server reflection
-  lists the service;
+  (grpc.reflection.v1 and v1alpha, service/reflection.py) lists the service and serves the .proto's comments;
 - `start()` that cannot listen (port in use, an address not of this machine) raises Unavailable saying which
   address and why, before anything is served;
 - `stop()` drains: health turns NOT_SERVING, new calls get UNAVAILABLE, calls in flight get `grace` seconds
@@ -30,13 +30,12 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from memory_service.bank import MemoryBank
 from memory_service.config import ServiceConfig, is_loopback
 from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.service.auth import Authenticator
-from memory_service.service import convert
+from memory_service.service import convert, reflection
 from memory_service.service.gen import memory_pb2
 from memory_service.service.interceptors import ServiceInterceptor
 from memory_service.service.metrics import Metrics
@@ -89,7 +88,7 @@ class MemoryServer:
         self.server.add_generic_rpc_handlers((service_handlers(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))  # v1 and v1alpha, with the comments
         self.port: Optional[int] = None
         self.metrics_port: Optional[int] = None
         self._stopped = threading.Event()

@@ -26,7 +26,57 @@ if _version_not_supported:
 
 
 class MemoryServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """---- planes -------------------------------------------------------------------------------------
+    gRPC carries the control plane. K/V tensors travel on a data plane chosen per call (DataPlane):
+    STREAM - anywhere: Put is client-streaming and Fetch server-streaming; after a header message the K/V
+    bytes follow in kv_chunk messages. The service sends chunks of at most 4190208 bytes (4 MiB - 4 KiB),
+    so every message it streams, framing included, fits the 4 MiB default receive limit of stock
+    gRPC clients (grpc-js, Go, Java, C++, Python): no client option needs raising.
+    SHM    - same host: the client owns a shared-memory arena (RegisterArena); Put and Fetch name byte
+    offsets in it and the service copies between the arena and its store.
+
+    ---- values -------------------------------------------------------------------------------------
+    Arrays are raw little-endian C-order bytes with their dtype name and shape (Tensor). Keys and query
+    vectors are float32 on the wire, whatever a key space stores (KeySpace.dtype); any other Tensor.dtype there
+    is INVALID_ARGUMENT, never cast. Vectors must be finite (no NaN or inf); a cosine space refuses a zero vector.
+    Scores: higher is better - the inner product (ip), the cosine (cosine), or the negated squared distance (l2).
+    Times (EntryMeta.created, last_hit, QueryRequest.time_lo/hi) are the service host's wall clock in seconds
+    since the Unix epoch (float64): when the service committed a put, or answered a query.
+
+    ---- limits -------------------------------------------------------------------------------------
+    Every size in a StreamSpec is bounded (the numbers beside each field; memory_service/limits.py is their one
+    home, README "Limits" the table): a spec past a limit is INVALID_ARGUMENT and nothing of it is stored. Per
+    call, with the service's default configuration (config keys in brackets): a Put carries 1 to 4096 entries
+    [bank.max_batch], else INVALID_ARGUMENT; a Query's k is 1 to 1024 [bank.max_k], else INVALID_ARGUMENT; a
+    Put carries at most 17179869184 bytes (16 GiB) of K/V, else RESOURCE_EXHAUSTED. Messages: the service
+    receives and sends messages of up to 67108864 bytes (64 MiB) [max_message_bytes]; a larger one is
+    RESOURCE_EXHAUSTED. So a PutHeader (keys included: up to 16 MiB of them per entry) or a QueryRequest must fit
+    that, and a client's Put kv_chunk messages may be any size up to it.
+
+    ---- errors -------------------------------------------------------------------------------------
+    Errors use the standard status codes; every message says what was received and what was expected, and a
+    failed call changes nothing (a Put, Delete or Pin is all-or-nothing).
+    INVALID_ARGUMENT   bad shape, dim, dtype, NaN/inf, unknown policy, metric, index or key space, an enum
+    value this file does not name (never taken for the default), a malformed stream of
+    Put messages
+    NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
+    ALREADY_EXISTS     CreateStream of a name in use
+    RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
+    a read-only token
+    UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
+    call's deadline passed
+
+    ---- authentication and tenants -----------------------------------------------------------------
+    A service started with a token file wants call metadata `authorization: Bearer <token>` on every
+    MemoryService call (grpc.health.v1 and server reflection need none); without it, or with a token it does not
+    know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
+    caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
+    only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
+    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -102,60 +152,120 @@ class MemoryServiceStub:
 
 
 class MemoryServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """---- planes -------------------------------------------------------------------------------------
+    gRPC carries the control plane. K/V tensors travel on a data plane chosen per call (DataPlane):
+    STREAM - anywhere: Put is client-streaming and Fetch server-streaming; after a header message the K/V
+    bytes follow in kv_chunk messages. The service sends chunks of at most 4190208 bytes (4 MiB - 4 KiB),
+    so every message it streams, framing included, fits the 4 MiB default receive limit of stock
+    gRPC clients (grpc-js, Go, Java, C++, Python): no client option needs raising.
+    SHM    - same host: the client owns a shared-memory arena (RegisterArena); Put and Fetch name byte
+    offsets in it and the service copies between the arena and its store.
+
+    ---- values -------------------------------------------------------------------------------------
+    Arrays are raw little-endian C-order bytes with their dtype name and shape (Tensor). Keys and query
+    vectors are float32 on the wire, whatever a key space stores (KeySpace.dtype); any other Tensor.dtype there
+    is INVALID_ARGUMENT, never cast. Vectors must be finite (no NaN or inf); a cosine space refuses a zero vector.
+    Scores: higher is better - the inner product (ip), the cosine (cosine), or the negated squared distance (l2).
+    Times (EntryMeta.created, last_hit, QueryRequest.time_lo/hi) are the service host's wall clock in seconds
+    since the Unix epoch (float64): when the service committed a put, or answered a query.
+
+    ---- limits -------------------------------------------------------------------------------------
+    Every size in a StreamSpec is bounded (the numbers beside each field; memory_service/limits.py is their one
+    home, README "Limits" the table): a spec past a limit is INVALID_ARGUMENT and nothing of it is stored. Per
+    call, with the service's default configuration (config keys in brackets): a Put carries 1 to 4096 entries
+    [bank.max_batch], else INVALID_ARGUMENT; a Query's k is 1 to 1024 [bank.max_k], else INVALID_ARGUMENT; a
+    Put carries at most 17179869184 bytes (16 GiB) of K/V, else RESOURCE_EXHAUSTED. Messages: the service
+    receives and sends messages of up to 67108864 bytes (64 MiB) [max_message_bytes]; a larger one is
+    RESOURCE_EXHAUSTED. So a PutHeader (keys included: up to 16 MiB of them per entry) or a QueryRequest must fit
+    that, and a client's Put kv_chunk messages may be any size up to it.
+
+    ---- errors -------------------------------------------------------------------------------------
+    Errors use the standard status codes; every message says what was received and what was expected, and a
+    failed call changes nothing (a Put, Delete or Pin is all-or-nothing).
+    INVALID_ARGUMENT   bad shape, dim, dtype, NaN/inf, unknown policy, metric, index or key space, an enum
+    value this file does not name (never taken for the default), a malformed stream of
+    Put messages
+    NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
+    ALREADY_EXISTS     CreateStream of a name in use
+    RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
+    a read-only token
+    UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
+    call's deadline passed
+
+    ---- authentication and tenants -----------------------------------------------------------------
+    A service started with a token file wants call metadata `authorization: Bearer <token>` on every
+    MemoryService call (grpc.health.v1 and server reflection need none); without it, or with a token it does not
+    know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
+    caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
+    only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
+    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
+    """
 
     def CreateStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Create a stream from its spec. ALREADY_EXISTS when the caller's tenant has a stream of that name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DropStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Drop a stream with every entry, key and payload. NOT_FOUND when it does not exist.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListStreams(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's streams, with every default filled in (e.g. KeySpace.metric "ip", StreamSpec.policy "fifo").
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Put(self, request_iterator, context):
-        """First message: a PutHeader; then, on the STREAM plane, the entries' K/V bytes in chunks.
+        """Write entries, all or nothing. First message: a PutHeader; then, on the STREAM plane, kv_chunk messages
+        carrying the K/V of the entries with has_kv, in entry order, exactly as many bytes as they need (fewer,
+        more, or a second header is INVALID_ARGUMENT). Answers the new entries' ids, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Query(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The top k entries of one key space for a query vector (or one per layer).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """First message: a FetchHeader; then, on the STREAM plane, the K/V bytes in chunks.
+        """The K/V of entries. First message: a FetchHeader; then, on the STREAM plane, kv_chunk messages with the
+        header's nbytes bytes, in the header's order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Remove entries, all or nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pin(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Pin or unpin entries, all or nothing. Pruning never evicts or degrades a pinned entry.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Prune(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Expire (ttl) and enforce the stream's budget now; every Put does this too.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -167,7 +277,8 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every entry's metadata, by entry id ascending.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -262,7 +373,57 @@ def add_MemoryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MemoryService:
-    """Missing associated documentation comment in .proto file."""
+    """---- planes -------------------------------------------------------------------------------------
+    gRPC carries the control plane. K/V tensors travel on a data plane chosen per call (DataPlane):
+    STREAM - anywhere: Put is client-streaming and Fetch server-streaming; after a header message the K/V
+    bytes follow in kv_chunk messages. The service sends chunks of at most 4190208 bytes (4 MiB - 4 KiB),
+    so every message it streams, framing included, fits the 4 MiB default receive limit of stock
+    gRPC clients (grpc-js, Go, Java, C++, Python): no client option needs raising.
+    SHM    - same host: the client owns a shared-memory arena (RegisterArena); Put and Fetch name byte
+    offsets in it and the service copies between the arena and its store.
+
+    ---- values -------------------------------------------------------------------------------------
+    Arrays are raw little-endian C-order bytes with their dtype name and shape (Tensor). Keys and query
+    vectors are float32 on the wire, whatever a key space stores (KeySpace.dtype); any other Tensor.dtype there
+    is INVALID_ARGUMENT, never cast. Vectors must be finite (no NaN or inf); a cosine space refuses a zero vector.
+    Scores: higher is better - the inner product (ip), the cosine (cosine), or the negated squared distance (l2).
+    Times (EntryMeta.created, last_hit, QueryRequest.time_lo/hi) are the service host's wall clock in seconds
+    since the Unix epoch (float64): when the service committed a put, or answered a query.
+
+    ---- limits -------------------------------------------------------------------------------------
+    Every size in a StreamSpec is bounded (the numbers beside each field; memory_service/limits.py is their one
+    home, README "Limits" the table): a spec past a limit is INVALID_ARGUMENT and nothing of it is stored. Per
+    call, with the service's default configuration (config keys in brackets): a Put carries 1 to 4096 entries
+    [bank.max_batch], else INVALID_ARGUMENT; a Query's k is 1 to 1024 [bank.max_k], else INVALID_ARGUMENT; a
+    Put carries at most 17179869184 bytes (16 GiB) of K/V, else RESOURCE_EXHAUSTED. Messages: the service
+    receives and sends messages of up to 67108864 bytes (64 MiB) [max_message_bytes]; a larger one is
+    RESOURCE_EXHAUSTED. So a PutHeader (keys included: up to 16 MiB of them per entry) or a QueryRequest must fit
+    that, and a client's Put kv_chunk messages may be any size up to it.
+
+    ---- errors -------------------------------------------------------------------------------------
+    Errors use the standard status codes; every message says what was received and what was expected, and a
+    failed call changes nothing (a Put, Delete or Pin is all-or-nothing).
+    INVALID_ARGUMENT   bad shape, dim, dtype, NaN/inf, unknown policy, metric, index or key space, an enum
+    value this file does not name (never taken for the default), a malformed stream of
+    Put messages
+    NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
+    ALREADY_EXISTS     CreateStream of a name in use
+    RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
+    a read-only token
+    UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
+    call's deadline passed
+
+    ---- authentication and tenants -----------------------------------------------------------------
+    A service started with a token file wants call metadata `authorization: Bearer <token>` on every
+    MemoryService call (grpc.health.v1 and server reflection need none); without it, or with a token it does not
+    know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
+    caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
+    only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
+    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
+    """
 
     @staticmethod
     def CreateStream(request,
