@@ -49,7 +49,7 @@ def allocate_cache(layout: CacheLayout, batch: int = 1, memory_frames: int = 0) 
             "k": k_full[:, memory_frames * n:], "v": v_full[:, memory_frames * n:],
             "k_full": k_full, "v_full": v_full, "memory_frames": memory_frames,
             "global_end_index": torch.zeros(1, dtype=torch.long), "local_end_index": torch.zeros(1, dtype=torch.long),
-            "sink_start": 0,
+            "sink_start": 0, "layer": len(cache),  # the layer index, for cache_attention(..., layer_cache["layer"])
         })
     return cache
 
