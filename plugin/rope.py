@@ -5,7 +5,9 @@ adapter that stores keys unrotated and rotates them again at load time). Layout:
 pairs split into [time | row | column] parts of c - 2(c//3), c//3, c//3 pairs (c = head_dim / 2); pair j of a
 part of p pairs turns by position * theta^(-j/p). Promises: `rotate(x, f)` then `rotate(..., inverse=True)` at
 the same frame is the identity up to float rounding; frame positions past `max_frames` are an error (the
-reference caps a video at its RoPE table, 1024 latent frames), never a silent wrap.
+reference caps a video at its RoPE table, 1024 latent frames), never a silent wrap. One frame `[N, H, D]` rotated
+into `out` (the plugin's load and write-back paths, once per loaded frame) allocates nothing: it goes through a
+workspace made on first use, with the same float arithmetic as `apply`, so the result is bit-identical.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Rope3D:
         self.time_sin = time.sin().float().to(device)
         self.space_cos = spatial.cos().float().to(device)  # [N, ch + cw]
         self.space_sin = spatial.sin().float().to(device)
+        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads) -> single-frame workspace
 
     def tables(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `frames` frames from `first_frame`: `[frames * N, 1, head_dim / 2]` float32."""
@@ -68,10 +71,47 @@ class Rope3D:
         if tokens % self.tokens_per_frame:
             raise ValueError(f"RoPE input has {tokens} tokens, expected a multiple of {self.tokens_per_frame} "
                              "(tokens per frame)")
+        if out is not None and x.dim() == 3 and tokens == self.tokens_per_frame:
+            return self._rotate_frame(x, first_frame, inverse, out)
         cos, sin = self.tables(first_frame, tokens // self.tokens_per_frame)
         if x.device != cos.device:
             cos, sin = cos.to(x.device), sin.to(x.device)
         return self.apply(x, cos, -sin if inverse else sin, out)
+
+    def _rotate_frame(self, x: torch.Tensor, frame: int, inverse: bool, out: torch.Tensor) -> torch.Tensor:
+        """`rotate` of one frame `[N, H, D]` into `out` (which may be `x`) through a reused workspace."""
+        if frame < 0 or frame >= self.max_frames:
+            self.tables(frame, 1)  # the same error as every other path
+        n, h, d = x.shape
+        key = (x.device, h)
+        work = self._frame_work.get(key)
+        if work is None:
+            half = d // 2
+            cos = torch.empty((n, 1, half), dtype=torch.float32, device=x.device)
+            sin = torch.empty_like(cos)
+            cos[:, 0, self.ct:].copy_(self.space_cos)
+            sin[:, 0, self.ct:].copy_(self.space_sin)
+            work = (cos, sin, *(torch.empty((n, h, half), dtype=torch.float32, device=x.device) for _ in range(4)))
+            self._frame_work[key] = work
+        cos, sin, a, b, even, tmp = work
+        cos[:, 0, :self.ct].copy_(self.time_cos[frame].expand(n, self.ct))  # [N, ct] broadcast, no copy of the table
+        sin[:, 0, self.ct:].copy_(self.space_sin)
+        sin[:, 0, :self.ct].copy_(self.time_sin[frame].expand(n, self.ct))
+        if inverse:
+            sin.neg_()
+        pairs = x.unflatten(-1, (-1, 2))  # [N, H, D/2, 2] view
+        a.copy_(pairs[..., 0])
+        b.copy_(pairs[..., 1])
+        torch.mul(a, cos, out=even)
+        torch.mul(b, sin, out=tmp)
+        even.sub_(tmp)  # a cos - b sin
+        torch.mul(a, sin, out=a)
+        torch.mul(b, cos, out=tmp)
+        a.add_(tmp)  # a sin + b cos
+        dst = out.unflatten(-1, (-1, 2))
+        dst[..., 0].copy_(even)
+        dst[..., 1].copy_(a)
+        return out
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
