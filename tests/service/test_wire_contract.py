@@ -214,7 +214,7 @@ def test_the_proto_states_the_services_numbers_and_cites_the_architecture():
     bank, service = BankConfig(), ServiceConfig()
     assert f"a Put carries 1 to {bank.max_batch} entries [bank.max_batch]" in flat
     assert f"a Query's k is 1 to {bank.max_k} [bank.max_k]" in flat
-    assert f"int64 k = 4; // 1 to {bank.max_k}" in flat
+    assert f"1 to {bank.max_k} [bank.max_k], else INVALID_ARGUMENT int64 k = 4;" in flat
     assert f"messages of up to {service.max_message_bytes} bytes" in flat
     assert f"at most {convert.CHUNK_BYTES} bytes a chunk" in flat and f"at most {convert.CHUNK_BYTES} bytes" in flat
     max_put = inspect.signature(MemoryServicer).parameters["max_put_bytes"].default
