@@ -97,9 +97,9 @@ function put(stream, entries, kv) {
 }
 
 // Fetch on the streaming plane: the header, then the K/V bytes; each message's size is recorded.
-function fetch(stream, ids) {
+function fetch(stream, ids, plane = 'DATA_PLANE_STREAM') {
   return new Promise((resolve, reject) => {
-    const call = client.Fetch({stream, ids, plane: 'DATA_PLANE_STREAM'}, auth(), opts());
+    const call = client.Fetch({stream, ids, plane}, auth(), opts());
     let header = null;
     const chunks = [];
     const sizes = [];
@@ -175,6 +175,7 @@ async function main() {
   const half = {dtype: 'float16', shape: [DIM], data: Buffer.alloc(DIM * 2)};  // keys are float32 only
   report.errors.float16_query = await code(unary('Query', {stream: 'node0', space: 'emb', vectors: half, k: '1'}));
   report.errors.no_kv_dtype = await code(put('node0', [{...entries[0], kv_dtype: ''}], Buffer.from(kv[0].buffer)));
+  report.errors.unknown_plane = await code(fetch('node0', ['0'], 9));  // not a DataPlane: never taken for STREAM
   report.errors.duplicate = await code(unary('CreateStream', {spec: spec('node0')}));
 
   await unary('CreateStream', {spec: {name: 'node-scratch', key_spaces: {emb: {dim: DIM}}}});

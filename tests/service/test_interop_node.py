@@ -69,7 +69,7 @@ def test_stock_node_client_drives_the_service_and_python_reads_it_back(serve, tm
     assert report["errors"] == {
         "no_token": "UNAUTHENTICATED", "ghost_stream": "NOT_FOUND", "ghost_entry": "NOT_FOUND",
         "k_zero": "INVALID_ARGUMENT", "float16_query": "INVALID_ARGUMENT", "no_kv_dtype": "INVALID_ARGUMENT",
-        "duplicate": "ALREADY_EXISTS", "dropped": "NOT_FOUND",
+        "unknown_plane": "INVALID_ARGUMENT", "duplicate": "ALREADY_EXISTS", "dropped": "NOT_FOUND",
     }
     assert report["streams"] == ["node0"] and report["entries"] == 2 and report["codecs"] == ["raw", "raw"]
 
