@@ -7,7 +7,8 @@ another sample's frames. The generator's attention reads one contiguous view for
 sample attends the same number of memory frames per layer: the batch's `ChunkMemory` takes, per layer, the
 fewest any sample loaded (a sample with more attends its last ones - each layer's active frames are
 right-aligned - and `last_reports` says what each loaded). With every sample's bank empty, or the plugin
-off, the batch is the bare model's, bit for bit.
+off, the batch is the bare model's, bit for bit. On CUDA the batch's attention waits for every sample's slot
+copies (each plugin's fence).
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ from plugin.adapters.base import GeneratorAdapter
 from plugin.attention import NO_MEMORY, ChunkMemory
 from plugin.config import MemFlowConfig
 from plugin.hook import ChunkReport, MemFlowPlugin, PluginStats
+
+
+class _Fences:
+    """The batch's attention orders against every sample plugin's copy fence (each has its own copy stream)."""
+
+    def __init__(self, fences: list[tuple[Any, int]]) -> None:
+        self.fences = fences
+
+    def attend(self, layer: int, epoch: int) -> Any:
+        streams = [f.attend(layer, e) for f, e in self.fences]  # each makes the current stream wait for its copies
+        return streams[0]
+
+    def attended(self, stream: Any) -> None:
+        for f, _ in self.fences:
+            f.attended(stream)
 
 
 class MemFlowBatch:
@@ -62,13 +78,17 @@ class MemFlowBatch:
         memories = [p.before_chunk(chunk_index, str(pr), kv, next_prompt=np_, mirrors=mirrors)
                     for p, pr, np_ in zip(self.plugins, now, nxt)]
         self.last_reports = tuple(p.last_report for p in self.plugins)
-        if not all(m.frames for m in memories):
-            return NO_MEMORY  # a sample without memory this chunk: the batch attends none
-        frames = tuple(min(col) for col in zip(*(m.frames for m in memories)))
-        if not any(frames):
-            return NO_MEMORY
+        frames: tuple[int, ...] = ()
+        if all(m.frames for m in memories):  # a sample without memory this chunk: the batch attends none
+            frames = tuple(min(col) for col in zip(*(m.frames for m in memories)))
+            frames = frames if any(frames) else ()
         first = memories[0]
-        return ChunkMemory(frames, first.sma_k, first.workspace)
+        fences = [(m.fence, m.epoch) for m in memories if m.fence is not None]
+        if not frames and not fences and first.attention is None:
+            return NO_MEMORY
+        # CUDA: the batch's attention waits for every sample's slot copies (and records that it ran, for them)
+        fence = _Fences(fences) if fences else None
+        return ChunkMemory(frames, first.sma_k if frames else 0, first.workspace, fence, 0, first.attention)
 
     def after_chunk(self, chunk_index: int, kv: Any,
                     keys: Optional[Sequence[Optional[Mapping[str, np.ndarray]]]] = None) -> None:

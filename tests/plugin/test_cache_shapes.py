@@ -220,6 +220,22 @@ def test_batch_gets_one_stream_per_sample_and_never_mixes_them(tiny_model, local
     assert not np.array_equal(a.view(np.uint16), b.view(np.uint16))  # each sample banked its own frame
 
 
+def test_batch_with_empty_banks_is_the_bare_batch_bit_for_bit(tiny_model, local_memory):
+    script = [FOX] * 8
+    bare_state = tiny_model.new_state(batch=2)
+    bare = [tiny_model.generate_chunk(bare_state, i, p) for i, p in enumerate(script)]
+    config = MemFlowConfig(stream="empty-batch", deadline_s=30.0, record_interval=1000)
+    batch = MemFlowBatch(local_memory, config, SelfForcingAdapter.for_reference(tiny_model), 2)
+    state = tiny_model.new_state(batch=2, memory_frames=batch.memory_frames)
+    outs = []
+    for i, p in enumerate(script):
+        outs.append(tiny_model.generate_chunk(state, i, p, batch.before_chunk(i, p, state.kv)))
+        batch.after_chunk(i, state.kv)
+    batch.close()
+    assert all(torch.equal(a, b) for a, b in zip(bare, outs))
+    assert all(s.retrievals == len(script) and s.fallbacks == 0 for s in batch.stats())
+
+
 # -- caches that reallocate ------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["replace_k", "replace_region"])
 def test_a_reallocated_cache_is_refused_not_attended_wrongly(tiny_model, local_memory, how):
