@@ -62,7 +62,8 @@ class MemoryServiceStub:
     NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
     ALREADY_EXISTS     CreateStream of a name in use
     RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
-    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch; a stream
+    whose record in the data directory cannot be opened (DropStream removes it)
     UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
     a read-only token
     UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
@@ -188,7 +189,8 @@ class MemoryServiceServicer:
     NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
     ALREADY_EXISTS     CreateStream of a name in use
     RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
-    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch; a stream
+    whose record in the data directory cannot be opened (DropStream removes it)
     UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
     a read-only token
     UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
@@ -409,7 +411,8 @@ class MemoryService:
     NOT_FOUND          unknown stream or entry id, or the K/V of an entry that holds keys only (Fetch)
     ALREADY_EXISTS     CreateStream of a name in use
     RESOURCE_EXHAUSTED budget full of pinned entries, a full disk, a message or quota past its limit
-    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch
+    FAILED_PRECONDITION a shared-memory arena that is not what it claims, or too small for a Fetch; a stream
+    whose record in the data directory cannot be opened (DropStream removes it)
     UNAUTHENTICATED    no or wrong bearer token; PERMISSION_DENIED: another tenant's stream, or a write with
     a read-only token
     UNAVAILABLE        the service is shutting down (retry elsewhere or later); DEADLINE_EXCEEDED: the
