@@ -91,8 +91,9 @@ class MemFlowPlugin:
     stream (`config.stream`; an existing stream is continued only with `on_existing="reuse"`, so a second
     video never attends the first one's frames by accident); allocate the video's cache with
     `memory_frames=plugin.memory_frames`. Hooks:
-    `before_chunk(chunk_index, prompt, kv, *, next_prompt=None, query=None) -> ChunkMemory` and
-    `after_chunk(chunk_index, kv, keys=None)`. `last_report` and `stats()` say what happened.
+    `before_chunk(chunk_index, prompt, kv, *, next_prompt=None, query=None, mirrors=()) -> ChunkMemory` and
+    `after_chunk(chunk_index, kv, keys=None)`; at a prompt switch that recaches, `before_recache(...)` first.
+    `last_report` and `stats()` say what happened. (docs/adopting.md: the real pipelines' cache shapes.)
     """
 
     def __init__(self, memory: Any, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
