@@ -4,7 +4,15 @@ Owns the client half of the wire contract. Promises:
 - every call carries a deadline (`timeout`, default 30 s); idempotent calls (query, fetch, stats, list,
   pin, register) are retried on UNAVAILABLE with backoff, writes never are;
 - a failed call raises the same MemFlowError class LocalMemory would, with the service's message
-  (status codes are mapped back in `_rpc`, the one place);
+  (status codes are mapped back in `_error`, the one place);
+- it survives service restarts: the channel reconnects within about a second on loopback (reconnect backoff
+  100 ms growing to at most 1 s, so a dead service sees at most about one connection attempt a second), and
+  the shared-memory plane registers its same arenas again when the service says it lost them
+  (ArenaNotRegistered); a fetch sized by a layout the stream no longer has (StaleLayout) reloads it and retries;
+- one client may be used from many threads: the stubs are thread-safe and the arenas are an ArenaPool (one
+  lock; nothing is closed while a lease or a call holds it);
+- connecting warms up what the first calls would otherwise pay for (the channel's connection, the K/V dtype
+  table, the layouts of existing streams), so a caller with a tight deadline gets memory from its first call;
 - K/V bytes take the same-host shared-memory plane when the target is on this host and the service can map
   the client's arena, otherwise the gRPC streaming plane. `plane="auto"` chooses and logs the choice once;
   `plane="shm"` fails with FailedPrecondition when shared memory cannot work (never a silent slow path);
@@ -17,25 +25,35 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Iterator, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 
+from memory_service.arena_pool import ArenaPool, ArenaUsage
 from memory_service.config import is_loopback
 from memory_service.errors import (
-    FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated,
+    ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
+    ResourceExhausted, StaleLayout, Unauthenticated,
 )
 from memory_service.service import convert
 from memory_service.service.gen import memory_pb2 as pb
 from memory_service.service.gen import memory_pb2_grpc as pb_grpc
-from memory_service.shm import ALIGN, Arena
+from memory_service.shm import Arena
 from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, kv_numpy_dtype
 
 log = logging.getLogger("memflow.client")
 PLANES = ("auto", "shm", "stream")
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+# gRPC's defaults wait 1 s, then 1.6x longer after each failed connection attempt (up to 2 minutes): a client
+# whose service restarted got memory back only 12.7 s after the new one listened. These keep the first retry
+# quick and the steady state at one attempt a second. The connect timeout (grpc.min_reconnect_backoff_ms,
+# 20 s) is left alone: a remote service behind TLS needs it.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+SHM_RETRIES = 2  # reruns of a shared-memory call after ArenaNotRegistered / StaleLayout (a restart, a new layout)
+WARM_UP_S = 2.0  # at most this long spent warming up at connect (the service may be down; calls will say so)
 
 
 class MemoryClient:
@@ -43,12 +61,13 @@ class MemoryClient:
 
     `token`: bearer token (default: $MEMFLOW_TOKEN). `tls`: None (plaintext), True (system roots), or a CA
     certificate (path or PEM bytes). `plane`: "auto", "shm" or "stream". `arena_bytes`: initial size of the
-    shared-memory arena (it grows for larger calls).
+    shared-memory arena (it grows for larger calls); `max_arenas`: how many arenas it may hold at once.
     """
 
     def __init__(self, target: str, token: Optional[str] = None, tls: Union[None, bool, str, bytes] = None, *,
                  timeout: float = 30.0, plane: str = "auto", arena_bytes: int = 256 << 20,
-                 max_message_bytes: int = 64 << 20, retries: int = 3, tls_server_name: Optional[str] = None) -> None:
+                 max_message_bytes: int = 64 << 20, retries: int = 3, tls_server_name: Optional[str] = None,
+                 max_arenas: int = 16) -> None:
         if plane not in PLANES:
             raise InvalidArgument(f"plane is {plane!r}, expected one of {PLANES}")
         self.target = target
@@ -58,7 +77,7 @@ class MemoryClient:
         token = token if token is not None else os.environ.get("MEMFLOW_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]
         if tls:
             if tls_server_name:
                 options.append(("grpc.ssl_target_name_override", tls_server_name))
@@ -79,10 +98,12 @@ class MemoryClient:
                                                  request_serializer=pb.FetchRequest.SerializeToString,
                                                  response_deserializer=convert.fetch_response_from_wire)
         self.arena_bytes = int(arena_bytes)
-        self._arenas: list[tuple[Arena, str]] = []  # (arena, id at the service)
-        self._sealed = True  # sealed memfd arenas until the service shows it cannot open them
-        self._specs: dict[str, StreamSpec] = {}
+        self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
+        self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
+        self._specs_lock = threading.Lock()
+        self._warm_up_channel()
         self.plane = self._choose_plane(plane)
+        self._warm_up_calls()
 
     # -- plumbing -----------------------------------------------------------------------------------
     def __enter__(self) -> "MemoryClient":
@@ -92,13 +113,7 @@ class MemoryClient:
         self.close()
 
     def close(self) -> None:
-        for arena, arena_id in self._arenas:
-            try:
-                self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=arena_id), timeout=2.0)
-            except MemFlowError:
-                pass  # the service may be gone; the segment is ours to unlink either way
-            arena.close()
-        self._arenas = []
+        self._pool.close()
         self._channel.close()
 
     def _rpc(self, method, request, *, idempotent: bool = False, timeout: Optional[float] = None):
@@ -108,11 +123,36 @@ class MemoryClient:
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(min(1.0, 0.05 * 2 ** attempt))
                     continue
-                raise convert.error_from(code, exc.details() or "") from None
+                raise _error(exc) from None
+            except ValueError as exc:  # grpc refuses calls on a closed channel with a bare ValueError
+                raise FailedPrecondition(f"the MemoryClient to {self.target} is closed ({exc}); expected calls "
+                                         "only before close()") from None
+
+    def _warm_up_channel(self) -> None:
+        """Connect now (the first call would pay for it), waiting at most WARM_UP_S; a dead service ends it at once."""
+        settled = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                         grpc.ChannelConnectivity.SHUTDOWN):
+                settled.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
+        try:
+            settled.wait(min(self.timeout, WARM_UP_S))
+        finally:
+            self._channel.unsubscribe(watch)
+
+    def _warm_up_calls(self) -> None:
+        """The K/V dtype table (ml_dtypes takes 0.5-0.9 s to import) and the layouts a shm fetch needs, now."""
+        kv_numpy_dtype("bfloat16")
+        try:
+            self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), timeout=min(self.timeout, WARM_UP_S)))
+        except MemFlowError as exc:  # down, or a token that the next real call will be refused for, clearly
+            log.debug("memflow: warm-up of %s skipped: %s", self.target, exc)
 
     def _choose_plane(self, plane: str) -> str:
         if plane == "stream":
@@ -121,7 +161,7 @@ class MemoryClient:
             chosen = "stream"
         else:
             try:
-                self._new_arena(self.arena_bytes)
+                self._pool.open()
                 chosen = "shm"
             except MemFlowError as exc:
                 if plane == "shm" and isinstance(exc, (Unauthenticated, PermissionDenied)):
@@ -134,59 +174,26 @@ class MemoryClient:
         log.info("memflow: %s data plane to %s", chosen, self.target)
         return chosen
 
-    def _new_arena(self, size: int) -> None:
-        while True:
-            arena = Arena(size, sealed=self._sealed)
-            try:
-                resp = self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
-                    shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True)
-                break
-            except FailedPrecondition:
-                arena.close()
-                if not self._sealed:
-                    raise
-                # the service cannot open this process's memfds (another PID namespace): a POSIX segment may
-                # still be visible to it (a shared /dev/shm); it moves bytes with pread/pwrite, not memcpy
-                self._sealed = False
-            except BaseException:
-                arena.close()
-                raise
-        # arenas nobody leases any more are released when a bigger one replaces them
-        for old, old_id in [a for a in self._arenas if a[0].live == 0]:
-            try:
-                self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=old_id))
-            except MemFlowError:
-                pass
-            old.close()
-            self._arenas.remove((old, old_id))
-        self._arenas.append((arena, resp.arena_id))
+    def _register_arena(self, arena: Arena) -> str:
+        return self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
+            shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True).arena_id
 
-    def _lease(self, nbytes: int) -> tuple[str, int, object]:
-        for arena, arena_id in reversed(self._arenas):
-            got = arena.lease(nbytes)
-            if got is not None:
-                return arena_id, got[0], got[1]
-        self._new_arena(max(self.arena_bytes, 1 << (nbytes + 2 * ALIGN - 1).bit_length()))
-        arena, arena_id = self._arenas[-1]
-        offset, region = arena.lease(nbytes)  # type: ignore[misc]
-        return arena_id, offset, region
+    def _release_arena(self, arena_id: str) -> None:
+        self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=arena_id), timeout=2.0)
+
+    def arena_usage(self) -> ArenaUsage:
+        """The shared-memory arenas this client holds now: how many, their bytes, live leases, registrations."""
+        return self._pool.usage()
 
     def _shm_call(self, fn):
-        """Run a data-plane call; if the service lost our arenas (restart), register afresh once and rerun."""
-        try:
-            return fn()
-        except FailedPrecondition as exc:
-            if "is stale" in str(exc):
-                self._specs.clear()
+        """Run a data-plane call; rerun it when the service lost our arenas (restart) or the stream's layout
+        changed - `fn` itself says which and fixes what it knew (see _fetch_shm, _put_shm)."""
+        for attempt in range(SHM_RETRIES + 1):
+            try:
                 return fn()
-            if "not registered" not in str(exc):
-                raise
-            log.info("memflow: service lost the arenas (restart?); registering again")
-            for arena, _ in self._arenas:
-                arena.close()
-            self._arenas = []
-            self._new_arena(self.arena_bytes)
-            return fn()
+            except (ArenaNotRegistered, StaleLayout):
+                if attempt == SHM_RETRIES:
+                    raise
 
     def arena_array(self, shape: Sequence[int], dtype) -> np.ndarray:
         """A zeroed-or-stale array in the shared-memory arena (shm plane) or in ordinary memory (stream plane).
@@ -197,23 +204,34 @@ class MemoryClient:
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if self.plane != "shm":
             return np.empty(shape, dtype)
-        _, _, region = self._lease(nbytes)
+        _, _, region = self._pool.lease(nbytes)
         return np.frombuffer(region, dtype).reshape(shape)
 
     # -- streams ------------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
         if not isinstance(spec, StreamSpec):
             raise InvalidArgument(f"create_stream takes a StreamSpec, got {type(spec).__name__}")
-        self._specs.pop(spec.name, None)
+        self._forget(spec.name)
         self._rpc(self._stub.CreateStream, pb.CreateStreamRequest(spec=convert.spec_to_pb(spec)))
+        with self._specs_lock:
+            self._specs[spec.name] = spec  # the layout the stream has now: a shm fetch sizes its lease by it
 
     def drop_stream(self, name: str) -> None:
-        self._specs.pop(name, None)
+        self._forget(name)
         self._rpc(self._stub.DropStream, pb.DropStreamRequest(stream=name))
 
     def list_streams(self) -> list[StreamSpec]:
-        resp = self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), idempotent=True)
-        return [convert.spec_from_pb(s) for s in resp.streams]
+        return self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), idempotent=True))
+
+    def _learn(self, resp: pb.ListStreamsResponse) -> list[StreamSpec]:
+        specs = [convert.spec_from_pb(s) for s in resp.streams]
+        with self._specs_lock:
+            self._specs.update((s.name, s) for s in specs)
+        return specs
+
+    def _forget(self, name: str) -> None:
+        with self._specs_lock:
+            self._specs.pop(name, None)
 
     # -- put ----------------------------------------------------------------------------------------
     def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
@@ -235,35 +253,28 @@ class MemoryClient:
 
     def _put_shm(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
         total = sum(a.nbytes for a in kvs)
-        region = None
-        placed = self._in_arena(kvs)
-        if placed is not None:
-            arena_id, offset = placed
-        else:
-            arena_id, offset, region = self._lease(total)
-            flat = np.frombuffer(region, np.uint8, count=total)
-            pos = 0
-            for a in kvs:
-                flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-                pos += a.nbytes
-        header.plane, header.arena_id, header.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
-        ids = list(self._rpc(self._put, iter([pb.PutRequest(header=header)])).ids)
-        del region  # the service copied the bytes into its store: the lease can go
-        return ids
-
-    def _in_arena(self, kvs: list[np.ndarray]) -> Optional[tuple[str, int]]:
-        """(arena id, offset) when the K/V arrays already lie back to back in one arena."""
-        for arena, arena_id in self._arenas:
-            first = arena.contains(kvs[0])
-            if first is None:
-                continue
-            pos = first
-            for a in kvs:
-                if arena.contains(a) != pos:
-                    return None
-                pos += a.nbytes
-            return arena_id, first
-        return None
+        region, arena_id = None, None
+        try:
+            placed = self._pool.locate(kvs)  # K/V built in arena_array buffers: no copy (the arrays hold the lease)
+            if placed is not None:
+                slot, offset = placed
+            else:
+                slot, offset, region = self._pool.lease(total)
+                flat = np.frombuffer(region, np.uint8, count=total)
+                pos = 0
+                for a in kvs:
+                    flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                    pos += a.nbytes
+            arena_id = self._pool.arena_id(slot)
+            header.plane, header.arena_id, header.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
+            return list(self._rpc(self._put, iter([pb.PutRequest(header=header)])).ids)
+        except ArenaNotRegistered:
+            self._pool.lost(arena_id)
+            raise
+        finally:
+            # the service copied the bytes into its store, or failed: the lease goes now, even while a failed
+            # call's exception (whose traceback holds this frame) is kept by the caller
+            region = flat = None
 
     def _put_stream(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
         def requests() -> Iterator[object]:
@@ -300,13 +311,24 @@ class MemoryClient:
         if spec.kv is None:  # let the service say why
             return self._fetch_stream(request, timeout)
         n_layers = len(request.layers) or spec.kv.layers
-        nbytes = len(request.ids) * n_layers * spec.kv.layer_bytes
-        arena_id, offset, region = self._lease(max(nbytes, 1))
-        request.plane, request.arena_id, request.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
-        request.arena_bytes = max(nbytes, 1)
-        header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
-        kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
-        return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
+        nbytes = max(1, len(request.ids) * n_layers * spec.kv.layer_bytes)
+        region, arena_id = None, None
+        try:
+            slot, offset, region = self._pool.lease(nbytes)
+            arena_id = self._pool.arena_id(slot)
+            request.plane, request.arena_id, request.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
+            request.arena_bytes = nbytes
+            header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
+            kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
+            return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
+        except ArenaNotRegistered:
+            self._pool.lost(arena_id)
+            raise
+        except StaleLayout:
+            self._forget(request.stream)  # the stream was created anew: learn its layout again
+            raise
+        finally:
+            region = kv = None  # a returned result's array holds the lease; a failed fetch's exception must not
 
     def _fetch_stream(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
         responses = self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -321,7 +343,7 @@ class MemoryClient:
                 flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
                 got += len(chunk)
         except grpc.RpcError as exc:
-            raise convert.error_from(exc.code(), exc.details() or "") from None
+            raise _error(exc) from None
         if got != header.nbytes:
             raise MemFlowError(f"fetch stream ended after {got} of {header.nbytes} bytes")
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
@@ -331,18 +353,19 @@ class MemoryClient:
         try:
             first = next(responses)
         except grpc.RpcError as exc:
-            raise convert.error_from(exc.code(), exc.details() or "") from None
+            raise _error(exc) from None
         return first.header
 
     def _spec(self, stream: str) -> StreamSpec:
-        # The layout decides how many bytes to lease; it never changes for a stream name, so cache it.
-        spec = self._specs.get(stream)
-        if spec is None:
-            for s in self.list_streams():
-                self._specs[s.name] = s
+        """The layout a shm fetch sizes its lease by: the one this client created or last listed; a stream it has
+        never seen (another client made it) is looked up once. A stale one is answered StaleLayout, and forgotten."""
+        with self._specs_lock:
             spec = self._specs.get(stream)
+        if spec is None:
+            known = self.list_streams()
+            spec = next((s for s in known if s.name == stream), None)
             if spec is None:
-                raise NotFound(f"stream {stream!r} not found; existing streams: {sorted(self._specs)[:10]}")
+                raise NotFound(f"stream {stream!r} not found; existing streams: {sorted(s.name for s in known)[:10]}")
         return spec
 
     # -- the rest -----------------------------------------------------------------------------------
@@ -366,6 +389,15 @@ class MemoryClient:
     def entries(self, stream: str):
         resp = self._rpc(self._stub.ListEntries, pb.ListEntriesRequest(stream=stream), idempotent=True)
         return [convert.meta_from_pb(m) for m in resp.entries]
+
+
+def _error(exc: grpc.RpcError) -> Exception:
+    """The MemFlowError a failed call stands for: its status code, message and reason (convert.error_from)."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - a call that never reached the wire may have none to give
+        trailers = ()
+    return convert.error_from(exc.code(), exc.details() or "", trailers)
 
 
 def _ids(ids) -> list[int]:

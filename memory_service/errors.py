@@ -3,6 +3,11 @@
 Every failure a caller can act on is one of these classes. The gRPC layer maps each class to one status
 code (service/convert.py) and the client maps the code back to the same class, so `LocalMemory` and
 `MemoryClient` raise identical exceptions. Messages say what was received and what was expected.
+
+Where a caller's control flow depends on which failure it is, within one status code, a subclass names it
+with a `reason` (REFINED_ERRORS): it travels beside the status code as the trailing metadata entry
+`memflow-error-reason` (convert.ERROR_REASON_KEY), so code branches on a class, never on message text. A
+client that does not know the reason still gets the status code and the message.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ class MemFlowError(Exception):
     """Base class; `code` names the gRPC status code the error travels as."""
 
     code = "UNKNOWN"
+    reason = ""  # set by the refinements in REFINED_ERRORS
 
 
 class InvalidArgument(MemFlowError, ValueError):
@@ -71,6 +77,20 @@ class FailedPrecondition(MemFlowError):
     code = "FAILED_PRECONDITION"
 
 
+class ArenaNotRegistered(FailedPrecondition):
+    """A data-plane call named an arena the service does not hold (released, or the service restarted): the
+    client registers the same segment again and retries."""
+
+    reason = "ARENA_NOT_REGISTERED"
+
+
+class StaleLayout(FailedPrecondition):
+    """A shared-memory fetch reserved fewer bytes than the stream's K/V layout needs: the client sized it by a
+    layout the stream no longer has (dropped and created anew); it reloads the layout and retries."""
+
+    reason = "STALE_LAYOUT"
+
+
 class DataLoss(MemFlowError):
     """Stored bytes fail their checksum: the record is corrupt."""
 
@@ -89,3 +109,6 @@ ALL_ERRORS: tuple[type[MemFlowError], ...] = (
     FailedPrecondition,
     DataLoss,
 )
+
+REFINED_ERRORS: tuple[type[MemFlowError], ...] = (ArenaNotRegistered, StaleLayout)
+"""Subclasses that travel as their parent's status code plus a reason (see the module doc)."""

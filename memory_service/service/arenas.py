@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from memory_service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from memory_service.errors import ArenaNotRegistered, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from memory_service.shm import NONCE_BYTES, ClientSegment, read_exact, write_all
 
 
@@ -137,7 +137,7 @@ class ArenaRegistry:
         with self._lock:
             reg = self._arenas.get(arena_id)
             if reg is None or reg.tenant != tenant:
-                raise FailedPrecondition(f"arena {arena_id!r} is not registered (released, or the service "
+                raise ArenaNotRegistered(f"arena {arena_id!r} is not registered (released, or the service "
                                          "restarted); register the arena again")
             if offset < NONCE_BYTES or offset + nbytes > reg.size:
                 raise InvalidArgument(f"arena range [{offset}, {offset + nbytes}) is outside arena {arena_id!r} "

@@ -4,8 +4,9 @@ Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto)
 - every `*_from_pb` either returns a valid value or raises InvalidArgument naming the field, what was
   received and what was expected (a malformed message never reaches the bank half-read); an enum value the
   proto does not name is refused (`enum_from_pb`), never taken for the default;
-- `status_of(exc)` (server) and `error_from(code, message)` (client) are inverse: a MemFlowError crosses the
-  wire as its status code and comes back as the same class with the same message.
+- `status_of(exc)` + `trailers_of(exc)` (server) and `error_from(code, message, trailers)` (client) are
+  inverse: a MemFlowError crosses the wire as its status code (and, for errors.REFINED_ERRORS, its reason in
+  trailing metadata) and comes back as the same class with the same message.
 """
 
 from __future__ import annotations
@@ -39,14 +40,27 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from(code: grpc.StatusCode, message: str) -> Exception:
-    """The exception a status code stands for; codes outside the hierarchy become a plain MemFlowError."""
+ERROR_REASON_KEY = "memflow-error-reason"  # trailing metadata: the `reason` of a refined error class
+_REFINED = {cls.reason: cls for cls in errors.REFINED_ERRORS}
+
+
+def trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that travels with the status of `exc`: its reason, for a refined error class."""
+    reason = exc.reason if isinstance(exc, errors.MemFlowError) else ""
+    return ((ERROR_REASON_KEY, reason),) if reason in _REFINED else ()
+
+
+def error_from(code: grpc.StatusCode, message: str, trailers=()) -> Exception:
+    """The exception a status code (and the call's trailing metadata) stands for; codes outside the hierarchy
+    become a plain MemFlowError, and a reason this client does not know leaves the status code's class."""
     cls = _CLASSES.get(code)
     if cls is None:
         err = errors.MemFlowError(f"{code.name}: {message}")
         err.code = code.name
         return err
-    return cls(message)
+    reason = next((value for key, value in trailers or () if key == ERROR_REASON_KEY), "")
+    refined = _REFINED.get(reason)
+    return (refined if refined is not None and issubclass(refined, cls) else cls)(message)
 
 
 # ---- enums ------------------------------------------------------------------------------------------------

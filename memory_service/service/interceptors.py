@@ -7,7 +7,8 @@ Owns, for every MemoryService method (health and reflection pass untouched):
   start until grpc has sent its status, so a finished call's answer is never cut off), and which of them wait
   on their client (a request message not yet arrived, a response not yet taken); once `cut` is set, a request
   stream that is still open ends in UNAVAILABLE at its next message, before its handler can reach the bank;
-- error mapping: a MemFlowError aborts the call with its status code (convert.status_of) and its message;
+- error mapping: a MemFlowError aborts the call with its status code (convert.status_of), its message and,
+  for a refined class, its reason in trailing metadata (convert.trailers_of);
   anything else is logged with its traceback and becomes INTERNAL;
 - metrics: latency histogram per method, error counter per method and code.
 """
@@ -121,6 +122,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         code = convert.status_of(exc)
         self.metrics.errors.labels(method, code.name).inc()
         if isinstance(exc, MemFlowError):
+            trailers = convert.trailers_of(exc)
+            if trailers:  # a refined class (errors.REFINED_ERRORS) travels as its parent's code plus its reason
+                context.set_trailing_metadata(trailers)
             context.abort(code, str(exc))
         log.exception("%s failed unexpectedly", method)
         context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the service: {type(exc).__name__}: {exc}")
