@@ -213,19 +213,18 @@ class SelfForcingAdapter:
         self._check(kv)
         b = self._row(kv)
         n, sink = self.layout.tokens_per_frame, self.layout.sink_frames
-        out = []
-        for layer in kv:
-            global_end = int(layer["global_end_index"].item())
-            local_end = int(layer["local_end_index"].item())
-            sink_start = int(layer.get("sink_start", 0))
-            in_sink = sink_start <= frame < sink_start + sink and frame * n < global_end
-            start = (frame - sink_start) * n if in_sink else local_end - (global_end - frame * n)
-            if frame < 0 or frame * n >= global_end or (not in_sink and start < sink * n):
-                raise ValueError(f"frame {frame} is not resident in the KV cache (committed frames end at "
-                                 f"{global_end // n}, window starts at frame {(global_end - local_end) // n + sink}, "
-                                 f"sink holds frames [{sink_start}, {sink_start + sink}))")
-            out.append((layer["k"][b, start:start + n], layer["v"][b, start:start + n]))  # [N, H, D] views
-        return out
+        # every layer rolls and commits together (make_room / commit_chunk): one read of the indices serves all,
+        # so a cache whose indices live on the GPU costs one host sync per call, not two per layer
+        global_end = int(kv[0]["global_end_index"].item())
+        local_end = int(kv[0]["local_end_index"].item())
+        sink_start = int(kv[0].get("sink_start", 0))
+        in_sink = sink_start <= frame < sink_start + sink and frame * n < global_end
+        start = (frame - sink_start) * n if in_sink else local_end - (global_end - frame * n)
+        if frame < 0 or frame * n >= global_end or (not in_sink and start < sink * n):
+            raise ValueError(f"frame {frame} is not resident in the KV cache (committed frames end at "
+                             f"{global_end // n}, window starts at frame {(global_end - local_end) // n + sink}, "
+                             f"sink holds frames [{sink_start}, {sink_start + sink}))")
+        return [(layer["k"][b, start:start + n], layer["v"][b, start:start + n]) for layer in kv]  # [N, H, D] views
 
     # -- RoPE -------------------------------------------------------------------------------------
     def stored_keys(self, k: torch.Tensor, frame: int, out: torch.Tensor) -> torch.Tensor:
