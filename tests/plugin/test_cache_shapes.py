@@ -142,6 +142,19 @@ def test_relative_rope_memory_frames_attend_at_their_place_in_the_sequence(relat
     assert checked >= 3
 
 
+@pytest.mark.parametrize("store_rotated", [True, False])
+def test_load_keys_turns_a_frame_to_the_position_its_adapter_assigns(tiny_model, store_rotated):
+    adapter = SelfForcingAdapter.for_reference(tiny_model, store_rotated)
+    rope = tiny_model.rope
+    keys = torch.randn(N, 4, 32)  # one frame, unrotated
+    banked = rope.rotate(keys, 40) if store_rotated else keys.clone()  # as the bank holds frame 40
+    assert adapter.memory_position(40, 1, 3) == 40  # absolute RoPE: the frame's own position
+    for position in (40, 5):
+        slot = banked.clone()
+        adapter.load_keys(slot, 40, position)
+        assert torch.allclose(slot, rope.rotate(keys, position), atol=1e-5)
+
+
 # -- uneven chunks ---------------------------------------------------------------------------------------
 def test_uneven_first_chunk_maps_chunks_to_the_adapters_frames(local_memory):
     model = ReferenceDiT(tiny(first_chunks=(1,)))  # Self-Forcing's independent first frame: [1, 3, 3, ...]
