@@ -101,6 +101,7 @@ class MemoryClient:
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
         self._specs_lock = threading.Lock()
+        self._closed = False
         self._warm_up_channel()
         self.plane = self._choose_plane(plane)
         self._warm_up_calls()
@@ -113,6 +114,7 @@ class MemoryClient:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._pool.close()
         self._channel.close()
 
@@ -127,7 +129,10 @@ class MemoryClient:
                     time.sleep(min(1.0, 0.05 * 2 ** attempt))
                     continue
                 raise _error(exc) from None
-            except ValueError as exc:  # grpc refuses calls on a closed channel with a bare ValueError
+            except ValueError as exc:
+                if not self._closed:
+                    raise
+                # grpc refuses calls on a closed channel with a bare ValueError (close() from another thread)
                 raise FailedPrecondition(f"the MemoryClient to {self.target} is closed ({exc}); expected calls "
                                          "only before close()") from None
 
@@ -150,7 +155,8 @@ class MemoryClient:
         """The K/V dtype table (ml_dtypes takes 0.5-0.9 s to import) and the layouts a shm fetch needs, now."""
         kv_numpy_dtype("bfloat16")
         try:
-            self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), timeout=min(self.timeout, WARM_UP_S)))
+            self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(),
+                                  timeout=min(self.timeout, WARM_UP_S)))
         except MemFlowError as exc:  # down, or a token that the next real call will be refused for, clearly
             log.debug("memflow: warm-up of %s skipped: %s", self.target, exc)
 
