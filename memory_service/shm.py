@@ -106,14 +106,19 @@ class MemfdSegment:
             pass
 
 
-def _open_memfd(name: str) -> int:
+def _memfd_path(name: str) -> str:
     pid, _, fd = name[len(MEMFD_PREFIX):].partition(":")
     if not (pid.isdigit() and fd.isdigit()) or len(pid) > 10 or len(fd) > 10:
         raise InvalidArgument(f"shared-memory segment name {name!r} is malformed; expected {MEMFD_PREFIX}<pid>:<fd>")
+    return f"/proc/{int(pid)}/fd/{int(fd)}"
+
+
+def _open_memfd(name: str) -> int:
+    path = _memfd_path(name)
     # Any descriptor of any process the service may open: only a sealed memfd holding the client's nonce is
     # accepted after this (ClientSegment, ArenaRegistry.register), never a file such as the bank's own.
     try:
-        return os.open(f"/proc/{int(pid)}/fd/{int(fd)}", os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise FailedPrecondition(
             f"memfd segment {name!r} is not visible to the service (another host or PID namespace?); expected a "
@@ -163,6 +168,7 @@ class ClientSegment:
         self.name = name
         self._mmap: Optional[mmap.mmap] = None
         memfd = name.startswith(MEMFD_PREFIX)
+        self._owner = _memfd_path(name) if memfd else None  # where the client holds it
         self.fd = _open_memfd(name) if memfd else _open_posix(name)
         try:
             st = os.fstat(self.fd)
@@ -194,6 +200,18 @@ class ClientSegment:
         if self._mmap is None:
             return None
         return np.frombuffer(self._mmap, np.uint8, count=nbytes, offset=offset)
+
+    def orphaned(self) -> bool:
+        """Whether the client let the segment go without releasing it (it died): a memfd its process no longer
+        holds, a POSIX segment whose name is unlinked (a client's close, or its resource tracker at its death)."""
+        try:
+            st = os.fstat(self.fd)
+            if self._owner is None:
+                return st.st_nlink == 0
+            there = os.stat(self._owner)  # the same file still open in that process (not a reused pid or fd)?
+            return (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino)
+        except OSError:
+            return True
 
     def dup(self) -> int:
         """A descriptor of its own for one request, so a concurrent release cannot close it under the request."""

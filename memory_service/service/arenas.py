@@ -85,7 +85,6 @@ class ArenaRegistry:
             raise InvalidArgument(f"arena nonce has {len(nonce)} bytes, expected {NONCE_BYTES}")
         if size < NONCE_BYTES:
             raise InvalidArgument(f"arena size {size} is below the {NONCE_BYTES} bytes of its nonce")
-        self._check_quota(tenant, size)  # cheap, before anything is opened
         seg = ClientSegment(shm_name)
         try:
             real = seg.size()
@@ -108,7 +107,12 @@ class ArenaRegistry:
                 raise InvalidArgument(f"shared-memory segment {shm_name!r} cannot be mapped: {exc}") from None
         with self._lock:
             try:
-                self._check_quota(tenant, size)
+                try:
+                    self._check_quota(tenant, size)
+                except ResourceExhausted:
+                    if not self._reap_orphans():
+                        raise
+                    self._check_quota(tenant, size)
             except ResourceExhausted:
                 seg.close()
                 raise
@@ -130,6 +134,15 @@ class ArenaRegistry:
         if self.tenant_bytes is not None and sum(mine) + size > self.tenant_bytes:
             raise ResourceExhausted(f"tenant {tenant!r} holds {sum(mine)} bytes of arenas; {size} more would pass its "
                                     f"quota of {self.tenant_bytes} (quotas.max_arena_bytes); release some first")
+
+    def _reap_orphans(self) -> int:
+        """Drop arenas whose clients died without releasing them (under the lock; only when a limit is reached,
+        so that crashed clients do not use up their tenant's quota for good). Returns how many went."""
+        gone = [(arena_id, reg) for arena_id, reg in self._arenas.items() if reg.file.orphaned()]
+        for arena_id, reg in gone:
+            del self._arenas[arena_id]
+            reg.file.close()
+        return len(gone)
 
     @contextlib.contextmanager
     def use(self, tenant: str, arena_id: str, offset: int, nbytes: int) -> Iterator[ArenaRange]:

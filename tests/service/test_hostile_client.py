@@ -13,15 +13,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import subprocess
+import sys
 import threading
+import time
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from svc_util import LAYERS, DIM, SMALL_ARENA, make_entry, make_spec, scrape, write_tokens
+from svc_util import LAYERS, DIM, REPO, SMALL_ARENA, make_entry, make_spec, scrape, write_tokens
 
 from memory_service import ResourceExhausted
 from memory_service.client import MemoryClient
@@ -255,6 +258,54 @@ def test_one_tenant_filling_its_arenas_leaves_another_tenant_its_own(serve, tmp_
     finally:
         hog.close()
         seg.close()
+
+
+CLIENT = """
+import sys, time
+from memory_service.client import MemoryClient
+c = MemoryClient(sys.argv[1], token=sys.argv[2], plane="shm", arena_bytes=1 << 20)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def came_up(child: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Whether the child printed "ready" (it may die first; a resource tracker it spawned may hold its stdout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([child.stdout], [], [], 0.2)[0]:
+            return child.stdout.readline().strip() == "ready"
+        if child.poll() is not None:
+            return False
+    return False
+
+
+def test_clients_that_die_without_releasing_do_not_use_up_the_quota(serve, tmp_path):
+    proc = start(serve, tmp_path, {"quotas": {"max_arenas": 2}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _ in range(3):  # more dead clients than the quota holds
+        child = subprocess.Popen([sys.executable, "-c", CLIENT, proc.target, ALICE], stdout=subprocess.PIPE,
+                                 text=True, env=env)
+        try:
+            assert came_up(child), "a client could not register its arena"
+        finally:
+            child.kill()
+            child.wait(30)
+    raw = Raw(proc.target, ALICE)
+    segs = [posix_segment(64 << 10) for _ in range(2)]
+    try:
+        for seg in segs:
+            raw.register(seg.name, seg.size, seg.nonce)  # the dead clients' arenas made room
+        extra = posix_segment(64 << 10)
+        e = rpc_error(lambda: raw.register(extra.name, extra.size, extra.nonce))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # two live ones: the quota holds
+        segs[0].close()  # closed (unlinked) without ReleaseArena, as a client's resource tracker does at its death
+        raw.register(extra.name, extra.size, extra.nonce)
+        segs.append(extra)
+    finally:
+        raw.close()
+        for seg in segs:
+            seg.close()
 
 
 def test_arena_bytes_streams_and_stored_bytes_are_bounded_per_tenant(serve, tmp_path):
