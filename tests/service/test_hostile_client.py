@@ -382,3 +382,15 @@ def test_without_auth_the_operator_sees_the_whole_bank(serve, tmp_path):
         c.create_stream(make_spec())
         st = c.stats()
         assert st.map_size > 0 and st.disk_bytes > 0
+
+
+def test_quota_config_is_strict():
+    from memory_service import InvalidArgument
+    from memory_service.config import ServiceConfig, build, load_service_config
+
+    assert load_service_config(environ={"MEMFLOW_QUOTAS__MAX_STREAMS": "7"}).quotas.max_streams == 7
+    assert build(ServiceConfig, {"quotas": {"max_stored_bytes": None}}, "config").quotas.max_stored_bytes is None
+    with pytest.raises(InvalidArgument, match=r"unknown config key\(s\) \['max_streamz'\] in config.quotas"):
+        build(ServiceConfig, {"quotas": {"max_streamz": 1}}, "config")
+    with pytest.raises(InvalidArgument, match="quotas.max_arenas is -1"):
+        build(ServiceConfig, {"quotas": {"max_arenas": -1}}, "config")
