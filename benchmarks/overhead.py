@@ -15,9 +15,15 @@ copied into slots), `fallbacks`, and `before_pct_of_wan_chunk` (before_ms agains
 chunk on an H100 - a projection, since the tiny model's own chunks are much shorter).
 
     python benchmarks/overhead.py [--quick] [--model tiny|wan_1_3b_shape] [--device cpu|cuda] [--bank-sizes 10,1000]
+        [--prefetch] [--distractors full|keys] [--real-frames N]
 
-Prefilled entries are noisy copies of real frames of the model (keys and K/V), so scores and loads behave as
-in a real stream; their frame indices lie after the sink and before the first measured chunk's window.
+Prefilled entries are noisy copies of `--real-frames` real frames of the model (keys and K/V), so scores and loads
+behave as in a real stream; their frame indices lie after the sink and before the first measured chunk's window.
+At Wan's shape one frame's K/V is 287.5 MB, so a bank of 1e4 full frames (2.9 TB) fits no test machine:
+`--distractors keys` (the default for wan_1_3b_shape) banks the real frames with K/V and every other entry keys
+only, with keys of 1/1000 the norm, so retrieval still scans all N entries per layer (the cost that grows with the
+bank) and only frames the query ranks first are fetched (as in a full bank, where only the top k are fetched).
+`--prefetch` turns on the plugin's prefetch (retrieval of chunk n+1 during chunk n); rows say which.
 """
 
 from __future__ import annotations
@@ -75,15 +81,20 @@ def _to_numpy(views) -> np.ndarray:
     return kv.numpy()
 
 
-def prefill(memory, plugin: MemFlowPlugin, kvs, keys, n: int, first_frame: int, last_frame: int, seed: int) -> None:
+def prefill(memory, plugin: MemFlowPlugin, kvs, keys, n: int, first_frame: int, last_frame: int, seed: int,
+            distractors: str = "full") -> None:
     rng = np.random.default_rng(seed)
     stream = plugin.config.stream
     batch = []
     for i in range(n):
         j = i % len(kvs)
         nam = keys[j] * (1 + 0.05 * rng.standard_normal(keys[j].shape).astype(np.float32))
+        kv = kvs[j]
+        if distractors == "keys" and i >= len(kvs):  # keys only, ranked below every real frame (see docstring)
+            nam = 1e-3 * np.abs(keys[j]).mean() * rng.standard_normal(keys[j].shape).astype(np.float32)
+            kv = None
         frame = first_frame + i % max(1, last_frame - first_frame)
-        batch.append(NewEntry(frame, frame // 3, "prefill", {"nam": nam, "emb": nam.mean(axis=0)}, kv=kvs[j]))
+        batch.append(NewEntry(frame, frame // 3, "prefill", {"nam": nam, "emb": nam.mean(axis=0)}, kv=kv))
         if len(batch) == 64 or i == n - 1:
             memory.put(stream, batch)
             batch = []
@@ -97,7 +108,7 @@ class Runner:
         self.plugin = None
         if mode != "none":
             cfg = MemFlowConfig(stream=f"bench-{mode}", scorer="recent" if mode == "fixed" else "nam",
-                                deadline_s=args.deadline_s, on_existing="reuse")
+                                deadline_s=args.deadline_s, on_existing="reuse", prefetch=args.prefetch)
             self.plugin = MemFlowPlugin(memory, cfg, SelfForcingAdapter.for_reference(model))
         self.state = model.new_state(memory_frames=self.plugin.memory_frames if self.plugin else 0)
         self.next = 0
@@ -137,7 +148,7 @@ def run_size(res: Results, model, adapter, kvs, keys, n: int, args, tmp: str) ->
         lo = WARMUP_CHUNKS * model.cfg.frames_per_chunk - model.cfg.window_frames
         for m, r in runners.items():
             if r.plugin is not None and m != "fixed":
-                prefill(backends[m], r.plugin, kvs, keys, n, sink, max(sink + 1, lo), args.seed)
+                prefill(backends[m], r.plugin, kvs, keys, n, sink, max(sink + 1, lo), args.seed, args.distractors)
         for m, r in runners.items():  # warm-up, not measured
             for _ in range(WARMUP_CHUNKS):
                 r.chunk(False)
@@ -155,7 +166,10 @@ def run_size(res: Results, model, adapter, kvs, keys, n: int, args, tmp: str) ->
                     chunks=len(r.total), chunk_ms_p50=p50, chunk_ms_p99=p99, overhead_pct=(p50 / 1e3 / base - 1) * 100,
                     before_ms=percentiles(r.before)[0], after_ms=percentiles(r.after)[0],
                     loads_per_chunk=float(np.mean(r.loads)), fallbacks=stats.fallbacks if stats else 0,
-                    bank_size=n, before_pct_of_wan_chunk=percentiles(r.before)[0] / WAN_CHUNK_MS * 100)
+                    bank_size=n, before_pct_of_wan_chunk=percentiles(r.before)[0] / WAN_CHUNK_MS * 100,
+                    prefetch=args.prefetch, distractors=args.distractors,
+                    frames_direct=stats.frames_direct if stats else 0, frames_staged=stats.frames_staged if stats else 0,
+                    frames_pageable=stats.frames_pageable if stats else 0, pinned_bytes=stats.pinned_bytes if stats else 0)
             if r.plugin:
                 r.plugin.close()
 
@@ -172,6 +186,11 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=1.0, help="plugin fail-open deadline")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefetch", action="store_true", help="the plugin's prefetch on (default off)")
+    parser.add_argument("--distractors", choices=["full", "keys"], default=None,
+                        help="banked entries past the real frames: full K/V copies or keys only (default: keys for "
+                             "wan_1_3b_shape, whose full frames are 287.5 MB each)")
+    parser.add_argument("--real-frames", type=int, default=None, help="distinct real frames banked (30; 8 at Wan's shape)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     args.modes = args.modes.split(",")
@@ -181,10 +200,12 @@ def main() -> None:
     cfg = rm.tiny() if args.model == "tiny" else rm.wan_1_3b_shape()
     model = rm.ReferenceDiT(cfg, device=args.device)
     adapter = SelfForcingAdapter.for_reference(model)
-    kvs, keys = sample_frames(model, adapter, 30)
+    wan = args.model == "wan_1_3b_shape"
+    args.distractors = args.distractors or ("keys" if wan else "full")
+    kvs, keys = sample_frames(model, adapter, args.real_frames or (8 if wan else 30))
     res = Results("overhead", Path(args.out))
-    with tempfile.TemporaryDirectory(prefix="memflow-overhead-") as tmp:
-        for n in sizes:
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="memflow-overhead-") as tmp:  # each size's banks go when it ends
             run_size(res, model, adapter, kvs, keys, n, args, tmp)
     print(f"wrote {res.close()}", file=sys.stderr)
 

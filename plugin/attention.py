@@ -76,6 +76,7 @@ class MemoryFence:
         self.stream = torch.cuda.Stream(device=self.device)
         self.ready = [torch.cuda.Event() for _ in range(layers)]  # recorded on `stream` after a layer's slot copies
         self._recorded = [False] * layers
+        self._generator_mark = torch.cuda.Event()  # re-recorded on the generator's stream by every `copies()`
         self._streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}  # handle -> (stream, its done event)
         self.overflow = False
         self.epoch = 0
@@ -91,7 +92,8 @@ class MemoryFence:
         attention stream's last `done`; yields the generator's current stream (of the cache's device)."""
         generator = torch.cuda.current_stream(self.device)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            self.stream.wait_stream(generator)
+            self._generator_mark.record(generator)  # wait_stream would make a new event per call
+            self.stream.wait_event(self._generator_mark)
             for _, done in self._streams.values():
                 self.stream.wait_event(done)
             if self.overflow:  # more attention streams than events: order by draining the device (rare)
@@ -133,6 +135,13 @@ class MemoryFence:
             self._streams[stream.cuda_stream] = entry
         entry[1].record(stream)
 
+    def wait_all(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Make `stream` (default: the current one) wait for every layer's latest slot copies."""
+        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        for layer, recorded in enumerate(self._recorded):
+            if recorded:
+                stream.wait_event(self.ready[layer])
+
     def synchronize(self) -> None:
         self.stream.synchronize()
 
@@ -159,6 +168,12 @@ class ChunkMemory:
     @property
     def total(self) -> int:
         return sum(self.frames)
+
+    def wait(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """For a reader of the memory slots other than `cache_attention` (which waits by itself): make `stream`
+        (default: the current one) wait, on the GPU, for this chunk's slot copies. A no-op off CUDA."""
+        if self.fence is not None:
+            self.fence.wait_all(stream)
 
 
 NO_MEMORY = ChunkMemory()

@@ -40,7 +40,11 @@ class MemFlowConfig:
     adaptive_threshold: float = 0.1  # "threshold": keep scores >= top - threshold * |top|
     sma: bool = False  # sparse memory activation: per head, top-sma_k frames of sink + memory
     sma_k: int = 3
-    prefetch: bool = False  # overlap retrieval + host staging for chunk n+1 with chunk n
+    # on by default: measured (benchmarks/overhead.py, tiny model, 1e3 banked frames, CPU) the generator waits
+    # 1.75 -> 0.24 ms (LocalMemory) and 4.7 -> 0.20 ms (shm) per chunk; at Wan's shape the query + fetch it hides
+    # are projected past the 0.1 s deadline without it (DESIGN.md; GPU measurement pending: benchmarks/gpu_check.sh).
+    # A wrong guess of the next prompt costs one extra retrieval (counted), never a different result
+    prefetch: bool = True  # overlap retrieval + host staging for chunk n+1 with chunk n
     # recording
     record_interval: int = 3  # record every record_interval-th chunk
     record_frame: int = 0  # which latent frame of the chunk (0 = first)

@@ -139,6 +139,14 @@ class MemFlowPlugin:
             raise
         except Exception as exc:  # noqa: BLE001 - memory down at start: retried before each memory call
             self._guard.failure("read", f"opening stream {config.stream!r}: {type(exc).__name__}: {exc}")
+        if self.pins is not None and getattr(memory, "plane", None) == "shm":
+            self._guard.submit(self._pin_arena)  # register the client's arena now, not inside a chunk's deadline
+
+    def _pin_arena(self) -> None:
+        """On the guard's thread: register (pinned.py) the shared-memory arena fetches will land in."""
+        probe = self.memory.arena_array((1,), np.uint8)  # a lease in the client's newest arena
+        assert self.pins is not None
+        self.pins.direct(probe)
 
     # -- the stream ------------------------------------------------------------------------------
     def stream_spec(self) -> StreamSpec:
@@ -380,6 +388,9 @@ class MemFlowPlugin:
             self.writer.flush(timeout_s)
             self.writer.close()
         self._guard.close()
+        if self._prefetch is not None:  # its staged frames hold arena leases and a staging lane
+            self._prefetch[1].cancel()
+            self._prefetch = None
         self.slots.close()  # waits for the copies still reading host staging or the arenas, then lets them go
         if self.pins is not None:
             self.pins.close()

@@ -155,6 +155,9 @@ def tiny_model() -> ReferenceDiT:
 
 def make_plugin(memory: Any, model: ReferenceDiT, store_rotated: bool = True, **config: Any) -> MemFlowPlugin:
     config.setdefault("deadline_s", 30.0)  # tests about results must not depend on the machine's load
+    # chunk-synchronous retrieval unless a test asks for prefetch (the default since it was measured): fail-open
+    # tests count which chunk's retrieval meets an outage; prefetch's own tests show it changes no result
+    config.setdefault("prefetch", False)
     config.setdefault("stream", f"video-{next(_STREAMS)}")  # banks may be shared (grpc): one stream per plugin
     return MemFlowPlugin(memory, MemFlowConfig(**config), SelfForcingAdapter.for_reference(model, store_rotated))
 
