@@ -118,6 +118,7 @@ class ArenaPins:
         self._refused: set[int] = set()  # id(mapping) of mappings that could not be registered
         self._refused_maps: list[mmap.mmap] = []  # kept so their ids are not reused while in `_refused`
         self._lock = threading.Lock()
+        self._closed = False
         self.registered = self.unregistered = self.refused = 0
 
     @property
@@ -131,6 +132,8 @@ class ArenaPins:
         if mm is None:
             return False
         with self._lock:
+            if self._closed:  # a stage still running on the memory thread after the plugin closed
+                return False
             self._sweep()
             if id(mm) in self._maps:
                 return True
@@ -182,6 +185,7 @@ class ArenaPins:
     def close(self) -> None:
         """Unregister everything (the caller has waited for the copies reading the arenas)."""
         with self._lock:
+            self._closed = True
             for key, (_, base, size) in list(self._maps.items()):
                 self._drop(key, base, size)
             self._refused_maps, self._refused = [], set()
