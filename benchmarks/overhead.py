@@ -95,7 +95,8 @@ def prefill(memory, plugin: MemFlowPlugin, kvs, keys, n: int, first_frame: int, 
             kv = None
         frame = first_frame + i % max(1, last_frame - first_frame)
         batch.append(NewEntry(frame, frame // 3, "prefill", {"nam": nam, "emb": nam.mean(axis=0)}, kv=kv))
-        if len(batch) == 64 or i == n - 1:
+        # at most ~256 MB of K/V per put (one Wan-shape frame): a put's K/V pass through the client's arena
+        if len(batch) == 64 or i == n - 1 or sum(e.kv.nbytes for e in batch if e.kv is not None) >= 256 << 20:
             memory.put(stream, batch)
             batch = []
 
