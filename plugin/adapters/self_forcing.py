@@ -248,9 +248,10 @@ class SelfForcingAdapter:
             return  # relative RoPE: the slot keeps the unrotated keys the bank holds
         if self.store_rotated:
             if position != frame:  # banked rotated at `frame`: turn to `position`
-                k_slot.copy_(self._rope_fn(self._rope_fn(k_slot, frame, inverse=True), position))
+                self._rope_fn(k_slot, frame, inverse=True, out=k_slot)  # in place: no temporaries per frame
+                self._rope_fn(k_slot, position, out=k_slot)
             return
-        k_slot.copy_(self._rope_fn(k_slot, position))
+        self._rope_fn(k_slot, position, out=k_slot)
 
     def _check(self, kv: Sequence[dict]) -> None:
         if len(kv) != self.layout.layers or "k_full" not in kv[0]:
