@@ -64,6 +64,9 @@ _MAX_IO = 1 << 30  # bytes per preadv / pwrite call (Linux moves at most ~2 GiB 
 
 
 MEMFD_PREFIX = "memfd:"
+# Every arena memfd has this name; the service accepts no other, so a client cannot make it open some other
+# program's memfd (a sealed one with a guessable first 16 bytes) and read or write it on the client's behalf.
+MEMFD_NAME = "memflow-arena"
 # Linux only (as memfds are); elsewhere every segment is a POSIX one, moved by preadv / pwrite
 _SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0)
 _SEALS = _SEAL_SHRINK | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
@@ -73,7 +76,7 @@ class MemfdSegment:
     """The client side of a sealed memfd arena: created, sized, sealed and mapped here; `buf` as SharedMemory's."""
 
     def __init__(self, size: int) -> None:
-        self.fd = os.memfd_create("memflow-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
@@ -161,6 +164,14 @@ def _sealed_against_shrinking(fd: int) -> Optional[bool]:
         return None
 
 
+def _is_arena_memfd(fd: int) -> bool:
+    """Whether our own descriptor `fd` is a memfd named MEMFD_NAME (asked of the file we hold: no race)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{MEMFD_NAME} ")
+    except OSError:
+        return False
+
+
 class ClientSegment:
     """The service's handle on a client's segment (see the module doc): mapped only when sealed, else a descriptor."""
 
@@ -176,11 +187,11 @@ class ClientSegment:
         except OSError as exc:  # pragma: no cover - fstat of a descriptor just opened
             self.close()
             raise InvalidArgument(f"shared-memory segment {name!r} cannot be examined: {exc}") from None
-        if memfd and not (stat.S_ISREG(st.st_mode) and sealed):
+        if memfd and not (stat.S_ISREG(st.st_mode) and sealed and _is_arena_memfd(self.fd)):
             self.close()  # not what a client of this host would have named (another PID namespace?)
-            raise FailedPrecondition(f"segment {name!r} seen by the service is not a memfd sealed against shrinking "
-                                     "(F_SEAL_SHRINK); expected the client's sealed arena, or use a POSIX segment "
-                                     "(/dev/shm) or the stream data plane")
+            raise FailedPrecondition(f"segment {name!r} seen by the service is not a memfd named {MEMFD_NAME!r} "
+                                     "sealed against shrinking (F_SEAL_SHRINK); expected the client's sealed arena, "
+                                     "or use a POSIX segment (/dev/shm) or the stream data plane")
         if not stat.S_ISREG(st.st_mode) or sealed is None:
             self.close()
             raise InvalidArgument(f"shared-memory segment {name!r} is not a shared-memory object")

@@ -195,15 +195,20 @@ def test_sealed_arenas_cannot_shrink_and_unsealed_memfds_are_refused(serve, tmp_
             with pytest.raises(PermissionError):
                 os.ftruncate(fd, 4096)  # the seal: not even its owner can shrink it
         assert c.fetch("cam0", [0, 1]).kv[1].tobytes() == make_entry(1).kv.tobytes()
-    fd = os.memfd_create("hostile", os.MFD_ALLOW_SEALING)  # a memfd without the seal: never mapped, refused
+    fd = os.memfd_create("memflow-arena", os.MFD_ALLOW_SEALING)  # without the seal: never mapped, refused
+    other = os.memfd_create("someone-elses", os.MFD_ALLOW_SEALING)  # sealed, but no arena of ours
     raw = Raw(proc.target, ALICE)
     try:
-        os.ftruncate(fd, MiB)
-        os.pwrite(fd, b"n" * NONCE_BYTES, 0)
+        for f in (fd, other):
+            os.ftruncate(f, MiB)
+            os.pwrite(f, b"n" * NONCE_BYTES, 0)
         e = rpc_error(lambda: raw.register(f"memfd:{os.getpid()}:{fd}", MiB, b"n" * NONCE_BYTES))
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "sealed against shrinking" in e.details()
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        fcntl.fcntl(other, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         assert raw.register(f"memfd:{os.getpid()}:{fd}", MiB, b"n" * NONCE_BYTES)  # sealed, it is accepted
+        e = rpc_error(lambda: raw.register(f"memfd:{os.getpid()}:{other}", MiB, b"n" * NONCE_BYTES))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "'memflow-arena'" in e.details()
         bank = os.path.join(proc.data_dir, "lmdb", "data.mdb")  # never a file that is no memfd
         bank_fd = os.open(bank, os.O_RDONLY)
         try:
@@ -213,6 +218,7 @@ def test_sealed_arenas_cannot_shrink_and_unsealed_memfds_are_refused(serve, tmp_
             os.close(bank_fd)
     finally:
         os.close(fd)
+        os.close(other)
         raw.close()
     assert_alive_and_unchanged(proc, [0, 1, 2])
 
