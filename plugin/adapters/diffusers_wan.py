@@ -171,6 +171,7 @@ class WanStreamingDriver:
             self._stock.append(block.attn1.processor)
             block.attn1.set_processor(CachedSelfAttention(layer, self.context, block.attn1.processor))
         self._embeddings: dict[str, torch.Tensor] = {}
+        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads) -> one frame's RoPE workspace
 
     def close(self) -> None:
         """Put diffusers' own self-attention processors back."""
@@ -222,12 +223,49 @@ class WanStreamingDriver:
         n = self.layout.tokens_per_frame
         if x.shape[-3] % n:
             raise ValueError(f"RoPE input has {x.shape[-3]} tokens, expected a multiple of {n} (tokens per frame)")
+        if out is not None and x.dim() == 3 and x.shape[0] == n:
+            return self._rotate_frame(x, first_frame, inverse, out)
         cos, sin = self.rope_tables(first_frame, x.shape[-3] // n)
         cos, sin = cos[0, ..., 0::2].to(x.device), sin[0, ..., 1::2].to(x.device)  # [T, 1, D/2]
         rotated = rotate_half_pairs(x, cos, -sin if inverse else sin)
         if out is None:
             return rotated
         return out.copy_(rotated)
+
+    def _rotate_frame(self, x: torch.Tensor, frame: int, inverse: bool, out: torch.Tensor) -> torch.Tensor:
+        """`rotate` of one frame `[N, H, D]` into `out` (may be `x`) with no temporaries: a workspace made on first
+        use and the arithmetic of `rotate_half_pairs`, so the result is the same bit for bit. The plugin's load and
+        write-back paths call this once per frame."""
+        if not 0 <= frame < self.max_frames:
+            self.rope_tables(frame, 1)  # the same error as every other path
+        n, h, d = x.shape
+        work = self._frame_work.get((x.device, h))
+        if work is None:
+            cos = torch.empty((n, 1, d // 2), dtype=torch.float32, device=x.device)
+            sin = torch.empty_like(cos)
+            work = (cos, sin, *(torch.empty((n, h, d // 2), dtype=torch.float32, device=x.device) for _ in range(4)))
+            self._frame_work[(x.device, h)] = work
+        cos, sin, a, b, even, tmp = work
+        pt = self._time_cos.shape[1] // 2  # pairs of the time part; the rest turn by the token's row and column
+        cos[:, 0, :pt].copy_(self._time_cos[frame, 0::2].expand(n, pt))
+        cos[:, 0, pt:].copy_(self._space_cos.reshape(n, -1)[:, 0::2])
+        sin[:, 0, :pt].copy_(self._time_sin[frame, 1::2].expand(n, pt))
+        sin[:, 0, pt:].copy_(self._space_sin.reshape(n, -1)[:, 1::2])
+        if inverse:
+            sin.neg_()
+        pairs = x.unflatten(-1, (-1, 2))  # [N, H, D/2, 2] view
+        a.copy_(pairs[..., 0])
+        b.copy_(pairs[..., 1])
+        torch.mul(a, cos, out=even)
+        torch.mul(b, sin, out=tmp)
+        even.sub_(tmp)  # x1 cos - x2 sin
+        torch.mul(a, sin, out=a)
+        torch.mul(b, cos, out=tmp)
+        a.add_(tmp)  # x1 sin + x2 cos
+        dst = out.unflatten(-1, (-1, 2))
+        dst[..., 0].copy_(even)
+        dst[..., 1].copy_(a)
+        return out
 
     # -- streaming ---------------------------------------------------------------------------------
     def new_state(self, batch: int = 1, memory_frames: int = 0) -> WanStream:

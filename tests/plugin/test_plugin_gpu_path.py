@@ -5,6 +5,8 @@ The CUDA side of the same promises (streams, events, DMA) is tests/plugin/test_p
 runs with CPU tensors, where every check is about which buffer holds which bytes, and what is allocated.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,34 @@ def test_the_adapters_attention_function_is_the_one_attention_calls(tiny_model, 
     mine = lambda q, k, v: seen.append("arg") or sdpa_attention(q, k, v)  # noqa: E731
     out = cache_attention(q, cache, 32, 16, 1, ChunkMemory(attention=flash_like), 0, attention=mine)
     assert seen == ["arg"] and torch.equal(out, cache_attention(q, cache, 32, 16, 1))
+
+
+def test_the_diffusers_driver_hooks_allocate_nothing_in_steady_state_with_unrotated_keys(local_memory):
+    pytest.importorskip("diffusers")
+    from plugin import MemFlowConfig, MemFlowPlugin
+    from plugin.adapters.diffusers_wan import WanAdapter, WanStreamingDriver, hash_text_encoder
+    from plugin.adapters.diffusers_wan import tiny_model as wan_tiny_model
+
+    model = wan_tiny_model()
+    driver = WanStreamingDriver(model, hash_text_encoder(model.config.text_dim), height=8, width=8,
+                                frames_per_chunk=2, sink_frames=2, window_frames=4)
+    plugin = MemFlowPlugin(local_memory, MemFlowConfig(stream="wan-allocs", deadline_s=30.0, record_interval=1,
+                                                       prefetch=False), WanAdapter(driver, store_rotated=False))
+    state = driver.new_state(memory_frames=plugin.memory_frames)
+    prompts = [FOX] * 6 + [WHALE] * 8
+    loads = 0
+    for i, prompt in enumerate(prompts):
+        measured = i >= 9  # the whale prompt's text keys are computed once, at chunk 6
+        mode = Allocations()
+        with mode if measured else contextlib.nullcontext():
+            memory = plugin.before_chunk(i, prompt, state.kv)
+        allocs = list(mode.allocs)
+        driver.generate_chunk(state, i, prompt, memory)
+        with mode if measured else contextlib.nullcontext():
+            plugin.after_chunk(i, state.kv)
+        plugin.flush(30.0)
+        if measured:
+            assert mode.allocs == [] and allocs == [], (i, mode.allocs)
+            loads += plugin.last_report.loaded
+    plugin.close()
+    assert loads > 0 and plugin.stats().fallbacks == 0
