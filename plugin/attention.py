@@ -43,19 +43,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 class AttentionWorkspace:
-    """Gather buffers for SMA, grown on first need and then reused (one per plugin)."""
+    """Gather buffers for SMA, grown on first need and then reused (one per plugin, one pair per CUDA stream:
+    attention on two streams at once, e.g. CFG's branches, must not gather into the same buffers)."""
 
     def __init__(self) -> None:
-        self.k: Optional[torch.Tensor] = None
+        self.k: Optional[torch.Tensor] = None  # the last pair handed out (tests)
         self.v: Optional[torch.Tensor] = None
+        self._pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, b: int, h: int, tokens: int, d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.k
+        key = (like.device, torch.cuda.current_stream(like.device).cuda_stream if like.is_cuda else 0)
+        pair = self._pairs.get(key)
+        k = pair[0] if pair is not None else None
         if k is None or k.shape[0] != b or k.shape[1] != h or k.shape[2] < tokens or k.shape[3] != d \
-                or k.dtype != like.dtype or k.device != like.device:
-            self.k = torch.empty((b, h, tokens, d), dtype=like.dtype, device=like.device)
-            self.v = torch.empty_like(self.k)
-        return self.k[:, :, :tokens], self.v[:, :, :tokens]  # [B, H, tokens, D]
+                or k.dtype != like.dtype:
+            k = torch.empty((b, h, tokens, d), dtype=like.dtype, device=like.device)
+            pair = (k, torch.empty_like(k))
+            self._pairs[key] = pair
+        self.k, self.v = pair
+        return pair[0][:, :, :tokens], pair[1][:, :, :tokens]  # [B, H, tokens, D]
 
 
 class MemoryFence:

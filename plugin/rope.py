@@ -50,7 +50,7 @@ class Rope3D:
         self.time_sin = time.sin().float().to(device)
         self.space_cos = spatial.cos().float().to(device)  # [N, ch + cw]
         self.space_sin = spatial.sin().float().to(device)
-        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads) -> single-frame workspace
+        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads, stream) -> one frame's workspace
 
     def tables(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `frames` frames from `first_frame`: `[frames * N, 1, head_dim / 2]` float32."""
@@ -83,7 +83,8 @@ class Rope3D:
         if frame < 0 or frame >= self.max_frames:
             self.tables(frame, 1)  # the same error as every other path
         n, h, d = x.shape
-        key = (x.device, h)
+        # one workspace per stream: plugins of a batch rotate on their own copy streams, concurrently on the GPU
+        key = (x.device, h, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
         work = self._frame_work.get(key)
         if work is None:
             half = d // 2

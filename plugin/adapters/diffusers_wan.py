@@ -171,7 +171,7 @@ class WanStreamingDriver:
             self._stock.append(block.attn1.processor)
             block.attn1.set_processor(CachedSelfAttention(layer, self.context, block.attn1.processor))
         self._embeddings: dict[str, torch.Tensor] = {}
-        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads) -> one frame's RoPE workspace
+        self._frame_work: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (device, heads, stream) -> RoPE workspace
 
     def close(self) -> None:
         """Put diffusers' own self-attention processors back."""
@@ -239,12 +239,14 @@ class WanStreamingDriver:
         if not 0 <= frame < self.max_frames:
             self.rope_tables(frame, 1)  # the same error as every other path
         n, h, d = x.shape
-        work = self._frame_work.get((x.device, h))
+        # one workspace per stream: plugins of a batch rotate on their own copy streams, concurrently on the GPU
+        key = (x.device, h, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
+        work = self._frame_work.get(key)
         if work is None:
             cos = torch.empty((n, 1, d // 2), dtype=torch.float32, device=x.device)
             sin = torch.empty_like(cos)
             work = (cos, sin, *(torch.empty((n, h, d // 2), dtype=torch.float32, device=x.device) for _ in range(4)))
-            self._frame_work[(x.device, h)] = work
+            self._frame_work[key] = work
         cos, sin, a, b, even, tmp = work
         pt = self._time_cos.shape[1] // 2  # pairs of the time part; the rest turn by the token's row and column
         cos[:, 0, :pt].copy_(self._time_cos[frame, 0::2].expand(n, pt))
