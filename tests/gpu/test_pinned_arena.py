@@ -1,0 +1,36 @@
+"""With a GPU: a client's shared-memory arena registered by the plugin (cudaHostRegister through torch) is pinned
+memory to CUDA, a non_blocking copy reads it by DMA, and closing the client's arena ends the registration."""
+
+import numpy as np
+import pytest
+import torch
+
+from memory_service.shm import Arena
+from plugin.kv_slots import to_torch
+from plugin.pinned import ArenaPins, PinnedBudget
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_a_registered_arena_is_pinned_and_copied_from_by_dma():
+    arena = Arena(8 << 20)
+    _, region = arena.lease(4 << 20)
+    arr = np.frombuffer(region, np.float32)  # a fetch result's kind of array: a view of the arena
+    arr[:] = np.arange(arr.size, dtype=np.float32)
+    host = to_torch(arr)
+    assert not host.is_pinned()
+    budget = PinnedBudget(64 << 20)
+    pins = ArenaPins(budget)
+    assert pins.direct(arr) and budget.used == arena.size
+    assert host.is_pinned()  # CUDA now sees the arena's pages as page-locked
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dev = torch.empty(host.shape, device="cuda")
+        dev.copy_(host, non_blocking=True)
+    side.synchronize()
+    assert torch.equal(dev.cpu(), host)
+    del host, arr, region
+    arena.close()
+    pins.sweep()
+    assert budget.used == 0 and pins.unregistered == 1
+    pins.close()
