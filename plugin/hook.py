@@ -14,6 +14,10 @@ generator's output is bit-identical to the bare model's; a memory failure or a m
 chunk memory-free (counted, logged once per outage) and never raises into, or stalls, the generator; the
 generator's own errors (a cache without memory slots, chunks out of order) do raise. NAM text keys are
 computed on the generator's thread (once per prompt); every memory call runs on the guard's thread.
+On CUDA a plugin owns one `MemoryFence` (its copy stream on the cache's device and the events, made once, that
+order its copies against the generator's attention; attention.py) and one `PinnedBudget` (`pinned_bytes`: every
+page-locked byte of write-back staging, load staging and registered shared-memory arenas; pinned.py). The
+`ChunkMemory` it returns is valid for that chunk only, and carries the adapter's `attention_fn` when it has one.
 """
 
 from __future__ import annotations
