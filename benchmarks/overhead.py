@@ -169,8 +169,10 @@ def run_size(res: Results, model, adapter, kvs, keys, n: int, args, tmp: str) ->
                     loads_per_chunk=float(np.mean(r.loads)), fallbacks=stats.fallbacks if stats else 0,
                     bank_size=n, before_pct_of_wan_chunk=percentiles(r.before)[0] / WAN_CHUNK_MS * 100,
                     prefetch=args.prefetch, distractors=args.distractors,
-                    frames_direct=stats.frames_direct if stats else 0, frames_staged=stats.frames_staged if stats else 0,
-                    frames_pageable=stats.frames_pageable if stats else 0, pinned_bytes=stats.pinned_bytes if stats else 0)
+                    frames_direct=stats.frames_direct if stats else 0,
+                    frames_staged=stats.frames_staged if stats else 0,
+                    frames_pageable=stats.frames_pageable if stats else 0,
+                    pinned_bytes=stats.pinned_bytes if stats else 0)
             if r.plugin:
                 r.plugin.close()
 
@@ -191,7 +193,8 @@ def main() -> None:
     parser.add_argument("--distractors", choices=["full", "keys"], default=None,
                         help="banked entries past the real frames: full K/V copies or keys only (default: keys for "
                              "wan_1_3b_shape, whose full frames are 287.5 MB each)")
-    parser.add_argument("--real-frames", type=int, default=None, help="distinct real frames banked (30; 8 at Wan's shape)")
+    parser.add_argument("--real-frames", type=int, default=None,
+                        help="distinct real frames banked (default 30; 8 at Wan's shape)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     args.modes = args.modes.split(",")

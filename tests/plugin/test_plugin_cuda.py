@@ -94,7 +94,8 @@ def test_slots_hold_the_banks_frames_through_pinned_staging(cuda_model, tmp_path
             for slot in range(cap - m, cap):  # active frames are right-aligned in the memory region
                 e = plugin.slots.tables[layer][slot]
                 want = torch.from_numpy(np.array(memory.fetch(plugin.config.stream, [e], [layer]).kv[0, 0]))
-                got = torch.stack([cache["k_full"][0, slot * n:(slot + 1) * n], cache["v_full"][0, slot * n:(slot + 1) * n]])
+                tokens = slice(slot * n, (slot + 1) * n)
+                got = torch.stack([cache["k_full"][0, tokens], cache["v_full"][0, tokens]])
                 assert torch.equal(got.cpu(), want)
         stats = plugin.stats()
         plugin.close()

@@ -123,7 +123,8 @@ def test_pinned_budget_bounds_the_lanes_and_what_does_not_fit_is_copied_from_the
         assert set(got) == set(ids[1:3])
         for j in (1, 2):
             e = slots.tables[layer][j]
-            assert torch.equal(cache["k_full"][0, j * n:(j + 1) * n], torch.from_numpy(want[ids[1:3].index(e), layer, 0]))
+            stored = torch.from_numpy(want[ids[1:3].index(e), layer, 0])
+            assert torch.equal(cache["k_full"][0, j * n:(j + 1) * n], stored)
     assert slots.staging_stats().pageable == 2 * layers
     slots.close()
     assert budget.used == 0
