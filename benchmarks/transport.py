@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, percentiles, running_service  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, MemoryClient, NewEntry, StreamSpec  # noqa: E402
-from memory_service.service import convert  # noqa: E402
+from memory_service.wire import convert  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 CHUNK = convert.CHUNK_BYTES  # the memory service's own chunk size

@@ -1,7 +1,7 @@
 """MemFlow memory service: a durable, prunable memory bank of video-frame KV for streaming generators.
 
 The public surface (DESIGN.md): `LocalMemory` (in-process) and `MemoryClient` (gRPC) implement one
-protocol; the values below cross it. This package never imports torch.
+protocol, `Memory` (protocol.py); the values below cross it. This package never imports torch.
 """
 
 from memory_service.errors import (
@@ -9,6 +9,7 @@ from memory_service.errors import (
     ResourceExhausted, Unauthenticated, Unavailable,
 )
 from memory_service.local import LocalMemory
+from memory_service.protocol import Memory
 from memory_service.types import (
     BankStats, Budget, EntryMeta, FetchResult, KeySpace, KVLayout, NewEntry, PruneResult, QueryResult,
     QueryTrace, StreamSpec, StreamStats,
@@ -16,7 +17,7 @@ from memory_service.types import (
 
 __all__ = [
     "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FailedPrecondition", "FetchResult",
-    "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "MemoryClient", "NewEntry", "NotFound",
+    "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "Memory", "MemoryClient", "NewEntry", "NotFound",
     "PermissionDenied", "PruneResult", "QueryResult", "QueryTrace", "ResourceExhausted", "StreamSpec",
     "StreamStats", "Unauthenticated", "Unavailable",
 ]

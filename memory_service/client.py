@@ -13,6 +13,8 @@ Owns the client half of the wire contract. Promises:
   lock; nothing is closed while a lease or a call holds it);
 - connecting warms up what the first calls would otherwise pay for (the channel's connection, the K/V dtype
   table, the layouts of existing streams), so a caller with a tight deadline gets memory from its first call;
+- it speaks only the wire contract (memory_service.wire: the generated code and convert.py, where every
+  message is built and read), never the server's modules;
 - K/V bytes take the same-host shared-memory plane when the target is on this host and the service can map
   the client's arena, otherwise the gRPC streaming plane. `plane="auto"` chooses and logs the choice once;
   `plane="shm"` fails with FailedPrecondition when shared memory cannot work (never a silent slow path);
@@ -27,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
@@ -38,15 +40,18 @@ from memory_service.errors import (
     ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
     ResourceExhausted, StaleLayout, Unauthenticated,
 )
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.protocol import Ids, Memory, Vectors
 from memory_service.shm import Arena
-from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, kv_numpy_dtype
+from memory_service.types import (
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats, kv_numpy_dtype,
+)
+from memory_service.validate import check_batch, check_id_list
+from memory_service.wire import convert
+from memory_service.wire.framing import CHUNK_BYTES, chunk_to_wire
 
 log = logging.getLogger("memflow.client")
 PLANES = ("auto", "shm", "stream")
-SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+T = TypeVar("T")
 # gRPC's defaults wait 1 s, then 1.6x longer after each failed connection attempt (up to 2 minutes): a client
 # whose service restarted got memory back only 12.7 s after the new one listened. These keep the first retry
 # quick and the steady state at one attempt a second. The connect timeout (grpc.min_reconnect_backoff_ms,
@@ -56,7 +61,7 @@ SHM_RETRIES = 2  # reruns of a shared-memory call after ArenaNotRegistered / Sta
 WARM_UP_S = 2.0  # at most this long spent warming up at connect (the service may be down; calls will say so)
 
 
-class MemoryClient:
+class MemoryClient(Memory):
     """A connection to a memory service at `target` ("host:port"). Use as a context manager.
 
     `token`: bearer token (default: $MEMFLOW_TOKEN). `tls`: None (plaintext), True (system roots), or a CA
@@ -90,13 +95,8 @@ class MemoryClient:
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.MemoryServiceStub(self._channel)
-        # Put and Fetch move K/V chunks pre-framed (convert.chunk_to_wire), not through message objects.
-        self._put = self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=convert.to_wire,
-                                               response_deserializer=pb.PutResponse.FromString)
-        self._fetch = self._channel.unary_stream(f"/{SERVICE}/Fetch",
-                                                 request_serializer=pb.FetchRequest.SerializeToString,
-                                                 response_deserializer=convert.fetch_response_from_wire)
+        calls = convert.Calls(self._channel)  # Put and Fetch move K/V chunks pre-framed (wire/framing.py)
+        self._stub, self._put, self._fetch = calls.stub, calls.put, calls.fetch
         self.arena_bytes = int(arena_bytes)
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
@@ -110,7 +110,7 @@ class MemoryClient:
     def __enter__(self) -> "MemoryClient":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -118,7 +118,8 @@ class MemoryClient:
         self._pool.close()
         self._channel.close()
 
-    def _rpc(self, method, request, *, idempotent: bool = False, timeout: Optional[float] = None):
+    def _rpc(self, method: Callable[..., Any], request: Any, *, idempotent: bool = False,
+             timeout: Optional[float] = None) -> Any:
         """Call `method` with deadline and token; map a status back to our exception class."""
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
@@ -155,7 +156,7 @@ class MemoryClient:
         """The K/V dtype table (ml_dtypes takes 0.5-0.9 s to import) and the layouts a shm fetch needs, now."""
         kv_numpy_dtype("bfloat16")
         try:
-            self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(),
+            self._learn(self._rpc(self._stub.ListStreams, convert.list_streams_request(),
                                   timeout=min(self.timeout, WARM_UP_S)))
         except MemFlowError as exc:  # down, or a token that the next real call will be refused for, clearly
             log.debug("memflow: warm-up of %s skipped: %s", self.target, exc)
@@ -181,17 +182,17 @@ class MemoryClient:
         return chosen
 
     def _register_arena(self, arena: Arena) -> str:
-        return self._rpc(self._stub.RegisterArena, pb.RegisterArenaRequest(
-            shm_name=arena.name, size=arena.size, nonce=arena.nonce), idempotent=True).arena_id
+        request = convert.register_arena_request(arena.name, arena.size, arena.nonce)
+        return str(self._rpc(self._stub.RegisterArena, request, idempotent=True).arena_id)
 
     def _release_arena(self, arena_id: str) -> None:
-        self._rpc(self._stub.ReleaseArena, pb.ReleaseArenaRequest(arena_id=arena_id), timeout=2.0)
+        self._rpc(self._stub.ReleaseArena, convert.release_arena_request(arena_id), timeout=2.0)
 
     def arena_usage(self) -> ArenaUsage:
         """The shared-memory arenas this client holds now: how many, their bytes, live leases, registrations."""
         return self._pool.usage()
 
-    def _shm_call(self, fn):
+    def _shm_call(self, fn: Callable[[], T]) -> T:
         """Run a data-plane call; rerun it when the service lost our arenas (restart) or the stream's layout
         changed - `fn` itself says which and fixes what it knew (see _fetch_shm, _put_shm)."""
         for attempt in range(SHM_RETRIES + 1):
@@ -200,8 +201,9 @@ class MemoryClient:
             except (ArenaNotRegistered, StaleLayout):
                 if attempt == SHM_RETRIES:
                     raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def arena_array(self, shape: Sequence[int], dtype) -> np.ndarray:
+    def arena_array(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
         """A zeroed-or-stale array in the shared-memory arena (shm plane) or in ordinary memory (stream plane).
 
         K/V written into it and passed to `put` skips the client-side copy on the shm plane.
@@ -218,19 +220,19 @@ class MemoryClient:
         if not isinstance(spec, StreamSpec):
             raise InvalidArgument(f"create_stream takes a StreamSpec, got {type(spec).__name__}")
         self._forget(spec.name)
-        self._rpc(self._stub.CreateStream, pb.CreateStreamRequest(spec=convert.spec_to_pb(spec)))
+        self._rpc(self._stub.CreateStream, convert.create_stream_request(spec))
         with self._specs_lock:
             self._specs[spec.name] = spec  # the layout the stream has now: a shm fetch sizes its lease by it
 
     def drop_stream(self, name: str) -> None:
         self._forget(name)
-        self._rpc(self._stub.DropStream, pb.DropStreamRequest(stream=name))
+        self._rpc(self._stub.DropStream, convert.drop_stream_request(name))
 
     def list_streams(self) -> list[StreamSpec]:
-        return self._learn(self._rpc(self._stub.ListStreams, pb.ListStreamsRequest(), idempotent=True))
+        return self._learn(self._rpc(self._stub.ListStreams, convert.list_streams_request(), idempotent=True))
 
-    def _learn(self, resp: pb.ListStreamsResponse) -> list[StreamSpec]:
-        specs = [convert.spec_from_pb(s) for s in resp.streams]
+    def _learn(self, resp: Any) -> list[StreamSpec]:
+        specs = convert.specs_from_pb(resp)
         with self._specs_lock:
             self._specs.update((s.name, s) for s in specs)
         return specs
@@ -241,15 +243,9 @@ class MemoryClient:
 
     # -- put ----------------------------------------------------------------------------------------
     def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
-        if isinstance(entries, NewEntry):
-            entries = [entries]
-        if not isinstance(entries, (list, tuple)):
-            raise InvalidArgument(f"put takes a list of NewEntry, got {type(entries).__name__}")
-        for n, e in enumerate(entries):
-            if not isinstance(e, NewEntry):
-                raise InvalidArgument(f"entry {n} is a {type(e).__name__}, expected NewEntry")
+        entries = check_batch(entries)  # the spec-free rules, before encoding; the service's bank checks the rest
         kvs = [np.asarray(e.kv) for e in entries if e.kv is not None]
-        header = pb.PutHeader(stream=stream, entries=[convert.entry_to_pb(e, n) for n, e in enumerate(entries)])
+        header = convert.put_header(stream, entries)
         if header.ByteSize() > self.max_message_bytes - 1024:
             raise ResourceExhausted(f"put header (entry metadata and keys) is {header.ByteSize()} bytes; the message "
                                     f"limit is {self.max_message_bytes}: put fewer entries per call")
@@ -257,7 +253,7 @@ class MemoryClient:
             return self._shm_call(lambda: self._put_shm(header, kvs))
         return self._put_stream(header, kvs)
 
-    def _put_shm(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
+    def _put_shm(self, header: Any, kvs: list[np.ndarray]) -> list[int]:
         total = sum(a.nbytes for a in kvs)
         region, arena_id = None, None
         try:
@@ -272,8 +268,7 @@ class MemoryClient:
                     flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                     pos += a.nbytes
             arena_id = self._pool.arena_id(slot)
-            header.plane, header.arena_id, header.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
-            return list(self._rpc(self._put, iter([pb.PutRequest(header=header)])).ids)
+            return convert.ids_from_put(self._rpc(self._put, iter([convert.put_shm(header, arena_id, offset)])))
         except ArenaNotRegistered:
             self._pool.lost(arena_id)
             raise
@@ -282,20 +277,20 @@ class MemoryClient:
             # call's exception (whose traceback holds this frame) is kept by the caller
             region = flat = None
 
-    def _put_stream(self, header: pb.PutHeader, kvs: list[np.ndarray]) -> list[int]:
+    def _put_stream(self, header: Any, kvs: list[np.ndarray]) -> list[int]:
         def requests() -> Iterator[object]:
-            yield pb.PutRequest(header=header)
+            yield convert.put_stream(header)
             for a in kvs:
                 flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-                for start in range(0, flat.nbytes, convert.CHUNK_BYTES):
-                    yield convert.chunk_to_wire(flat[start:start + convert.CHUNK_BYTES])
+                for start in range(0, flat.nbytes, CHUNK_BYTES):
+                    yield chunk_to_wire(flat[start:start + CHUNK_BYTES])
 
-        return list(self._rpc(self._put, requests()).ids)
+        return convert.ids_from_put(self._rpc(self._put, requests()))
 
     # -- query / fetch ------------------------------------------------------------------------------
-    def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
-              exclude_frames=None, pinned_only: bool = False, time_range=None,
-              timeout: Optional[float] = None) -> QueryResult:
+    def query(self, stream: str, space: str, vectors: Vectors, k: int, *, combine: str = "per_layer",
+              exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
+              time_range: Optional[tuple[float, float]] = None, timeout: Optional[float] = None) -> QueryResult:
         try:
             request = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
         except InvalidArgument:
@@ -304,15 +299,16 @@ class MemoryClient:
             raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
         return convert.result_from_pb(self._rpc(self._stub.Query, request, idempotent=True, timeout=timeout))
 
-    def fetch(self, stream: str, ids, layers=None, *, timeout: Optional[float] = None) -> FetchResult:
+    def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
+              timeout: Optional[float] = None) -> FetchResult:
         if layers is not None and len(layers) == 0:  # on the wire, no layers means all of them
             raise InvalidArgument("layers [] invalid; expected None (all layers) or distinct layer indexes")
-        request = pb.FetchRequest(stream=stream, ids=_ids(ids), layers=[int(x) for x in layers or ()])
+        request = convert.fetch_request(stream, _ids(ids), [int(x) for x in layers or ()])
         if self.plane == "shm":
             return self._shm_call(lambda: self._fetch_shm(request, timeout))
         return self._fetch_stream(request, timeout)
 
-    def _fetch_shm(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
+    def _fetch_shm(self, request: Any, timeout: Optional[float]) -> FetchResult:
         spec = self._spec(request.stream)
         if spec.kv is None:  # let the service say why
             return self._fetch_stream(request, timeout)
@@ -322,8 +318,7 @@ class MemoryClient:
         try:
             slot, offset, region = self._pool.lease(nbytes)
             arena_id = self._pool.arena_id(slot)
-            request.plane, request.arena_id, request.arena_offset = pb.DATA_PLANE_SHM, arena_id, offset
-            request.arena_bytes = nbytes
+            convert.fetch_shm(request, arena_id, offset, nbytes)
             header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
             kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
             return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
@@ -336,7 +331,7 @@ class MemoryClient:
         finally:
             region = kv = None  # a returned result's array holds the lease; a failed fetch's exception must not
 
-    def _fetch_stream(self, request: pb.FetchRequest, timeout: Optional[float]) -> FetchResult:
+    def _fetch_stream(self, request: Any, timeout: Optional[float]) -> FetchResult:
         responses = self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         header = self._fetch_header(responses)
         kv = np.empty(tuple(header.shape), kv_numpy_dtype(header.dtype))
@@ -355,7 +350,7 @@ class MemoryClient:
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
 
     @staticmethod
-    def _fetch_header(responses) -> pb.FetchHeader:
+    def _fetch_header(responses: Iterator[Any]) -> Any:
         try:
             first = next(responses)
         except grpc.RpcError as exc:
@@ -375,26 +370,24 @@ class MemoryClient:
         return spec
 
     # -- the rest -----------------------------------------------------------------------------------
-    def delete(self, stream: str, ids) -> int:
-        return int(self._rpc(self._stub.Delete, pb.DeleteRequest(stream=stream, ids=_ids(ids))).deleted)
+    def delete(self, stream: str, ids: Ids) -> int:
+        return int(self._rpc(self._stub.Delete, convert.delete_request(stream, _ids(ids))).deleted)
 
-    def pin(self, stream: str, ids, pinned: bool = True) -> None:
-        self._rpc(self._stub.Pin, pb.PinRequest(stream=stream, ids=_ids(ids), pinned=pinned), idempotent=True)
+    def pin(self, stream: str, ids: Ids, pinned: bool = True) -> None:
+        self._rpc(self._stub.Pin, convert.pin_request(stream, _ids(ids), pinned), idempotent=True)
 
     def prune(self, stream: str) -> PruneResult:
-        return convert.prune_from_pb(self._rpc(self._stub.Prune, pb.PruneRequest(stream=stream)))
+        return convert.prune_from_pb(self._rpc(self._stub.Prune, convert.prune_request(stream)))
 
-    def stats(self, stream: Optional[str] = None):
+    def stats(self, stream: Optional[str] = None) -> Union[StreamStats, BankStats]:
         if stream == "":  # on the wire, an empty name asks for the whole bank
             raise NotFound("stream '' not found; expected a stream name, or None for the whole bank")
-        resp = self._rpc(self._stub.Stats, pb.StatsRequest(stream=stream or ""), idempotent=True)
-        if stream:
-            return convert.stream_stats_from_pb(resp.streams[0])
-        return convert.bank_stats_from_pb(resp)
+        return convert.stats_from_pb(self._rpc(self._stub.Stats, convert.stats_request(stream), idempotent=True),
+                                     stream)
 
-    def entries(self, stream: str):
-        resp = self._rpc(self._stub.ListEntries, pb.ListEntriesRequest(stream=stream), idempotent=True)
-        return [convert.meta_from_pb(m) for m in resp.entries]
+    def entries(self, stream: str) -> list[EntryMeta]:
+        return convert.metas_from_pb(self._rpc(self._stub.ListEntries, convert.list_entries_request(stream),
+                                               idempotent=True))
 
 
 def _error(exc: grpc.RpcError) -> Exception:
@@ -406,11 +399,9 @@ def _error(exc: grpc.RpcError) -> Exception:
     return convert.error_from(exc.code(), exc.details() or "", trailers)
 
 
-def _ids(ids) -> list[int]:
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise InvalidArgument(f"ids must be a 1-d list of ints, got {arr.dtype} with shape {list(arr.shape)}")
-    return [int(i) for i in arr]
+def _ids(ids: Ids) -> list[int]:
+    """The spec-free rule (validate.check_id_list) before encoding; an empty list is the service's to refuse."""
+    return [int(i) for i in check_id_list(ids)]
 
 
 def _same_host(target: str) -> bool:

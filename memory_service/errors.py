@@ -1,7 +1,7 @@
 """The one exception hierarchy of the memory service.
 
 Every failure a caller can act on is one of these classes. The gRPC layer maps each class to one status
-code (service/convert.py) and the client maps the code back to the same class, so `LocalMemory` and
+code (wire/convert.py) and the client maps the code back to the same class, so `LocalMemory` and
 `MemoryClient` raise identical exceptions. Messages say what was received and what was expected.
 
 Where a caller's control flow depends on which failure it is, within one status code, a subclass names it

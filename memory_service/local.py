@@ -1,19 +1,23 @@
 """LocalMemory: the public memory protocol over an in-process MemoryBank.
 
-Owns nothing but the delegation: `LocalMemory` and `MemoryClient` (gRPC) expose the same methods with the
-same arguments, results and exceptions, and one congruence test suite runs against both.
+Owns nothing but the delegation: `LocalMemory` and `MemoryClient` (gRPC) implement one protocol
+(protocol.Memory: the same methods with the same arguments, results and exceptions), and one congruence test
+suite runs against both.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from memory_service.bank import MemoryBank
 from memory_service.config import BankConfig
-from memory_service.types import FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec
+from memory_service.protocol import Ids, Memory, Vectors
+from memory_service.types import (
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats,
+)
 
 
-class LocalMemory:
+class LocalMemory(Memory):
     """An in-process memory bank in `data_dir` (created if missing). Use as a context manager.
 
     It is the directory's one writer while open: a second writer (a `memflow-service serve`, another
@@ -23,13 +27,13 @@ class LocalMemory:
     """
 
     def __init__(self, data_dir: str, config: Optional[BankConfig] = None, *, read_only: bool = False,
-                 **bank_kwargs) -> None:
+                 **bank_kwargs: Any) -> None:
         self.bank = MemoryBank(data_dir, config, read_only=read_only, **bank_kwargs)
 
     def __enter__(self) -> "LocalMemory":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -47,25 +51,28 @@ class LocalMemory:
     def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
         return self.bank.put(stream, entries)
 
-    def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
-              exclude_frames=None, pinned_only: bool = False, time_range=None) -> QueryResult:
+    def query(self, stream: str, space: str, vectors: Vectors, k: int, *, combine: str = "per_layer",
+              exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
+              time_range: Optional[tuple[float, float]] = None, timeout: Optional[float] = None) -> QueryResult:
+        # `timeout`: an in-process call has nothing to wait on (protocol.py)
         return self.bank.query(stream, space, vectors, k, combine=combine, exclude_frames=exclude_frames,
                                pinned_only=pinned_only, time_range=time_range)
 
-    def fetch(self, stream: str, ids, layers=None) -> FetchResult:
+    def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
+              timeout: Optional[float] = None) -> FetchResult:
         return self.bank.fetch(stream, ids, layers)
 
-    def delete(self, stream: str, ids) -> int:
+    def delete(self, stream: str, ids: Ids) -> int:
         return self.bank.delete(stream, ids)
 
-    def pin(self, stream: str, ids, pinned: bool = True) -> None:
+    def pin(self, stream: str, ids: Ids, pinned: bool = True) -> None:
         self.bank.pin(stream, ids, pinned)
 
     def prune(self, stream: str) -> PruneResult:
         return self.bank.prune(stream)
 
-    def stats(self, stream: Optional[str] = None):
+    def stats(self, stream: Optional[str] = None) -> Union[StreamStats, BankStats]:
         return self.bank.stats(stream)
 
-    def entries(self, stream: str):
+    def entries(self, stream: str) -> list[EntryMeta]:
         return self.bank.entries(stream)

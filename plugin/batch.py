@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from memory_service import Memory
 from plugin.adapters.base import GeneratorAdapter
 from plugin.attention import NO_MEMORY, ChunkMemory
 from plugin.config import MemFlowConfig
@@ -46,7 +47,7 @@ class MemFlowBatch:
     `after_chunk(chunk_index, kv, keys=None)` (`keys`: one mapping per sample, or None).
     """
 
-    def __init__(self, memory: Any, config: MemFlowConfig, adapter: GeneratorAdapter, batch: int) -> None:
+    def __init__(self, memory: Memory, config: MemFlowConfig, adapter: GeneratorAdapter, batch: int) -> None:
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         self.batch, self.config = batch, config

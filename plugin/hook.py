@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from memory_service import Budget, KeySpace, KVLayout, NotFound, StreamSpec
+from memory_service import Budget, KeySpace, KVLayout, Memory, NotFound, StreamSpec
 from plugin.adapters.base import GeneratorAdapter
 from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory, MemoryFence
 from plugin.config import MemFlowConfig
@@ -90,7 +90,7 @@ class PluginStats:
 class MemFlowPlugin:
     """MemFlow for one streaming video: `MemFlowPlugin(memory, config, adapter)`.
 
-    `memory` is a `LocalMemory` or a `MemoryClient`; `adapter` describes the generator's KV cache
+    `memory` is a `memory_service.Memory` (a `LocalMemory` or a `MemoryClient`); `adapter` describes the generator's KV cache
     (`SelfForcingAdapter.for_reference(model)` for the reference model). One plugin serves one video on one
     stream (`config.stream`; an existing stream is continued only with `on_existing="reuse"`, so a second
     video never attends the first one's frames by accident); allocate the video's cache with
@@ -100,7 +100,7 @@ class MemFlowPlugin:
     `last_report` and `stats()` say what happened. (docs/adopting.md: the real pipelines' cache shapes.)
     """
 
-    def __init__(self, memory: Any, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
+    def __init__(self, memory: Memory, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
         if not isinstance(adapter, GeneratorAdapter):

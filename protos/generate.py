@@ -1,6 +1,6 @@
 """Generate (or check) the Python code for protos/memflow/v1/memory.proto.
 
-`python protos/generate.py` writes memory_service/service/gen/memory_pb2{,_grpc}.py (+ .pyi) and
+`python protos/generate.py` writes memory_service/wire/gen/memory_pb2{,_grpc}.py (+ .pyi) and
 memory_descriptor.py; `python protos/generate.py --check` exits 1 when the checked-in code differs from what
 the .proto gives. The generated gRPC module imports `memflow.v1.memory_pb2`; it is rewritten to the
 package-relative import so the service needs no top-level `memflow` package. memory_descriptor.py holds the
@@ -18,7 +18,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO = "memflow/v1/memory.proto"
-OUT = ROOT / "memory_service" / "service" / "gen"
+OUT = ROOT / "memory_service" / "wire" / "gen"
 FILES = ("memory_pb2.py", "memory_pb2.pyi", "memory_pb2_grpc.py", "memory_descriptor.py")
 DESCRIPTOR_MODULE = '''"""Generated from protos/memflow/v1/memory.proto by `make proto`; do not edit.
 
@@ -59,7 +59,7 @@ def generate() -> dict[str, str]:
         out = {"memory_descriptor.py": descriptor_module(proto.SerializeToString(deterministic=True))}
         for name in FILES[:3]:
             text = (pathlib.Path(tmp) / "memflow" / "v1" / name).read_text()
-            out[name] = text.replace("from memflow.v1 import memory_pb2", "from memory_service.service.gen import memory_pb2")
+            out[name] = text.replace("from memflow.v1 import memory_pb2", "from memory_service.wire.gen import memory_pb2")
         return out
 
 

@@ -23,12 +23,12 @@ from typing import Callable, Optional
 import grpc
 
 from memory_service.errors import InvalidArgument, MemFlowError, Unavailable
-from memory_service.service import convert
+from memory_service.wire import convert
 from memory_service.service.auth import Authenticator
 from memory_service.service.metrics import Metrics
 
 log = logging.getLogger("memflow.service")
-SERVICE_PREFIX = "/memflow.v1.MemoryService/"
+SERVICE_PREFIX = convert.method_path("")
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):

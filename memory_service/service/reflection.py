@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
-from memory_service.service.gen import memory_descriptor
+from memory_service.wire.gen import memory_descriptor
 
 V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 V1 = "grpc.reflection.v1.ServerReflection"

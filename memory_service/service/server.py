@@ -35,31 +35,15 @@ from memory_service.bank import MemoryBank
 from memory_service.config import ServiceConfig, is_loopback
 from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.service.auth import Authenticator
-from memory_service.service import convert, reflection
-from memory_service.service.gen import memory_pb2
+from memory_service.service import reflection
+from memory_service.wire import convert
 from memory_service.service.interceptors import ServiceInterceptor
 from memory_service.service.metrics import Metrics
 from memory_service.service.servicer import MemoryServicer
 
 log = logging.getLogger("memflow.service")
 _FLUSH_S = 1.0
-SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
-
-
-def service_handlers(servicer) -> grpc.GenericRpcHandler:
-    """The MemoryService method handlers, built from the proto's descriptor; Put and Fetch move K/V chunks
-    pre-framed (convert.chunk_to_wire) instead of through message objects."""
-    service = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler}
-    handlers = {}
-    for m in service.methods:
-        request = getattr(memory_pb2, m.input_type.name)
-        deserialize = convert.put_request_from_wire if m.name == "Put" else request.FromString
-        make = kinds[(m.client_streaming, m.server_streaming)]
-        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=deserialize,
-                                response_serializer=convert.to_wire)
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+SERVICE_NAME = convert.SERVICE_NAME
 
 
 class MemoryServer:
@@ -85,7 +69,7 @@ class MemoryServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],
         )
-        self.server.add_generic_rpc_handlers((service_handlers(self.servicer),))
+        self.server.add_generic_rpc_handlers((convert.method_handlers(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))  # v1 and v1alpha, with the comments

@@ -1,11 +1,11 @@
-"""MemoryServiceServicer: the thin layer between gRPC and the MemoryBank.
+"""MemoryServicer: the thin layer between gRPC and the MemoryBank.
 
 Owns nothing but translation: every method resolves the caller's tenant, converts the request
-(service/convert.py), delegates to the bank and converts the answer. Errors are raised as MemFlowError and
+(wire/convert.py, where every message is read and built), delegates to the bank and converts the answer. Errors are raised as MemFlowError and
 turned into status codes by the interceptor (service/interceptors.py), in one place. K/V bytes move on the
 data plane the request names: SHM (offsets into a registered client arena, one copy between the arena and
 LMDB's memory map; service/arenas.py decides how, so that a client can never make the service fault) or STREAM
-(chunks of at most `chunk_bytes`, convert.CHUNK_BYTES: each message fits the 4 MiB a stock gRPC client accepts).
+(chunks of at most `chunk_bytes`, framing.CHUNK_BYTES: each message fits the 4 MiB a stock gRPC client accepts).
 Per-tenant quotas (streams, stored bytes: service/quotas.py; arenas: service/arenas.py) are checked here, before
 the bank is touched. A tenant's whole-bank Stats covers its own streams; the bank's map and disk sizes are
 shown only to the operator (no auth).
@@ -14,29 +14,30 @@ shown only to the operator (no auth).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from memory_service.bank import MemoryBank
 from memory_service.config import TenantQuotas
-from memory_service.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, StaleLayout
-from memory_service.service import convert
+from memory_service.errors import DeadlineExceeded, NotFound, ResourceExhausted, StaleLayout
 from memory_service.service.arenas import ArenaRegistry
 from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
 from memory_service.service.metrics import Metrics
 from memory_service.service.quotas import TenantLedger
-from memory_service.types import kv_numpy_dtype
+from memory_service.types import StreamSpec, kv_numpy_dtype
 from memory_service.validate import check_kv_layout
+from memory_service.wire import convert
+from memory_service.wire.framing import CHUNK_BYTES, chunk_to_wire
 
-SHM = pb.DATA_PLANE_SHM
+SHM = convert.SHM_PLANE
 
 
-class MemoryServicer(pb_grpc.MemoryServiceServicer):
+class MemoryServicer:
+    """One method per MemoryService RPC (convert.method_handlers serves them by the proto's method names)."""
+
     def __init__(self, bank: MemoryBank, auth: Optional[Authenticator], metrics: Metrics,
-                 max_put_bytes: int = 16 << 30, chunk_bytes: int = convert.CHUNK_BYTES,
+                 max_put_bytes: int = 16 << 30, chunk_bytes: int = CHUNK_BYTES,
                  quotas: Optional[TenantQuotas] = None, max_arenas: int = 256) -> None:
         self.bank = bank
         self.auth = auth
@@ -78,25 +79,22 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         name = self._name(who, spec.name, must_exist=False)
         with self.ledger.creating_stream(who.tenant):
             self.bank.create_stream(convert.renamed(spec, name))
-        return pb.CreateStreamResponse()
+        return convert.empty_response("CreateStream")
 
     def DropStream(self, request, context):
         who = self._who(context, "DropStream")
         self.bank.drop_stream(self._name(who, request.stream))
-        return pb.DropStreamResponse()
+        return convert.empty_response("DropStream")
 
     def ListStreams(self, request, context):
         who = self._who(context, "ListStreams")
         specs = [convert.renamed(s, who.local(s.name)) for s in self.bank.list_streams() if who.owns(s.name)]
-        return pb.ListStreamsResponse(streams=[convert.spec_to_pb(s) for s in specs])
+        return convert.list_streams_response(specs)
 
     # -- put ----------------------------------------------------------------------------------------
     def Put(self, request_iterator, context):
         who = self._who(context, "Put")
-        first = next(request_iterator, None)
-        if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "header":
-            raise InvalidArgument("Put stream must start with a PutHeader message")
-        header = first.header
+        header = convert.put_header_of(next(request_iterator, None))
         convert.enum_from_pb(header.plane, "PutHeader.plane")
         stream = self._name(who, header.stream)
         spec = self.bank.spec(stream)
@@ -114,18 +112,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if header.plane == SHM:
                 with self.arenas.use(who.tenant, header.arena_id, int(header.arena_offset), total) as source:
                     raw = source.read()  # sealed: the mapping itself; otherwise a private copy
-                _expect_end(request_iterator)
+                convert.expect_end(request_iterator)
                 self.metrics.bytes("shm", "put", total)
             else:
-                raw = _gather(request_iterator, total)
+                raw = convert.gather_chunks(request_iterator, total)
                 self.metrics.bytes("stream", "put", total)
             kv = raw.view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
         else:
-            _expect_end(request_iterator)
+            convert.expect_end(request_iterator)
         entries = convert.entries_from_pb(header.entries, kv)
         with self.ledger.storing(who.tenant, total + len(entries) * _key_bytes(spec)):
             ids = self.bank.put(stream, entries)
-        return pb.PutResponse(ids=ids)
+        return convert.put_response(ids)
 
     # -- query / fetch ------------------------------------------------------------------------------
     def Query(self, request, context):
@@ -134,7 +132,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         result = self.bank.query(self._name(who, request.stream), request.space, **args)
         return convert.result_to_pb(result)
 
-    def Fetch(self, request, context) -> Iterator[pb.FetchResponse]:
+    def Fetch(self, request, context) -> Iterator[Any]:
         who = self._who(context, "Fetch")
         convert.enum_from_pb(request.plane, "FetchRequest.plane")
         stream = self._name(who, request.stream)
@@ -161,29 +159,29 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                         pass
             # counted before the yield: the client may have its answer (and scrape) before the generator resumes
             self.metrics.bytes("shm", "fetch", nbytes)
-            yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
+            yield convert.fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
             return
         ids = convert.ids_from_pb(request.ids)
         got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
         nbytes = math.prod(shape) * dtype.itemsize
-        yield _fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
+        yield convert.fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
 
         def frame(chunk):  # counted as each layer is framed, before it is yielded
             self.metrics.bytes("stream", "fetch", len(chunk))
-            return convert.chunk_to_wire(chunk)
+            return chunk_to_wire(chunk)
 
         yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame)
 
     # -- the rest -----------------------------------------------------------------------------------
     def Delete(self, request, context):
         who = self._who(context, "Delete")
-        return pb.DeleteResponse(deleted=self.bank.delete(self._name(who, request.stream),
-                                                          convert.ids_from_pb(request.ids)))
+        return convert.delete_response(self.bank.delete(self._name(who, request.stream),
+                                                        convert.ids_from_pb(request.ids)))
 
     def Pin(self, request, context):
         who = self._who(context, "Pin")
         self.bank.pin(self._name(who, request.stream), convert.ids_from_pb(request.ids), request.pinned)
-        return pb.PinResponse()
+        return convert.empty_response("Pin")
 
     def Prune(self, request, context):
         who = self._who(context, "Prune")
@@ -195,70 +193,38 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         who = self._who(context, "Stats")
         if request.stream:
             s = self.bank.stats(self._name(who, request.stream))
-            return pb.StatsResponse(streams=[convert.stream_stats_to_pb(s, who.local(s.name))],
-                                    entries=s.entries, payload_bytes=s.payload_bytes)
+            return convert.stats_response([(s, who.local(s.name))], s.entries, s.payload_bytes)
         bank = self.bank.stats()
         mine = [s for s in bank.streams if who.owns(s.name)]
         # the LMDB map and file sizes are the whole bank's, every tenant's together: only the operator (a service
         # without auth) sees them; a tenant's answer has 0 there
         operator = not who.tenant
-        return pb.StatsResponse(
-            streams=[convert.stream_stats_to_pb(s, who.local(s.name)) for s in mine],
-            entries=sum(s.entries for s in mine), payload_bytes=sum(s.payload_bytes for s in mine),
+        return convert.stats_response(
+            [(s, who.local(s.name)) for s in mine], sum(s.entries for s in mine), sum(s.payload_bytes for s in mine),
             map_size=bank.map_size if operator else 0, disk_bytes=bank.disk_bytes if operator else 0,
         )
 
     def ListEntries(self, request, context):
         who = self._who(context, "ListEntries")
         metas = self.bank.entries(self._name(who, request.stream))
-        return pb.ListEntriesResponse(entries=[convert.meta_to_pb(m) for m in metas])
+        return convert.list_entries_response(metas)
 
     def RegisterArena(self, request, context):
         who = self._who(context, "RegisterArena")
         arena_id = self.arenas.register(who.tenant, request.shm_name, int(request.size), bytes(request.nonce))
-        return pb.RegisterArenaResponse(arena_id=arena_id)
+        return convert.register_arena_response(arena_id)
 
     def ReleaseArena(self, request, context):
         who = self._who(context, "ReleaseArena")
         self.arenas.release(who.tenant, request.arena_id)
-        return pb.ReleaseArenaResponse()
+        return convert.empty_response("ReleaseArena")
 
 
-def _layer_bytes(spec) -> int:
+def _layer_bytes(spec: StreamSpec) -> int:
     # Python ints: KVLayout.layer_bytes (numpy) wraps around for absurd layouts and would pass the size limits
     return math.prod(spec.kv.layer_shape) * kv_numpy_dtype(spec.kv.dtype).itemsize
 
 
-def _key_bytes(spec) -> int:
+def _key_bytes(spec: StreamSpec) -> int:
     """Stored key bytes of one entry (what a tenant's stored-bytes quota counts beside its payload)."""
     return sum(spec.layers_of(name) * ks.dim * np.dtype(ks.dtype).itemsize for name, ks in spec.key_spaces.items())
-
-
-def _fetch_header(ids, layers, dtype: str, shape, nbytes: int) -> pb.FetchResponse:
-    return pb.FetchResponse(header=pb.FetchHeader(ids=ids, layers=layers, dtype=dtype, shape=list(shape),
-                                                  nbytes=nbytes))
-
-
-def _gather(requests, total: int) -> np.ndarray:
-    """Concatenate STREAM-plane chunks into one buffer of exactly `total` bytes."""
-    buf = np.empty(total, np.uint8)
-    got = 0
-    for msg in requests:  # memoryviews (framed chunks, see convert.put_request_from_wire) or PutRequests
-        if not isinstance(msg, memoryview):
-            if msg.WhichOneof("part") != "kv_chunk":
-                raise InvalidArgument("Put stream has a second header; expected only kv_chunk messages after it")
-            msg = memoryview(msg.kv_chunk)
-        chunk = msg
-        if got + len(chunk) > total:
-            raise InvalidArgument(f"Put K/V bytes exceed the {total} bytes its entries need")
-        buf[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
-        got += len(chunk)
-    if got != total:
-        raise InvalidArgument(f"Put K/V stream ended after {got} bytes; its entries need {total}")
-    return buf
-
-
-def _expect_end(requests) -> None:
-    for _ in requests:
-        raise InvalidArgument("Put carries K/V chunks but none are expected (SHM plane or no entry has_kv)")
-

@@ -27,9 +27,9 @@ from svc_util import DIM, LAYERS, SMALL_ARENA, make_entry, make_spec, start_serv
 from memory_service import KeySpace, KVLayout, MemFlowError, NewEntry, ResourceExhausted, StreamSpec
 from memory_service.client import MemoryClient
 from memory_service.errors import ArenaNotRegistered, FailedPrecondition, StaleLayout
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.shm import NONCE_BYTES, Arena
 
 RESTARTS = 3

@@ -1,5 +1,6 @@
 """One protocol, three homes: LocalMemory, MemoryClient over shared memory, MemoryClient over the gRPC stream.
 
+Both classes implement `memory_service.Memory` (protocol.py), with its signatures exactly.
 Every test here runs against all three (the `memory` fixture) and checks a ground truth (numpy brute force,
 the entries as written), or runs one script on all three at once (`backends`) and requires the same
 results, the same exception classes and the same messages. A failed call must leave the bank exactly as
@@ -9,6 +10,7 @@ it was: stats, specs, entry metadata and every payload byte.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import ml_dtypes
 import numpy as np
@@ -17,9 +19,10 @@ import pytest
 from svc_util import DIM, EMB, KV, LAYERS, arr, bank_state, make_entry, make_spec, meta_view, outcome
 
 from memory_service import (
-    AlreadyExists, BankStats, Budget, EntryMeta, FetchResult, InvalidArgument, KeySpace, KVLayout, NewEntry,
-    NotFound, PruneResult, QueryResult, ResourceExhausted, StreamSpec, StreamStats,
+    AlreadyExists, BankStats, Budget, EntryMeta, FetchResult, InvalidArgument, KeySpace, KVLayout, LocalMemory,
+    Memory, MemoryClient, NewEntry, NotFound, PruneResult, QueryResult, ResourceExhausted, StreamSpec, StreamStats,
 )
+from memory_service.protocol import METHODS
 
 
 def brute(keys: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,6 +30,26 @@ def brute(keys: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     scores = np.einsum("nld,ld->ln", keys.astype(np.float64), q.astype(np.float64))  # [L, N]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+# ---- the protocol ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", [LocalMemory, MemoryClient])
+def test_implementations_have_the_protocols_signatures(impl):
+    """Every call of the protocol: the same parameter names, kinds, defaults and (evaluated) annotations."""
+    assert issubclass(impl, Memory)
+    for name in METHODS:
+        want = inspect.signature(getattr(Memory, name), eval_str=True)
+        got = inspect.signature(getattr(impl, name), eval_str=True)
+        assert got == want, f"{impl.__name__}.{name}{got} differs from Memory.{name}{want}"
+    for name in ("__enter__", "__exit__"):  # the context manager (__enter__ returns the implementation itself)
+        want = inspect.signature(getattr(Memory, name)).parameters
+        assert inspect.signature(getattr(impl, name)).parameters == want, name
+
+
+def test_every_backend_is_a_memory(memory):
+    assert isinstance(memory, Memory)
+    assert memory.__enter__() is memory  # (the fixture's `with` closes it)
 
 
 # ---- ground truth, per backend ---------------------------------------------------------------------------

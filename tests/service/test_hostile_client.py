@@ -28,9 +28,9 @@ from svc_util import LAYERS, DIM, REPO, SMALL_ARENA, make_entry, make_spec, scra
 
 from memory_service import ResourceExhausted
 from memory_service.client import MemoryClient
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.shm import NONCE_BYTES, Arena
 
 ALICE, ALICE_RO, BOB = "a" * 24, "r" * 24, "b" * 24

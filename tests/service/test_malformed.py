@@ -21,9 +21,9 @@ from svc_util import DIM, EMB, KV, LAYERS, bank_state, make_entry, make_spec
 from memory_service import Budget, KeySpace, NewEntry, StreamSpec
 from memory_service.client import MemoryClient
 from memory_service.config import ServiceConfig
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.service.server import MemoryServer
 from memory_service.shm import NONCE_BYTES, Arena
 

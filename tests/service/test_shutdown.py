@@ -22,9 +22,9 @@ from svc_util import REPO, make_entry, make_spec, wait_in_flight
 
 from memory_service import LocalMemory, NewEntry
 from memory_service.client import MemoryClient
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 
 
 class HeldPut:

@@ -21,9 +21,9 @@ from memory_service import (
     NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable,
 )
 from memory_service.client import MemoryClient
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.shm import NONCE_BYTES, Arena
 
 ALICE = "alice:" + "a" * 24

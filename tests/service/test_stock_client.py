@@ -16,9 +16,9 @@ import pytest
 
 from memory_service import KeySpace, KVLayout, NewEntry, StreamSpec
 from memory_service.client import MemoryClient
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 
 STOCK_LIMIT = 4 << 20  # what a stock client accepts: serialized message, tag and length included
 # One Wan2.1-1.3B frame layer: 1560 tokens x 12 heads x 128, K and V, bf16 = 9,584,640 bytes per layer.

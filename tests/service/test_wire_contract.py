@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha import reflection_pb2 as rpb
 from svc_util import EMB, REPO, make_entry, make_spec, start_serve
 
 from memory_service.config import BankConfig, ServiceConfig
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
-from memory_service.service.gen import memory_pb2_grpc as pb_grpc
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.service.servicer import MemoryServicer
 
 PROTO = REPO / "protos" / "memflow" / "v1" / "memory.proto"

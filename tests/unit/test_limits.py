@@ -19,8 +19,8 @@ from memory_service import (
     Budget, FailedPrecondition, InvalidArgument, KeySpace, KVLayout, LocalMemory, NewEntry, NotFound, StreamSpec,
 )
 from memory_service import limits
-from memory_service.service import convert
-from memory_service.service.gen import memory_pb2 as pb
+from memory_service.wire import convert
+from memory_service.wire.gen import memory_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 T40 = 1 << 40

@@ -12,13 +12,16 @@ Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto)
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import grpc
 import numpy as np
 
 from memory_service import errors
-from memory_service.service.gen import memory_pb2 as pb
+from memory_service.validate import as_vectors
+from memory_service.wire.framing import CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, chunk_from_wire, chunk_to_wire, to_wire
+from memory_service.wire.gen import memory_pb2 as pb
+from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.types import (
     BankStats, Budget, EntryMeta, KeySpace, KVLayout, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec,
     StreamStats, kv_numpy_dtype,
@@ -77,67 +80,18 @@ def enum_from_pb(value: int, field: str) -> int:
     return int(value)
 
 
-# ---- K/V chunks on the streaming plane ---------------------------------------------------------------------
-# PutRequest and FetchResponse carry K/V bytes as field 2 (`kv_chunk`) of a oneof. A message holding only that
-# field is, on the wire, the tag byte 0x12, a varint length and the bytes. Framing and unframing it here, instead
-# of through message objects, saves two full copies per direction (measured by benchmarks/transport.py); the
-# bytes on the wire are exactly what any protobuf library writes and reads for that message.
-
-_CHUNK_TAG = b"\x12"  # field 2, wire type 2 (length-delimited)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-# The one chunk size of the streaming plane, both directions (Fetch from the service, Put from MemoryClient). Stock
-# gRPC clients (grpc-js, Go, Java, C++, Python) refuse a received message over 4 MiB unless told otherwise, and
-# the limit counts the whole serialized message: tag, length and bytes. A chunk of 4 MiB - 4 KiB leaves room for
-# that framing (5 bytes) and keeps every chunk page-aligned in the buffers it is cut from.
-DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
-CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES - (4 << 10)
-
-
-def chunk_to_wire(chunk) -> bytes:
-    """The serialized `{kv_chunk: chunk}` message, copying `chunk` (any buffer) exactly once."""
-    return b"".join((_CHUNK_TAG, _varint(len(chunk)), chunk))
-
-
-def _chunk_from_wire(data: bytes):
-    """A zero-copy memoryview of the chunk when `data` is a lone kv_chunk message, else None."""
-    if data[:1] != _CHUNK_TAG:
-        return None
-    length, shift, pos = 0, 0, 1
-    while pos < len(data) and pos < 11:
-        byte = data[pos]
-        length |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return memoryview(data)[pos:] if pos + length == len(data) else None
-        shift += 7
-    return None
-
+# ---- K/V chunks on the streaming plane (framing.py frames them) -------------------------------------------
 
 def put_request_from_wire(data: bytes):
     """Request deserializer of Put: a memoryview for a chunk, a PutRequest otherwise."""
-    chunk = _chunk_from_wire(data)
+    chunk = chunk_from_wire(data)
     return chunk if chunk is not None else pb.PutRequest.FromString(data)
 
 
 def fetch_response_from_wire(data: bytes):
     """Response deserializer of Fetch: a memoryview for a chunk, a FetchResponse otherwise."""
-    chunk = _chunk_from_wire(data)
+    chunk = chunk_from_wire(data)
     return chunk if chunk is not None else pb.FetchResponse.FromString(data)
-
-
-def to_wire(message) -> bytes:
-    """Serializer that passes already-framed chunks (bytes) through."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 # ---- tensors ----------------------------------------------------------------------------------------------
@@ -227,45 +181,26 @@ def renamed(spec: StreamSpec, name: str) -> StreamSpec:
 
 # ---- put --------------------------------------------------------------------------------------------------
 
-def _int_field(value, what: str) -> int:
-    # the bank's rule (validate.check_entries), applied before encoding: int() would silently truncate 1.5
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise errors.InvalidArgument(f"{what} is {value!r}, expected an int >= 0")
-    return int(value)
-
-
-def float_vectors(vectors, what: str) -> np.ndarray:
-    """Keys or a query as float32 for the wire, refusing what the bank refuses (validate.check_vectors)."""
-    try:
-        arr = np.asarray(vectors)
-    except (TypeError, ValueError) as exc:
-        raise errors.InvalidArgument(f"{what} is not an array: {exc}") from None
-    if arr.dtype.kind not in "fiu":  # bool, str, object: casting them would invent numbers
-        raise errors.InvalidArgument(f"{what} has dtype {arr.dtype}, expected float32")
-    return arr.astype(np.float32)
+def float_vectors(vectors: Any, what: str) -> np.ndarray:
+    """Keys or a query as float32 for the wire, refusing what the bank refuses (validate.as_vectors)."""
+    return as_vectors(vectors, what).astype(np.float32)
 
 
 def entry_to_pb(e: NewEntry, n: int = 0) -> pb.NewEntry:
-    what = f"entry {n}"
-    if not isinstance(e.prompt, str):
-        raise errors.InvalidArgument(f"{what} prompt is a {type(e.prompt).__name__}, expected str")
+    """One entry's metadata and keys (its K/V bytes travel apart); `e` has passed validate.check_batch."""
     try:
         msg = pb.NewEntry(
-            frame_index=_int_field(e.frame_index, f"{what} frame_index"),
-            chunk_index=_int_field(e.chunk_index, f"{what} chunk_index"), prompt=e.prompt,
-            has_kv=e.kv is not None, pinned=bool(e.pinned), has_rope_position=e.rope_position is not None,
-            rope_position=0 if e.rope_position is None else _int_field(e.rope_position, f"{what} rope_position"),
-            importance=float(e.importance),
+            frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt, has_kv=e.kv is not None,
+            pinned=bool(e.pinned), has_rope_position=e.rope_position is not None,
+            rope_position=0 if e.rope_position is None else int(e.rope_position), importance=float(e.importance),
         )
-    except (TypeError, ValueError, OverflowError) as exc:
-        if isinstance(exc, errors.MemFlowError):
-            raise
-        raise errors.InvalidArgument(f"{what} cannot be encoded: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. an index past int64
+        raise errors.InvalidArgument(f"entry {n} cannot be encoded: {exc}") from None
     if e.kv is not None:
         kv = np.asarray(e.kv)
         msg.kv_dtype, msg.kv_shape[:] = str(kv.dtype), list(kv.shape)
     for space, vec in (e.keys or {}).items():
-        msg.keys[space].CopyFrom(tensor_to_pb(float_vectors(vec, f"{what} keys for key space {space!r}"), "float32"))
+        msg.keys[space].CopyFrom(tensor_to_pb(float_vectors(vec, f"entry {n} keys for key space {space!r}"), "float32"))
     return msg
 
 
@@ -380,3 +315,198 @@ def prune_from_pb(m: pb.PruneResponse) -> PruneResult:
 
 def ids_from_pb(ids: Sequence[int]) -> np.ndarray:
     return np.array(list(ids), np.int64)
+
+
+# ---- the service and its calls ----------------------------------------------------------------------------
+# The service's name, spelled once: the proto's own descriptor says it ("memflow.v1.MemoryService").
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
+SERVICE_NAME = SERVICE.full_name
+SHM_PLANE = pb.DATA_PLANE_SHM
+
+
+def method_path(method: str) -> str:
+    """The HTTP/2 path of a MemoryService method ("/memflow.v1.MemoryService/Put"); "" gives the prefix."""
+    return f"/{SERVICE_NAME}/{method}"
+
+
+def method_handlers(servicer: Any) -> grpc.GenericRpcHandler:
+    """The server's handlers for every method of the proto; Put's requests and Fetch's responses carry K/V chunks
+    pre-framed (framing.py) instead of through message objects."""
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler}
+    handlers = {}
+    for m in SERVICE.methods:
+        request = getattr(pb, m.input_type.name)
+        deserialize = put_request_from_wire if m.name == "Put" else request.FromString
+        make = kinds[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=deserialize,
+                                response_serializer=to_wire)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+class Calls:
+    """The client's callables on one channel: the generated stub, and Put and Fetch with pre-framed chunks."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = pb_grpc.MemoryServiceStub(channel)
+        self.put = channel.stream_unary(method_path("Put"), request_serializer=to_wire,
+                                        response_deserializer=pb.PutResponse.FromString)
+        self.fetch = channel.unary_stream(method_path("Fetch"), request_serializer=pb.FetchRequest.SerializeToString,
+                                          response_deserializer=fetch_response_from_wire)
+
+
+# ---- requests (the client builds them) ------------------------------------------------------------------------
+
+def create_stream_request(spec: StreamSpec) -> pb.CreateStreamRequest:
+    return pb.CreateStreamRequest(spec=spec_to_pb(spec))
+
+
+def drop_stream_request(name: str) -> pb.DropStreamRequest:
+    return pb.DropStreamRequest(stream=name)
+
+
+def list_streams_request() -> pb.ListStreamsRequest:
+    return pb.ListStreamsRequest()
+
+
+def specs_from_pb(resp: pb.ListStreamsResponse) -> list[StreamSpec]:
+    return [spec_from_pb(s) for s in resp.streams]
+
+
+def put_header(stream: str, entries: Sequence[NewEntry]) -> pb.PutHeader:
+    return pb.PutHeader(stream=stream, entries=[entry_to_pb(e, n) for n, e in enumerate(entries)])
+
+
+def put_shm(header: pb.PutHeader, arena_id: str, offset: int) -> pb.PutRequest:
+    """The one message of a shared-memory Put: the header, naming where its K/V bytes lie in the arena."""
+    header.plane, header.arena_id, header.arena_offset = SHM_PLANE, arena_id, offset
+    return pb.PutRequest(header=header)
+
+
+def put_stream(header: pb.PutHeader) -> pb.PutRequest:
+    """The first message of a streaming-plane Put; framing.chunk_to_wire frames the K/V chunks that follow."""
+    return pb.PutRequest(header=header)
+
+
+def ids_from_put(resp: pb.PutResponse) -> list[int]:
+    return list(resp.ids)
+
+
+def fetch_request(stream: str, ids: Sequence[int], layers: Sequence[int]) -> pb.FetchRequest:
+    return pb.FetchRequest(stream=stream, ids=ids, layers=layers)
+
+
+def fetch_shm(request: pb.FetchRequest, arena_id: str, offset: int, nbytes: int) -> pb.FetchRequest:
+    """`request` asking for its K/V to be written into the caller's arena at `offset` (`nbytes` reserved there)."""
+    request.plane, request.arena_id, request.arena_offset, request.arena_bytes = SHM_PLANE, arena_id, offset, nbytes
+    return request
+
+
+def delete_request(stream: str, ids: Sequence[int]) -> pb.DeleteRequest:
+    return pb.DeleteRequest(stream=stream, ids=ids)
+
+
+def pin_request(stream: str, ids: Sequence[int], pinned: bool) -> pb.PinRequest:
+    return pb.PinRequest(stream=stream, ids=ids, pinned=pinned)
+
+
+def prune_request(stream: str) -> pb.PruneRequest:
+    return pb.PruneRequest(stream=stream)
+
+
+def stats_request(stream: Optional[str]) -> pb.StatsRequest:
+    return pb.StatsRequest(stream=stream or "")  # on the wire, an empty name asks for the whole bank
+
+
+def stats_from_pb(resp: pb.StatsResponse, stream: Optional[str]) -> StreamStats | BankStats:
+    return stream_stats_from_pb(resp.streams[0]) if stream else bank_stats_from_pb(resp)
+
+
+def list_entries_request(stream: str) -> pb.ListEntriesRequest:
+    return pb.ListEntriesRequest(stream=stream)
+
+
+def metas_from_pb(resp: pb.ListEntriesResponse) -> list[EntryMeta]:
+    return [meta_from_pb(m) for m in resp.entries]
+
+
+def register_arena_request(shm_name: str, size: int, nonce: bytes) -> pb.RegisterArenaRequest:
+    return pb.RegisterArenaRequest(shm_name=shm_name, size=size, nonce=nonce)
+
+
+def release_arena_request(arena_id: str) -> pb.ReleaseArenaRequest:
+    return pb.ReleaseArenaRequest(arena_id=arena_id)
+
+
+# ---- responses (the servicer builds them) ----------------------------------------------------------------------
+
+def empty_response(method: str) -> Any:
+    """The empty response of CreateStream, DropStream, Pin or ReleaseArena."""
+    return getattr(pb, f"{method}Response")()
+
+
+def list_streams_response(specs: Sequence[StreamSpec]) -> pb.ListStreamsResponse:
+    return pb.ListStreamsResponse(streams=[spec_to_pb(s) for s in specs])
+
+
+def put_response(ids: Sequence[int]) -> pb.PutResponse:
+    return pb.PutResponse(ids=ids)
+
+
+def fetch_header(ids: Sequence[int], layers: Sequence[int], dtype: str, shape: Sequence[int],
+                 nbytes: int) -> pb.FetchResponse:
+    return pb.FetchResponse(header=pb.FetchHeader(ids=ids, layers=layers, dtype=dtype, shape=list(shape),
+                                                  nbytes=nbytes))
+
+
+def delete_response(deleted: int) -> pb.DeleteResponse:
+    return pb.DeleteResponse(deleted=deleted)
+
+
+def stats_response(streams: Sequence[tuple[StreamStats, str]], entries: int, payload_bytes: int,
+                   map_size: int = 0, disk_bytes: int = 0) -> pb.StatsResponse:
+    """`streams`: each stream's stats with the name the caller knows it by."""
+    return pb.StatsResponse(streams=[stream_stats_to_pb(s, name) for s, name in streams], entries=entries,
+                            payload_bytes=payload_bytes, map_size=map_size, disk_bytes=disk_bytes)
+
+
+def list_entries_response(metas: Sequence[EntryMeta]) -> pb.ListEntriesResponse:
+    return pb.ListEntriesResponse(entries=[meta_to_pb(m) for m in metas])
+
+
+def register_arena_response(arena_id: str) -> pb.RegisterArenaResponse:
+    return pb.RegisterArenaResponse(arena_id=arena_id)
+
+
+# ---- the Put stream (the servicer reads it) --------------------------------------------------------------------
+
+def put_header_of(first: Any) -> pb.PutHeader:
+    """The header a Put stream must start with (`first` is its first message, or None for an empty stream)."""
+    if first is None or isinstance(first, memoryview) or first.WhichOneof("part") != "header":
+        raise errors.InvalidArgument("Put stream must start with a PutHeader message")
+    return first.header
+
+
+def gather_chunks(requests: Iterator[Any], total: int) -> np.ndarray:
+    """Concatenate a Put's streaming-plane chunks into one buffer of exactly `total` bytes."""
+    buf = np.empty(total, np.uint8)
+    got = 0
+    for msg in requests:  # memoryviews (framed chunks, see put_request_from_wire) or PutRequests
+        if not isinstance(msg, memoryview):
+            if msg.WhichOneof("part") != "kv_chunk":
+                raise errors.InvalidArgument("Put stream has a second header; expected only kv_chunk messages after it")
+            msg = memoryview(msg.kv_chunk)
+        if got + len(msg) > total:
+            raise errors.InvalidArgument(f"Put K/V bytes exceed the {total} bytes its entries need")
+        buf[got:got + len(msg)] = np.frombuffer(msg, np.uint8)
+        got += len(msg)
+    if got != total:
+        raise errors.InvalidArgument(f"Put K/V stream ended after {got} bytes; its entries need {total}")
+    return buf
+
+
+def expect_end(requests: Iterator[Any]) -> None:
+    """A Put whose K/V bytes come from an arena, or that has none: nothing may follow its header."""
+    for _ in requests:
+        raise errors.InvalidArgument("Put carries K/V chunks but none are expected (SHM plane or no entry has_kv)")

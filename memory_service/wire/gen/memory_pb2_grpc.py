@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from memory_service.service.gen import memory_pb2 as memflow_dot_v1_dot_memory__pb2
+from memory_service.wire.gen import memory_pb2 as memflow_dot_v1_dot_memory__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
