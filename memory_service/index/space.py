@@ -1,15 +1,17 @@
 """SpaceIndex: the search structure of one key space of one stream.
 
-Owns the layout decision for per-layer spaces: one VectorIndex per layer, searched in parallel, so MemFlow's
-NAM query (each layer ranks frames by its own text key) is L independent exact searches at the speed of one
-batched scan (measured in `_search_layers`), and every layer is a plain VectorIndex under the contract test.
+Owns the layout decision for per-layer spaces. An exact (flat) per-layer space on the CPU is one LayerBlock:
+every layer's keys in one faiss structure, so MemFlow's NAM query (each layer ranks frames by its own text key)
+is one batched call over all layers, not L calls with Python around each (30 layers x 10 entries: 1.4 ms as 30
+FlatIndexes, see benchmarks/layer_scan.py for today's figure). The ANN kinds (and flat on a GPU, which keeps
+FlatIndex's device mirror) stay one VectorIndex per layer, searched on a thread pool when layers are large.
 One index over the concatenated `[layers * dim]` vector would answer only the mean ranking, not per layer.
 
 Modes:
 - single vector (`per_layer=False`): one VectorIndex; results `[k]`.
-- per layer, flat/hnsw/ivfpq: L VectorIndexes; `combine="per_layer"` gives each layer's top-k `[L, k]`;
-  `combine="mean"` ranks entries by the mean score over layers (exact for flat; ANN kinds gather per-layer
-  candidates and rerank them exactly).
+- per layer, flat: one LayerBlock; hnsw/ivfpq: L VectorIndexes. `combine="per_layer"` gives each layer's
+  top-k `[L, k]`; `combine="mean"` ranks entries by the mean score over layers (exact for flat; ANN kinds
+  gather per-layer candidates and rerank them exactly).
 - per layer, two_stage: RAM holds only an HNSW index of each entry's mean-over-layers key; a query takes
   `two_stage_candidates` (at least 16k) from it and reranks them exactly per layer, reading their keys
   from the store through `key_loader`. Recall against exact per-layer search is reported by the benchmark.
@@ -17,15 +19,14 @@ Modes:
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
 
 from memory_service.config import IndexParams
-from memory_service.index.vector_index import HNSWIndex, make_index, prepare
+from memory_service.index.layer_block import LayerBlock, search_pool
+from memory_service.index.vector_index import HNSWIndex, gpu_available, make_index, prepare
 from memory_service.types import KeySpace
 
 KeyLoader = Callable[[np.ndarray], np.ndarray]  # ids [n] -> keys [n, L, d] float32
@@ -38,8 +39,12 @@ class SpaceIndex:
         self.params = params
         self.key_loader = key_loader
         self.two_stage = space.index == "two_stage"
+        self.block: Optional[LayerBlock] = None
         if self.two_stage:
-            self.indexes = [HNSWIndex(space.dim, space.metric, params)]
+            self.indexes: list = [HNSWIndex(space.dim, space.metric, params)]
+        elif space.per_layer and space.index == "flat" and not (params.use_gpu and gpu_available()):
+            self.block = LayerBlock(layers, space.dim, space.metric, params, space.dtype)
+            self.indexes = [self.block]
         else:
             count = layers if space.per_layer else 1
             self.indexes = [make_index(space.index, space.dim, space.metric, params, space.dtype) for _ in range(count)]
@@ -49,6 +54,8 @@ class SpaceIndex:
         """`keys` is `[n, L, d]` for per-layer spaces, `[n, d]` otherwise (float32, validated)."""
         if self.two_stage:
             self.indexes[0].add(ids, compact(keys, self.space.metric))
+        elif self.block is not None:
+            self.block.add(ids, keys)
         elif self.space.per_layer:
             for layer, index in enumerate(self.indexes):
                 index.add(ids, keys[:, layer, :])
@@ -87,18 +94,17 @@ class SpaceIndex:
             return (*self._rerank(cand[0][cand[0] >= 0], query, k, combine, steps), n)
         if combine == "per_layer":
             t = time.perf_counter()
-            found = self._search_layers(query, k, deny)
+            scores, ids = self._search_layers(query, k, deny)
             steps.append(("search", _ms(t)))
-            return np.stack([s[0] for s, _ in found]), np.stack([i[0] for _, i in found]), n
+            return scores, ids, n
         # combine == "mean"
         t = time.perf_counter()
         width = n if self.space.index == "flat" else min(n, 4 * k)
-        per_layer = self._search_layers(query, width, deny)
+        layer_s, layer_i = self._search_layers(query, width, deny)  # [L, width] each
         steps.append(("search", _ms(t)))
         if self.space.index == "flat":
             t = time.perf_counter()
-            ids = np.concatenate([i[0] for _, i in per_layer])
-            scores = np.concatenate([s[0] for s, _ in per_layer])
+            ids, scores = layer_i.reshape(-1), layer_s.reshape(-1)
             keep = ids >= 0
             uniq, inv = np.unique(ids[keep], return_inverse=True)
             total = np.zeros(len(uniq), np.float64)
@@ -106,21 +112,27 @@ class SpaceIndex:
             s, i = _top_k(total / self.layers, uniq, k)
             steps.append(("combine", _ms(t)))
             return s, i, n
-        cand = np.unique(np.concatenate([i[0] for _, i in per_layer]))
+        cand = np.unique(layer_i)
         return (*self._rerank(cand[cand >= 0], query, k, combine, steps), n)
 
-    def _search_layers(self, query: np.ndarray, k: int, deny: Optional[np.ndarray]) -> list:
-        """One search per layer. Large layers run on a thread pool: faiss releases the GIL and scans a single
+    def _search_layers(self, query: np.ndarray, k: int, deny: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each layer's top-k: (scores `[L, k]`, ids `[L, k]`). A flat space is one batched LayerBlock search.
+        Otherwise one search per layer. Large layers run on a thread pool: faiss releases the GIL and scans a single
         query on one core, so layers in parallel reach the machine's memory bandwidth (measured: 30 layers x
         5000 x 1536, 67 ms serial, 36 ms pooled on 2 cores, 33 ms for one batched numpy matmul). Small layers
         run in the caller's thread: handing a task to the pool costs more than scanning a few MB (measured on
         2 cores: 4 x 1000 x 128 0.21 ms serial vs 0.44 ms pooled; 30 x 1000 x 1536 13 vs 15 ms)."""
+        if self.block is not None:
+            return self.block.search(query, k, deny)
+
         def one(layer: int):
             return self.indexes[layer].search(query[layer][None, :], k, deny)
 
         if len(self) * self.space.dim < POOL_MIN_FLOATS_PER_LAYER:
-            return [one(layer) for layer in range(self.layers)]
-        return list(_pool().map(one, range(self.layers)))
+            found = [one(layer) for layer in range(self.layers)]
+        else:
+            found = list(search_pool().map(one, range(self.layers)))
+        return np.stack([s[0] for s, _ in found]), np.stack([i[0] for _, i in found])
 
     def _rerank(self, cand: np.ndarray, query: np.ndarray, k: int, combine: str, steps: list):
         t = time.perf_counter()
@@ -138,22 +150,23 @@ class SpaceIndex:
 
     # -- snapshots -------------------------------------------------------------------------------
     def dump(self) -> list[tuple[bytes, np.ndarray]]:
+        if self.block is not None:
+            return self.block.dump()
         return [(index.serialize(), index.tombstones()) for index in self.indexes]
 
     def load(self, parts: list[tuple[bytes, np.ndarray]]) -> None:
+        """Raises on parts this space cannot hold (the stream then rebuilds it from LMDB: a block snapshot opened
+        on a GPU machine, say). A flat per-layer space also loads the per-layer snapshots written before LayerBlock."""
+        if self.block is not None:
+            self.block.load(parts)
+            return
+        if len(parts) != len(self.indexes):
+            raise ValueError(f"snapshot holds {len(parts)} indexes; this space has {len(self.indexes)}")
         for index, (data, tombstones) in zip(self.indexes, parts):
             index.load(data, tombstones)
 
 
-_POOL: Optional[ThreadPoolExecutor] = None
-POOL_MIN_FLOATS_PER_LAYER = 4_000_000  # below this per-layer scan (16 MB of fp32) layers are searched serially
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="memflow-search")
-    return _POOL
+POOL_MIN_FLOATS_PER_LAYER = 4_000_000  # ANN kinds: below this per-layer scan (16 MB of fp32) layers run serially
 
 
 def compact(keys: np.ndarray, metric: str) -> np.ndarray:

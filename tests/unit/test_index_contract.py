@@ -6,7 +6,10 @@ true score of its id; exact indexes return the brute-force ids (ties aside); `de
 never returned; missing slots are id -1 / score -inf; serialize + load answers identically and keeps
 working. ANN indexes reach recall@8 >= 0.95 at default IndexParams on 10k vectors. SpaceIndex (per-layer
 key spaces, as the bank uses them) answers exact per-layer and mean rankings, and two-stage retrieval is
-exact when the first pass keeps every entry and keeps recall >= 0.95 on layer-correlated keys.
+exact when the first pass keeps every entry and keeps recall >= 0.95 on layer-correlated keys. A flat
+per-layer space is one LayerBlock (every layer in one batched search): it answers exactly as today's L
+FlatIndexes (ids equal, ties included) under deny lists on both its paths, removals, k past the eligible
+count and fp16, and loads its own snapshots and the per-layer ones written before it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import pytest
 
 from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
-from memory_service.index import space as space_module
+from memory_service.index import layer_block
+from memory_service.index.layer_block import LayerBlock
 from memory_service.index.space import SpaceIndex
 from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, prepare
 from memory_service.types import KeySpace
@@ -265,8 +269,8 @@ def space(index: str, metric: str, keys: np.ndarray, params: IndexParams = PARAM
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_flat_space_is_exact_per_layer_and_mean(metric, dtype, pooled, monkeypatch):
-    # Small layers are searched in the caller's thread, large ones on the pool: both paths must agree.
-    monkeypatch.setattr(space_module, "POOL_MIN_FLOATS_PER_LAYER", 0 if pooled else 10**12)
+    # Small scans run in the caller's thread, large ones split over the pool: both paths must agree.
+    monkeypatch.setattr(layer_block, "POOL_MIN_BYTES", 0 if pooled else 1 << 62)
     rng = np.random.default_rng(11)
     keys = layered(rng, 400, DIM)
     s = space("flat", metric, keys, dtype=dtype)
@@ -326,3 +330,161 @@ def test_per_layer_ann_recall_vs_exact(index, metric):
     assert np.mean(recalls) >= 0.95, f"{index}/{metric} per-layer recall@8 {np.mean(recalls):.3f}"
     if index == "two_stage":
         assert [name for name, _ in steps[:3]] == ["first_pass", "load_keys", "rerank"]
+
+
+# -- LayerBlock: a flat per-layer space searched in one batched call --------------------------------
+
+def per_layer_flats(metric: str, dtype: str, dim: int = DIM) -> list[FlatIndex]:
+    """Today's reference layout: one FlatIndex per layer, each searched on its own."""
+    return [FlatIndex(dim, metric, IndexParams(use_gpu=False), dtype=dtype) for _ in range(LAYERS)]
+
+
+def flats_search(flats, q, k, deny):
+    found = [ix.search(q[layer][None], k, deny) for layer, ix in enumerate(flats)]
+    return np.stack([s[0] for s, _ in found]), np.stack([i[0] for _, i in found])
+
+
+def block_space(metric: str, dtype: str) -> SpaceIndex:
+    s = SpaceIndex(KeySpace(DIM, metric=metric, per_layer=True, dtype=dtype), LAYERS, IndexParams(use_gpu=False))
+    assert isinstance(s.block, LayerBlock)
+    return s
+
+
+def check_layers(scores, ids, keys_by_id: dict, q, metric, k, dtype):
+    """Each layer's row against brute force over `keys_by_id` (id -> [L, d] stored keys), via `check`."""
+    for layer in range(LAYERS):
+        x_by_id = {i: v[layer] for i, v in keys_by_id.items()}
+        kind = "flat_fp16" if dtype == "float16" else "flat"
+        check(kind, scores[layer:layer + 1], ids[layer:layer + 1], x_by_id, q[layer:layer + 1], metric, k, exact=True)
+
+
+def stored_layers(keys: np.ndarray, metric: str, dtype: str) -> np.ndarray:
+    return stored("flat_fp16" if dtype == "float16" else "flat", keys, metric)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["one_call", "pooled"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_layer_block_answers_as_per_layer_flat_indexes(metric, dtype, pooled, monkeypatch):
+    """Against brute force and against today's L FlatIndexes, through adds, removals, small and large deny
+    lists (over-fetch and selector paths), k past the eligible count and an emptied space."""
+    monkeypatch.setattr(layer_block, "POOL_MIN_BYTES", 0 if pooled else 1 << 62)
+    rng = np.random.default_rng(21)
+    s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
+    keys = layered(rng, 300, DIM)
+    live: dict = {}
+    q = layered(rng, 1, DIM)[0]
+    assert s.search(q, 4, "per_layer", None, [])[1].tolist() == [[-1] * 4] * LAYERS  # empty
+    for part in np.array_split(np.arange(300), 3):
+        s.add(part + 7, keys[part])
+        for layer, ix in enumerate(flats):
+            ix.add(part + 7, keys[part, layer])
+        live.update({7 + i: v for i, v in zip(part.tolist(), stored_layers(keys[part], metric, dtype))})
+
+    def agree(k, deny):
+        scores, ids, scanned = s.search(q, k, "per_layer", deny, [])
+        assert scanned == len(live) and ids.shape == scores.shape == (LAYERS, k)
+        assert scores.dtype == np.float32 and ids.dtype == np.int64
+        ref_s, ref_i = flats_search(flats, q, k, deny)
+        assert np.array_equal(ids, ref_i), "ids differ from the per-layer FlatIndexes"
+        assert np.allclose(scores, ref_s, rtol=1e-6, atol=1e-5) and np.array_equal(np.isneginf(scores),
+                                                                                   np.isneginf(ref_s))
+        eligible = {i: v for i, v in live.items() if deny is None or i not in set(deny.tolist())}
+        check_layers(scores, ids, eligible, q, metric, k, dtype)
+
+    def ids_now():
+        return np.array(sorted(live), np.int64)
+    for _ in range(2):
+        q = layered(rng, 1, DIM)[0]
+        for k in (1, 5, 40):
+            agree(k, None)
+            best = s.search(q, k, "per_layer", None, [])[1]
+            agree(k, np.unique(best))  # deny each layer's own best: an ignored deny list must show
+            agree(k, rng.choice(ids_now(), 150, replace=False))  # a large deny list, filtered after the scan
+        victims = rng.choice(ids_now(), 60, replace=False)
+        s.remove(victims)
+        for ix in flats:
+            ix.remove(victims)
+        for v in victims.tolist():
+            del live[v]
+        assert len(s) == len(live) and s.ids().tolist() == sorted(live)  # removal keeps insertion order
+    monkeypatch.setattr(layer_block, "OVERFETCH_MAX_DENY", 0)  # every deny list through the faiss selector
+    agree(10, rng.choice(ids_now(), 100, replace=False))
+    agree(500, rng.choice(ids_now(), 100, replace=False))  # k > eligible: the tail pads with -1 / -inf
+    mean_s, _, _ = s.search(q, 5, "mean", None, [])
+    ref = np.mean([brute(np.stack([live[i][layer] for i in sorted(live)]), q[layer:layer + 1], metric)[0]
+                   for layer in range(LAYERS)], axis=0)
+    tol = 5e-3 * np.abs(ref).max() if dtype == "float16" else 1e-4 * np.abs(ref).max()
+    assert np.allclose(mean_s, -np.sort(-ref)[:5], atol=tol)
+    s.remove(ids_now())
+    assert len(s) == 0 and (s.search(q, 3, "per_layer", None, [])[1] == -1).all()
+    s.add(np.array([900]), keys[:1])  # an emptied block takes adds again
+    assert s.search(q, 2, "per_layer", None, [])[1].tolist() == [[900, -1]] * LAYERS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_layer_block_ties_resolve_as_before(metric, dtype):
+    """Entries with identical keys (a static scene) tie exactly; the entry added first wins, as in the per-layer
+    FlatIndexes, also after removals in the middle of the block and with a deny list."""
+    rng = np.random.default_rng(22)
+    s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
+    base = layered(rng, 4, DIM)
+    keys = base[np.arange(40) % 4]  # [40, L, d]: ten copies of each of 4 keys
+    order = rng.permutation(40)  # ids not in key order; insertion order is id order
+    for part in np.array_split(order, 4):
+        s.add(part, keys[part])
+        for layer, ix in enumerate(flats):
+            ix.add(part, keys[part, layer])
+    q = layered(rng, 1, DIM)[0]
+    for step in range(3):
+        for deny in (None, np.array([int(order[0]), int(order[5])])):
+            for k in (3, 12):
+                got, ref = s.search(q, k, "per_layer", deny, []), flats_search(flats, q, k, deny)
+                assert np.array_equal(got[1], ref[1]), f"tie order differs (step {step}, k {k})"
+                assert np.array_equal(got[0], ref[0])
+        victims = order[10 * step + 1:10 * step + 4]
+        s.remove(victims)
+        for ix in flats:
+            ix.remove(victims)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_layer_block_snapshots_round_trip_and_old_snapshots_load(metric, dtype):
+    rng = np.random.default_rng(23)
+    keys = layered(rng, 120, DIM)
+    s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
+    s.add(np.arange(120) * 2, keys)
+    for layer, ix in enumerate(flats):
+        ix.add(np.arange(120) * 2, keys[:, layer])
+    s.remove(np.arange(0, 240, 6))
+    for ix in flats:
+        ix.remove(np.arange(0, 240, 6))
+    old_format = [(ix.serialize(), ix.tombstones()) for ix in flats]  # what SpaceIndex.dump wrote before
+    q = layered(rng, 1, DIM)[0]
+    deny = np.arange(0, 240, 10)
+    for parts in (s.dump(), old_format):
+        copy = block_space(metric, dtype)
+        copy.load(parts)
+        assert copy.ids().tolist() == s.ids().tolist()
+        for d in (None, deny):
+            a, b = s.search(q, 7, "per_layer", d, []), copy.search(q, 7, "per_layer", d, [])
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])
+        copy.add(np.array([1001]), keys[:1])  # the loaded copy keeps working
+        copy.remove(np.array([2]))
+        assert 1001 in copy.ids().tolist() and 2 not in copy.ids().tolist()
+    for bad in ([(b"not faiss", np.zeros(0, np.int64))], old_format[:2],
+                block_space(metric, "float16" if dtype == "float32" else "float32").dump()):
+        with pytest.raises((RuntimeError, InvalidArgument)):  # the stream loader then rebuilds from LMDB
+            block_space(metric, dtype).load(bad)
+
+
+def test_layer_block_refuses_wrong_shapes():
+    s = block_space("ip", "float32")
+    with pytest.raises(InvalidArgument, match=f"expects keys \\[n, {LAYERS}, {DIM}\\]"):
+        s.add(np.arange(2), np.ones((2, LAYERS, DIM + 1), np.float32))
+    s.add(np.arange(2), np.ones((2, LAYERS, DIM), np.float32))
+    with pytest.raises(InvalidArgument, match=f"expects queries \\[{LAYERS}, {DIM}\\]"):
+        s.search(np.ones((LAYERS - 1, DIM), np.float32), 1, "per_layer", None, [])
+    assert len(s) == 2
