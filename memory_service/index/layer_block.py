@@ -48,6 +48,7 @@ POOL_MIN_BYTES = 16 << 20
 OVERFETCH_MAX_DENY = 256
 
 _POOL: Optional[ThreadPoolExecutor] = None
+CORES = os.cpu_count() or 2  # read once: os.cpu_count() cost ~20 us per call here
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +61,7 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def search_pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="memflow-search")
+        _POOL = ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="memflow-search")
     return _POOL
 
 
@@ -147,7 +148,9 @@ class LayerBlock:
             return _empty(self.layers, k)
         deny = None if deny is None or len(deny) == 0 else np.asarray(deny, np.int64)
         if deny is not None and len(deny) <= OVERFETCH_MAX_DENY:
-            scores, pos = self._scan_all(q, min(k + len(deny), n), None)
+            # One more than the deny list can take away: the k-th kept entry is never the last fetched, so an equal
+            # score past the fetch shows as an equal last fetched score.
+            scores, pos = self._scan_all(q, min(k + len(deny) + 1, n), None)
             found = self._drop_denied(scores, pos, deny, k, n)
             if found is not None:
                 return found
@@ -161,7 +164,7 @@ class LayerBlock:
         """(scores `[L, k]`, positions `[L, k]`; -inf / -1 where a layer ran out) in one call, or one per core."""
         dist = np.empty((self.layers, k), np.float32)
         pos = np.empty((self.layers, k), np.int64)
-        workers = min(os.cpu_count() or 2, self.layers)
+        workers = min(CORES, self.layers)
         if workers > 1 and len(self) * self.layers * self._ivf.code_size >= POOL_MIN_BYTES:
             bounds = np.linspace(0, self.layers, workers + 1).astype(int)
             spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
@@ -177,7 +180,8 @@ class LayerBlock:
         when equal scores straddle the k-th kept slot: which of the equals a filtered scan keeps is up to faiss's
         heap, so the caller runs that scan (exact ties happen only between identical keys)."""
         ids = np.where(pos < 0, -1, self._ids[np.maximum(pos, 0)])
-        dropped = (pos < 0) | np.isin(ids, deny)  # [L, kk]
+        hit = (ids[:, :, None] == deny).any(-1) if len(deny) <= 16 else np.isin(ids, deny)  # [L, kk]
+        dropped = (pos < 0) | hit
         order = np.argsort(dropped, axis=1, kind="stable")  # kept first, in faiss's rank order
         kept_s, kept_i = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
         gone = np.take_along_axis(dropped, order, 1)

@@ -1,0 +1,142 @@
+"""Layer scan: one batched search over all layers of a flat per-layer key space, against the per-layer path and
+the memory-bandwidth floor, all measured in the same run.
+
+MemFlow's NAM query ranks a bank's frames per layer: L exact scans of N x d keys. For 30 layers x 1536-d keys at
+N = 10, 1e3, 1e4 entries, float32 and float16 keys, k = 3 per layer, with and without a small deny list (the local
+window), one JSON row per (dtype, N, deny):
+
+    batched_p50/p99_ms  SpaceIndex.search, combine="per_layer": the LayerBlock (one faiss call, or one per core)
+    per_layer_p50_ms    the same keys as L FlatIndexes searched one layer at a time (the layout before LayerBlock:
+                        serially below 4e6 floats per layer, on the search pool above)
+    numpy_p50_ms        float32 only: np.matmul over the keys as one [L, N, d] array plus np.argpartition
+    floor_ms            the fastest read of the block's own key bytes: a numpy sum over them (as uint64 words) in
+                        one thread, or split over one thread per core, best of both - no scan can read them faster
+    vs_per_layer        per_layer_p50_ms / batched_p50_ms;  over_floor: batched_p50_ms / floor_ms
+    identical           the batched and per-layer answers have equal ids and scores on every query
+
+    python benchmarks/layer_scan.py [--quick] [--layers 30] [--dim 1536] [--out benchmarks/results]
+
+Writes OUT/layer_scan.jsonl (machine line first). --quick takes fewer samples, the same grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, Results, percentiles  # noqa: E402 - after the path set-up above
+from memory_service.config import IndexParams  # noqa: E402
+from memory_service.index.layer_block import search_pool  # noqa: E402
+from memory_service.index.space import SpaceIndex  # noqa: E402
+from memory_service.index.vector_index import FlatIndex  # noqa: E402
+from memory_service.types import KeySpace  # noqa: E402
+
+PARAMS = IndexParams(use_gpu=False)
+
+
+def timed(fn, reps: int) -> list[float]:
+    fn()  # warm
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def floor_s(space: SpaceIndex, reps: int) -> float:
+    """Best time to read every byte of the block's lists once: numpy sums over views of faiss's own memory."""
+    ivf = space.block._ivf
+    n, code = len(space), ivf.code_size
+    lists = [faiss.rev_swig_ptr(ivf.invlists.get_codes(layer), n * code).view(np.uint64)
+             for layer in range(space.layers)]
+    cores = os.cpu_count() or 2
+    groups = [lists[i::cores] for i in range(cores)]
+
+    def one_thread():
+        for a in lists:
+            a.sum()
+
+    def pooled():
+        list(search_pool().map(lambda g: [a.sum() for a in g], groups))
+
+    return min(min(timed(one_thread, reps)), min(timed(pooled, reps)))
+
+
+def per_layer_space(ks: KeySpace, layers: int, ids: np.ndarray, keys: np.ndarray) -> SpaceIndex:
+    """A SpaceIndex in the layout before LayerBlock: one FlatIndex per layer, searched one layer at a time."""
+    s = SpaceIndex(ks, layers, PARAMS)
+    s.block = None
+    s.indexes = [FlatIndex(ks.dim, ks.metric, PARAMS, ks.dtype) for _ in range(layers)]
+    for layer, index in enumerate(s.indexes):
+        index.add(ids, keys[:, layer])
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer samples per point (< 1 min on 2 cores)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--grid", default="10,1000,10000")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    res = Results("layer_scan", args.out)
+    res.header.update(loadavg_start=os.getloadavg()[0])
+    rng = np.random.default_rng(0)
+    L, d, k = args.layers, args.dim, args.k
+    for dtype in ("float32", "float16"):
+        for n in [int(x) for x in args.grid.split(",")]:
+            reps = (400 if n <= 100 else 40 if n <= 1000 else 12) // (4 if args.quick else 1)
+            ks = KeySpace(d, metric="ip", per_layer=True, index="flat", dtype=dtype)
+            ids = np.arange(n, dtype=np.int64) * 3  # ids are not positions
+            keys = rng.standard_normal((n, L, d), dtype=np.float32)  # [n, L, d]
+            batched = SpaceIndex(ks, L, PARAMS)
+            batched.add(ids, keys)
+            old = per_layer_space(ks, L, ids, keys)
+            block = np.ascontiguousarray(keys.transpose(1, 0, 2)) if dtype == "float32" else None  # [L, n, d]
+            del keys
+            queries = rng.standard_normal((reps, L, d), dtype=np.float32)  # [reps, L, d]
+            floor = floor_s(batched, max(3, reps // 4))
+            for deny in (None, ids[-2:]):  # the local window: the newest entries
+                identical = True
+                for q in queries[:8]:
+                    a, b = batched.search(q, k, "per_layer", deny, []), old.search(q, k, "per_layer", deny, [])
+                    identical &= bool(np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0]))
+                it = iter(range(10**9))
+
+                def run(space, it=it, deny=deny):
+                    space.search(queries[next(it) % reps], k, "per_layer", deny, [])
+
+                new_p50, new_p99 = percentiles(timed(lambda: run(batched), reps))
+                old_p50, _ = percentiles(timed(lambda: run(old), reps))
+                row = dict(dtype=dtype, n=n, layers=L, dim=d, k=k, deny=0 if deny is None else len(deny),
+                           batched_p50_ms=new_p50, batched_p99_ms=new_p99, per_layer_p50_ms=old_p50)
+                if block is not None:
+                    def numpy_scan(it=it):
+                        s = np.matmul(block, queries[next(it) % reps][:, :, None])[:, :, 0]  # [L, n]
+                        if n > k:
+                            np.argpartition(-s, k - 1, axis=1)[:, :k]
+                    row["numpy_p50_ms"] = percentiles(timed(numpy_scan, reps))[0]
+                row.update(floor_ms=floor * 1e3, scan_mb=n * L * batched.block._ivf.code_size / 1e6,
+                           vs_per_layer=old_p50 / new_p50, over_floor=new_p50 / (floor * 1e3), identical=identical)
+                res.add(**row)
+            del batched, old, block
+    res.header["loadavg_end"] = os.getloadavg()[0]
+    path = res.close()
+    print(json.dumps({"done_s": round(time.perf_counter() - t_start, 1), "results": str(path)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
