@@ -1,8 +1,8 @@
-"""MemoryBank: streams of memory entries over a VectorIndex per key space and one LMDB TensorStore.
+"""MemoryBank: streams of memory entries over a VectorIndex per key space and one TensorStore (LMDB).
 
 Owns the public protocol's semantics (DESIGN.md "Public surface"); `LocalMemory` and the gRPC servicer
 only delegate here. Promises:
-- every mutating call is one LMDB transaction: all of it or none of it, and a failed call (bad input,
+- every mutating call is one store commit: all of it or none of it, and a failed call (bad input,
   budget, full disk) leaves the bank exactly as it was; memory (indexes, entry table) is updated only
   after the commit succeeds;
 - after `put` returns, the stream is within its budget (the put's own evictions commit with it);
@@ -11,7 +11,8 @@ Retrieval statistics (hits, last hit, importance, decayed frequency) live in mem
 the next write, or at most `hit_flush_interval_s` later by a background thread, or on close: a query never
 writes, so it never fails on a full disk. Deletes, drops, prunes and puts that evict commit on a full disk
 (the store's reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and
-still closes.
+still closes. What is durable goes through the store's verbs (memory_service/store/base.py); this module never
+sees how the store lays it out.
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from memory_service import eviction
 from memory_service.config import BankConfig
 from memory_service.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted, Unavailable,
 )
 from memory_service.pruning import LFU, parse_policy
-from memory_service import eviction
 from memory_service.pruning.planner import Plan
+from memory_service.store import LMDBStore, NewEntries, StoredStream, StoreView, TensorStore
+from memory_service.store.codec import body_bytes, encode
 from memory_service.store.dirlock import DirLock
-from memory_service.store.codec import body_bytes, check_raw, decode_into, encode
-from memory_service.store.lmdb_store import _SID, LMDBStore, Writer, as_bytes, dumps, entry_key, keys_key, loads
-from memory_service.stream import Stream, meta_json, stats_json
+from memory_service.stream import Stream
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec, StreamStats,
     kv_numpy_dtype,
@@ -54,10 +55,10 @@ class UnopenedStream:
     name: str
     reason: str
     sid: Optional[int] = None  # None when the record is too damaged to name its id
-    key: bytes = dataclasses.field(default=b"", repr=False)  # the record's LMDB key, as stored
+    key: bytes = dataclasses.field(default=b"", repr=False)  # the store's key of the record, as stored
 
 
-def _build_stream(record: dict, params, store: LMDBStore) -> Stream:
+def _build_stream(record: dict, params, store: TensorStore) -> Stream:
     """A new stream's in-memory state; what fails here is the caller's spec, so nothing is written."""
     try:
         return Stream(record, params, store)
@@ -82,9 +83,10 @@ class MemoryBank:
         self._dirlock = None if read_only else DirLock.acquire(self.data_dir)
         if read_only:
             self.config = dataclasses.replace(self.config, snapshot_on_close=False)
-        self.store = LMDBStore(os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
-                              self.config.durable, readonly=read_only, reserve_bytes=self.config.reserve_bytes)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
+        self.store: TensorStore = LMDBStore(
+            os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size, self.config.durable,
+            readonly=read_only, reserve_bytes=self.config.reserve_bytes, snapshot_dir=self.snapshot_dir)
         self._lock = threading.RLock()
         self._streams: dict[str, Stream] = {}
         self._unavailable: dict[str, UnopenedStream] = {}  # records on disk this bank could not open
@@ -92,25 +94,22 @@ class MemoryBank:
         self._closed = False
         self._stop = threading.Event()
         self._pruner: Optional[threading.Thread] = None
-        with self.store.reader() as r:
-            raw = r.get("meta", b"next_sid")
-            self._next_sid = int(bytes(raw)) if raw is not None else 1
-            for key, value in r.iter_prefix("streams", b""):
-                self._open_stream(r, bytes(key), bytes(value))
+        with self.store.view() as v:  # one consistent snapshot, also beside a live writer (read-only)
+            self._next_sid = v.next_stream_id()
+            for stored in v.streams():
+                self._open_stream(v, stored)
 
-    def _open_stream(self, r, key: bytes, value: bytes) -> None:
+    def _open_stream(self, v: StoreView, stored: StoredStream) -> None:
         """Open one stream record at start; a record that cannot be opened (written by an older version without
         the spec limits, or damaged) makes that stream unavailable, never the bank: the others are served."""
-        name = key.decode("utf-8", errors="replace")
+        name, key, record = stored.name, stored.key, stored.record
         sid = None
         try:
-            try:
-                record = loads(value)
-            except ValueError as exc:  # UnicodeDecodeError included
-                raise InvalidArgument(f"the record is not valid JSON ({exc})") from None
+            if record is None:
+                raise InvalidArgument(stored.problem)
             sid = record.get("sid") if isinstance(record, dict) else None
             s = Stream(record, self.config.index, self.store)  # checks the spec (limits) before building anything
-            s.load(r, self.snapshot_dir)
+            s.load(v)
         except Exception as exc:  # noqa: BLE001 - any failure of one record must not take the others down
             reason = f"{type(exc).__name__}: {exc}"
             ok_sid = sid if isinstance(sid, int) and not isinstance(sid, bool) and 0 <= sid < 2**32 else None
@@ -131,19 +130,10 @@ class MemoryBank:
         u = self._unavailable[name]
         if u.sid is not None and any(s.sid == u.sid for s in self._streams.values()):
             u = dataclasses.replace(u, sid=None)  # a damaged record naming a live stream's id: never touch its data
-
-        def fn(w: Writer) -> None:
-            w.delete("streams", u.key)
-            if u.sid is not None:
-                for db in ("entries", "stats", "keys", "phead", "pbody"):
-                    w.delete_prefix(db, _SID.pack(u.sid))
-
-        self.store.write(fn, frees=True)
+        self.store.drop_stream(name, u.sid, record_key=u.key)
         del self._unavailable[name]
-        if u.sid is not None and os.path.isdir(self.snapshot_dir):
-            for f in os.listdir(self.snapshot_dir):
-                if f.startswith(f"stream{u.sid}-space"):
-                    os.remove(os.path.join(self.snapshot_dir, f))
+        if u.sid is not None:
+            self.store.drop_snapshots(u.sid)
 
     # -- streams ---------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
@@ -161,13 +151,7 @@ class MemoryBank:
             # The stream is built (indexes included) and its record serialized before anything is written: a
             # record on disk is always one the next start can open.
             stream = _build_stream(record, self.config.index, self.store)
-            data = dumps(record)
-
-            def fn(w: Writer) -> None:
-                w.put("streams", spec.name.encode(), data)
-                w.put("meta", b"next_sid", str(self._next_sid + 1).encode())
-
-            self.store.write(fn)
+            self.store.create_stream(spec.name, record, self._next_sid + 1)
             self._next_sid += 1
             self._streams[spec.name] = stream
 
@@ -176,20 +160,10 @@ class MemoryBank:
             if name in self._unavailable:
                 return self._drop_unavailable(name)
             s = self._stream(name)
-            prefix = _SID.pack(s.sid)
-
-            def fn(w: Writer) -> None:
-                w.delete("streams", name.encode())
-                for db in ("entries", "stats", "keys", "phead", "pbody"):
-                    w.delete_prefix(db, prefix)
-
             with s.lock:
-                self.store.write(fn, frees=True)
+                self.store.drop_stream(name, s.sid)
                 del self._streams[name]
-            for sidx in range(len(s.space_names)):
-                path = os.path.join(self.snapshot_dir, f"stream{s.sid}-space{sidx}.npz")
-                if os.path.exists(path):
-                    os.remove(path)
+            self.store.drop_snapshots(s.sid)
 
     def list_streams(self) -> list[StreamSpec]:
         self._check_open()
@@ -229,8 +203,11 @@ class MemoryBank:
         checked = check_entries(s.spec, entries, self.config.max_batch)
         codec = s.spec.storage
         encoded = []  # per entry: [(header, body)] per layer, or None
-        for _, _, kv in checked:
+        stored_keys = []  # per entry: per key space, in the space's stored dtype
+        dtypes = [s.spec.key_spaces[space].dtype for space in s.space_names]
+        for _, keys, kv in checked:
             encoded.append(None if kv is None else [encode(kv[layer], s.spec.kv.dtype, codec) for layer in range(len(kv))])
+            stored_keys.append([keys[space].astype(dt, copy=False) for space, dt in zip(s.space_names, dtypes)])
         with s.lock:
             now = self.clock()
             ids = list(range(s.next_id, s.next_id + len(checked)))
@@ -244,20 +221,9 @@ class MemoryBank:
                     importance=float(e.importance), nbytes=nbytes, codec=codec if enc else "none",
                 ))
             p = eviction.plan_for(s, len(metas), sum(m.nbytes for m in metas), now)
-
-            def fn(w: Writer):
-                for meta, (_, keys, _), enc in zip(metas, checked, encoded):
-                    key = entry_key(s.sid, meta.entry_id)
-                    w.put("entries", key, dumps(meta_json(meta)))
-                    w.put("stats", key, dumps(stats_json(meta)))
-                    for sidx, space in enumerate(s.space_names):
-                        vec = keys[space].astype(s.spec.key_spaces[space].dtype, copy=False)
-                        w.put("keys", keys_key(s.sid, sidx, meta.entry_id), as_bytes(vec))
-                    for layer, (header, body) in enumerate(enc or ()):
-                        w.put_payload(s.sid, meta.entry_id, layer, header, body)
-                return eviction.apply(w, s, p, ids[-1] + 1, self.config.verify_checksums)
-
-            degraded = self.store.write(fn, frees=bool(p.evict))  # evicting: it may use the full-disk reserve
+            # one commit: the entries and the evictions that make room for them (evicting, it may use the reserve)
+            degraded = eviction.apply(self.store, s, p, ids[-1] + 1, self.config.verify_checksums,
+                                      NewEntries(metas, stored_keys, encoded))
             for meta in metas:
                 s.entries[meta.entry_id] = meta
             s.columns_added(metas)
@@ -274,8 +240,7 @@ class MemoryBank:
         s = self._stream(stream)
         with s.lock:
             p = eviction.plan_for(s, 0, 0, self.clock())
-            degraded = self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums),
-                                        frees=True)
+            degraded = eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
             eviction.mirror(s, p, degraded, s.next_id)
         return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
 
@@ -355,13 +320,7 @@ class MemoryBank:
             with s.lock:
                 if not s.dirty:
                     continue
-                dirty = [s.entries[e] for e in s.dirty if e in s.entries]
-
-                def fn(w: Writer) -> None:
-                    for m in dirty:
-                        w.put("stats", entry_key(s.sid, m.entry_id), dumps(stats_json(m)))
-
-                self.store.write(fn)
+                self.store.put_stats(s.layout, [s.entries[e] for e in s.dirty if e in s.entries])
                 s.dirty.clear()
 
     # -- fetch / delete / pin --------------------------------------------------------------------
@@ -372,12 +331,8 @@ class MemoryBank:
             out = np.empty(shape, dtype)
         elif out.shape != shape or out.dtype != dtype:
             raise InvalidArgument(f"fetch buffer is {out.dtype}{list(out.shape)}, expected {dtype}{list(shape)}")
-        with self.store.reader() as r:
-            for n, eid in enumerate(id_list):
-                for j, layer in enumerate(layer_list):
-                    header, body = self._payload(r, s, eid, layer)
-                    decode_into(header, body, out[n, j], self._verify(s, eid, layer), f"stream {stream!r} entry {eid} layer {layer}")
-                    self._verified(s, eid, layer)
+        with self.store.view() as v:
+            v.read_payloads(s.layout, id_list, layer_list, out, self._verified(s))
         return FetchResult(ids=tuple(id_list), layers=tuple(layer_list), kv=out)
 
     def fetch_layout(self, stream: str, ids, layers: Optional[Sequence[int]] = None):
@@ -389,25 +344,17 @@ class MemoryBank:
                    frame: Callable[[memoryview], object]) -> Iterator[object]:
         """The bytes a fetch returns, in order, as `frame(chunk)` of at most `chunk_bytes` each (streaming plane).
 
-        Raw payloads go from LMDB's memory map straight into `frame` (which must copy what it keeps); a read
-        transaction is held for one layer of one entry at a time, never while the consumer waits.
+        Raw payloads go from the store's memory map straight into `frame` (which must copy what it keeps); a read
+        view is held for one layer of one entry at a time, never while the consumer waits.
         """
-        s, id_list, layer_list, _, dtype = self._fetch_prepare(stream, ids, layers)
+        s, id_list, layer_list, _, _ = self._fetch_prepare(stream, ids, layers)
+        verified = self._verified(s)
         for eid in id_list:
             for layer in layer_list:
-                with self.store.reader() as r:
-                    header, body = self._payload(r, s, eid, layer)
-                    what = f"stream {stream!r} entry {eid} layer {layer}"
-                    if header.codec == "raw":
-                        check_raw(header, body, dtype, self._verify(s, eid, layer), what)
-                        view = memoryview(body)
-                    else:
-                        tmp = np.empty(s.spec.kv.layer_shape, dtype)
-                        decode_into(header, body, tmp, self._verify(s, eid, layer), what)
-                        view = memoryview(tmp.reshape(-1).view(np.uint8))
+                with self.store.view() as v:
+                    view = v.read_layer(s.layout, eid, layer, verified)
                     framed = [frame(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
                     del view
-                self._verified(s, eid, layer)
                 yield from framed
 
     def _fetch_prepare(self, stream: str, ids, layers):
@@ -424,24 +371,14 @@ class MemoryBank:
         shape = (len(id_arr), len(layer_list), *s.spec.kv.layer_shape)
         return s, id_arr.tolist(), layer_list, shape, kv_numpy_dtype(s.spec.kv.dtype)
 
-    @staticmethod
-    def _payload(r, s: Stream, eid: int, layer: int):
-        got = r.payload(s.sid, eid, layer)
-        if got is None:
-            raise NotFound(f"entry {eid} of stream {s.spec.name!r} was deleted during the fetch")
-        return got
-
-    def _verify(self, s: Stream, eid: int, layer: int) -> bool:
-        """Checksums are verified on the first read of each payload layer after open (or on every read with
-        `verify_every_read`): that catches what disk or a crash did to the file, without re-hashing hot
-        payloads on every chunk (xxh3 costs about a third of a warm fetch)."""
+    def _verified(self, s: Stream) -> Optional[dict[int, int]]:
+        """What a read verifies: checksums on the first read of each payload layer after open (the stream's
+        bitmasks), or on every read with `verify_every_read` (a fresh map), or never (None). That catches what
+        disk or a crash did to the file, without re-hashing hot payloads on every chunk (xxh3 costs about a
+        third of a warm fetch)."""
         if not self.config.verify_checksums:
-            return False
-        return self.config.verify_every_read or not (s.verified.get(eid, 0) >> layer) & 1
-
-    @staticmethod
-    def _verified(s: Stream, eid: int, layer: int) -> None:
-        s.verified[eid] = s.verified.get(eid, 0) | (1 << layer)
+            return None
+        return {} if self.config.verify_every_read else s.verified
 
     def _check_layers(self, s: Stream, layers: Optional[Sequence[int]]) -> list[int]:
         total = s.spec.kv.layers
@@ -464,7 +401,7 @@ class MemoryBank:
         with s.lock:
             self._require(s, id_arr)
             p = Plan(evict=tuple(id_arr.tolist()), reason="deleted")
-            self.store.write(lambda w: eviction.apply(w, s, p, s.next_id, self.config.verify_checksums), frees=True)
+            eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
             eviction.mirror(s, p, {}, s.next_id)
         return len(id_arr)
 
@@ -474,12 +411,7 @@ class MemoryBank:
         with s.lock:
             self._require(s, id_arr)
             new = {int(e): dataclasses.replace(s.entries[int(e)], pinned=bool(pinned)) for e in id_arr}
-
-            def fn(w: Writer) -> None:
-                for eid, meta in new.items():
-                    w.put("entries", entry_key(s.sid, eid), dumps(meta_json(meta)))
-
-            self.store.write(fn)
+            self.store.put_metadata(s.layout, list(new.values()))
             s.entries.update(new)
             s.touch()
 
@@ -509,10 +441,10 @@ class MemoryBank:
 
     def snapshot(self) -> None:
         """Write index snapshots stamped with each stream's version (fast reopen for ANN indexes); one that
-        does not fit on the disk is skipped (no partial file is left) and the next open rebuilds from LMDB."""
+        does not fit on the disk is skipped (no partial file is left) and the next open rebuilds from the store."""
         for s in list(self._streams.values()):
             with s.lock:
-                s.save_snapshot(self.snapshot_dir)
+                s.save_snapshot()
 
     def start_pruner(self, interval_s: float = 5.0) -> None:
         """Expire (TTL) and re-check budgets every `interval_s` on a background thread, off the request path."""
@@ -545,14 +477,14 @@ class MemoryBank:
                 thread.join()
         try:
             self.flush()
-        except ResourceExhausted as exc:  # a full disk must not stop a clean close: LMDB holds every entry
+        except ResourceExhausted as exc:  # a full disk must not stop a clean close: the store holds every entry
             log.warning("closing without persisting the latest retrieval statistics: %s", exc)
         if self.config.snapshot_on_close:
             self.snapshot()
         self.store.close()
         self._closed = True
         if self._dirlock is not None:
-            self._dirlock.release()  # after LMDB is closed: the next writer finds everything on disk
+            self._dirlock.release()  # after the store is closed: the next writer finds everything on disk
 
     def destroy(self) -> None:
         """Close and delete the data directory (tests and benchmarks)."""

@@ -1,23 +1,23 @@
 """Eviction: from a stream's budget and policy to a committed plan, in three steps.
 
-`plan_for` asks the policy (pure) and the planner (pure) what to degrade and evict; `apply` writes that plan
-inside the caller's LMDB write transaction (so a put and its evictions commit together); `mirror` repeats
-the committed plan in memory (indexes, entry table, counters). Nothing in memory changes before the commit.
+`plan_for` asks the policy (pure) and the planner (pure) what to degrade and evict; `apply` commits that plan
+through the store, in one commit with the put it makes room for (so a put and its evictions commit together);
+`mirror` repeats the committed plan in memory (indexes, entry table, counters). Nothing in memory changes
+before the commit.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import Optional
 
 import numpy as np
 
 from memory_service.pruning import TTL, Composite, PruneView
 from memory_service.pruning.planner import Plan, fp8_bytes, over_budget, plan
-from memory_service.store.codec import Header, body_bytes, decode_into, encode
-from memory_service.store.lmdb_store import Writer, dumps, entry_key, payload_key
-from memory_service.stream import Stream, meta_json, stats_json
-from memory_service.types import EntryMeta, kv_numpy_dtype
+from memory_service.store.base import Commit, NewEntries, TensorStore
+from memory_service.stream import Stream
+from memory_service.types import EntryMeta
 
 
 def parts(policy) -> tuple:
@@ -42,6 +42,7 @@ def plan_for(s: Stream, add_entries: int, add_bytes: int, now: float) -> Plan:
     return plan(s.spec.name, budget, len(s.entries), s.payload_bytes, candidates, add_entries, add_bytes, choice,
                 s.spec.degrade, _degraded_bytes(s), slack, slack_bytes)
 
+
 def _degraded_bytes(s: Stream):
     def after(meta: EntryMeta, step: str) -> int:
         if step == "keys_only" or s.spec.kv is None:
@@ -51,39 +52,25 @@ def _degraded_bytes(s: Stream):
 
     return after
 
-def apply(w: Writer, s: Stream, p: Plan, next_id: int, verify: bool) -> dict[int, EntryMeta]:
-    """Inside a write txn: degrade, evict, persist dirty statistics and the stream record."""
-    degraded: dict[int, EntryMeta] = {}
-    for eid, step in p.degrade:
-        meta = s.entries[eid]
-        layers = s.spec.kv.layers if s.spec.kv else 0
-        if step == "keys_only":
-            for layer in range(layers):
-                w.delete("phead", payload_key(s.sid, eid, layer))
-                w.delete("pbody", payload_key(s.sid, eid, layer))
-            degraded[eid] = dataclasses.replace(meta, nbytes=0, codec="none")
-        else:
-            out = np.empty(s.spec.kv.layer_shape, kv_numpy_dtype(s.spec.kv.dtype))
-            total = 0
-            for layer in range(layers):
-                key = payload_key(s.sid, eid, layer)
-                decode_into(Header.unpack(bytes(w.get("phead", key))), bytes(w.get("pbody", key)), out,
-                            verify, f"entry {eid} layer {layer}")
-                header, body = encode(out, s.spec.kv.dtype, "fp8")
-                w.put_payload(s.sid, eid, layer, header, body)
-                total += body_bytes(header)
-            degraded[eid] = dataclasses.replace(meta, nbytes=total, codec="fp8")
-        w.put("entries", entry_key(s.sid, eid), dumps(meta_json(degraded[eid])))
-    for eid in p.evict:
-        w.delete_entry(s.sid, eid, len(s.space_names), s.spec.kv.layers if s.spec.kv else 0)
-    for eid in s.dirty - set(p.evict):
-        if eid in s.entries:
-            w.put("stats", entry_key(s.sid, eid), dumps(stats_json(s.entries[eid])))
+
+def commit_for(s: Stream, p: Plan, next_id: int, verify: bool, put: Optional[NewEntries] = None) -> Commit:
+    """What commits with a plan (and with the put it makes room for): degrades, evictions, the statistics not yet
+    persisted, and the stream record after it."""
+    evicted = set(p.evict)
     record = s.record()
     record.update(next_id=next_id, version=s.version + 1, evicted_total=s.evicted_total + len(p.evict),
                   degraded_total=s.degraded_total + len(p.degrade))
-    w.put("streams", s.spec.name.encode(), dumps(record))
-    return degraded
+    return Commit(record=record, put=put, degrade=tuple((s.entries[eid], step) for eid, step in p.degrade),
+                  evict=p.evict, stats=tuple(s.entries[e] for e in s.dirty if e not in evicted and e in s.entries),
+                  verify=verify)
+
+
+def apply(store: TensorStore, s: Stream, p: Plan, next_id: int, verify: bool,
+          put: Optional[NewEntries] = None) -> dict[int, EntryMeta]:
+    """Commit a plan (with `put`, in the same commit); returns the degraded entries' new metadata. Nothing in memory
+    changes here: `mirror` does that after the commit."""
+    return store.commit(s.layout, commit_for(s, p, next_id, verify, put))
+
 
 def mirror(s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> None:
     """After the commit: mirror it in memory."""

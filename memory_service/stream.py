@@ -1,16 +1,15 @@
 """One stream's in-memory state: its entry table, its search indexes, and how they are rebuilt.
 
-Owns the promise that memory mirrors LMDB: on open the indexes come from a snapshot stamped with the
-stream version it covers, caught up by id difference against LMDB (entry ids are monotonic, so anything
-LMDB has that the snapshot lacks is added, anything the snapshot has that LMDB lost is removed), or are
-rebuilt from LMDB keys when there is no usable snapshot. LMDB always wins.
+Owns the promise that memory mirrors the store: on open the indexes come from a snapshot stamped with the
+stream version it covers, caught up by id difference against the store (entry ids are monotonic, so anything
+the store has that the snapshot lacks is added, anything the snapshot has that the store lost is removed), or
+are rebuilt from the stored keys when there is no usable snapshot. The store always wins. Everything durable
+goes through the store's verbs (memory_service/store/base.py), never its layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from typing import Optional
 
@@ -20,7 +19,7 @@ from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
 from memory_service.index.space import SpaceIndex, compact
 from memory_service.pruning import parse_policy
-from memory_service.store.lmdb_store import _SID, LMDBStore, Reader, entry_key, keys_key, loads
+from memory_service.store.base import StoreView, StreamLayout, TensorStore
 from memory_service.types import EntryMeta, StreamSpec
 
 log = logging.getLogger("memflow.bank")
@@ -61,7 +60,7 @@ class EntryTable(dict):
 
 
 class Stream:
-    def __init__(self, record: dict, params: IndexParams, store: LMDBStore) -> None:
+    def __init__(self, record: dict, params: IndexParams, store: TensorStore) -> None:
         """Builds everything a stream needs (its indexes included) from its record, or raises before building any
         of it: the spec is checked against memory_service/limits.py first, so the cost here is bounded by those
         limits (at most MAX_INDEXES_PER_STREAM empty indexes), never by the numbers a record holds."""
@@ -78,6 +77,13 @@ class Stream:
         self.lock = threading.RLock()
         self.store = store
         self.space_names = list(self.spec.key_spaces)
+        kv = self.spec.kv
+        self.layout = StreamLayout(  # how the store lays this stream out; fixed with the spec
+            sid=self.sid, name=self.spec.name,
+            key_spaces=tuple((ks.dtype, (self.spec.layers_of(n), ks.dim) if ks.per_layer else (ks.dim,))
+                             for n, ks in self.spec.key_spaces.items()),
+            layers=kv.layers if kv else 0, layer_shape=tuple(kv.layer_shape) if kv else (), kv_dtype=kv.dtype if kv else "",
+        )
         self.entries = EntryTable()
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
         self.verified: dict[int, int] = {}  # entry id -> bitmask of payload layers whose checksum passed
@@ -140,7 +146,7 @@ class Stream:
     def payload_bytes(self) -> int:
         return self.entries.nbytes
 
-    # -- keys from LMDB --------------------------------------------------------------------------
+    # -- keys from the store -----------------------------------------------------------------------
     def _loader(self, space: str):
         sidx = self.space_names.index(space)
         ks = self.spec.key_spaces[space]
@@ -148,39 +154,29 @@ class Stream:
 
         def load(ids: np.ndarray) -> np.ndarray:  # [n] -> [n, L, d] float32
             out = np.empty((len(ids), layers, ks.dim), np.float32)
-            with self.store.reader() as r:
-                for n, eid in enumerate(ids.tolist()):
-                    buf = r.get("keys", keys_key(self.sid, sidx, eid))
-                    out[n] = np.frombuffer(buf, dtype=ks.dtype).reshape(layers, ks.dim)
+            with self.store.view() as v:
+                v.read_keys(self.layout, sidx, ids.tolist(), out)
             return out
 
         return load
 
     # -- open: entries, then indexes ---------------------------------------------------------------
-    def load(self, r: Reader, snapshot_dir: str) -> None:
-        prefix = _SID.pack(self.sid)
-        for key, value in r.iter_prefix("entries", prefix):
-            eid = int.from_bytes(key[4:12], "big")
-            meta = loads(value)
-            stats = r.get("stats", entry_key(self.sid, eid))
-            if stats is not None:
-                meta.update(loads(stats))
-            self.entries[eid] = EntryMeta(entry_id=eid, **meta)
+    def load(self, v: StoreView) -> None:
+        for meta in v.entries(self.layout):
+            self.entries[meta.entry_id] = meta
         live = np.array(sorted(self.entries), np.int64)
         for sidx, name in enumerate(self.space_names):
-            if not self._load_snapshot(name, sidx, live, snapshot_dir, r):
-                self._rebuild(name, sidx, r, None)
+            if not self._load_snapshot(name, sidx, live, v):
+                self._rebuild(name, sidx, v, None)
         if self.policy.needs_vectors:
-            self._rebuild_compact(r)
+            self._rebuild_compact(v)
 
-    def _load_snapshot(self, name: str, sidx: int, live: np.ndarray, snapshot_dir: str, r: Reader) -> bool:
-        path = snapshot_path(snapshot_dir, self.sid, sidx)
-        if not os.path.exists(path):
-            return False
+    def _load_snapshot(self, name: str, sidx: int, live: np.ndarray, v: StoreView) -> bool:
         try:
-            with np.load(path) as z:
-                parts = [(z[f"index{i}"].tobytes(), z[f"tomb{i}"]) for i in range(int(z["count"]))]
-                stamp = int(z["version"])
+            got = self.store.load_snapshot(self.sid, sidx)
+            if got is None:
+                return False
+            stamp, parts = got
             self.spaces[name].load(parts)
             have = self.spaces[name].ids()
             extra = np.setdiff1d(have, live)
@@ -188,38 +184,24 @@ class Stream:
             if len(extra):
                 self.spaces[name].remove(extra)
             if len(missing):
-                self._rebuild(name, sidx, r, set(missing.tolist()))
-            log.info("stream %r space %r: snapshot v%d loaded, %d added, %d removed to match LMDB v%d",
+                self._rebuild(name, sidx, v, set(missing.tolist()))
+            log.info("stream %r space %r: snapshot v%d loaded, %d added, %d removed to match the store's v%d",
                      self.spec.name, name, stamp, len(missing), len(extra), self.version)
             return True
-        except Exception as exc:  # a bad snapshot is never fatal: LMDB is the truth
-            log.warning("stream %r space %r: snapshot unusable (%s); rebuilding from LMDB", self.spec.name, name, exc)
+        except Exception as exc:  # a bad snapshot is never fatal: the store is the truth
+            log.warning("stream %r space %r: snapshot unusable (%s); rebuilding from the store", self.spec.name,
+                        name, exc)
             self.spaces[name] = SpaceIndex(self.spec.key_spaces[name], self.spec.layers_of(name),
                                            self.spaces[name].params, self._loader(name))
             return False
 
-    def _iter_keys(self, sidx: int, r: Reader, only: Optional[set[int]]):
-        ks = self.spec.key_spaces[self.space_names[sidx]]
-        shape = (self.spec.layers_of(self.space_names[sidx]), ks.dim) if ks.per_layer else (ks.dim,)
-        ids, vecs = [], []
-        for key, value in r.iter_prefix("keys", _SID.pack(self.sid) + bytes([sidx])):
-            eid = int.from_bytes(key[5:13], "big")
-            if eid not in self.entries or (only is not None and eid not in only):
-                continue
-            ids.append(eid)
-            vecs.append(np.frombuffer(value, dtype=ks.dtype).reshape(shape).astype(np.float32))
-            if len(ids) == REBUILD_BATCH:
-                yield np.array(ids, np.int64), np.stack(vecs)
-                ids, vecs = [], []
-        if ids:
-            yield np.array(ids, np.int64), np.stack(vecs)
-
-    def _rebuild(self, name: str, sidx: int, r: Reader, only: Optional[set[int]]) -> None:
-        for ids, vecs in self._iter_keys(sidx, r, only):
+    def _rebuild(self, name: str, sidx: int, v: StoreView, only: Optional[set[int]]) -> None:
+        # keys of live entries only (`only` is a subset of them): an orphaned key never enters an index
+        for ids, vecs in v.iter_keys(self.layout, sidx, self.entries if only is None else only, REBUILD_BATCH):
             self.spaces[name].add(ids, vecs)
 
-    def _rebuild_compact(self, r: Reader) -> None:
-        for ids, vecs in self._iter_keys(0, r, None):
+    def _rebuild_compact(self, v: StoreView) -> None:
+        for ids, vecs in v.iter_keys(self.layout, 0, self.entries, REBUILD_BATCH):
             self.add_compact(ids, vecs)
 
     def add_compact(self, ids: np.ndarray, keys0: np.ndarray) -> None:
@@ -231,28 +213,14 @@ class Stream:
             self.compact[eid] = vec
 
     # -- snapshots -------------------------------------------------------------------------------
-    def save_snapshot(self, snapshot_dir: str) -> None:
-        """Snapshot every index; on a full disk the rest are skipped and no partial file is left."""
-        try:
-            os.makedirs(snapshot_dir, exist_ok=True)
-        except OSError as exc:
-            log.warning("stream %r: snapshots skipped (%s)", self.spec.name, exc)
-            return
+    def save_snapshot(self) -> None:
+        """Snapshot every index, stamped with the stream version; on a full disk the rest are skipped (the store
+        leaves no partial snapshot)."""
         for sidx, name in enumerate(self.space_names):
-            parts = self.spaces[name].dump()
-            arrays = {"count": np.int64(len(parts)), "version": np.int64(self.version)}
-            for i, (data, tomb) in enumerate(parts):
-                arrays[f"index{i}"] = np.frombuffer(data, np.uint8)
-                arrays[f"tomb{i}"] = tomb
-            path = snapshot_path(snapshot_dir, self.sid, sidx)
-            tmp = path + ".tmp.npz"
             try:
-                np.savez(tmp, **arrays)
-                os.replace(tmp, path)
-            except OSError as exc:  # a full disk: no partial file; the next open catches up or rebuilds from LMDB
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                log.warning("stream %r space %r: snapshot skipped (%s); the next open rebuilds it from LMDB",
+                self.store.save_snapshot(self.sid, sidx, self.version, self.spaces[name].dump())
+            except OSError as exc:  # a full disk: the next open catches up or rebuilds from the store
+                log.warning("stream %r space %r: snapshot skipped (%s); the next open rebuilds it from the store",
                             self.spec.name, name, exc)
                 return
 
@@ -262,20 +230,3 @@ def _counter(record: dict, field: str, default: Optional[int], end: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < end:
         raise InvalidArgument(f"stream record field {field!r} is {value!r}; expected an int in [0, {end})")
     return value
-
-
-def snapshot_path(snapshot_dir: str, sid: int, sidx: int) -> str:
-    return os.path.join(snapshot_dir, f"stream{sid}-space{sidx}.npz")
-
-
-def meta_json(meta: EntryMeta) -> dict:
-    """The immutable part of an entry's metadata, as stored in the `entries` database."""
-    skip = ("entry_id", *STATS_FIELDS)
-    return {k: v for k, v in vars(meta).items() if k not in skip}  # every field is a scalar: no deep copy
-
-
-STATS_FIELDS = ("hit_count", "last_hit", "importance", "lfu")
-
-
-def stats_json(meta: EntryMeta) -> dict:
-    return {k: getattr(meta, k) for k in STATS_FIELDS}

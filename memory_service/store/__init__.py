@@ -1,20 +1,12 @@
-"""Tensor stores: the `TensorStore` protocol and its LMDB implementation."""
+"""Tensor stores: the `TensorStore` protocol (base.py) and its LMDB implementation (lmdb_store.py).
 
-from typing import Protocol
+Only this package knows how a bank is laid out on disk; everything above it speaks `TensorStore`'s verbs.
+"""
 
-from memory_service.store.lmdb_store import LMDBStore, Reader, Writer
+from memory_service.store.base import (
+    Commit, Contents, NewEntries, StoredStream, StoreView, StreamLayout, TensorStore,
+)
+from memory_service.store.lmdb_store import LMDBStore, LMDBView
 
-
-class TensorStore(Protocol):
-    """What the bank needs from durable storage: atomic write transactions and zero-copy readers."""
-
-    path: str
-
-    def write(self, fn): ...
-    def reader(self): ...
-    def map_size(self) -> int: ...
-    def disk_bytes(self) -> int: ...
-    def close(self) -> None: ...
-
-
-__all__ = ["LMDBStore", "Reader", "TensorStore", "Writer"]
+__all__ = ["Commit", "Contents", "LMDBStore", "LMDBView", "NewEntries", "StoreView", "StoredStream",
+           "StreamLayout", "TensorStore"]

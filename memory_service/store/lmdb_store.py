@@ -1,49 +1,38 @@
-"""LMDB tensor store: the bank's source of truth on disk.
+"""LMDB store: the `TensorStore` of one data directory, and the only module that knows its layout.
 
-Owns one LMDB environment per data directory with named databases:
-    streams  name -> stream record (JSON: id, spec, counters)
+Owns the LMDB layout (the environment underneath is lmdb_env.py), named databases keyed by big-endian ids:
+    streams  name -> stream record (JSON: id, spec, counters)    meta  next_sid, advance
     entries  sid|eid -> entry metadata (JSON)          stats  sid|eid -> retrieval statistics (JSON)
     keys     sid|space|eid -> key vectors (raw floats) phead  sid|eid|layer -> payload header
     pbody    sid|eid|layer -> payload body (raw bytes, one value per layer so fetches can pick layers)
-Promises: a `write` is one LMDB transaction (all of it is visible after it returns, none of it before,
-and it survives `kill -9` once committed); the map grows by doubling when full, only while no reader is
-inside (the gate), up to `max_map_size`; past that, or on a full disk, writes raise ResourceExhausted
-and every committed record stays readable. Reads hand out buffers straight from the memory map.
-
-A full disk never locks the bank up. LMDB is copy-on-write, so even a delete needs a few fresh pages; the
-store keeps a reserve file (`reserve`, real blocks) beside the environment and gives it up when a write that
-frees space (`write(..., frees=True)`: delete, drop, prune) hits ENOSPC, then retries. Pages a commit frees
-become reusable only after one more commit (LMDB keeps the previous snapshot whole), and an aborted write
-does not count, so a put retried on a full disk would never see them: after a space-freeing commit on a low
-disk, and once before a write gives up on ENOSPC, the store commits a one-key "advance" transaction. The
-reserve is refilled (as far as the disk allows) after later commits, before puts can take that space.
+and index snapshots as `snapshots/stream{sid}-space{i}.npz` beside it (written to a temporary file, then
+renamed: a snapshot is whole or absent). Every verb of base.TensorStore is one LMDB write transaction, with
+the full-disk behaviour of lmdb_env.py; reads go through `view()`, one read transaction, straight from the
+memory map.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
-import logging
+import dataclasses
 import os
-import shutil
 import struct
-import threading
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Container, Iterator, Optional, Sequence
 
-import lmdb
 import numpy as np
 
-from memory_service.errors import NotFound, PermissionDenied, ResourceExhausted
-from memory_service.store.codec import Header
+from memory_service.errors import NotFound
+from memory_service.store.base import Commit, Contents, NewEntries, StoredStream, StreamLayout
+from memory_service.store.codec import Header, body_bytes, check_raw, decode_into, encode
+from memory_service.store.lmdb_env import LMDBEnv, Reader, Writer, as_bytes
+from memory_service.store.records import dumps, entry_from, loads, meta_json, stats_json
+from memory_service.types import EntryMeta
 
-T = TypeVar("T")
-log = logging.getLogger("memflow.store")
-DBS = ("streams", "entries", "stats", "keys", "phead", "pbody", "meta")
 _SID = struct.Struct(">I")
 _SID_EID = struct.Struct(">IQ")
 _SID_SPACE_EID = struct.Struct(">IBQ")
 _SID_EID_LAYER = struct.Struct(">IQH")
+_DATA_DBS = ("entries", "stats", "keys", "phead", "pbody")
 
 
 def entry_key(sid: int, eid: int) -> bytes:
@@ -58,332 +47,241 @@ def payload_key(sid: int, eid: int, layer: int) -> bytes:
     return _SID_EID_LAYER.pack(sid, eid, layer)
 
 
-class _Gate:
-    """Many readers or one resizer: LMDB's set_mapsize needs no transaction open in this process."""
+class LMDBView(Reader):
+    """One read transaction (base.StoreView); buffers it returns are valid only inside the `with` block."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._resizing = False
+    def next_stream_id(self) -> int:
+        raw = self.get("meta", b"next_sid")
+        return int(bytes(raw)) if raw is not None else 1
 
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
+    def streams(self) -> Iterator[StoredStream]:
+        for key, value in self.iter_prefix("streams", b""):
+            name = key.decode("utf-8", errors="replace")
+            try:
+                yield StoredStream(key, name, loads(value))
+            except ValueError as exc:  # UnicodeDecodeError included
+                yield StoredStream(key, name, None, f"the record is not valid JSON ({exc})")
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            while self._resizing:
-                self._cond.wait()
-            self._resizing = True
-            while self._readers:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._resizing = False
-                self._cond.notify_all()
+    def entries(self, layout: StreamLayout) -> Iterator[EntryMeta]:
+        stats_db = self._dbs["stats"]
+        for key, value in self.iter_prefix("entries", _SID.pack(layout.sid)):
+            yield entry_from(int.from_bytes(key[4:12], "big"), value, self.txn.get(key, db=stats_db))
 
+    def iter_keys(self, layout: StreamLayout, space: int, only: Optional[Container[int]],
+                  batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        dtype, shape = layout.key_spaces[space]
+        ids: list[int] = []
+        vecs: list[np.ndarray] = []
+        for key, value in self.iter_prefix("keys", _SID.pack(layout.sid) + bytes([space])):
+            eid = int.from_bytes(key[5:13], "big")
+            if only is not None and eid not in only:
+                continue
+            ids.append(eid)
+            vecs.append(np.frombuffer(value, dtype=dtype).reshape(shape).astype(np.float32))
+            if len(ids) == batch:
+                yield np.array(ids, np.int64), np.stack(vecs)
+                ids, vecs = [], []
+        if ids:
+            yield np.array(ids, np.int64), np.stack(vecs)
 
-class Writer:
-    """The operations of one write transaction (handed to the function given to `LMDBStore.write`)."""
+    def read_keys(self, layout: StreamLayout, space: int, ids: Sequence[int], out: np.ndarray) -> None:
+        dtype = layout.key_spaces[space][0]
+        txn, db, sid, shape = self.txn, self._dbs["keys"], layout.sid, out.shape[1:]
+        for n, eid in enumerate(ids):
+            out[n] = np.frombuffer(txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db), dtype=dtype).reshape(shape)
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        self.txn = txn
-        self._dbs = dbs
+    def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
+                      verified: Optional[dict[int, int]]) -> None:
+        txn, phead, pbody = self.txn, self._dbs["phead"], self._dbs["pbody"]
+        sid, name, pack = layout.sid, layout.name, _SID_EID_LAYER.pack
+        for n, eid in enumerate(ids):
+            done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
+            for j, layer in enumerate(layers):
+                key = pack(sid, eid, layer)
+                head = txn.get(key, db=phead)
+                if head is None:
+                    raise NotFound(f"entry {eid} of stream {name!r} was deleted during the fetch")
+                decode_into(Header.unpack(head), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
+                            f"stream {name!r} entry {eid} layer {layer}")
+                done |= 1 << layer
+            if verified is not None:
+                verified[eid] = done
 
-    def put(self, db: str, key: bytes, value: Any) -> None:
-        self.txn.put(key, value, db=self._dbs[db])
-
-    def delete(self, db: str, key: bytes) -> None:
-        self.txn.delete(key, db=self._dbs[db])
-
-    def get(self, db: str, key: bytes) -> Optional[bytes]:
-        return self.txn.get(key, db=self._dbs[db])
-
-    def delete_prefix(self, db: str, prefix: bytes) -> int:
-        cursor = self.txn.cursor(db=self._dbs[db])
-        n = 0
-        if cursor.set_range(prefix):
-            while cursor.key()[: len(prefix)] == prefix:
-                n += 1
-                if not cursor.delete():
-                    break
-        return n
-
-    def put_payload(self, sid: int, eid: int, layer: int, header: Header, body: np.ndarray) -> None:
-        key = payload_key(sid, eid, layer)
-        self.put("phead", key, header.pack())
-        self.put("pbody", key, as_bytes(body))
-
-    def delete_entry(self, sid: int, eid: int, spaces: int, layers: int) -> None:
-        self.delete("entries", entry_key(sid, eid))
-        self.delete("stats", entry_key(sid, eid))
-        for s in range(spaces):
-            self.delete("keys", keys_key(sid, s, eid))
-        for layer in range(layers):
-            self.delete("phead", payload_key(sid, eid, layer))
-            self.delete("pbody", payload_key(sid, eid, layer))
-
-
-class Reader:
-    """One read transaction; buffers it returns are valid only inside the `with` block."""
-
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        self.txn = txn
-        self._dbs = dbs
-
-    def get(self, db: str, key: bytes) -> Optional[memoryview]:
-        return self.txn.get(key, db=self._dbs[db])
-
-    def iter_prefix(self, db: str, prefix: bytes) -> Iterator[tuple[bytes, memoryview]]:
-        cursor = self.txn.cursor(db=self._dbs[db])
-        if not cursor.set_range(prefix):
-            return
-        for key, value in cursor:
-            key = bytes(key)
-            if key[: len(prefix)] != prefix:
-                return
-            yield key, value
-
-    def payload(self, sid: int, eid: int, layer: int) -> Optional[tuple[Header, memoryview]]:
-        key = payload_key(sid, eid, layer)
+    def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
+        key = payload_key(layout.sid, eid, layer)
         head = self.get("phead", key)
         if head is None:
-            return None
-        return Header.unpack(head), self.get("pbody", key)
+            raise NotFound(f"entry {eid} of stream {layout.name!r} was deleted during the fetch")
+        header, body = Header.unpack(head), self.get("pbody", key)
+        verify = verified is not None and not (verified.get(eid, 0) >> layer) & 1
+        what = f"stream {layout.name!r} entry {eid} layer {layer}"
+        if header.codec == "raw":
+            check_raw(header, body, layout.np_dtype, verify, what)
+            view = memoryview(body)
+        else:
+            tmp = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
+            decode_into(header, body, tmp, verify, what)
+            view = memoryview(tmp.reshape(-1).view(np.uint8))
+        if verified is not None:
+            verified[eid] = verified.get(eid, 0) | (1 << layer)
+        return view
+
+    def contents(self, sid: int) -> Contents:
+        prefix = _SID.pack(sid)
+
+        def ids(db: str) -> list[bytes]:
+            return [k for k, _ in self.iter_prefix(db, prefix)]
+
+        heads = {_SID_EID_LAYER.unpack(k)[1:] for k in ids("phead")}
+        bodies = {_SID_EID_LAYER.unpack(k)[1:] for k in ids("pbody")}
+        return Contents(
+            entries=tuple(_SID_EID.unpack(k)[1] for k in ids("entries")),
+            stats=tuple(_SID_EID.unpack(k)[1] for k in ids("stats")),
+            keys=tuple(_SID_SPACE_EID.unpack(k)[1:] for k in ids("keys")),
+            payloads=tuple(sorted(heads & bodies)), partial=tuple(sorted(heads ^ bodies)),
+        )
 
 
-class LMDBStore:
-    """The one `TensorStore` implementation: an LMDB environment in `path`."""
+class LMDBStore(LMDBEnv):
+    """The LMDB `TensorStore`: an environment in `path`, index snapshots in `snapshot_dir`."""
+
+    reader_class = LMDBView
 
     def __init__(self, path: str, map_size: int = 1 << 30, max_map_size: int = 1 << 40, durable: bool = True,
-                 readonly: bool = False, reserve_bytes: int = 8 << 20) -> None:
-        # readonly: beside a live writer in another process (LMDB serves readers of many processes); creates
-        # nothing, and a write raises PermissionDenied.
-        if readonly and not os.path.exists(os.path.join(path, "data.mdb")):
-            raise NotFound(f"no memory bank in {os.path.dirname(path)}: {path}/data.mdb does not exist")
-        if not readonly:
-            os.makedirs(path, exist_ok=True)
-        self.path = path
-        self.readonly = readonly
-        self.max_map_size = max_map_size
-        self._gate = _Gate()
-        self._write_lock = threading.Lock()
-        self._advances = 0
-        self.env = lmdb.open(
-            path, map_size=min(map_size, max_map_size), max_dbs=len(DBS) + 1, max_readers=512,
-            readahead=False, metasync=durable, sync=durable, lock=True, readonly=readonly,
-        )
-        # A reopened environment keeps its (possibly grown) map size: never shrink below the file.
-        current = self.env.info()["map_size"]
-        if current < min(map_size, max_map_size) and not readonly:
-            self.env.set_mapsize(min(map_size, max_map_size))
-        self._dbs = {name: self.env.open_db(name.encode()) for name in DBS}
-        self.reserve = Reserve(os.path.join(path, RESERVE_FILE), 0 if readonly else reserve_bytes)
-        self.reserve.refill()
+                 readonly: bool = False, reserve_bytes: int = 8 << 20, snapshot_dir: Optional[str] = None) -> None:
+        super().__init__(path, map_size, max_map_size, durable, readonly, reserve_bytes)
+        self.location = os.path.dirname(path)
+        self.snapshot_dir = snapshot_dir or os.path.join(os.path.dirname(path), "snapshots")
 
-    # -- reads -----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def reader(self) -> Iterator[Reader]:
-        if self.readonly:
-            self._follow_growth()
-        with self._gate.shared():
-            with self.env.begin(buffers=True) as txn:
-                yield Reader(txn, self._dbs)
+    def view(self) -> contextlib.AbstractContextManager[LMDBView]:
+        return self.reader()
 
-    def _follow_growth(self) -> None:
-        """Read-only beside a writer: when its map has grown past ours, map the new size (LMDB refuses a read
-        transaction with MDB_MAP_RESIZED until then)."""
-        with self._gate.shared():
-            try:
-                self.env.begin().abort()
-                return
-            except lmdb.MapResizedError:
-                pass
-        with self._gate.exclusive():
-            self.env.set_mapsize(0)  # 0: adopt the size the writer recorded
+    # -- streams ---------------------------------------------------------------------------------
+    def create_stream(self, name: str, record: dict, next_sid: int) -> None:
+        data, key = dumps(record), name.encode()
 
-    # -- writes ----------------------------------------------------------------------------------
-    def write(self, fn: Callable[[Writer], T], frees: bool = False) -> T:
-        """Run `fn` in one write transaction; grow the map and rerun it if the map fills up.
+        def fn(w: Writer) -> None:
+            w.put("streams", key, data)
+            w.put("meta", b"next_sid", str(next_sid).encode())
 
-        `frees`: the write frees space (a delete, drop, prune, or a put that evicts), so on a full disk it may
-        use the reserve.
-        `fn` must not change anything outside the transaction: it may run more than once.
-        """
-        if self.readonly:
-            raise PermissionDenied(f"the bank in {os.path.dirname(self.path)} is open read-only; open it without "
-                                   "read_only to write (only while no other process holds it)")
-        with self._write_lock:
-            advanced = released = False
-            while True:
-                try:
-                    with self._gate.shared():
-                        with self.env.begin(write=True, buffers=True) as txn:
-                            result = fn(Writer(txn, self._dbs))
-                    break
-                except lmdb.MapFullError:
-                    self._grow()
-                except lmdb.Error as exc:
-                    if not _is_disk_full(exc, self.path):
-                        raise
-                    if not advanced:  # pages the last commit freed become usable after one more commit
-                        advanced = True
-                        self.env.reader_check()  # a dead process's reader slot would pin freed pages
-                        if self._advance():
-                            continue
-                    if frees and not released and self.reserve.release():
-                        released = True
-                        continue
-                    raise ResourceExhausted(
-                        f"disk full under {self.path}: the write was rolled back and the bank is unchanged; "
-                        + ("even the space reserve did not make room for it; " if frees else
-                           "delete entries or drop streams (they still work on a full disk), ")
-                        + "free space or lower the stream budgets"
-                    ) from None
-            self._after_commit(frees, released)
-            return result
+        self.write(fn)
 
-    def _after_commit(self, frees: bool, released: bool) -> None:
-        """Housekeeping after a commit; never raises (the caller's write is committed whatever happens here)."""
+    def drop_stream(self, name: str, sid: Optional[int], record_key: Optional[bytes] = None) -> None:
+        key = record_key if record_key is not None else name.encode()
+
+        def fn(w: Writer) -> None:
+            w.delete("streams", key)
+            if sid is not None:
+                for db in _DATA_DBS:
+                    w.delete_prefix(db, _SID.pack(sid))
+
+        self.write(fn, frees=True)
+
+    # -- entries ---------------------------------------------------------------------------------
+    def commit(self, layout: StreamLayout, commit: Commit) -> dict[int, EntryMeta]:
+        record = dumps(commit.record)
+
+        def fn(w: Writer) -> dict[int, EntryMeta]:
+            if commit.put is not None:
+                _put_entries(w, layout, commit.put)
+            degraded = {meta.entry_id: _degrade(w, layout, meta, step, commit.verify) for meta, step in commit.degrade}
+            for eid in commit.evict:
+                _delete_entry(w, layout, eid)
+            for meta in commit.stats:
+                w.put("stats", entry_key(layout.sid, meta.entry_id), dumps(stats_json(meta)))
+            w.put("streams", layout.name.encode(), record)
+            return degraded
+
+        return self.write(fn, frees=commit.frees)
+
+    def put_metadata(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
+        rows = [(entry_key(layout.sid, m.entry_id), dumps(meta_json(m))) for m in metas]
+        self.write(lambda w: [w.put("entries", k, v) for k, v in rows])
+
+    def put_stats(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
+        rows = [(entry_key(layout.sid, m.entry_id), dumps(stats_json(m))) for m in metas]
+        self.write(lambda w: [w.put("stats", k, v) for k, v in rows])
+
+    # -- index snapshots -------------------------------------------------------------------------
+    def _snapshot_path(self, sid: int, space: int) -> str:
+        return os.path.join(self.snapshot_dir, f"stream{sid}-space{space}.npz")
+
+    def save_snapshot(self, sid: int, space: int, version: int, parts: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        os.makedirs(self.snapshot_dir, exist_ok=True)
+        arrays = {"count": np.int64(len(parts)), "version": np.int64(version)}
+        for i, (data, tomb) in enumerate(parts):
+            arrays[f"index{i}"] = np.frombuffer(data, np.uint8)
+            arrays[f"tomb{i}"] = tomb
+        path = self._snapshot_path(sid, space)
+        tmp = path + ".tmp.npz"
         try:
-            if released or (frees and self.reserve.disk_low()):
-                self._advance()  # so that the next write can reuse what this one freed
-            self.reserve.refill()
-        except Exception as exc:  # noqa: BLE001 - e.g. the filesystem went away: the next write reports it
-            log.warning("full-disk reserve upkeep failed under %s: %s", self.path, exc)
-
-    def _advance(self) -> bool:
-        """Commit a one-key transaction (see the module docstring); False if even that found no room."""
-        try:
-            with self._gate.shared():
-                with self.env.begin(write=True) as txn:
-                    self._advances += 1
-                    txn.put(b"advance", str(self._advances).encode(), db=self._dbs["meta"])
-            return True
-        except lmdb.MapFullError:
-            return False  # the caller grows the map when its own write hits this
-        except lmdb.Error as exc:
-            if _is_disk_full(exc, self.path):
-                return False
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
             raise
 
-    def _grow(self) -> None:
-        size = self.env.info()["map_size"]
-        if size >= self.max_map_size:
-            raise ResourceExhausted(
-                f"LMDB map is full at {size} bytes and max_map_size is {self.max_map_size}: the write was rolled "
-                "back; raise bank.max_map_size, lower stream budgets, or prune"
-            )
-        with self._gate.exclusive():
-            self.env.set_mapsize(min(size * 2, self.max_map_size))
+    def load_snapshot(self, sid: int, space: int) -> Optional[tuple[int, list[tuple[bytes, np.ndarray]]]]:
+        path = self._snapshot_path(sid, space)
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as z:
+            parts = [(z[f"index{i}"].tobytes(), z[f"tomb{i}"]) for i in range(int(z["count"]))]
+            return int(z["version"]), parts
 
-    # -- housekeeping ----------------------------------------------------------------------------
-    def map_size(self) -> int:
-        return int(self.env.info()["map_size"])
-
-    def disk_bytes(self) -> int:
-        """Bytes of the LMDB files (the full-disk reserve beside them is not counted)."""
-        return sum(
-            os.path.getsize(os.path.join(self.path, f)) for f in os.listdir(self.path)
-            if f != RESERVE_FILE and os.path.isfile(os.path.join(self.path, f))
-        )
-
-    def sync(self) -> None:
-        self.env.sync(True)
-
-    def close(self) -> None:
-        self.env.close()
-
-
-RESERVE_FILE = "reserve"
-
-
-class Reserve:
-    """Disk space held back for writes that free space: a file of real blocks (fallocate, else zeros).
-
-    Its size is `target` bytes, at most 1/16 of the filesystem; `release` empties it, `refill` grows it back as
-    far as free space allows (a partial reserve is better than none). Only the write lock's holder calls it.
-    """
-
-    CHUNK = 64 << 10
-
-    def __init__(self, path: str, target: int) -> None:
-        self.path = path
-        try:
-            total = shutil.disk_usage(os.path.dirname(path)).total
-        except OSError:
-            total = 0
-        self.target = max(0, min(int(target), total // 16)) // 4096 * 4096
-        self.size = os.path.getsize(path) if os.path.exists(path) else 0
-
-    def disk_low(self) -> bool:
-        return shutil.disk_usage(os.path.dirname(self.path)).free < max(2 * self.target, 4 << 20)
-
-    def release(self) -> bool:
-        if self.size == 0:
-            return False
-        os.truncate(self.path, 0)
-        self.size = 0
-        return True
-
-    def refill(self) -> None:
-        if self.size >= self.target or shutil.disk_usage(os.path.dirname(self.path)).free < 4096:
+    def drop_snapshots(self, sid: int) -> None:
+        if not os.path.isdir(self.snapshot_dir):
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            try:
-                os.posix_fallocate(fd, self.size, self.target - self.size)
-                self.size = self.target
-            except OSError:  # ENOSPC, or a filesystem without fallocate: zeros, chunk by chunk, while they fit
-                os.ftruncate(fd, self.size)
-                zeros = bytes(self.CHUNK)
-                while self.size < self.target:
-                    try:
-                        n = os.pwrite(fd, zeros[: min(self.CHUNK, self.target - self.size)], self.size)
-                    except OSError:
-                        break
-                    if n <= 0:
-                        break
-                    self.size += n
-                os.ftruncate(fd, self.size)
-            os.fsync(fd)
-        except OSError:
-            pass  # the reserve is best effort; the disk may be full right now
-        finally:
-            os.close(fd)
+        for f in os.listdir(self.snapshot_dir):
+            if f.startswith(f"stream{sid}-space"):
+                os.remove(os.path.join(self.snapshot_dir, f))
 
 
-def _is_disk_full(exc: lmdb.Error, path: str) -> bool:
-    """ENOSPC, or EIO on a nearly full filesystem: LMDB reports a short page write as EIO."""
-    text = str(exc)
-    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
-        return True
-    if "Input/output error" in text or getattr(exc, "errno", None) == errno.EIO:
-        usage = shutil.disk_usage(path)
-        return usage.free < max(64 << 20, usage.total // 100)
-    return False
+def _put_entries(w: Writer, layout: StreamLayout, new: NewEntries) -> None:
+    sid = layout.sid
+    for meta, keys, payload in zip(new.metas, new.keys, new.payloads):
+        key = entry_key(sid, meta.entry_id)
+        w.put("entries", key, dumps(meta_json(meta)))
+        w.put("stats", key, dumps(stats_json(meta)))
+        for sidx, vec in enumerate(keys):
+            w.put("keys", keys_key(sid, sidx, meta.entry_id), as_bytes(vec))
+        for layer, (header, body) in enumerate(payload or ()):
+            pkey = payload_key(sid, meta.entry_id, layer)
+            w.put("phead", pkey, header.pack())
+            w.put("pbody", pkey, as_bytes(body))
 
 
-def as_bytes(arr: np.ndarray) -> memoryview:
-    """A byte view of a C-contiguous array, no copy (ml_dtypes arrays cannot export a buffer directly)."""
-    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+def _degrade(w: Writer, layout: StreamLayout, meta: EntryMeta, step: str, verify: bool) -> EntryMeta:
+    """Rewrite one entry's payload a step down (fp8, or keys only) and its metadata; returns the new metadata."""
+    sid, eid = layout.sid, meta.entry_id
+    if step == "keys_only":
+        for layer in range(layout.layers):
+            w.delete("phead", payload_key(sid, eid, layer))
+            w.delete("pbody", payload_key(sid, eid, layer))
+        new = dataclasses.replace(meta, nbytes=0, codec="none")
+    else:
+        out = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
+        total = 0
+        for layer in range(layout.layers):
+            key = payload_key(sid, eid, layer)
+            decode_into(Header.unpack(bytes(w.get("phead", key))), bytes(w.get("pbody", key)), out, verify,
+                        f"entry {eid} layer {layer}")
+            header, body = encode(out, layout.kv_dtype, "fp8")
+            w.put("phead", key, header.pack())
+            w.put("pbody", key, as_bytes(body))
+            total += body_bytes(header)
+        new = dataclasses.replace(meta, nbytes=total, codec="fp8")
+    w.put("entries", entry_key(sid, eid), dumps(meta_json(new)))
+    return new
 
 
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def loads(buf: bytes | memoryview) -> Any:
-    return json.loads(bytes(buf))
+def _delete_entry(w: Writer, layout: StreamLayout, eid: int) -> None:
+    sid = layout.sid
+    w.delete("entries", entry_key(sid, eid))
+    w.delete("stats", entry_key(sid, eid))
+    for s in range(len(layout.key_spaces)):
+        w.delete("keys", keys_key(sid, s, eid))
+    for layer in range(layout.layers):
+        w.delete("phead", payload_key(sid, eid, layer))
+        w.delete("pbody", payload_key(sid, eid, layer))

@@ -20,15 +20,13 @@ import sys
 import threading
 import time
 
+import crash_writer
 import numpy as np
 import pytest
-
 from conftest import KV, LAYERS, make_entry
+
 from memory_service import LocalMemory
 from memory_service.config import BankConfig
-from memory_service.store.lmdb_store import _SID
-
-import crash_writer
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,19 +122,16 @@ def verify(data_dir: str, must_have: set[int], deleted: set[int]) -> list[int]:
 
 
 def assert_whole_on_disk(m: LocalMemory, sid: int, present: set[int], spaces: int) -> None:
-    """Raw LMDB scan: every present entry has stats, every key space and every payload layer; no orphans."""
-    prefix = _SID.pack(sid)
-    with m.bank.store.reader() as r:
-        def eids(db: str, at: slice) -> list[int]:
-            return [int.from_bytes(k[at], "big") for k, _ in r.iter_prefix(db, prefix)]
-
-        assert set(eids("entries", slice(4, 12))) == present
-        assert set(eids("stats", slice(4, 12))) == present
-        keys = eids("keys", slice(5, 13))
-        assert len(keys) == spaces * len(present) and set(keys) == present
-        for db in ("phead", "pbody"):
-            layers = eids(db, slice(4, 12))
-            assert len(layers) == LAYERS * len(present) and set(layers) == present
+    """Everything the store holds for the stream: every present entry has stats, every key space and every payload
+    layer; no orphans, no half-written layer."""
+    with m.bank.store.view() as v:
+        c = v.contents(sid)
+    assert set(c.entries) == present and len(c.entries) == len(present)
+    assert set(c.stats) == present and len(c.stats) == len(present)
+    keys = [eid for _, eid in c.keys]
+    assert len(keys) == spaces * len(present) and set(keys) == present
+    layers = [eid for eid, _ in c.payloads]
+    assert len(layers) == LAYERS * len(present) and set(layers) == present and not c.partial
 
 
 @pytest.mark.slow
