@@ -28,6 +28,8 @@ run: $(STAMP)
 test: $(STAMP)
 	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error \
 	|| echo "npm ci failed: tests/service/test_interop_node.py will skip (see npm's error above)"; else echo "npm not found: tests/service/test_interop_node.py will skip (install node and npm to run it)"; fi
+	$(PY) -m ruff check memory_service plugin tests benchmarks
+	$(PY) -m mypy memory_service plugin
 	$(PY) -m pytest -q
 
 proto: $(STAMP)

@@ -5,8 +5,8 @@ protocol, `Memory` (protocol.py); the values below cross it. This package never 
 """
 
 from memory_service.errors import (
-    AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
-    ResourceExhausted, Unauthenticated, Unavailable,
+    AlreadyExists, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, MemFlowError, NotFound,
+    PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable,
 )
 from memory_service.local import LocalMemory
 from memory_service.protocol import Memory
@@ -16,8 +16,9 @@ from memory_service.types import (
 )
 
 __all__ = [
-    "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FailedPrecondition", "FetchResult",
-    "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "Memory", "MemoryClient", "NewEntry", "NotFound",
+    "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FailedPrecondition",
+    "FetchResult", "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "Memory", "MemoryClient",
+    "NewEntry", "NotFound",
     "PermissionDenied", "PruneResult", "QueryResult", "QueryTrace", "ResourceExhausted", "StreamSpec",
     "StreamStats", "Unauthenticated", "Unavailable",
 ]

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Optional, overload, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
@@ -81,7 +81,7 @@ class MemoryClient(Memory):
         self.max_message_bytes = int(max_message_bytes)
         token = token if token is not None else os.environ.get("MEMFLOW_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", max_message_bytes),
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]
         if tls:
             if tls_server_name:
@@ -213,7 +213,7 @@ class MemoryClient(Memory):
         if self.plane != "shm":
             return np.empty(shape, dtype)
         _, _, region = self._pool.lease(nbytes)
-        return np.frombuffer(region, dtype).reshape(shape)
+        return np.frombuffer(region, dtype).reshape(shape)  # type: ignore[call-overload]  # ArenaPool.lease: a buffer
 
     # -- streams ------------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
@@ -262,7 +262,7 @@ class MemoryClient(Memory):
                 slot, offset = placed
             else:
                 slot, offset, region = self._pool.lease(total)
-                flat = np.frombuffer(region, np.uint8, count=total)
+                flat = np.frombuffer(region, np.uint8, count=total)  # type: ignore[call-overload]  # as above
                 pos = 0
                 for a in kvs:
                     flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -281,7 +281,7 @@ class MemoryClient(Memory):
         def requests() -> Iterator[object]:
             yield convert.put_stream(header)
             for a in kvs:
-                flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+                flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
                 for start in range(0, flat.nbytes, CHUNK_BYTES):
                     yield chunk_to_wire(flat[start:start + CHUNK_BYTES])
 
@@ -320,7 +320,8 @@ class MemoryClient(Memory):
             arena_id = self._pool.arena_id(slot)
             convert.fetch_shm(request, arena_id, offset, nbytes)
             header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
-            kv = np.frombuffer(region, kv_numpy_dtype(header.dtype), count=int(np.prod(header.shape)))
+            kv = np.frombuffer(region, kv_numpy_dtype(header.dtype),  # type: ignore[call-overload]  # a buffer
+                               count=int(np.prod(header.shape)))
             return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
         except ArenaNotRegistered:
             self._pool.lost(arena_id)
@@ -379,6 +380,12 @@ class MemoryClient(Memory):
     def prune(self, stream: str) -> PruneResult:
         return convert.prune_from_pb(self._rpc(self._stub.Prune, convert.prune_request(stream)))
 
+    @overload
+    def stats(self, stream: None = None) -> BankStats: ...
+
+    @overload
+    def stats(self, stream: str) -> StreamStats: ...
+
     def stats(self, stream: Optional[str] = None) -> Union[StreamStats, BankStats]:
         if stream == "":  # on the wire, an empty name asks for the whole bank
             raise NotFound("stream '' not found; expected a stream name, or None for the whole bank")
@@ -405,7 +412,8 @@ def _ids(ids: Ids) -> list[int]:
 
 
 def _same_host(target: str) -> bool:
-    """Whether `target` names this machine: a unix socket, or a loopback host ("[::1]:p", "127.0.0.1:p", "localhost:p")."""
+    """Whether `target` names this machine: a unix socket, or a loopback host ("[::1]:p", "127.0.0.1:p",
+    "localhost:p")."""
     if target.startswith("unix:"):
         return True
     host = target.rsplit(":", 1)[0] if ":" in target else target

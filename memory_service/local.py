@@ -7,7 +7,7 @@ suite runs against both.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, overload, Sequence, Union
 
 from memory_service.bank import MemoryBank
 from memory_service.config import BankConfig
@@ -70,6 +70,12 @@ class LocalMemory(Memory):
 
     def prune(self, stream: str) -> PruneResult:
         return self.bank.prune(stream)
+
+    @overload
+    def stats(self, stream: None = None) -> BankStats: ...
+
+    @overload
+    def stats(self, stream: str) -> StreamStats: ...
 
     def stats(self, stream: Optional[str] = None) -> Union[StreamStats, BankStats]:
         return self.bank.stats(stream)

@@ -14,7 +14,7 @@ nothing to wait on, and accepts it so that code written against the protocol run
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, Union, overload, runtime_checkable
 
 import numpy as np
 
@@ -85,6 +85,12 @@ class Memory(Protocol):
     def prune(self, stream: str) -> PruneResult:
         """Apply the stream's budget and policy now."""
         ...
+
+    @overload
+    def stats(self, stream: None = None) -> BankStats: ...
+
+    @overload
+    def stats(self, stream: str) -> StreamStats: ...
 
     def stats(self, stream: Optional[str] = None) -> Union[StreamStats, BankStats]:
         """One stream's StreamStats, or (None) the BankStats of every stream the caller owns."""

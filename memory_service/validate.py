@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from memory_service.errors import InvalidArgument
-from memory_service.types import COMBINE_MODES, NewEntry, StreamSpec, kv_numpy_dtype
+from memory_service.types import COMBINE_MODES, NewEntry, StreamSpec
 
 
 def as_vectors(vectors: Any, what: str) -> np.ndarray:
@@ -107,7 +107,8 @@ def check_batch(entries: Any) -> list[NewEntry]:
             if not _is_int(value) or value < 0:
                 raise InvalidArgument(f"{what} {field} is {value!r}, expected an int >= 0")
         if e.rope_position is not None and (not isinstance(e.rope_position, (int, np.integer)) or e.rope_position < 0):
-            raise InvalidArgument(f"{what} rope_position is {e.rope_position!r}, expected None (unrotated) or an int >= 0")
+            raise InvalidArgument(f"{what} rope_position is {e.rope_position!r}, expected None (unrotated) or an "
+                                  "int >= 0")
         if not isinstance(e.prompt, str):
             raise InvalidArgument(f"{what} prompt is a {type(e.prompt).__name__}, expected str")
         try:

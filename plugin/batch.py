@@ -65,7 +65,7 @@ class MemFlowBatch:
     def _per_sample(self, value: Union[str, Sequence[str], None], name: str) -> list[Optional[str]]:
         if value is None or isinstance(value, str):
             return [value] * self.batch
-        values = list(value)
+        values: list[Optional[str]] = list(value)
         if len(values) != self.batch:
             raise ValueError(f"{name} has {len(values)} entries, the batch has {self.batch} samples")
         return values
@@ -89,7 +89,9 @@ class MemFlowBatch:
             return NO_MEMORY
         # CUDA: the batch's attention waits for every sample's slot copies (and records that it ran, for them)
         fence = _Fences(fences) if fences else None
-        return ChunkMemory(frames, first.sma_k if frames else 0, first.workspace, fence, 0, first.attention)
+        # _Fences is a MemoryFence by duck typing (attend / attended), for every sample's fence at once
+        return ChunkMemory(frames, first.sma_k if frames else 0, first.workspace, fence,  # type: ignore[arg-type]
+                           0, first.attention)
 
     def after_chunk(self, chunk_index: int, kv: Any,
                     keys: Optional[Sequence[Optional[Mapping[str, np.ndarray]]]] = None) -> None:

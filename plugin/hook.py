@@ -90,9 +90,9 @@ class PluginStats:
 class MemFlowPlugin:
     """MemFlow for one streaming video: `MemFlowPlugin(memory, config, adapter)`.
 
-    `memory` is a `memory_service.Memory` (a `LocalMemory` or a `MemoryClient`); `adapter` describes the generator's KV cache
-    (`SelfForcingAdapter.for_reference(model)` for the reference model). One plugin serves one video on one
-    stream (`config.stream`; an existing stream is continued only with `on_existing="reuse"`, so a second
+    `memory` is a `memory_service.Memory` (a `LocalMemory` or a `MemoryClient`); `adapter` describes the
+    generator's KV cache (`SelfForcingAdapter.for_reference(model)` for the reference model). One plugin serves one
+    video on one stream (`config.stream`; an existing stream is continued only with `on_existing="reuse"`, so a second
     video never attends the first one's frames by accident); allocate the video's cache with
     `memory_frames=plugin.memory_frames`. Hooks:
     `before_chunk(chunk_index, prompt, kv, *, next_prompt=None, query=None, mirrors=()) -> ChunkMemory` and
@@ -148,7 +148,8 @@ class MemFlowPlugin:
 
     def _pin_arena(self) -> None:
         """On the guard's thread: register (pinned.py) the shared-memory arena fetches will land in."""
-        probe = self.memory.arena_array((1,), np.uint8)  # a lease in the client's newest arena
+        # a lease in the client's newest arena (a MemoryClient's: the caller checked plane == "shm")
+        probe = self.memory.arena_array((1,), np.uint8)  # type: ignore[attr-defined]
         assert self.pins is not None
         self.pins.direct(probe)
 

@@ -11,7 +11,7 @@ included) appear only when the operator opts in (`stream_labels`, ServiceConfig.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -27,7 +27,7 @@ class _BankCollector:
     def collect(self):
         try:
             stats = self._stats()
-        except Exception:  # a closing bank must not break a scrape
+        except Exception:  # noqa: BLE001 - a closing bank must not break a scrape
             return
         if self._stream_labels:
             entries = GaugeMetricFamily("memflow_stream_entries", "entries per stream", labels=["stream"])
@@ -39,7 +39,8 @@ class _BankCollector:
             yield nbytes
         for name, doc, value in (("memflow_streams", "streams in the bank", len(stats.streams)),
                                  ("memflow_entries", "entries in the bank, all streams", stats.entries),
-                                 ("memflow_payload_bytes", "payload bytes in the bank, all streams", stats.payload_bytes)):
+                                 ("memflow_payload_bytes", "payload bytes in the bank, all streams",
+                                  stats.payload_bytes)):
             total = GaugeMetricFamily(name, doc)
             total.add_metric([], value)
             yield total
@@ -63,7 +64,7 @@ class Metrics:
                               registry=self.registry)
         if bank_stats is not None:
             self.registry.register(_BankCollector(bank_stats, stream_labels))
-        self._http = None
+        self._http: Optional[Any] = None  # the /metrics server (serve_http): a wsgiref WSGIServer
 
     def bytes(self, plane: str, direction: str, n: int) -> None:
         self.moved.labels(plane, direction).inc(n)

@@ -46,7 +46,8 @@ class TenantLedger:
 
     @contextlib.contextmanager
     def storing(self, tenant: str, nbytes: int) -> Iterator[None]:
-        """Hold while a put of about `nbytes` (payload + keys) of `tenant` runs: refused past quotas.max_stored_bytes."""
+        """Hold while a put of about `nbytes` (payload + keys) of `tenant` runs: refused past
+        quotas.max_stored_bytes."""
         limit = self.quotas.max_stored_bytes
         if not tenant or limit is None:
             yield

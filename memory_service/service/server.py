@@ -93,7 +93,7 @@ class MemoryServer:
             if problem:
                 raise Unavailable(problem)
         try:
-            if self.config.tls_cert:
+            if self.config.tls_cert and self.config.tls_key:  # both or neither (checked in __init__)
                 creds = grpc.ssl_server_credentials([(Path(self.config.tls_key).read_bytes(),
                                                       Path(self.config.tls_cert).read_bytes())])
                 self.port = self.server.add_secure_port(where, creds)

@@ -1,8 +1,9 @@
 """MemoryServicer: the thin layer between gRPC and the MemoryBank.
 
 Owns nothing but translation: every method resolves the caller's tenant, converts the request
-(wire/convert.py, where every message is read and built), delegates to the bank and converts the answer. Errors are raised as MemFlowError and
-turned into status codes by the interceptor (service/interceptors.py), in one place. K/V bytes move on the
+(wire/convert.py, where every message is read and built), delegates to the bank and converts the answer.
+Errors are raised as MemFlowError and turned into status codes by the interceptor (service/interceptors.py),
+in one place. K/V bytes move on the
 data plane the request names: SHM (offsets into a registered client arena, one copy between the arena and
 LMDB's memory map; service/arenas.py decides how, so that a client can never make the service fault) or STREAM
 (chunks of at most `chunk_bytes`, framing.CHUNK_BYTES: each message fits the 4 MiB a stock gRPC client accepts).
@@ -163,6 +164,7 @@ class MemoryServicer:
             return
         ids = convert.ids_from_pb(request.ids)
         got_ids, got_layers, shape, dtype = self.bank.fetch_layout(stream, ids, layers)
+        assert spec.kv is not None, "fetch_layout refuses a keys-only stream"
         nbytes = math.prod(shape) * dtype.itemsize
         yield convert.fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
 
@@ -222,6 +224,7 @@ class MemoryServicer:
 
 def _layer_bytes(spec: StreamSpec) -> int:
     # Python ints: KVLayout.layer_bytes (numpy) wraps around for absurd layouts and would pass the size limits
+    assert spec.kv is not None, "callers pass only streams with a KVLayout"
     return math.prod(spec.kv.layer_shape) * kv_numpy_dtype(spec.kv.dtype).itemsize
 
 

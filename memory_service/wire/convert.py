@@ -19,7 +19,9 @@ import numpy as np
 
 from memory_service import errors
 from memory_service.validate import as_vectors
-from memory_service.wire.framing import CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, chunk_from_wire, chunk_to_wire, to_wire
+from memory_service.wire.framing import CHUNK_BYTES as CHUNK_BYTES  # re-exported: the one chunk size
+from memory_service.wire.framing import chunk_from_wire, to_wire
+from memory_service.wire.framing import chunk_to_wire as chunk_to_wire
 from memory_service.wire.gen import memory_pb2 as pb
 from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 from memory_service.types import (

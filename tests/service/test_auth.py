@@ -6,14 +6,13 @@ Tokens come from a real token file; TLS uses a self-signed certificate made here
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from svc_util import DIM, EMB, LAYERS, REPO, SMALL_ARENA, make_entry, make_spec, self_signed_cert, serve_cmd, write_tokens
+from svc_util import DIM, LAYERS, REPO, SMALL_ARENA, make_entry, make_spec, self_signed_cert, serve_cmd, write_tokens
 
 from memory_service import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from memory_service.client import MemoryClient

@@ -152,7 +152,7 @@ def test_every_enum_field_of_the_proto_is_checked():
     assert fields == ["FetchRequest.plane", "PutHeader.plane"]
     servicer = (REPO / "memory_service" / "service" / "servicer.py").read_text()
     for field in fields:
-        assert f'convert.enum_from_pb(' in servicer and f'"{field}")' in servicer, field
+        assert 'convert.enum_from_pb(' in servicer and f'"{field}")' in servicer, field
         for good in (0, 1, 2):
             assert convert.enum_from_pb(good, field) == good
         for bad in (3, 9, -1, 2**31 - 1):
