@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
@@ -413,7 +412,7 @@ class MemoryBank:
             new = {int(e): dataclasses.replace(s.entries[int(e)], pinned=bool(pinned)) for e in id_arr}
             self.store.put_metadata(s.layout, list(new.values()))
             s.entries.update(new)
-            s.touch()
+            s.invalidate_columns()
 
     # -- introspection ---------------------------------------------------------------------------
     def entries(self, stream: str) -> list[EntryMeta]:
@@ -457,8 +456,11 @@ class MemoryBank:
                     if "ttl" in s.spec.policy:
                         try:
                             self.prune(name)
-                        except Exception:  # a dropped stream or a full disk must not kill the thread
+                        except NotFound:  # dropped since the list was taken
                             pass
+                        except Exception as exc:  # noqa: BLE001 - a full disk must not kill the thread
+                            log.warning("background prune of stream %r failed (retried in %.0f s): %s: %s", name,
+                                        interval_s, type(exc).__name__, exc)
                 try:
                     self.flush()
                 except Exception as exc:  # noqa: BLE001 - a full disk: they stay in memory, retried next time
@@ -485,11 +487,6 @@ class MemoryBank:
         self._closed = True
         if self._dirlock is not None:
             self._dirlock.release()  # after the store is closed: the next writer finds everything on disk
-
-    def destroy(self) -> None:
-        """Close and delete the data directory (tests and benchmarks)."""
-        self.close()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def _updated(meta: EntryMeta, **changes) -> EntryMeta:

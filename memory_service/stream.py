@@ -104,7 +104,8 @@ class Stream:
         }
 
     # -- columns for vectorized filters ----------------------------------------------------------
-    def touch(self) -> None:
+    def invalidate_columns(self) -> None:
+        """Drop the cached filter columns; the next columns() rebuilds them from the entry metadata."""
         self._cols = None
 
     def columns_added(self, metas: list[EntryMeta]) -> None:

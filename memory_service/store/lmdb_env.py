@@ -258,9 +258,6 @@ class LMDBEnv:
             if f != RESERVE_FILE and os.path.isfile(os.path.join(self.path, f))
         )
 
-    def sync(self) -> None:
-        self.env.sync(True)
-
     def close(self) -> None:
         self.env.close()
 

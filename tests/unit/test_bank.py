@@ -334,7 +334,7 @@ def test_cached_filter_columns_match_a_rebuild_after_puts_evictions_pins(tmp_pat
         if step % 5 == 4:
             m.delete("cam0", [max(e.entry_id for e in m.entries("cam0"))])
         cached = [c.copy() for c in s.columns()]
-        s.touch()
+        s.invalidate_columns()
         for got, want in zip(cached, s.columns()):
             assert np.array_equal(got, want), step
     m.close()
