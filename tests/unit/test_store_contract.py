@@ -10,6 +10,8 @@ Adding an implementation is one line in STORES.
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Callable
 
 import ml_dtypes
@@ -270,3 +272,16 @@ def test_read_only_refuses_every_write_and_reads_everything(impl, root):
         assert_holds(store, es)
     finally:
         store.close()
+
+
+LAYOUT_LEAKS = re.compile(
+    r"memory_service\.store\.(lmdb_store|lmdb_env|records)|^\s*import lmdb|\b(store\.write|store\.reader|iter_prefix|"
+    r"delete_prefix|entry_key|keys_key|payload_key|_SID\w*)\b|\b[wr]\.(put|get|delete)\(\"|\"(phead|pbody)\"", re.M)
+
+
+def test_only_the_store_knows_its_layout():
+    """Nothing above store/ names a database, builds a key, encodes a record or opens a transaction (STYLE.md 13)."""
+    pkg = Path(__file__).resolve().parents[2] / "memory_service"
+    leaks = [f"{path.relative_to(pkg)}: {m.group(0)!r}" for path in sorted(pkg.rglob("*.py"))
+             if "store" not in path.relative_to(pkg).parts[:1] for m in LAYOUT_LEAKS.finditer(path.read_text())]
+    assert not leaks, leaks
