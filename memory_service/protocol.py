@@ -14,9 +14,10 @@ nothing to wait on, and accepts it so that code written against the protocol run
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, Union, overload, runtime_checkable
+from typing import Optional, Protocol, Sequence, Union, overload, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats,
@@ -25,8 +26,8 @@ from memory_service.types import (
 Ids = Union[Sequence[int], np.ndarray]
 """Entry ids: a 1-d sequence of ints (or an integer array)."""
 
-Vectors = Any
-"""Query vectors: array-like, `[dim]` or `[layers, dim]` for a per-layer key space (numpy.typing.ArrayLike)."""
+Vectors = npt.ArrayLike
+"""Query vectors: `[dim]`, or `[layers, dim]` for a per-layer key space (float32 on the wire)."""
 
 METHODS = ("create_stream", "drop_stream", "list_streams", "put", "query", "fetch", "delete", "pin", "prune",
            "stats", "entries", "close")

@@ -12,8 +12,7 @@ from typing import Any, Optional
 
 # PutRequest and FetchResponse carry K/V bytes as field 2 (`kv_chunk`) of a oneof. A message holding only that
 # field is, on the wire, the tag byte 0x12, a varint length and the bytes. Framing and unframing it here, instead
-# of through message objects, saves two full copies per direction (measured by benchmarks/transport.py); the
-# bytes on the wire are exactly what any protobuf library writes and reads for that message.
+# of through message objects, saves two full copies per direction (measured by benchmarks/transport.py).
 
 _CHUNK_TAG = b"\x12"  # field 2, wire type 2 (length-delimited)
 
