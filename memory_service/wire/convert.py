@@ -1,6 +1,9 @@
-"""The one module that touches protobuf: values <-> messages, and errors <-> status codes.
+"""The one module that builds and reads protobuf messages: values <-> messages, errors <-> status codes.
 
-Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto). Promises:
+Owns the wire encoding of the public data model (protos/memflow/v1/memory.proto) for both halves: the
+requests MemoryClient sends and reads back, the responses MemoryServicer builds, the Put stream it reads,
+the server's method handlers and the client's call objects; the service's name (SERVICE_NAME) is spelled
+here once. It lives in wire/, not service/, so that the client imports nothing of the server. Promises:
 - every `*_from_pb` either returns a valid value or raises InvalidArgument naming the field, what was
   received and what was expected (a malformed message never reaches the bank half-read); an enum value the
   proto does not name is refused (`enum_from_pb`), never taken for the default;
