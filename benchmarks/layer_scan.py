@@ -10,7 +10,9 @@ window), one JSON row per (dtype, N, deny):
                         serially below 4e6 floats per layer, on the search pool above)
     numpy_p50_ms        float32 only: np.matmul over the keys as one [L, N, d] array plus np.argpartition
     floor_ms            the fastest read of the block's own key bytes: a numpy sum over them (as uint64 words) in
-                        one thread, or split over one thread per core, best of both - no scan can read them faster
+                        one thread, or split over one thread per core, the better p50 of the two - no scan can
+                        read them faster. Every variant is sampled in turn, one round at a time, so the load of
+                        other processes on a shared machine falls on all of them alike
     vs_per_layer        per_layer_p50_ms / batched_p50_ms;  over_floor: batched_p50_ms / floor_ms
     identical           the batched and per-layer answers have equal ids and scores on every query
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, Results, percentiles  # noqa: E402 - after the path set-up above
 from memory_service.config import IndexParams  # noqa: E402
-from memory_service.index.layer_block import search_pool  # noqa: E402
+from memory_service.index.layer_block import CORES, search_pool  # noqa: E402
 from memory_service.index.space import SpaceIndex  # noqa: E402
 from memory_service.index.vector_index import FlatIndex  # noqa: E402
 from memory_service.types import KeySpace  # noqa: E402
@@ -43,24 +45,14 @@ from memory_service.types import KeySpace  # noqa: E402
 PARAMS = IndexParams(use_gpu=False)
 
 
-def timed(fn, reps: int) -> list[float]:
-    fn()  # warm
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def floor_s(space: SpaceIndex, reps: int) -> float:
-    """Best time to read every byte of the block's lists once: numpy sums over views of faiss's own memory."""
+def floor_fns(space: SpaceIndex) -> list:
+    """Two ways to read every byte of the block's lists once - numpy sums over views of faiss's own memory, in one
+    thread, and split over one thread per core; the faster is the floor (no scan can read those bytes faster)."""
     ivf = space.block._ivf
     n, code = len(space), ivf.code_size
     lists = [faiss.rev_swig_ptr(ivf.invlists.get_codes(layer), n * code).view(np.uint64)
              for layer in range(space.layers)]
-    cores = os.cpu_count() or 2
-    groups = [lists[i::cores] for i in range(cores)]
+    groups = [lists[i::CORES] for i in range(CORES)]
 
     def one_thread():
         for a in lists:
@@ -69,7 +61,21 @@ def floor_s(space: SpaceIndex, reps: int) -> float:
     def pooled():
         list(search_pool().map(lambda g: [a.sum() for a in g], groups))
 
-    return min(min(timed(one_thread, reps)), min(timed(pooled, reps)))
+    return [one_thread, pooled]
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Samples of each function, taken in turn (one of each per round), so that the load other processes put on
+    a shared machine falls on every variant alike. Each runs once first to warm."""
+    for fn in fns.values():
+        fn()
+    out: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t)
+    return out
 
 
 def per_layer_space(ks: KeySpace, layers: int, ids: np.ndarray, keys: np.ndarray) -> SpaceIndex:
@@ -108,29 +114,34 @@ def main() -> None:
             block = np.ascontiguousarray(keys.transpose(1, 0, 2)) if dtype == "float32" else None  # [L, n, d]
             del keys
             queries = rng.standard_normal((reps, L, d), dtype=np.float32)  # [reps, L, d]
-            floor = floor_s(batched, max(3, reps // 4))
+            floor_one, floor_pooled = floor_fns(batched)
             for deny in (None, ids[-2:]):  # the local window: the newest entries
                 identical = True
                 for q in queries[:8]:
                     a, b = batched.search(q, k, "per_layer", deny, []), old.search(q, k, "per_layer", deny, [])
                     identical &= bool(np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0]))
-                it = iter(range(10**9))
 
-                def run(space, it=it, deny=deny):
-                    space.search(queries[next(it) % reps], k, "per_layer", deny, [])
+                def query(space, deny=deny, queries=queries):
+                    it = iter(range(10**9))
+                    return lambda: space.search(queries[next(it) % len(queries)], k, "per_layer", deny, [])
 
-                new_p50, new_p99 = percentiles(timed(lambda: run(batched), reps))
-                old_p50, _ = percentiles(timed(lambda: run(old), reps))
-                row = dict(dtype=dtype, n=n, layers=L, dim=d, k=k, deny=0 if deny is None else len(deny),
-                           batched_p50_ms=new_p50, batched_p99_ms=new_p99, per_layer_p50_ms=old_p50)
+                fns = {"batched": query(batched), "per_layer": query(old), "floor_one": floor_one,
+                       "floor_pooled": floor_pooled}
                 if block is not None:
-                    def numpy_scan(it=it):
-                        s = np.matmul(block, queries[next(it) % reps][:, :, None])[:, :, 0]  # [L, n]
-                        if n > k:
+                    def numpy_scan(block=block, queries=queries, it=iter(range(10**9))):  # noqa: B008 - one per row
+                        s = np.matmul(block, queries[next(it) % len(queries)][:, :, None])[:, :, 0]  # [L, n]
+                        if s.shape[1] > k:
                             np.argpartition(-s, k - 1, axis=1)[:, :k]
-                    row["numpy_p50_ms"] = percentiles(timed(numpy_scan, reps))[0]
-                row.update(floor_ms=floor * 1e3, scan_mb=n * L * batched.block._ivf.code_size / 1e6,
-                           vs_per_layer=old_p50 / new_p50, over_floor=new_p50 / (floor * 1e3), identical=identical)
+                    fns["numpy"] = numpy_scan
+                p = {name: percentiles(samples) for name, samples in interleaved(fns, reps).items()}
+                floor = min(p["floor_one"][0], p["floor_pooled"][0])
+                new_p50, new_p99 = p["batched"]
+                row = dict(dtype=dtype, n=n, layers=L, dim=d, k=k, deny=0 if deny is None else len(deny),
+                           batched_p50_ms=new_p50, batched_p99_ms=new_p99, per_layer_p50_ms=p["per_layer"][0])
+                if "numpy" in p:
+                    row["numpy_p50_ms"] = p["numpy"][0]
+                row.update(floor_ms=floor, scan_mb=n * L * batched.block._ivf.code_size / 1e6,
+                           vs_per_layer=p["per_layer"][0] / new_p50, over_floor=new_p50 / floor, identical=identical)
                 res.add(**row)
             del batched, old, block
     res.header["loadavg_end"] = os.getloadavg()[0]

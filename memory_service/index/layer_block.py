@@ -165,10 +165,14 @@ class LayerBlock:
         dist = np.empty((self.layers, k), np.float32)
         pos = np.empty((self.layers, k), np.int64)
         workers = min(CORES, self.layers)
-        if workers > 1 and len(self) * self.layers * self._ivf.code_size >= POOL_MIN_BYTES:
+        if len(self) * self.layers * self._ivf.code_size >= POOL_MIN_BYTES:
+            scan = self._scan_flat if self.dtype == "float32" else self._scan
             bounds = np.linspace(0, self.layers, workers + 1).astype(int)
             spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-            list(search_pool().map(lambda span: self._scan(q, k, sel, dist, pos, *span), spans))
+            if workers > 1:
+                list(search_pool().map(lambda span: scan(q, k, sel, dist, pos, *span), spans))
+            else:
+                scan(q, k, sel, dist, pos, 0, self.layers)
         else:
             self._scan(q, k, sel, dist, pos, 0, self.layers)
         scores = -dist if self.metric == "l2" else dist
@@ -204,6 +208,20 @@ class LayerBlock:
         self._ivf.search_preassigned_c(hi - lo, faiss.swig_ptr(q[lo:hi]), k, faiss.swig_ptr(assign),
                                        faiss.swig_ptr(coarse), faiss.swig_ptr(dist[lo:hi]),
                                        faiss.swig_ptr(ids[lo:hi]), False, params)
+
+    def _scan_flat(self, q: np.ndarray, k: int, sel, dist: np.ndarray, pos: np.ndarray, lo: int, hi: int) -> None:
+        """Layers [lo, hi) of a float32 block, each list scanned in place by the kernel IndexFlat itself uses
+        (knn_inner_product / knn_L2sqr over the list's codes, which are the [n, d] float32 keys): on a large bank
+        the IVF list scanner, one vector at a time, ran ~20% slower than it (79 vs 66 ms at 30 x 1e4 x 1536, with
+        the floor at 59). A few microseconds of Python per layer, against a scan of >= 0.5 MB per layer."""
+        _omp_threads(self.params.faiss_threads)
+        n, lists = len(self), self._ivf.invlists
+        knn = faiss.knn_L2sqr if self.metric == "l2" else faiss.knn_inner_product
+        extra = (None, sel) if self.metric == "l2" else (sel,)  # knn_L2sqr takes the keys' norms first
+        for layer in range(lo, hi):
+            keys = faiss.rev_swig_ptr(lists.get_codes(layer), n * self._ivf.code_size).view(np.float32)  # [n * d]
+            knn(faiss.swig_ptr(q[layer]), faiss.swig_ptr(keys), self.dim, 1, n, k, faiss.swig_ptr(dist[layer]),
+                faiss.swig_ptr(pos[layer]), *extra)
 
     # -- snapshots -------------------------------------------------------------------------------
     def dump(self) -> list[tuple[bytes, np.ndarray]]:

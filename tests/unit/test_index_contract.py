@@ -422,11 +422,14 @@ def test_layer_block_answers_as_per_layer_flat_indexes(metric, dtype, pooled, mo
     assert s.search(q, 2, "per_layer", None, [])[1].tolist() == [[900, -1]] * LAYERS
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["one_call", "pooled"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_layer_block_ties_resolve_as_before(metric, dtype):
-    """Entries with identical keys (a static scene) tie exactly; the entry added first wins, as in the per-layer
-    FlatIndexes, also after removals in the middle of the block and with a deny list."""
+def test_layer_block_ties_resolve_as_before(metric, dtype, pooled, monkeypatch):
+    """Entries with identical keys (a static scene) tie exactly; they resolve as in the per-layer FlatIndexes
+    (which of the equals enter the top-k, and their order), also after removals in the middle of the block and
+    with a deny list (k = 12 puts the boundary inside a run of equals: the over-fetch path hands it to faiss)."""
+    monkeypatch.setattr(layer_block, "POOL_MIN_BYTES", 0 if pooled else 1 << 62)
     rng = np.random.default_rng(22)
     s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
     base = layered(rng, 4, DIM)
