@@ -96,16 +96,18 @@ class LMDBView(Reader):
         sid, name, pack = layout.sid, layout.name, _SID_EID_LAYER.pack
         for n, eid in enumerate(ids):
             done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
-            for j, layer in enumerate(layers):
-                key = pack(sid, eid, layer)
-                head = txn.get(key, db=phead)
-                if head is None:
-                    raise NotFound(f"entry {eid} of stream {name!r} was deleted during the fetch")
-                decode_into(Header.unpack(head), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
-                            f"stream {name!r} entry {eid} layer {layer}")
-                done |= 1 << layer
-            if verified is not None:
-                verified[eid] = done
+            try:
+                for j, layer in enumerate(layers):
+                    key = pack(sid, eid, layer)
+                    head = txn.get(key, db=phead)
+                    if head is None:
+                        raise NotFound(f"entry {eid} of stream {name!r} was deleted during the fetch")
+                    decode_into(Header.unpack(head), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
+                                f"stream {name!r} entry {eid} layer {layer}")
+                    done |= 1 << layer
+            finally:  # the layers that passed, also when a later one did not
+                if verified is not None:
+                    verified[eid] = done
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
         key = payload_key(layout.sid, eid, layer)
