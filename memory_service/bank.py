@@ -37,10 +37,11 @@ from memory_service.pruning.planner import Plan
 from memory_service.store import LMDBStore, NewEntries, StoredStream, StoreView, TensorStore
 from memory_service.store.codec import body_bytes, encode
 from memory_service.store.dirlock import DirLock
+from memory_service.query_fetch import FetchPlan
 from memory_service.stream import Stream
 from memory_service.types import (
-    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, QueryTrace, StreamSpec, StreamStats,
-    kv_numpy_dtype,
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, QueryTrace, StreamSpec,
+    StreamStats, kv_numpy_dtype,
 )
 from memory_service.validate import check_entries, check_ids, check_query
 
@@ -333,6 +334,19 @@ class MemoryBank:
         with self.store.view() as v:
             v.read_payloads(s.layout, id_list, layer_list, out, self._verified(s))
         return FetchResult(ids=tuple(id_list), layers=tuple(layer_list), kv=out)
+
+    def query_fetch(self, stream: str, space: str, vectors, k: int, *, fetch_k: Optional[int] = None, include=(),
+                    resident=(), layers: Optional[Sequence[int]] = None, combine: str = "per_layer",
+                    exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
+                    time_range: Optional[tuple[float, float]] = None) -> QueryFetchResult:
+        """`query`, then `fetch` of the pairs query_fetch.FetchPlan picks from its hits: the two calls composed."""
+        plan = FetchPlan(self.spec(stream), k, layers, fetch_k, include, resident)
+        if plan.include:  # an unknown or keys-only id fails before the query records its hits
+            self.fetch_layout(stream, plan.include, plan.layers)
+        result = self.query(stream, space, vectors, k, combine=combine, exclude_frames=exclude_frames,
+                            pinned_only=pinned_only, time_range=time_range)
+        fetched = tuple(self.fetch(stream, ids, group_layers) for ids, group_layers in plan.groups(result.ids))
+        return QueryFetchResult(query=result, fetched=fetched)
 
     def fetch_layout(self, stream: str, ids, layers: Optional[Sequence[int]] = None):
         """(ids, layers, shape, dtype) a fetch would return; raises what the fetch would raise."""

@@ -40,10 +40,12 @@ from memory_service.errors import (
     ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
     ResourceExhausted, StaleLayout, Unauthenticated,
 )
-from memory_service.protocol import Ids, Memory, Vectors
+from memory_service.protocol import Ids, Memory, Resident, Vectors
+from memory_service.query_fetch import FetchPlan, normalize_resident
 from memory_service.shm import Arena
 from memory_service.types import (
-    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats, kv_numpy_dtype,
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, StreamSpec, StreamStats,
+    kv_numpy_dtype,
 )
 from memory_service.validate import check_batch, check_id_list
 from memory_service.wire import convert
@@ -96,7 +98,7 @@ class MemoryClient(Memory):
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         calls = convert.Calls(self._channel)  # Put and Fetch move K/V chunks pre-framed (wire/framing.py)
-        self._stub, self._put, self._fetch = calls.stub, calls.put, calls.fetch
+        self._stub, self._put, self._fetch, self._query_fetch = calls.stub, calls.put, calls.fetch, calls.query_fetch
         self.arena_bytes = int(arena_bytes)
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
@@ -349,6 +351,92 @@ class MemoryClient(Memory):
         if got != header.nbytes:
             raise MemFlowError(f"fetch stream ended after {got} of {header.nbytes} bytes")
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
+
+    def query_fetch(self, stream: str, space: str, vectors: Vectors, k: int, *, fetch_k: Optional[int] = None,
+                    include: Ids = (), resident: Resident = (), layers: Optional[Sequence[int]] = None,
+                    combine: str = "per_layer", exclude_frames: Optional[tuple[int, int]] = None,
+                    pinned_only: bool = False, time_range: Optional[tuple[float, float]] = None,
+                    timeout: Optional[float] = None) -> QueryFetchResult:
+        if layers is not None and len(layers) == 0:  # on the wire, no layers means all of them
+            raise InvalidArgument(f"layers {list(layers)} invalid; expected None (all layers) or distinct layer "
+                                  "indexes")
+        try:
+            query = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
+        except InvalidArgument:
+            raise
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
+        rows = normalize_resident(resident)
+        request = convert.query_fetch_request(query, fetch_k, [int(i) for i in check_id_list(include, "include")], rows,
+                                              [int(x) for x in layers or ()])
+        if self.plane == "shm":
+            return self._shm_call(lambda: self._query_fetch_shm(request, timeout))
+        return self._query_fetch_stream(request, timeout)
+
+    def _query_fetch_shm(self, request: Any, timeout: Optional[float]) -> QueryFetchResult:
+        stream = request.query.stream
+        spec = self._spec(stream)
+        if spec.kv is None:  # let the service say why
+            return self._query_fetch_stream(request, timeout)
+        args = convert.query_fetch_args_from_pb(request)
+        try:  # the lease is sized by the most any ranking can make the service fetch; it checks the arguments
+            bound = FetchPlan(spec, max(0, int(request.query.k)), **args).max_rows()
+        except InvalidArgument:
+            return self._query_fetch_stream(request, timeout)  # the service's own message, and nothing to lease
+        nbytes = max(1, bound * spec.kv.layer_bytes)
+        region, arena_id = None, None
+        try:
+            slot, offset, region = self._pool.lease(nbytes)
+            arena_id = self._pool.arena_id(slot)
+            convert.query_fetch_shm(request, arena_id, offset, nbytes)
+            responses = self._query_fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            result, groups, _ = convert.query_fetch_header_from_pb(self._first(responses))
+            fetched, pos = [], 0
+            for g in groups:
+                kv = np.frombuffer(region, kv_numpy_dtype(g.dtype),  # type: ignore[call-overload]  # a buffer
+                                   count=int(np.prod(g.shape)), offset=pos)
+                fetched.append(FetchResult(ids=tuple(g.ids), layers=tuple(g.layers), kv=kv.reshape(tuple(g.shape))))
+                pos += int(g.nbytes)
+            return QueryFetchResult(query=result, fetched=tuple(fetched))
+        except ArenaNotRegistered:
+            self._pool.lost(arena_id)
+            raise
+        except StaleLayout:
+            self._forget(stream)
+            raise
+        finally:
+            region = kv = None  # a returned result's arrays hold the lease; a failed call's exception must not
+
+    def _query_fetch_stream(self, request: Any, timeout: Optional[float]) -> QueryFetchResult:
+        responses = self._query_fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        result, groups, total = convert.query_fetch_header_from_pb(self._first(responses))
+        flat = np.empty(total, np.uint8)
+        got = 0
+        try:
+            for chunk in responses:  # memoryviews: convert.query_fetch_response_from_wire
+                if not isinstance(chunk, memoryview) or got + len(chunk) > total:
+                    raise MemFlowError("query_fetch stream sent a second header or too many bytes; expected "
+                                       f"{total} bytes of K/V chunks")
+                flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                got += len(chunk)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        if got != total:
+            raise MemFlowError(f"query_fetch stream ended after {got} of {total} bytes")
+        fetched, pos = [], 0
+        for g in groups:
+            n = int(g.nbytes)
+            kv = flat[pos:pos + n].view(kv_numpy_dtype(g.dtype)).reshape(tuple(g.shape))
+            fetched.append(FetchResult(ids=tuple(g.ids), layers=tuple(g.layers), kv=kv))
+            pos += n
+        return QueryFetchResult(query=result, fetched=tuple(fetched))
+
+    @staticmethod
+    def _first(responses: Iterator[Any]) -> Any:
+        try:
+            return next(responses)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     @staticmethod
     def _fetch_header(responses: Iterator[Any]) -> Any:

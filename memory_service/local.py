@@ -11,9 +11,9 @@ from typing import Any, Optional, overload, Sequence, Union
 
 from memory_service.bank import MemoryBank
 from memory_service.config import BankConfig
-from memory_service.protocol import Ids, Memory, Vectors
+from memory_service.protocol import Ids, Memory, Resident, Vectors
 from memory_service.types import (
-    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats,
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, StreamSpec, StreamStats,
 )
 
 
@@ -61,6 +61,15 @@ class LocalMemory(Memory):
     def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
               timeout: Optional[float] = None) -> FetchResult:
         return self.bank.fetch(stream, ids, layers)
+
+    def query_fetch(self, stream: str, space: str, vectors: Vectors, k: int, *, fetch_k: Optional[int] = None,
+                    include: Ids = (), resident: Resident = (), layers: Optional[Sequence[int]] = None,
+                    combine: str = "per_layer", exclude_frames: Optional[tuple[int, int]] = None,
+                    pinned_only: bool = False, time_range: Optional[tuple[float, float]] = None,
+                    timeout: Optional[float] = None) -> QueryFetchResult:
+        return self.bank.query_fetch(stream, space, vectors, k, fetch_k=fetch_k, include=include, resident=resident,
+                                     layers=layers, combine=combine, exclude_frames=exclude_frames,
+                                     pinned_only=pinned_only, time_range=time_range)
 
     def delete(self, stream: str, ids: Ids) -> int:
         return self.bank.delete(stream, ids)

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memory_service.types import (
-    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryResult, StreamSpec, StreamStats,
+    BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, StreamSpec, StreamStats,
 )
 
 Ids = Union[Sequence[int], np.ndarray]
@@ -29,8 +29,11 @@ Ids = Union[Sequence[int], np.ndarray]
 Vectors = npt.ArrayLike
 """Query vectors: `[dim]`, or `[layers, dim]` for a per-layer key space (float32 on the wire)."""
 
-METHODS = ("create_stream", "drop_stream", "list_streams", "put", "query", "fetch", "delete", "pin", "prune",
-           "stats", "entries", "close")
+Resident = Union[Ids, Sequence[Ids]]
+"""What a caller holds (query_fetch): entry ids held in every fetched layer, or one id list per fetched layer."""
+
+METHODS = ("create_stream", "drop_stream", "list_streams", "put", "query", "fetch", "query_fetch", "delete", "pin",
+           "prune", "stats", "entries", "close")
 """The protocol's calls besides the context manager (the congruence test compares their signatures)."""
 
 
@@ -73,6 +76,17 @@ class Memory(Protocol):
     def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
               timeout: Optional[float] = None) -> FetchResult:
         """K/V of `ids` (in that order) for `layers` (None: all of them)."""
+        ...
+
+    def query_fetch(self, stream: str, space: str, vectors: Vectors, k: int, *, fetch_k: Optional[int] = None,
+                    include: Ids = (), resident: Resident = (), layers: Optional[Sequence[int]] = None,
+                    combine: str = "per_layer", exclude_frames: Optional[tuple[int, int]] = None,
+                    pinned_only: bool = False, time_range: Optional[tuple[float, float]] = None,
+                    timeout: Optional[float] = None) -> QueryFetchResult:
+        """`query`, and the K/V of its hits the caller does not hold, in one round trip (one RPC for MemoryClient,
+        on its data plane). Per fetched layer (`layers`, None: all): `include` (fetched whatever the ranking), then
+        the first `fetch_k` (None: k) other hits of that layer's row, minus `resident`; grouped by layer set
+        (memory_service/query_fetch.py states the rule). The same as `query` then `fetch` of those pairs."""
         ...
 
     def delete(self, stream: str, ids: Ids) -> int:

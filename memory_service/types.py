@@ -294,6 +294,26 @@ class FetchResult:
 
 
 @dataclass(frozen=True)
+class QueryFetchResult:
+    """One `query_fetch`: the ranking, and the K/V of the hits the caller did not hold, in one round trip.
+
+    `fetched` groups the (entry, layer) pairs that were fetched by layer set: each FetchResult holds entries
+    that were fetched for the same layers (`[n, len(layers), 2, tokens, heads, head_dim]`); groups in order of
+    each entry's first appearance (query_fetch.plan_fetch says exactly which pairs, in which order).
+    """
+
+    query: QueryResult
+    fetched: tuple[FetchResult, ...]
+
+    def kv_of(self, entry_id: int, layer: int) -> Optional[np.ndarray]:
+        """The `[2, tokens, heads, head_dim]` K/V of one fetched (entry, layer), or None when it was not fetched."""
+        for group in self.fetched:
+            if layer in group.layers and entry_id in group.ids:
+                return group.kv[group.ids.index(entry_id), group.layers.index(layer)]
+        return None
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """What one prune pass did."""
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from memory_service.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 SEP = "/"
-READ_ONLY_METHODS = frozenset({"ListStreams", "Query", "Fetch", "Stats", "ListEntries", "RegisterArena",
+READ_ONLY_METHODS = frozenset({"ListStreams", "Query", "Fetch", "QueryFetch", "Stats", "ListEntries", "RegisterArena",
                                "ReleaseArena"})
 
 

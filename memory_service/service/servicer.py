@@ -22,6 +22,7 @@ import numpy as np
 from memory_service.bank import MemoryBank
 from memory_service.config import TenantQuotas
 from memory_service.errors import DeadlineExceeded, NotFound, ResourceExhausted, StaleLayout
+from memory_service.query_fetch import FetchPlan
 from memory_service.service.arenas import ArenaRegistry
 from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
 from memory_service.service.metrics import Metrics
@@ -173,6 +174,53 @@ class MemoryServicer:
             return chunk_to_wire(chunk)
 
         yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame)
+
+    def QueryFetch(self, request, context) -> Iterator[Any]:
+        """Query, then the K/V of the pairs query_fetch.FetchPlan picks (as MemoryBank.query_fetch), on the
+        request's data plane: one header (ranking + groups), then the groups' bytes back to back."""
+        who = self._who(context, "QueryFetch")
+        convert.enum_from_pb(request.plane, "QueryFetchRequest.plane")
+        stream = self._name(who, request.query.stream)
+        query = convert.query_args_from_pb(request.query)
+        plan = FetchPlan(self.bank.spec(stream), query["k"], **convert.query_fetch_args_from_pb(request))
+        if plan.include:  # an unknown or keys-only id fails before the query records its hits
+            self.bank.fetch_layout(stream, plan.include, plan.layers)
+        result = self.bank.query(stream, request.query.space, **query)
+        groups = plan.groups(result.ids)
+        spec = self.bank.spec(stream)
+        assert spec.kv is not None, "FetchPlan refuses a keys-only stream"
+        layouts = [self.bank.fetch_layout(stream, ids, layers) for ids, layers in groups]  # raises what fetch would
+        sizes = [math.prod(shape) * dtype.itemsize for _, _, shape, dtype in layouts]
+        nbytes = sum(sizes)
+        headers = [convert.fetch_header(i, ls, spec.kv.dtype, shape, n) for (i, ls, shape, _), n in zip(layouts, sizes)]
+        if request.plane == SHM:
+            if nbytes > request.arena_bytes:
+                raise StaleLayout(
+                    f"query_fetch needs {nbytes} bytes but the client reserved {request.arena_bytes} in its arena: "
+                    f"the client's layout of stream {request.query.stream!r} is stale; reload it and retry")
+            if nbytes:
+                with self.arenas.use(who.tenant, request.arena_id, int(request.arena_offset), nbytes) as target:
+                    pos = 0
+                    for (ids, layers), (_, _, shape, dtype), n in zip(groups, layouts, sizes):
+                        if target.view is not None:  # sealed and mapped: one memcpy from LMDB's map into it
+                            out = target.view[pos:pos + n].view(dtype).reshape(shape)
+                            self.bank.fetch(stream, ids, layers, out=out)
+                        else:  # never mapped: pwrite from LMDB's map, in order
+                            for _ in self.bank.iter_fetch(stream, ids, layers, max(1, _layer_bytes(spec)),
+                                                          target.write):
+                                pass
+                        pos += n
+                self.metrics.bytes("shm", "fetch", nbytes)
+            yield convert.query_fetch_header(result, headers, nbytes)
+            return
+        yield convert.query_fetch_header(result, headers, nbytes)
+
+        def frame(chunk):  # counted as each layer is framed, before it is yielded
+            self.metrics.bytes("stream", "fetch", len(chunk))
+            return chunk_to_wire(chunk)
+
+        for ids, layers in groups:
+            yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame)
 
     # -- the rest -----------------------------------------------------------------------------------
     def Delete(self, request, context):

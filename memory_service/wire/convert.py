@@ -93,6 +93,12 @@ def put_request_from_wire(data: bytes):
     return chunk if chunk is not None else pb.PutRequest.FromString(data)
 
 
+def query_fetch_response_from_wire(data: bytes):
+    """Response deserializer of QueryFetch: a memoryview for a chunk, a QueryFetchResponse otherwise."""
+    chunk = chunk_from_wire(data)
+    return chunk if chunk is not None else pb.QueryFetchResponse.FromString(data)
+
+
 def fetch_response_from_wire(data: bytes):
     """Response deserializer of Fetch: a memoryview for a chunk, a FetchResponse otherwise."""
     chunk = chunk_from_wire(data)
@@ -351,7 +357,8 @@ def method_handlers(servicer: Any) -> grpc.GenericRpcHandler:
 
 
 class Calls:
-    """The client's callables on one channel: the generated stub, and Put and Fetch with pre-framed chunks."""
+    """The client's callables on one channel: the generated stub, and Put, Fetch and QueryFetch with pre-framed
+    chunks."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self.stub = pb_grpc.MemoryServiceStub(channel)
@@ -359,6 +366,9 @@ class Calls:
                                         response_deserializer=pb.PutResponse.FromString)
         self.fetch = channel.unary_stream(method_path("Fetch"), request_serializer=pb.FetchRequest.SerializeToString,
                                           response_deserializer=fetch_response_from_wire)
+        self.query_fetch = channel.unary_stream(method_path("QueryFetch"),
+                                                request_serializer=pb.QueryFetchRequest.SerializeToString,
+                                                response_deserializer=query_fetch_response_from_wire)
 
 
 # ---- requests (the client builds them) ------------------------------------------------------------------------
@@ -406,6 +416,28 @@ def fetch_shm(request: pb.FetchRequest, arena_id: str, offset: int, nbytes: int)
     """`request` asking for its K/V to be written into the caller's arena at `offset` (`nbytes` reserved there)."""
     request.plane, request.arena_id, request.arena_offset, request.arena_bytes = SHM_PLANE, arena_id, offset, nbytes
     return request
+
+
+def query_fetch_request(query: pb.QueryRequest, fetch_k: Optional[int], include: Sequence[int],
+                        resident: Sequence[Sequence[int]], layers: Sequence[int]) -> pb.QueryFetchRequest:
+    """`resident`: query_fetch.normalize_resident's form (none, one list for every layer, or one per layer)."""
+    if fetch_k is not None and (not isinstance(fetch_k, (int, np.integer)) or isinstance(fetch_k, bool)):
+        raise errors.InvalidArgument(f"fetch_k is {fetch_k!r}; expected None (every hit: k) or an int >= 0")
+    return pb.QueryFetchRequest(query=query, has_fetch_k=fetch_k is not None, fetch_k=int(fetch_k or 0),
+                                include=include, resident=[pb.IdList(ids=r) for r in resident], layers=layers)
+
+
+def query_fetch_shm(request: pb.QueryFetchRequest, arena_id: str, offset: int, nbytes: int) -> pb.QueryFetchRequest:
+    """`request` asking for its K/V to be written into the caller's arena at `offset` (`nbytes` reserved there)."""
+    request.plane, request.arena_id, request.arena_offset, request.arena_bytes = SHM_PLANE, arena_id, offset, nbytes
+    return request
+
+
+def query_fetch_header_from_pb(msg: Any) -> tuple[QueryResult, list[pb.FetchHeader], int]:
+    """(the ranking, the groups' headers, the bytes that follow) of a QueryFetch's first message."""
+    if isinstance(msg, memoryview) or msg.WhichOneof("part") != "header":
+        raise errors.MemFlowError("QueryFetch stream did not start with a header; expected a QueryFetchHeader")
+    return result_from_pb(msg.header.result), list(msg.header.groups), int(msg.header.nbytes)
 
 
 def delete_request(stream: str, ids: Sequence[int]) -> pb.DeleteRequest:
@@ -463,6 +495,18 @@ def fetch_header(ids: Sequence[int], layers: Sequence[int], dtype: str, shape: S
                  nbytes: int) -> pb.FetchResponse:
     return pb.FetchResponse(header=pb.FetchHeader(ids=ids, layers=layers, dtype=dtype, shape=list(shape),
                                                   nbytes=nbytes))
+
+
+def query_fetch_args_from_pb(msg: pb.QueryFetchRequest) -> dict:
+    """The fetch half of a QueryFetch (query_fetch.FetchPlan checks it); the query half is query_args_from_pb's."""
+    return dict(fetch_k=int(msg.fetch_k) if msg.has_fetch_k else None, include=ids_from_pb(msg.include),
+                resident=[list(r.ids) for r in msg.resident], layers=list(msg.layers) or None)
+
+
+def query_fetch_header(result: QueryResult, groups: Sequence[pb.FetchResponse], nbytes: int) -> pb.QueryFetchResponse:
+    """The first message of a QueryFetch: the ranking, and each group's header (from `fetch_header`)."""
+    return pb.QueryFetchResponse(header=pb.QueryFetchHeader(result=result_to_pb(result),
+                                                            groups=[g.header for g in groups], nbytes=nbytes))
 
 
 def delete_response(deleted: int) -> pb.DeleteResponse:

@@ -22,6 +22,7 @@ from memory_service import (
     AlreadyExists, BankStats, Budget, EntryMeta, FetchResult, InvalidArgument, KeySpace, KVLayout, LocalMemory,
     Memory, MemoryClient, NewEntry, NotFound, PruneResult, QueryResult, ResourceExhausted, StreamSpec, StreamStats,
 )
+from memory_service.types import QueryFetchResult
 from memory_service.protocol import METHODS
 
 
@@ -99,6 +100,48 @@ def test_queries_match_numpy_brute_force(memory):
     pinned = memory.query("cam0", "emb", entries[14].keys["emb"], 10, pinned_only=True)
     assert pinned.ids[0] == 14 and pinned.scores[0] == pytest.approx(1.0, abs=1e-5)  # cosine: itself
     assert set(pinned.ids[:9].tolist()) == {0, 7, 14, 21, 28, 35, 42, 49, 56} and pinned.ids[9] == -1
+
+
+def test_query_fetch_is_query_then_fetch(memory):
+    """One call: the ranking Query gives, and the K/V Fetch gives for each layer's hits the caller lacks, grouped
+    by layer set; resident ids stay in the ranking but are never fetched; `include` is fetched whatever ranks."""
+    memory.create_stream(make_spec())
+    entries = [make_entry(i) for i in range(12)]
+    memory.put("cam0", entries)
+    q = np.random.default_rng(5).standard_normal((LAYERS, DIM)).astype(np.float32)
+    want = memory.query("cam0", "nam", q, 4, exclude_frames=(10, 12))
+    held = [int(want.ids[0, 0]), int(want.ids[1, 1])]  # two ids the ranking holds: still ranked, never fetched
+    got = memory.query_fetch("cam0", "nam", q, 4, exclude_frames=(10, 12), resident=held)
+    assert isinstance(got, QueryFetchResult)
+    assert np.array_equal(got.query.ids, want.ids) and np.array_equal(got.query.scores, want.scores)
+    assert np.array_equal(got.query.frames, want.frames)
+    pairs = {(e, layer) for g in got.fetched for e in g.ids for layer in g.layers}
+    expect = {(int(e), layer) for layer in range(LAYERS) for e in want.ids[layer] if e >= 0 and e not in held}
+    assert pairs == expect and sum(len(g.ids) * len(g.layers) for g in got.fetched) == len(expect)
+    for g in got.fetched:  # each group is exactly a Fetch of its ids and layers
+        assert g.kv.tobytes() == memory.fetch("cam0", list(g.ids), list(g.layers)).kv.tobytes()
+        assert got.kv_of(g.ids[0], g.layers[0]).tobytes() == entries[g.ids[0]].kv[g.layers[0]].tobytes()
+    assert all(got.kv_of(e, layer) is None for e in held for layer in range(LAYERS))
+    assert len({g.layers for g in got.fetched}) == len(got.fetched)  # one group per layer set
+
+    # per-layer resident, include, fetch_k and a layer subset: exactly the pairs of the rule (query_fetch.py)
+    resident = [[int(want.ids[0, 1])], [], [11], []]  # layer 0 holds its 2nd hit, layer 2 an id no row has
+    got = memory.query_fetch("cam0", "nam", q, 4, exclude_frames=(10, 12), fetch_k=2, include=[11, 11],
+                             resident=resident[1:], layers=[3, 1, 2])
+    expect = set()
+    for j, layer in enumerate([1, 2, 3]):
+        hits = [int(e) for e in want.ids[layer] if e >= 0 and e != 11][:2]
+        expect |= {(e, layer) for e in [11, *hits] if e not in resident[1 + j]}
+    assert {(e, layer) for g in got.fetched for e in g.ids for layer in g.layers} == expect
+    assert got.fetched[0].ids[0] == 11 and all(list(g.layers) == sorted(g.layers) for g in got.fetched)
+    assert all(g.kv.tobytes() == memory.fetch("cam0", list(g.ids), list(g.layers)).kv.tobytes() for g in got.fetched)
+
+    # one ranking for all layers (combine="mean"), everything held: the ranking and nothing fetched
+    mean = memory.query("cam0", "nam", q, 3, combine="mean")
+    got = memory.query_fetch("cam0", "nam", q, 3, combine="mean", resident=mean.ids.tolist())
+    assert np.array_equal(got.query.ids, mean.ids) and got.fetched == ()
+    got = memory.query_fetch("cam0", "nam", q, 3, combine="mean", layers=[2])
+    assert len(got.fetched) == 1 and got.fetched[0].ids == tuple(mean.ids.tolist()) and got.fetched[0].layers == (2,)
 
 
 def test_delete_pin_prune_budget_stats_entries(memory):
@@ -249,6 +292,22 @@ BAD = [
     ("fetch float ids", lambda m: m.fetch("cam0", [0.5]), InvalidArgument, "1-d list of ints"),
     ("fetch keys-only", lambda m: m.fetch("k", [0]), InvalidArgument, "keys-only"),
     ("fetch unknown stream", lambda m: m.fetch("ghost", [0]), NotFound, "stream 'ghost' not found"),
+    # query_fetch: the query's errors, the fetch's errors, and its own arguments - all before the bank changes
+    ("qf unknown stream", lambda m: m.query_fetch("ghost", "nam", Q, 1), NotFound, "stream 'ghost' not found"),
+    ("qf k 0", lambda m: m.query_fetch("cam0", "nam", Q, 0), InvalidArgument, "k is 0"),
+    ("qf k huge", lambda m: m.query_fetch("cam0", "nam", Q, 5000), InvalidArgument, "[1, 1024]"),
+    ("qf query dims", lambda m: m.query_fetch("cam0", "nam", np.ones(DIM), 1), InvalidArgument, "expects [4, 32]"),
+    ("qf fetch_k", lambda m: m.query_fetch("cam0", "nam", Q, 2, fetch_k=-1), InvalidArgument, "fetch_k is -1"),
+    ("qf bad layer", lambda m: m.query_fetch("cam0", "nam", Q, 1, layers=[LAYERS]), InvalidArgument,
+     "distinct ints in"),
+    ("qf no layers", lambda m: m.query_fetch("cam0", "nam", Q, 1, layers=[]), InvalidArgument, "layers"),
+    ("qf resident lists", lambda m: m.query_fetch("cam0", "nam", Q, 1, resident=[[0], [1]]), InvalidArgument,
+     "resident has 2 id lists"),
+    ("qf resident mixed", lambda m: m.query_fetch("cam0", "nam", Q, 1, resident=[[0], 1, [], []]), InvalidArgument,
+     "resident mixes"),
+    ("qf include unknown", lambda m: m.query_fetch("cam0", "nam", Q, 1, include=[99]), NotFound, "no entries [99]"),
+    ("qf include 2-d", lambda m: m.query_fetch("cam0", "nam", Q, 1, include=[[0]]), InvalidArgument, "1-d"),
+    ("qf keys-only", lambda m: m.query_fetch("k", "e", np.ones(4), 1), InvalidArgument, "keys-only"),
     # the rest
     ("delete partly unknown", lambda m: m.delete("cam0", [0, 99]), NotFound, "99"),
     ("delete none", lambda m: m.delete("cam0", []), InvalidArgument, "empty"),
@@ -289,6 +348,8 @@ def view(x):
     if isinstance(x, QueryResult):
         return ("query", arr(x.ids), arr(x.scores), arr(x.frames), x.trace.scanned,
                 tuple(name for name, _ in x.trace.steps))
+    if isinstance(x, QueryFetchResult):
+        return ("query_fetch", view(x.query), view(x.fetched))
     if isinstance(x, FetchResult):
         return ("fetch", x.ids, x.layers, arr(x.kv))
     if isinstance(x, EntryMeta):
@@ -301,7 +362,7 @@ def view(x):
     return x
 
 
-CLIENT_SIDE = {"k float", "fetch no layers", "stats empty name"}
+CLIENT_SIDE = {"k float", "fetch no layers", "stats empty name", "qf no layers"}
 
 
 def script(m) -> list:
@@ -336,6 +397,11 @@ def script(m) -> list:
     do(lambda: m.fetch("cam0", [e.entry_id for e in m.entries("cam0")]))
     do(lambda: m.fetch("f8", [4, 0]))
     do(lambda: m.fetch("bytes", [0]))  # degraded to keys only: its payload is gone
+    for kw in ({}, {"resident": [3, 4]}, {"fetch_k": 1, "include": [0], "layers": [2, 0]}, {"combine": "mean"},
+               {"resident": [[1], [], [2], []], "exclude_frames": (4, 12)}):
+        do(lambda: m.query_fetch("cam0", "nam", q, 3, **kw))
+    do(lambda: m.query_fetch("f8", "nam", q[:2], 2, resident=[4]))
+    do(lambda: m.query_fetch("bytes", "nam", q, 1, fetch_k=0))  # degraded entries: nothing fetched, no error
     do(lambda: m.delete("cam0", [19, 10]))
     do(lambda: m.pin("cam0", [11, 12]))
     do(lambda: m.pin("cam0", [9], pinned=False))

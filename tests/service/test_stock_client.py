@@ -101,3 +101,29 @@ def test_memory_client_chunks_fit_a_service_limited_to_4_mib(make_server):
         (eid,) = c.put("wan", [entry])  # 9.58 MB per layer through the client's own chunking
         got = c.fetch("wan", [eid])
         assert got.kv.tobytes() == entry.kv[None].tobytes()
+
+
+def test_stock_client_query_fetch_messages_fit_4_mib(server, stock):
+    """QueryFetch on the stream plane through the generated stub with gRPC's defaults: a header (the ranking and the
+    groups), then Wan-sized layers in chunks that each fit 4 MiB; the bytes are exactly Fetch's, group after group."""
+    with MemoryClient(server.address, plane="stream") as c:
+        c.create_stream(wan_spec())
+        entries = [wan_entry(1), wan_entry(2), wan_entry(3)]
+        ids = c.put("wan", entries)
+    query = pb.QueryRequest(stream="wan", space="e", k=3, vectors=convert.tensor_to_pb(entries[0].keys["e"], "float32"))
+    request = pb.QueryFetchRequest(query=query, resident=[pb.IdList(ids=[ids[2]])])
+    header, chunks, sizes = None, [], []
+    for msg in stock.QueryFetch(request, timeout=60):
+        sizes.append(msg.ByteSize())
+        if msg.WhichOneof("part") == "header":
+            assert header is None, "a second header"
+            header = msg.header
+        else:
+            chunks.append(msg.kv_chunk)
+    assert header is not None and sorted(convert.result_from_pb(header.result).ids.tolist()) == sorted(ids)
+    [group] = header.groups  # one ranking for every layer: one group of the hits not held, all layers
+    assert sorted(group.ids) == sorted(ids[:2]) and list(group.layers) == [0, 1]
+    data = b"".join(chunks)
+    assert header.nbytes == group.nbytes == len(data) == 2 * WAN_LAYER.layers * WAN_LAYER.layer_bytes
+    assert data == np.stack([entries[ids.index(i)].kv for i in group.ids]).tobytes()
+    assert max(sizes) <= STOCK_LIMIT and len(sizes) > 1 + 2 * WAN_LAYER.layers  # more than one chunk per layer

@@ -328,6 +328,54 @@ class FetchResponse(_message.Message):
     kv_chunk: bytes
     def __init__(self, header: _Optional[_Union[FetchHeader, _Mapping]] = ..., kv_chunk: _Optional[bytes] = ...) -> None: ...
 
+class IdList(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class QueryFetchRequest(_message.Message):
+    __slots__ = ("query", "has_fetch_k", "fetch_k", "include", "resident", "layers", "plane", "arena_id", "arena_offset", "arena_bytes")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    HAS_FETCH_K_FIELD_NUMBER: _ClassVar[int]
+    FETCH_K_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PLANE_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    ARENA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    query: QueryRequest
+    has_fetch_k: bool
+    fetch_k: int
+    include: _containers.RepeatedScalarFieldContainer[int]
+    resident: _containers.RepeatedCompositeFieldContainer[IdList]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    plane: DataPlane
+    arena_id: str
+    arena_offset: int
+    arena_bytes: int
+    def __init__(self, query: _Optional[_Union[QueryRequest, _Mapping]] = ..., has_fetch_k: _Optional[bool] = ..., fetch_k: _Optional[int] = ..., include: _Optional[_Iterable[int]] = ..., resident: _Optional[_Iterable[_Union[IdList, _Mapping]]] = ..., layers: _Optional[_Iterable[int]] = ..., plane: _Optional[_Union[DataPlane, str]] = ..., arena_id: _Optional[str] = ..., arena_offset: _Optional[int] = ..., arena_bytes: _Optional[int] = ...) -> None: ...
+
+class QueryFetchHeader(_message.Message):
+    __slots__ = ("result", "groups", "nbytes")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    result: QueryResponse
+    groups: _containers.RepeatedCompositeFieldContainer[FetchHeader]
+    nbytes: int
+    def __init__(self, result: _Optional[_Union[QueryResponse, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[FetchHeader, _Mapping]]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class QueryFetchResponse(_message.Message):
+    __slots__ = ("header", "kv_chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: QueryFetchHeader
+    kv_chunk: bytes
+    def __init__(self, header: _Optional[_Union[QueryFetchHeader, _Mapping]] = ..., kv_chunk: _Optional[bytes] = ...) -> None: ...
+
 class DeleteRequest(_message.Message):
     __slots__ = ("stream", "ids")
     STREAM_FIELD_NUMBER: _ClassVar[int]

@@ -75,7 +75,7 @@ class MemoryServiceStub:
     know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
     caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
     only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
-    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    ListStreams, Query, Fetch, QueryFetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
     PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
     """
 
@@ -114,6 +114,11 @@ class MemoryServiceStub:
                 '/memflow.v1.MemoryService/Fetch',
                 request_serializer=memflow_dot_v1_dot_memory__pb2.FetchRequest.SerializeToString,
                 response_deserializer=memflow_dot_v1_dot_memory__pb2.FetchResponse.FromString,
+                _registered_method=True)
+        self.QueryFetch = channel.unary_stream(
+                '/memflow.v1.MemoryService/QueryFetch',
+                request_serializer=memflow_dot_v1_dot_memory__pb2.QueryFetchRequest.SerializeToString,
+                response_deserializer=memflow_dot_v1_dot_memory__pb2.QueryFetchResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/memflow.v1.MemoryService/Delete',
@@ -202,7 +207,7 @@ class MemoryServiceServicer:
     know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
     caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
     only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
-    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    ListStreams, Query, Fetch, QueryFetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
     PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
     """
 
@@ -246,6 +251,18 @@ class MemoryServiceServicer:
     def Fetch(self, request, context):
         """The K/V of entries. First message: a FetchHeader; then, on the STREAM plane, kv_chunk messages with the
         header's nbytes bytes, in the header's order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryFetch(self, request, context):
+        """Query, and fetch the K/V of its hits the caller does not hold, in one call (one round trip per chunk). The
+        first message is a QueryFetchHeader: the ranking (exactly Query's answer) and the groups of (entry, layer)
+        pairs fetched (QueryFetchRequest says which); then, on the STREAM plane, kv_chunk messages with the header's
+        nbytes bytes, group after group, each in FetchResponse's order. On the SHM plane the service writes the same
+        bytes back to back from arena_offset. Errors: Query's, then Fetch's (NOT_FOUND for an include id or hit
+        without K/V); an argument error is found before the bank is touched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -330,6 +347,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=memflow_dot_v1_dot_memory__pb2.FetchRequest.FromString,
                     response_serializer=memflow_dot_v1_dot_memory__pb2.FetchResponse.SerializeToString,
+            ),
+            'QueryFetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryFetch,
+                    request_deserializer=memflow_dot_v1_dot_memory__pb2.QueryFetchRequest.FromString,
+                    response_serializer=memflow_dot_v1_dot_memory__pb2.QueryFetchResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -424,7 +446,7 @@ class MemoryService:
     know, the call is UNAUTHENTICATED. A token belongs to a tenant: stream names are resolved within the
     caller's tenant (the bank stores `tenant/name`, and MAX_STREAM_NAME_CHARS counts that prefix), a tenant sees
     only its own streams, and naming another (`other/name`) is PERMISSION_DENIED. A read-only token may call
-    ListStreams, Query, Fetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
+    ListStreams, Query, Fetch, QueryFetch, Stats, ListEntries, RegisterArena and ReleaseArena; any other method is
     PERMISSION_DENIED. A service without a token file treats every caller as one tenant with full rights.
     """
 
@@ -580,6 +602,33 @@ class MemoryService:
             '/memflow.v1.MemoryService/Fetch',
             memflow_dot_v1_dot_memory__pb2.FetchRequest.SerializeToString,
             memflow_dot_v1_dot_memory__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memflow.v1.MemoryService/QueryFetch',
+            memflow_dot_v1_dot_memory__pb2.QueryFetchRequest.SerializeToString,
+            memflow_dot_v1_dot_memory__pb2.QueryFetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
