@@ -8,7 +8,8 @@ window), one JSON row per (dtype, N, deny):
     batched_p50/p99_ms  SpaceIndex.search, combine="per_layer": the LayerBlock (one faiss call, or one per core)
     per_layer_p50_ms    the same keys as L FlatIndexes searched one layer at a time (the layout before LayerBlock:
                         serially below 4e6 floats per layer, on the search pool above)
-    numpy_p50_ms        float32 only: np.matmul over the keys as one [L, N, d] array plus np.argpartition
+    numpy_p50_ms        float32 only: np.matmul over the keys as one [L, N, d] array plus np.argpartition (timed
+                        apart from the rest: OpenBLAS's threads spin after each call and slowed what came next)
     floor_ms            the fastest read of the block's own key bytes: a numpy sum over them (as uint64 words) in
                         one thread, or split over one thread per core, the better p50 of the two - no scan can
                         read them faster. Every variant is sampled in turn, one round at a time, so the load of
@@ -132,8 +133,9 @@ def main() -> None:
                         s = np.matmul(block, queries[next(it) % len(queries)][:, :, None])[:, :, 0]  # [L, n]
                         if s.shape[1] > k:
                             np.argpartition(-s, k - 1, axis=1)[:, :k]
-                    fns["numpy"] = numpy_scan
                 p = {name: percentiles(samples) for name, samples in interleaved(fns, reps).items()}
+                if block is not None:  # on its own: BLAS threads spin after each call and would slow the next
+                    p["numpy"] = percentiles(interleaved({"numpy": numpy_scan}, reps)["numpy"])
                 floor = min(p["floor_one"][0], p["floor_pooled"][0])
                 new_p50, new_p99 = p["batched"]
                 row = dict(dtype=dtype, n=n, layers=L, dim=d, k=k, deny=0 if deny is None else len(deny),

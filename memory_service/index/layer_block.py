@@ -6,9 +6,10 @@ so the block is one faiss IndexIVF with one inverted list per layer (`IndexIVFFl
 `l`'s key of every entry, in insertion order, labelled by its position (as IndexIDMap2 over IndexFlat labels
 them; positions go through faiss's heaps, so equal scores order exactly as they did per layer), and a query of `[L, d]` is one `search_preassigned` that sends
 layer `l`'s query to list `l` only (nprobe 1). That is L exact flat scans in one C++ call - no Python, no
-id map, no selector set-up per layer - and on a large bank the layers are split into one contiguous group
-per core on the search pool, so the scan runs at the machine's memory bandwidth
-(benchmarks/layer_scan.py measures both against the per-layer path and a bandwidth floor).
+id map, no selector set-up per layer. A large scan (>= POOL_MIN_BYTES) is split into a few groups of layers
+per core on the search pool, so it runs at the machine's memory bandwidth; float32 groups scan each list in
+place with IndexFlat's own kernel (benchmarks/layer_scan.py measures all of it against the per-layer path
+and a bandwidth floor, in the same run).
 
 Promises, the same as L FlatIndexes under the VectorIndex contract (tests/unit/test_index_contract.py):
 exact top-k per layer, best first, higher = better (negated squared distance for l2, unit-norm for cosine);
@@ -39,15 +40,15 @@ from memory_service.index.vector_index import (
     prepare,
 )
 
-# A scan of at least this many key bytes is split over the search pool, one group of layers per core. Below it
-# one call in the caller's thread is cheaper than a hand-off (measured on 2 cores, 30 x 1536 fp32: 10 entries
-# 0.04 ms in one call; 1000 entries, 184 MB, 8.4 ms in one call vs ~4.5 ms split when the cores are free).
+# A scan of at least this many key bytes is split over the search pool. Below it one call in the caller's
+# thread is cheaper than a hand-off (30 x 1536 fp32 at 10 entries, 1.8 MB: ~0.06 ms for the whole query).
 POOL_MIN_BYTES = 16 << 20
 # Deny lists up to this long are over-fetched and filtered; longer ones use a faiss selector (its per-vector
 # check nearly doubled an fp16 scan: 41 vs 74 ms at 30 x 1e4 x 1536).
 OVERFETCH_MAX_DENY = 256
 
 _POOL: Optional[ThreadPoolExecutor] = None
+TASKS_PER_CORE = 4
 CORES = os.cpu_count() or 2  # read once: os.cpu_count() cost ~20 us per call here
 
 
@@ -167,7 +168,10 @@ class LayerBlock:
         workers = min(CORES, self.layers)
         if len(self) * self.layers * self._ivf.code_size >= POOL_MIN_BYTES:
             scan = self._scan_flat if self.dtype == "float32" else self._scan
-            bounds = np.linspace(0, self.layers, workers + 1).astype(int)
+            # Several groups per core, taken as cores free up: on a shared machine one core is often slower,
+            # and a fixed half of the layers per core then waits on it (measured 87 vs 70 ms, 30 x 1e4 x 1536).
+            groups = min(self.layers, TASKS_PER_CORE * workers)
+            bounds = np.linspace(0, self.layers, groups + 1).astype(int)
             spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
             if workers > 1:
                 list(search_pool().map(lambda span: scan(q, k, sel, dist, pos, *span), spans))
@@ -211,9 +215,10 @@ class LayerBlock:
 
     def _scan_flat(self, q: np.ndarray, k: int, sel, dist: np.ndarray, pos: np.ndarray, lo: int, hi: int) -> None:
         """Layers [lo, hi) of a float32 block, each list scanned in place by the kernel IndexFlat itself uses
-        (knn_inner_product / knn_L2sqr over the list's codes, which are the [n, d] float32 keys): on a large bank
-        the IVF list scanner, one vector at a time, ran ~20% slower than it (79 vs 66 ms at 30 x 1e4 x 1536, with
-        the floor at 59). A few microseconds of Python per layer, against a scan of >= 0.5 MB per layer."""
+        (knn_inner_product / knn_L2sqr over the list's codes, which are the [n, d] float32 keys), so a large scan
+        scores bit for bit as the per-layer FlatIndexes did, and never slower than the IVF list scanner (one
+        vector at a time: 1.16 vs 1.10 x the read floor, best of 40, 8 x 1e4 x 1536 on one core). A few
+        microseconds of Python per layer, against a scan of at least half a megabyte per layer."""
         _omp_threads(self.params.faiss_threads)
         n, lists = len(self), self._ivf.invlists
         knn = faiss.knn_L2sqr if self.metric == "l2" else faiss.knn_inner_product
