@@ -11,16 +11,16 @@ from memory_service.errors import (
 from memory_service.local import LocalMemory
 from memory_service.protocol import Memory
 from memory_service.types import (
-    BankStats, Budget, EntryMeta, FetchResult, KeySpace, KVLayout, NewEntry, PruneResult, QueryResult,
-    QueryTrace, StreamSpec, StreamStats,
+    BankStats, Budget, EntryMeta, FetchResult, KeySpace, KVLayout, NewEntry, PruneResult, QueryFetchResult,
+    QueryResult, QueryTrace, StreamSpec, StreamStats,
 )
 
 __all__ = [
     "AlreadyExists", "BankStats", "Budget", "DataLoss", "DeadlineExceeded", "EntryMeta", "FailedPrecondition",
     "FetchResult", "InvalidArgument", "KVLayout", "KeySpace", "LocalMemory", "MemFlowError", "Memory", "MemoryClient",
     "NewEntry", "NotFound",
-    "PermissionDenied", "PruneResult", "QueryResult", "QueryTrace", "ResourceExhausted", "StreamSpec",
-    "StreamStats", "Unauthenticated", "Unavailable",
+    "PermissionDenied", "PruneResult", "QueryFetchResult", "QueryResult", "QueryTrace", "ResourceExhausted",
+    "StreamSpec", "StreamStats", "Unauthenticated", "Unavailable",
 ]
 
 

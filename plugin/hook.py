@@ -1,10 +1,12 @@
 """MemFlowPlugin: the only object a streaming generator touches.
 
 Owns the per-chunk protocol between a generator and a memory bank (`LocalMemory` or `MemoryClient`, used only
-through the public protocol: create_stream, list_streams, drop_stream, put, query, fetch, stats):
+through the public protocol: create_stream, list_streams, drop_stream, put, query_fetch, query, fetch,
+stats):
 
     kv  = generator cache allocated with memory_frames=plugin.memory_frames
-    mem = plugin.before_chunk(i, prompt, kv)   # query the bank, delta-load frames into the cache's slots
+    mem = plugin.before_chunk(i, prompt, kv)   # query the bank and fetch the frames the slots lack (one
+                                               # query_fetch call), delta-load them into the cache's slots
                                                # (mirrors=(kv_uncond,): CFG's other cache gets the same frames)
     ... generator attends through plugin.attention.cache_attention(..., memory=mem) ...
     plugin.after_chunk(i, kv)                  # record the chunk's prototype frame (async)
@@ -32,7 +34,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from memory_service import Budget, KeySpace, KVLayout, Memory, NotFound, StreamSpec
+from memory_service import Budget, KeySpace, KVLayout, Memory, NotFound, QueryFetchResult, StreamSpec
 from plugin.adapters.base import GeneratorAdapter
 from plugin.attention import NO_MEMORY, AttentionWorkspace, ChunkMemory, MemoryFence
 from plugin.config import MemFlowConfig
@@ -334,8 +336,22 @@ class MemFlowPlugin:
         space = "nam" if cfg.scorer == "nam" else "emb"
         k_total = cfg.k_max if cfg.adaptive_k != "off" else cfg.k
         extra = lay.sink_frames if sink is not None else 0
-        result = None if cfg.scorer == "recent" else self.memory.query(
-            cfg.stream, space, vec, k_total + cfg.keep_newest + extra, exclude_frames=(lo, FUTURE_FRAMES))
+        k_query = k_total + cfg.keep_newest + extra
+        fetched: Optional[QueryFetchResult] = None
+        if cfg.scorer == "recent":
+            result = None
+        elif sink is None:
+            # one round trip: the ranking, and the K/V of every frame `select` can pick that the slots lack (the
+            # newest records, then per layer the best `scored` others: query_fetch.py's rule is select's)
+            forced = list(dict.fromkeys(e for e, _ in newest))
+            scored = (cfg.k_max if cfg.adaptive_k != "off" else cfg.k) - len(forced)
+            fetched = self.memory.query_fetch(
+                cfg.stream, space, vec, k_query, fetch_k=max(0, scored), include=forced,
+                resident=[self.slots.resident(layer) for layer in range(lay.layers)],
+                exclude_frames=(lo, FUTURE_FRAMES))
+            result = fetched.query
+        else:  # a recache moved the sink: its hits are masked below, so select's picks are not the rule's
+            result = self.memory.query(cfg.stream, space, vec, k_query, exclude_frames=(lo, FUTURE_FRAMES))
         if result is not None and sink is not None:  # hits on frames the moved sink holds: not loaded twice
             held = (result.frames >= sink[0]) & (result.frames < sink[1])
             result = dataclasses.replace(result, ids=np.where(held, -1, result.ids),
@@ -344,7 +360,20 @@ class MemFlowPlugin:
         sel = select(result, newest, lay.layers, cfg.k, cfg.adaptive_k, cfg.k_min, cfg.k_max,
                      cfg.adaptive_threshold, skip_frames_below=lay.sink_frames)
         plan: LoadPlan = self.slots.plan(sel)
-        return self.slots.stage(plan, lambda ids, layers: self.memory.fetch(cfg.stream, list(ids), list(layers)).kv)
+        return self.slots.stage(plan, partial(self._fetched, fetched))
+
+    def _fetched(self, fetched: Optional[QueryFetchResult], ids: Sequence[int], layers: Sequence[int]) -> np.ndarray:
+        """K/V `[n, len(layers), 2, N, H, D]` of a plan group: the query_fetch group that is exactly it (no copy; the
+        usual case), else gathered from its groups, else (a frame it did not bring) fetched now."""
+        if fetched is not None:
+            key = (tuple(ids), tuple(layers))
+            for group in fetched.fetched:
+                if (group.ids, group.layers) == key:
+                    return group.kv
+            parts = [[fetched.kv_of(e, layer) for layer in layers] for e in ids]
+            if all(p is not None for row in parts for p in row):
+                return np.stack([np.stack(row) for row in parts])  # type: ignore[arg-type]
+        return self.memory.fetch(self.config.stream, list(ids), list(layers)).kv
 
     # -- after the chunk -------------------------------------------------------------------------
     def after_chunk(self, chunk_index: int, kv: Any, keys: Optional[Mapping[str, np.ndarray]] = None) -> None:
