@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -108,14 +108,23 @@ def memcpy_gbps(nbytes: int, reps: int = 5) -> float:
 @contextlib.contextmanager
 def running_service(data_dir: str) -> Iterator[str]:
     """`memflow-service serve` on `data_dir` and a free port, in its own process; yields its target."""
+    with service_process(data_dir) as (target, _):
+        yield target
+
+
+@contextlib.contextmanager
+def service_process(data_dir: str, *extra: str, env: Optional[dict] = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As running_service, with more `serve` flags and environment; yields (target, the server's Popen) so a
+    benchmark can watch the server process itself (its CPU time, its threads)."""
     proc = subprocess.Popen([sys.executable, "-m", "memory_service.cli", "serve", "--data-dir", data_dir,
-                             "--port", "0", "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+                             "--port", "0", "--log-level", "warning", *extra], stdout=subprocess.PIPE, text=True,
+                            env=env)
     try:
         line = proc.stdout.readline()
         m = re.search(r" on (\S+:\d+)", line)
         if not m:
             raise SystemExit(f"memflow-service did not start: {line!r}")
-        yield m.group(1)
+        yield m.group(1), proc
     finally:
         proc.terminate()
         proc.wait(30)

@@ -1,0 +1,35 @@
+"""benchmarks/node_load.py's machinery end to end, tiny: a real `memflow-service serve`, two real generator
+processes over the shm plane, both modes, and the row shape that benchmarks/report.py renders.
+
+What it pins is shape, never speed (no timed asserts): one row per (mode, process count), ratios only where the
+generators were not paced, per-process percentiles for every process, and 1.0 as the growth of the first count.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import node_load  # noqa: E402
+
+
+def test_two_generators_on_one_service_give_one_row_per_mode_and_count(tmp_path):
+    node_load.main(["--procs", "1,2", "--tokens", "8", "--kv-frames", "3", "--distractors", "4", "--seconds", "0.3",
+                    "--gpu-ms", "5", "--out", str(tmp_path), "--no-plot"])
+    lines = [json.loads(line) for line in (tmp_path / "node_load.jsonl").read_text().splitlines()]
+    header, rows = lines[0], lines[1:]
+    assert "machine" in header and "node_load" in header["command"]
+    assert [(r["mode"], r["procs"]) for r in rows] == [("saturated", 1), ("paced", 1), ("saturated", 2), ("paced", 2)]
+    fetch_bytes = 3 * node_load.LAYERS * 2 * 8 * node_load.HEADS * node_load.HEAD_DIM * 2  # 3 frames, bf16
+    for r in rows:
+        assert r["chunks"] > 0 and r["fetch_mb"] == round(fetch_bytes / 1e6, 4)
+        assert len(r["before_p50_ms_per_proc"]) == len(r["before_p99_ms_per_proc"]) == r["procs"]
+        assert r["before_p50_ms"] <= r["before_p99_ms"]
+        assert r["agg_fetch_gbps"] > 0 and r["service_cpu_cores"] >= 0 and r["memcpy_n_gbps"] > 0
+        assert ("ratio_to_memcpy" in r) == (r["mode"] == "saturated")
+        assert r["gpu_ms"] == (5.0 if r["mode"] == "paced" else 0.0)
+    assert [r["p99_growth"] for r in rows[:2]] == [1.0, 1.0]
