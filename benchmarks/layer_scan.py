@@ -17,6 +17,10 @@ window), one JSON row per (dtype, N, deny):
     vs_per_layer        per_layer_p50_ms / batched_p50_ms;  over_floor: batched_p50_ms / floor_ms
     identical           the batched and per-layer answers have equal ids and scores on every query
 
+and, at N = 10 (--bank-n), the same query end to end through a bank (LocalMemory.query, LMDB in a temp dir,
+the window excluded by frame range when deny is 2): bank_batched_p50_ms against bank_per_layer_p50_ms, a
+second bank whose spaces are built in the per-layer layout (as on a faiss-gpu machine).
+
     python benchmarks/layer_scan.py [--quick] [--layers 30] [--dim 1536] [--out benchmarks/results]
 
 Writes OUT/layer_scan.jsonl (machine line first). --quick takes fewer samples, the same grid.
@@ -89,6 +93,37 @@ def per_layer_space(ks: KeySpace, layers: int, ids: np.ndarray, keys: np.ndarray
     return s
 
 
+def bank_rows(res: Results, n: int, layers: int, dim: int, k: int, reps: int) -> None:
+    """One flat per-layer space in two real banks, one per layout; queries interleaved, one row per filter."""
+    import contextlib
+    import tempfile
+
+    from memory_service.index import space as space_module
+    from memory_service.local import LocalMemory
+    from memory_service.types import NewEntry, StreamSpec
+
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((n, layers, dim), dtype=np.float32)  # [n, L, d]
+    queries = rng.standard_normal((reps, layers, dim), dtype=np.float32)
+    with contextlib.ExitStack() as stack:
+        banks = {}
+        for layout in ("batched", "per_layer"):
+            # SpaceIndex builds the per-layer layout where faiss-gpu could take flat search
+            space_module.gpu_available = lambda layout=layout: layout == "per_layer"  # type: ignore[assignment]
+            m = stack.enter_context(LocalMemory(stack.enter_context(tempfile.TemporaryDirectory())))
+            m.create_stream(StreamSpec("s", {"nam": KeySpace(dim, per_layer=True, layers=layers)}))
+            m.put("s", [NewEntry(i, i, "p", {"nam": keys[i]}) for i in range(n)])
+            banks[layout] = m
+        for exclude in (None, (n - 2, n)):
+            def query(m, exclude=exclude, it=iter(range(10**9))):  # noqa: B008 - one counter per function
+                m.query("s", "nam", queries[next(it) % reps], k, exclude_frames=exclude)
+            fns = {layout: (lambda m=m, query=query: query(m)) for layout, m in banks.items()}
+            p = {name: percentiles(samples)[0] for name, samples in interleaved(fns, reps).items()}
+            res.add(dtype="float32", n=n, layers=layers, dim=dim, k=k, deny=0 if exclude is None else 2,
+                    bank_batched_p50_ms=p["batched"], bank_per_layer_p50_ms=p["per_layer"],
+                    vs_per_layer=p["per_layer"] / p["batched"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples per point (< 1 min on 2 cores)")
@@ -96,6 +131,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--grid", default="10,1000,10000")
+    ap.add_argument("--bank-n", type=int, default=10, help="entries of the end-to-end bank rows (0: none)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -146,6 +182,8 @@ def main() -> None:
                            vs_per_layer=p["per_layer"][0] / new_p50, over_floor=new_p50 / floor, identical=identical)
                 res.add(**row)
             del batched, old, block
+    if args.bank_n:
+        bank_rows(res, args.bank_n, L, d, k, 300 // (4 if args.quick else 1))
     res.header["loadavg_end"] = os.getloadavg()[0]
     path = res.close()
     print(json.dumps({"done_s": round(time.perf_counter() - t_start, 1), "results": str(path)}), file=sys.stderr)

@@ -189,11 +189,14 @@ class LayerBlock:
         heap, so the caller runs that scan (exact ties happen only between identical keys)."""
         ids = np.where(pos < 0, -1, self._ids[np.maximum(pos, 0)])
         hit = (ids[:, :, None] == deny).any(-1) if len(deny) <= 16 else np.isin(ids, deny)  # [L, kk]
-        dropped = (pos < 0) | hit
-        order = np.argsort(dropped, axis=1, kind="stable")  # kept first, in faiss's rank order
-        kept_s, kept_i = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-        gone = np.take_along_axis(dropped, order, 1)
-        kept_s[gone], kept_i[gone] = -np.inf, -1
+        if not hit.any():  # nothing denied came back (the window ranked low): the fetch is the answer
+            kept_s, kept_i = scores, ids
+        else:
+            dropped = (pos < 0) | hit
+            order = np.argsort(dropped, axis=1, kind="stable")  # kept first, in faiss's rank order
+            kept_s, kept_i = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+            gone = np.take_along_axis(dropped, order, 1)
+            kept_s[gone], kept_i[gone] = -np.inf, -1
         if scores.shape[1] > k:
             last = kept_s[:, k - 1]
             tied = kept_s[:, k] == last
@@ -201,7 +204,7 @@ class LayerBlock:
                 tied |= scores[:, -1] == last
             if (tied & np.isfinite(last)).any():
                 return None
-        return _pad(kept_s[:, :k], kept_i[:, :k], k)
+        return _pad(np.ascontiguousarray(kept_s[:, :k]), np.ascontiguousarray(kept_i[:, :k]), k)
 
     def _scan(self, q: np.ndarray, k: int, sel, dist: np.ndarray, ids: np.ndarray, lo: int, hi: int) -> None:
         """Layers [lo, hi): rows lo..hi of `q`, `dist` and `ids` are contiguous, so faiss writes them in place."""
