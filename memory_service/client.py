@@ -99,6 +99,7 @@ class MemoryClient(Memory):
             self._channel = grpc.insecure_channel(target, options=options)
         calls = convert.Calls(self._channel)  # Put and Fetch move K/V chunks pre-framed (wire/framing.py)
         self._stub, self._put, self._fetch, self._query_fetch = calls.stub, calls.put, calls.fetch, calls.query_fetch
+        self._query_fetch_one = calls.query_fetch_one  # QueryFetch on the SHM plane: one message (convert.Calls)
         self.arena_bytes = int(arena_bytes)
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
@@ -389,8 +390,8 @@ class MemoryClient(Memory):
             slot, offset, region = self._pool.lease(nbytes)
             arena_id = self._pool.arena_id(slot)
             convert.query_fetch_shm(request, arena_id, offset, nbytes)
-            responses = self._query_fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            result, groups, _ = convert.query_fetch_header_from_pb(self._first(responses))
+            reply = self._rpc(self._query_fetch_one, request, idempotent=True, timeout=timeout)
+            result, groups, _ = convert.query_fetch_header_from_pb(reply)
             fetched, pos = [], 0
             for g in groups:
                 kv = np.frombuffer(region, kv_numpy_dtype(g.dtype),  # type: ignore[call-overload]  # a buffer

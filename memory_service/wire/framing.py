@@ -8,7 +8,7 @@ writes and reads for `{kv_chunk: bytes}` (convert.py parses everything else).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 # PutRequest and FetchResponse carry K/V bytes as field 2 (`kv_chunk`) of a oneof. A message holding only that
 # field is, on the wire, the tag byte 0x12, a varint length and the bytes. Framing and unframing it here, instead
@@ -37,6 +37,12 @@ CHUNK_BYTES = DEFAULT_MAX_MESSAGE_BYTES - (4 << 10)
 def chunk_to_wire(chunk: Any) -> bytes:
     """The serialized `{kv_chunk: chunk}` message, copying `chunk` (any buffer) exactly once."""
     return b"".join((_CHUNK_TAG, _varint(len(chunk)), chunk))
+
+
+def chunks_to_wire(parts: Sequence[Any]) -> bytes:
+    """One serialized `{kv_chunk: the parts back to back}` message (their total at most CHUNK_BYTES), copying each
+    part once: small records travel several to a message instead of one message each."""
+    return b"".join((_CHUNK_TAG, _varint(sum(len(p) for p in parts)), *parts))
 
 
 def chunk_from_wire(data: bytes) -> Optional[memoryview]:

@@ -261,7 +261,8 @@ class MemoryServiceServicer:
         first message is a QueryFetchHeader: the ranking (exactly Query's answer) and the groups of (entry, layer)
         pairs fetched (QueryFetchRequest says which); then, on the STREAM plane, kv_chunk messages with the header's
         nbytes bytes, group after group, each in FetchResponse's order. On the SHM plane the service writes the same
-        bytes back to back from arena_offset. Errors: Query's, then Fetch's (NOT_FOUND for an include id or hit
+        bytes back to back from arena_offset, and the header is the one message of the answer (so a client may read
+        it as a unary call). Errors: Query's, then Fetch's (NOT_FOUND for an include id or hit
         without K/V); an argument error is found before the bank is touched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
