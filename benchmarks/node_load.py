@@ -7,13 +7,15 @@ service process:
   per chunk   Query of 30 per-layer 1536-d NAM keys (k=3 per layer, window excluded) -> Fetch of the 3 frames the
               query ranks first, all 30 layers, into the worker's shm arena (the plugin's worst case: no frame
               already resident). `before_ms` is query + fetch, what a generator waits for before its chunk.
+  calls       `query+fetch`: the two RPCs above; `query_fetch`: one QueryFetch round trip (each layer's top-3
+              (entry, layer) pairs come back with the ranking through the same arena: the same bytes).
   modes       `saturated`: each worker issues its next chunk as soon as the last returns (the service's ceiling);
               `paced`: each waits a GPU chunk between calls (640 ms at Wan's shape, scaled by the token count, so
               the bytes asked per second are a real node's), as a generator whose GPU does the chunk does.
 The banks: `--kv-frames` frames with K/V per stream and `--distractors` keys-only entries whose keys are 1/1000 the
 norm (scanned by every query, never ranked first, as in overhead.py).
 
-Rows (one per mode and process count): `agg_fetch_gbps` (all workers' fetched bytes over the phase's wall time),
+Rows (one per mode, call and process count): `agg_fetch_gbps` (all workers' fetched bytes over the phase's wall time),
 `memcpy_gbps` (np.copyto of one fetch's bytes between warm buffers, one thread, measured in this run) and
 `memcpy_n_gbps` (the same N workers copying at once, what the node's cores and memory can move), their ratios
 (saturated mode only: a paced phase moves what its generators ask for), `before_p50_ms` / `before_p99_ms` pooled
@@ -25,7 +27,7 @@ grows <= 2x from 1 to 8 processes.
 
     python benchmarks/node_load.py [--quick] [--procs 1,2,4,8] [--seconds S] [--out benchmarks/results]
 
-`--quick` (about a minute): 156 tokens per frame (0.96 MB per layer, 86 MB per chunk's fetch), 4 s per phase;
+`--quick` (about a minute): 156 tokens per frame (0.96 MB per layer, 86 MB per chunk's fetch), 3 s per phase;
 `make bench` runs it. The full form (862 MB per fetch) holds ~17 GB at 8 processes (8 arenas of 0.9 GB, 8 banks
 of 4 x 287.5 MB): a GPU node's run, not a 2-core CPU box's.
 """
@@ -50,13 +52,14 @@ from common import RESULTS, Results, memcpy_gbps, percentiles, service_process  
 LAYERS, HEADS, HEAD_DIM, KEY_DIM, K = 30, 12, 128, 1536, 3
 WAN_TOKENS, WAN_CHUNK_MS = 1560, 640.0
 MODES = ("saturated", "paced")
+CALLS = ("query+fetch", "query_fetch")
 
 
 # ---- the worker: one generator's memory calls ------------------------------------------------------------
 
 def worker_main(target: str, index: int, tokens: int, kv_frames: int, distractors: int) -> None:
     """Set up stream `node-<index>`, say `ready`, then answer commands on stdin with one JSON line each:
-    `run T0 SECONDS GPU_MS` (chunks from wall time T0 for SECONDS) and `memcpy T0 SECONDS` (copies alone)."""
+    `run T0 SECONDS GPU_MS CALL` (chunks from wall time T0 for SECONDS) and `memcpy T0 SECONDS` (copies alone)."""
     import ml_dtypes
 
     from memory_service import KeySpace, KVLayout, MemoryClient, NewEntry, StreamSpec
@@ -99,7 +102,7 @@ def worker_main(target: str, index: int, tokens: int, kv_frames: int, distractor
                 wall = time.perf_counter() - t_start
                 print(json.dumps({"bytes": copies * fetch_bytes, "wall_s": wall}), flush=True)
                 continue
-            gpu_s = float(rest[2]) / 1e3
+            gpu_s, one_call = float(rest[2]) / 1e3, rest[3] == "query_fetch"
             before, query, fetch = [], [], []
             moved = 0
             start_wall = time.time()
@@ -107,16 +110,22 @@ def worker_main(target: str, index: int, tokens: int, kv_frames: int, distractor
             while time.perf_counter() - t_start < seconds:
                 q = keys[chunk % kv_frames] + 0.1 * rng.standard_normal((LAYERS, KEY_DIM), dtype=np.float32)
                 t = time.perf_counter()
-                hits = client.query(name, "nam", q, K, exclude_frames=window)
-                t1 = time.perf_counter()
-                ids = [i for i, _ in Counter(hits.ids.reshape(-1).tolist()).most_common() if i >= 0][:K]
-                got = client.fetch(name, ids)
-                t2 = time.perf_counter()
-                moved += got.kv.nbytes
-                del got  # the arena range is free again for the next chunk
+                if one_call:  # one round trip: each layer's top-k (entry, layer) pairs come back with the ranking
+                    both = client.query_fetch(name, "nam", q, K, exclude_frames=window)
+                    t1 = t2 = time.perf_counter()
+                    moved += sum(group.kv.nbytes for group in both.fetched)
+                    del both
+                else:
+                    hits = client.query(name, "nam", q, K, exclude_frames=window)
+                    t1 = time.perf_counter()
+                    ids = [i for i, _ in Counter(hits.ids.reshape(-1).tolist()).most_common() if i >= 0][:K]
+                    got = client.fetch(name, ids)
+                    t2 = time.perf_counter()
+                    moved += got.kv.nbytes
+                    del got  # the arena range is free again for the next chunk
+                    query.append(t1 - t)
+                    fetch.append(t2 - t1)
                 before.append(t2 - t)
-                query.append(t1 - t)
-                fetch.append(t2 - t1)
                 chunk += 1
                 if gpu_s:
                     time.sleep(gpu_s)  # the GPU runs the chunk; this process's CPU is idle meanwhile
@@ -166,24 +175,27 @@ def phase(workers: list[Worker], command: str, seconds: float) -> list[dict]:
     return [w.answer() for w in workers]
 
 
-def summarize(mode: str, answers: list[dict], cpu_s: float, worker_cpu_s: float, wall_s: float, memcpy: float,
+def summarize(mode: str, call: str, answers: list[dict], cpu_s: float, worker_cpu_s: float, wall_s: float, memcpy: float,
               memcpy_n: float, fetch_bytes: int, gpu_ms: float) -> dict:
     before = [a["before"] for a in answers]
     pooled = [x for b in before for x in b]
     p50, p99 = percentiles(pooled)
     per_proc = [percentiles(b) for b in before]
     agg = sum(a["bytes"] for a in answers) / wall_s / 1e9
-    return dict(mode=mode, procs=len(answers), gpu_ms=gpu_ms, fetch_mb=fetch_bytes / 1e6, chunks=len(pooled),
-                agg_fetch_gbps=agg, memcpy_gbps=memcpy, memcpy_n_gbps=memcpy_n, ratio_to_memcpy=agg / memcpy,
-                ratio_to_memcpy_n=agg / memcpy_n, before_p50_ms=p50, before_p99_ms=p99,
-                before_p99_max_ms=max(p for _, p in per_proc),
-                query_p50_ms=percentiles(x for a in answers for x in a["query"])[0],
-                query_p99_ms=percentiles(x for a in answers for x in a["query"])[1],
-                fetch_p99_ms=percentiles(x for a in answers for x in a["fetch"])[1],
-                fetch_call_gbps=fetch_bytes / float(np.median([x for a in answers for x in a["fetch"]])) / 1e9,
-                service_cpu_cores=cpu_s / wall_s, worker_cpu_cores=worker_cpu_s / wall_s,
-                before_p50_ms_per_proc=[round(p, 3) for p, _ in per_proc],
-                before_p99_ms_per_proc=[round(p, 3) for _, p in per_proc])
+    row = dict(mode=mode, call=call, procs=len(answers), gpu_ms=gpu_ms, fetch_mb=fetch_bytes / 1e6, chunks=len(pooled),
+               moved_mb_per_chunk=sum(a["bytes"] for a in answers) / max(1, len(pooled)) / 1e6,
+               agg_fetch_gbps=agg, memcpy_gbps=memcpy, memcpy_n_gbps=memcpy_n, ratio_to_memcpy=agg / memcpy,
+               ratio_to_memcpy_n=agg / memcpy_n, before_p50_ms=p50, before_p99_ms=p99,
+               before_p99_max_ms=max(p for _, p in per_proc),
+               service_cpu_cores=cpu_s / wall_s, worker_cpu_cores=worker_cpu_s / wall_s,
+               before_p50_ms_per_proc=[round(p, 3) for p, _ in per_proc],
+               before_p99_ms_per_proc=[round(p, 3) for _, p in per_proc])
+    if call == "query+fetch":  # two calls: each timed on its own
+        fetch = [x for a in answers for x in a["fetch"]]
+        row.update(query_p50_ms=percentiles(x for a in answers for x in a["query"])[0],
+                   query_p99_ms=percentiles(x for a in answers for x in a["query"])[1],
+                   fetch_p99_ms=percentiles(fetch)[1], fetch_call_gbps=fetch_bytes / float(np.median(fetch)) / 1e9)
+    return row
 
 
 def _cpu(process) -> float:
@@ -211,18 +223,18 @@ def run(args) -> Results:
                 memcpy = memcpy_gbps(fetch_bytes)  # again for each count: a shared machine's bandwidth drifts
                 copies = phase(workers[:n], "memcpy", min(1.0, args.seconds))
                 memcpy_n = sum(a["bytes"] for a in copies) / max(a["wall_s"] for a in copies) / 1e9
-                for mode in args.modes:
+                for mode, call in [(m, c) for c in args.calls for m in args.modes]:
                     cpu0, wcpu0 = _cpu(watched), sum(_cpu(w.watched) for w in workers[:n])
-                    answers = phase(workers[:n], f"run {gpu_ms if mode == 'paced' else 0.0}", args.seconds)
+                    answers = phase(workers[:n], f"run {gpu_ms if mode == 'paced' else 0.0} {call}", args.seconds)
                     cpu_s, wcpu_s = _cpu(watched) - cpu0, sum(_cpu(w.watched) for w in workers[:n]) - wcpu0
                     wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
-                    row = summarize(mode, answers, cpu_s, wcpu_s, wall, memcpy, memcpy_n, fetch_bytes,
+                    row = summarize(mode, call, answers, cpu_s, wcpu_s, wall, memcpy, memcpy_n, fetch_bytes,
                                     gpu_ms if mode == "paced" else 0.0)
                     if mode != "saturated":  # a paced phase moves what its generators ask for, not what it can
                         row.pop("ratio_to_memcpy")
                         row.pop("ratio_to_memcpy_n")
-                    base.setdefault(mode, row["before_p99_ms"])
-                    row["p99_growth"] = row["before_p99_ms"] / base[mode]
+                    base.setdefault(mode + call, row["before_p99_ms"])
+                    row["p99_growth"] = row["before_p99_ms"] / base[mode + call]
                     res.add(**row, tokens=args.tokens)
         finally:
             for w in workers:
@@ -239,15 +251,17 @@ def plot(res: Results) -> None:
     except ImportError:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
-        rows = [r for r in res.rows if r["mode"] == mode]
+    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red"))
+    for mode, call in [(m, c) for c in CALLS for m in MODES]:
+        rows = [r for r in res.rows if r["mode"] == mode and r["call"] == call]
         if not rows:
             continue
-        n = [r["procs"] for r in rows]
-        ax1.plot(n, [r["agg_fetch_gbps"] for r in rows], "o-", color=color, label=f"fetch, {mode}")
-        ax2.plot(n, [r["before_p99_ms"] for r in rows], "o-", color=color, label=f"p99, {mode}")
-        ax2.plot(n, [r["before_p50_ms"] for r in rows], "x--", color=color, label=f"p50, {mode}")
-    rows = [r for r in res.rows if r["mode"] == res.rows[0]["mode"]]
+        n, color, what = [r["procs"] for r in rows], next(colors), f"{call}, {mode}"
+        ax1.plot(n, [r["agg_fetch_gbps"] for r in rows], "o-", color=color, label=what)
+        ax2.plot(n, [r["before_p99_ms"] for r in rows], "o-", color=color, label=f"p99, {what}")
+        ax2.plot(n, [r["before_p50_ms"] for r in rows], "x--", color=color, label=f"p50, {what}")
+    first = res.rows[0]
+    rows = [r for r in res.rows if r["mode"] == first["mode"] and r["call"] == first["call"]]
     n = [r["procs"] for r in rows]
     ax1.plot(n, [r["memcpy_n_gbps"] for r in rows], "k:", label="memcpy, N processes at once")
     ax1.plot(n, [r["memcpy_gbps"] for r in rows], "--", color="grey", label="memcpy, 1 thread")
@@ -265,9 +279,10 @@ def plot(res: Results) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="156 tokens per frame, 4 s per phase")
+    parser.add_argument("--quick", action="store_true", help="156 tokens per frame, 3 s per phase")
     parser.add_argument("--procs", default="1,2,4,8", help="comma-separated generator process counts")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--calls", default=",".join(CALLS), help="per chunk: query then fetch, or one query_fetch")
     parser.add_argument("--seconds", type=float, default=None, help="length of each phase (default 3 quick, 10)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per latent frame (default 156 quick, 1560)")
     parser.add_argument("--gpu-ms", type=float, default=None,
@@ -283,8 +298,9 @@ def main(argv=None) -> None:
     args.distractors = args.distractors if args.distractors is not None else (100 if args.quick else 1000)
     if args.worker:
         return worker_main(args.worker[0], int(args.worker[1]), args.tokens, args.kv_frames, args.distractors)
-    args.seconds = args.seconds or (4.0 if args.quick else 10.0)
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
     args.modes = [m for m in args.modes.split(",") if m]
+    args.calls = [c for c in args.calls.split(",") if c]
     res = run(args)
     if not args.no_plot:
         plot(res)
