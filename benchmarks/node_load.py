@@ -29,14 +29,18 @@ grows <= 2x from 1 to 8 processes.
 
 `--quick` (about a minute): 156 tokens per frame (0.96 MB per layer, 86 MB per chunk's fetch), 3 s per phase;
 `make bench` runs it. The full form (862 MB per fetch) holds ~17 GB at 8 processes (8 arenas of 0.9 GB, 8 banks
-of 4 x 287.5 MB): a GPU node's run, not a 2-core CPU box's.
+of 4 x 287.5 MB): a GPU node's run, not a 2-core CPU box's. `--py-spy [PATH]` (pip install py-spy) profiles the
+service in the saturated phases at the most processes: `service_gil_frac` (the share of wall time some thread
+holds the GIL), `service_busy_threads` and `service_top` (the busiest leaf frames, in the JSON lines).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +202,42 @@ def summarize(mode: str, call: str, answers: list[dict], cpu_s: float, worker_cp
     return row
 
 
+class Profile:
+    """py-spy on the service for one phase, twice at once: every sample of a busy thread (where the service's time
+    goes) and only samples holding the GIL (how much of the wall time the GIL is taken: near 1.0, it is the limit)."""
+
+    RATE = 100
+
+    def __init__(self, py_spy: str, pid: int, seconds: float) -> None:
+        self.seconds = max(1, int(seconds))
+        self.paths = {kind: os.path.join(tempfile.gettempdir(), f"py-spy-{kind}-{pid}-{time.monotonic_ns()}.txt") for kind in ("busy", "gil")}
+        self.procs = [subprocess.Popen([py_spy, "record", "-p", str(pid), "-d", str(self.seconds), "-r", str(self.RATE),
+                                        "-f", "raw", "-o", path, "--nonblocking", *(["--gil"] if kind == "gil" else [])],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for kind, path in self.paths.items()]
+
+    @staticmethod
+    def _read(path: str) -> Counter:
+        leaves: Counter = Counter()
+        with contextlib.suppress(FileNotFoundError):
+            for line in open(path):
+                stack, _, count = line.rstrip().rpartition(" ")
+                leaves[stack.split(";")[-1]] += int(count)
+            os.remove(path)
+        return leaves
+
+    def result(self) -> dict:
+        for proc in self.procs:
+            proc.wait(self.seconds + 30)
+        busy, gil = self._read(self.paths["busy"]), self._read(self.paths["gil"])
+        possible = self.RATE * self.seconds
+        if not busy:
+            return {"py_spy": "no samples (py-spy needs ptrace rights on the service process)"}
+        total = sum(busy.values())
+        return {"service_gil_frac": sum(gil.values()) / possible, "service_busy_threads": total / possible,
+                "service_top": [[leaf, round(n / total, 3)] for leaf, n in busy.most_common(8)]}
+
+
 def _cpu(process) -> float:
     t = process.cpu_times()
     return t.user + t.system
@@ -224,6 +264,9 @@ def run(args) -> Results:
                 copies = phase(workers[:n], "memcpy", min(1.0, args.seconds))
                 memcpy_n = sum(a["bytes"] for a in copies) / max(a["wall_s"] for a in copies) / 1e9
                 for mode, call in [(m, c) for c in args.calls for m in args.modes]:
+                    spy = None
+                    if args.py_spy and n == max(procs) and mode == "saturated":
+                        spy = Profile(args.py_spy, server.pid, args.seconds)
                     cpu0, wcpu0 = _cpu(watched), sum(_cpu(w.watched) for w in workers[:n])
                     answers = phase(workers[:n], f"run {gpu_ms if mode == 'paced' else 0.0} {call}", args.seconds)
                     cpu_s, wcpu_s = _cpu(watched) - cpu0, sum(_cpu(w.watched) for w in workers[:n]) - wcpu0
@@ -235,6 +278,8 @@ def run(args) -> Results:
                         row.pop("ratio_to_memcpy_n")
                     base.setdefault(mode + call, row["before_p99_ms"])
                     row["p99_growth"] = row["before_p99_ms"] / base[mode + call]
+                    if spy is not None:
+                        row.update(spy.result())
                     res.add(**row, tokens=args.tokens)
         finally:
             for w in workers:
@@ -292,6 +337,9 @@ def main(argv=None) -> None:
     parser.add_argument("--service-workers", type=int, default=16, help="the service's request threads")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--py-spy", nargs="?", const=shutil.which("py-spy") or "py-spy", default=None, metavar="PATH",
+                        help="profile the service with py-spy (pip install py-spy) in the saturated phases of the "
+                             "largest process count: service_gil_frac, service_busy_threads, service_top")
     parser.add_argument("--worker", nargs=2, metavar=("TARGET", "INDEX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (156 if args.quick else WAN_TOKENS)
