@@ -15,7 +15,7 @@ shown only to the operator (no auth).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import numpy as np
 
@@ -226,24 +226,22 @@ class MemoryServicer:
         parts: list[bytes] = []
         held = 0
 
-        def frame(chunk):  # inside the store's read view: copy what is kept; (framed already, the bytes)
+        def frame(chunk) -> tuple[bool, bytes]:  # inside the store's read view: copy what is kept
+            self.metrics.bytes("stream", "fetch", len(chunk))  # counted as it is read, before it is yielded
             return (False, bytes(chunk)) if len(chunk) < small else (True, chunk_to_wire(chunk))
 
         for ids, layers in groups:
-            for framed, piece in self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame):
-                if framed or held + len(piece) > self.chunk_bytes:
-                    if parts:
-                        self.metrics.bytes("stream", "fetch", held)
-                        yield chunks_to_wire(parts)
-                        parts, held = [], 0
+            for item in self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame):
+                framed, piece = cast(tuple[bool, bytes], item)  # (framed already, the bytes)
+                if parts and (framed or held + len(piece) > self.chunk_bytes):
+                    yield chunks_to_wire(parts)
+                    parts, held = [], 0
                 if framed:
-                    self.metrics.bytes("stream", "fetch", len(piece))  # framing bytes included: within 6 bytes
                     yield piece
                 else:
                     parts.append(piece)
                     held += len(piece)
         if parts:
-            self.metrics.bytes("stream", "fetch", held)
             yield chunks_to_wire(parts)
 
     # -- the rest -----------------------------------------------------------------------------------
