@@ -70,6 +70,9 @@ class Workers:
                     got = self.client.fetch("cam0", self.ids)
                     assert got.kv.tobytes() == kv_of(*range(len(self.ids))), "fetch returned other bytes"
                     assert self.client.query("cam0", "nam", query, 2).ids.shape == (LAYERS, 2)
+                    both = self.client.query_fetch("cam0", "nam", query, 2, include=self.ids[:1])  # one call
+                    assert both.fetched[0].ids[0] == self.ids[0], "query_fetch fetched other entries"
+                    assert both.fetched[0].kv[0].tobytes() == kv_of(0), "query_fetch returned other bytes"
                 else:
                     seed += 1
                     (eid,) = self.client.put("cam0", [make_entry(seed)])
