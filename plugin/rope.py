@@ -12,7 +12,7 @@ workspace made on first use, with the same float arithmetic as `apply`, so the r
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -94,25 +94,13 @@ class Rope3D:
             sin[:, 0, self.ct:].copy_(self.space_sin)
             work = (cos, sin, *(torch.empty((n, h, half), dtype=torch.float32, device=x.device) for _ in range(4)))
             self._frame_work[key] = work
-        cos, sin, a, b, even, tmp = work
+        cos, sin = work[0], work[1]
         cos[:, 0, :self.ct].copy_(self.time_cos[frame].expand(n, self.ct))  # [N, ct] broadcast, no copy of the table
         sin[:, 0, self.ct:].copy_(self.space_sin)
         sin[:, 0, :self.ct].copy_(self.time_sin[frame].expand(n, self.ct))
         if inverse:
             sin.neg_()
-        pairs = x.unflatten(-1, (-1, 2))  # [N, H, D/2, 2] view
-        a.copy_(pairs[..., 0])
-        b.copy_(pairs[..., 1])
-        torch.mul(a, cos, out=even)
-        torch.mul(b, sin, out=tmp)
-        even.sub_(tmp)  # a cos - b sin
-        torch.mul(a, sin, out=a)
-        torch.mul(b, cos, out=tmp)
-        a.add_(tmp)  # a sin + b cos
-        dst = out.unflatten(-1, (-1, 2))
-        dst[..., 0].copy_(even)
-        dst[..., 1].copy_(a)
-        return out
+        return rotate_pairs_into(x, cos, sin, out, work[2:])
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -125,3 +113,24 @@ class Rope3D:
             return rotated.to(x.dtype)
         out.copy_(rotated)
         return out
+
+
+def rotate_pairs_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                      work: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`rotate_half_pairs(x, cos, sin)` written into `out` (which may be `x`) through four preallocated float32
+    buffers `[N, H, D/2]` (a, b, even, tmp): the same arithmetic in the same order, so the same bits, and no
+    temporaries. `cos`/`sin` are `[N, 1, D/2]`."""
+    a, b, even, tmp = work
+    pairs = x.unflatten(-1, (-1, 2))  # [N, H, D/2, 2] view
+    a.copy_(pairs[..., 0])
+    b.copy_(pairs[..., 1])
+    torch.mul(a, cos, out=even)
+    torch.mul(b, sin, out=tmp)
+    even.sub_(tmp)  # a cos - b sin
+    torch.mul(a, sin, out=a)
+    torch.mul(b, cos, out=tmp)
+    a.add_(tmp)  # a sin + b cos
+    dst = out.unflatten(-1, (-1, 2))
+    dst[..., 0].copy_(even)
+    dst[..., 1].copy_(a)
+    return out

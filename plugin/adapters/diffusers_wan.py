@@ -39,6 +39,7 @@ import torch
 from plugin.adapters.base import CacheLayout
 from plugin.adapters.self_forcing import SelfForcingAdapter, allocate_cache, commit_chunk, make_room
 from plugin.attention import NO_MEMORY, ChunkMemory, cache_attention
+from plugin.rope import rotate_pairs_into
 
 DIFFUSERS_VERSION = "0.42.1"  # the version this module was written and tested against (pyproject extra `wan`)
 SELF_FORCING_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
@@ -247,7 +248,7 @@ class WanStreamingDriver:
             sin = torch.empty_like(cos)
             work = (cos, sin, *(torch.empty((n, h, d // 2), dtype=torch.float32, device=x.device) for _ in range(4)))
             self._frame_work[key] = work
-        cos, sin, a, b, even, tmp = work
+        cos, sin = work[0], work[1]
         pt = self._time_cos.shape[1] // 2  # pairs of the time part; the rest turn by the token's row and column
         cos[:, 0, :pt].copy_(self._time_cos[frame, 0::2].expand(n, pt))
         cos[:, 0, pt:].copy_(self._space_cos.reshape(n, -1)[:, 0::2])
@@ -255,19 +256,7 @@ class WanStreamingDriver:
         sin[:, 0, pt:].copy_(self._space_sin.reshape(n, -1)[:, 1::2])
         if inverse:
             sin.neg_()
-        pairs = x.unflatten(-1, (-1, 2))  # [N, H, D/2, 2] view
-        a.copy_(pairs[..., 0])
-        b.copy_(pairs[..., 1])
-        torch.mul(a, cos, out=even)
-        torch.mul(b, sin, out=tmp)
-        even.sub_(tmp)  # x1 cos - x2 sin
-        torch.mul(a, sin, out=a)
-        torch.mul(b, cos, out=tmp)
-        a.add_(tmp)  # x1 sin + x2 cos
-        dst = out.unflatten(-1, (-1, 2))
-        dst[..., 0].copy_(even)
-        dst[..., 1].copy_(a)
-        return out
+        return rotate_pairs_into(x, cos, sin, out, work[2:])
 
     # -- streaming ---------------------------------------------------------------------------------
     def new_state(self, batch: int = 1, memory_frames: int = 0) -> WanStream:
