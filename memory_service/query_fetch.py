@@ -68,8 +68,8 @@ class FetchPlan:
                 raise InvalidArgument(f"layers {list(layers)} invalid; expected distinct ints in [0, {total})")
             self.layers.sort()
         if fetch_k is not None and (not isinstance(fetch_k, (int, np.integer)) or isinstance(fetch_k, bool)
-                                    or fetch_k < 0):
-            raise InvalidArgument(f"fetch_k is {fetch_k!r}; expected None (every hit: k) or an int >= 0")
+                                    or not 0 <= fetch_k <= k):
+            raise InvalidArgument(f"fetch_k is {fetch_k!r}; expected None (every hit: k) or an int in [0, k={k}]")
         self.fetch_k = k if fetch_k is None else int(fetch_k)
         self.include = list(dict.fromkeys(check_id_list(include, "include").tolist()))
         rows = normalize_resident(resident)

@@ -428,7 +428,8 @@ def query_fetch_request(query: pb.QueryRequest, fetch_k: Optional[int], include:
                         resident: Sequence[Sequence[int]], layers: Sequence[int]) -> pb.QueryFetchRequest:
     """`resident`: query_fetch.normalize_resident's form (none, one list for every layer, or one per layer)."""
     if fetch_k is not None and (not isinstance(fetch_k, (int, np.integer)) or isinstance(fetch_k, bool)):
-        raise errors.InvalidArgument(f"fetch_k is {fetch_k!r}; expected None (every hit: k) or an int >= 0")
+        raise errors.InvalidArgument(f"fetch_k is {fetch_k!r}; expected None (every hit: k) or an int in "
+                                     f"[0, k={query.k}]")
     return pb.QueryFetchRequest(query=query, has_fetch_k=fetch_k is not None, fetch_k=int(fetch_k or 0),
                                 include=include, resident=[pb.IdList(ids=r) for r in resident], layers=layers)
 
