@@ -133,7 +133,16 @@ class MemoryBank:
         self.store.drop_stream(name, u.sid, record_key=u.key)
         del self._unavailable[name]
         if u.sid is not None:
-            self.store.drop_snapshots(u.sid)
+            self._drop_snapshots(name, u.sid)
+
+    def _drop_snapshots(self, name: str, sid: int) -> None:
+        """After a committed drop: its snapshots go, best effort. The drop is answered OK whatever happens here (a
+        snapshot left behind is never read: stream ids are not reused)."""
+        try:
+            self.store.drop_snapshots(sid)
+        except OSError as exc:
+            log.warning("stream %r is dropped, but its index snapshots stay on disk: %s", name, exc,
+                        extra={"stream": name})
 
     # -- streams ---------------------------------------------------------------------------------
     def create_stream(self, spec: StreamSpec) -> None:
@@ -163,7 +172,7 @@ class MemoryBank:
             with s.lock:
                 self.store.drop_stream(name, s.sid)
                 del self._streams[name]
-            self.store.drop_snapshots(s.sid)
+            self._drop_snapshots(name, s.sid)
 
     def list_streams(self) -> list[StreamSpec]:
         self._check_open()
