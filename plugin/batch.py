@@ -38,6 +38,11 @@ class _Fences:
         for f, _ in self.fences:
             f.attended(stream)
 
+    def wait_all(self, stream: Any = None) -> None:
+        """`ChunkMemory.wait`: make `stream` (default: the current one) wait for every sample's slot copies."""
+        for f, _ in self.fences:
+            f.wait_all(stream)
+
 
 class MemFlowBatch:
     """`MemFlowBatch(memory, config, adapter, batch)`: one `MemFlowPlugin` per sample (see module docstring).

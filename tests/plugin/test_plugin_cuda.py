@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from memory_service import LocalMemory, MemoryClient
+from plugin import MemFlowBatch, MemFlowConfig, SelfForcingAdapter
 from plugin.attention import ChunkMemory, cache_attention
 from plugin.kv_slots import MemorySlots
 from plugin.pinned import PinnedBudget
@@ -130,6 +131,18 @@ def test_a_chunk_memory_is_refused_after_the_next_before_chunk(cuda_model, tmp_p
         with pytest.raises(RuntimeError, match="earlier chunk"):
             cuda_model.generate_chunk(state, 0, FOX, old)
         plugin.close()
+
+
+def test_a_batchs_memory_waits_for_every_samples_copies(cuda_model, tmp_path):
+    with LocalMemory(str(tmp_path / "bank")) as memory:
+        config = MemFlowConfig(stream="wait-batch", deadline_s=30.0)
+        batch = MemFlowBatch(memory, config, SelfForcingAdapter.for_reference(cuda_model), 2)
+        state = cuda_model.new_state(batch=2, memory_frames=batch.memory_frames)
+        memory_now = batch.before_chunk(0, FOX, state.kv)
+        assert memory_now.fence is not None  # each sample's fence, behind one object
+        memory_now.wait(torch.cuda.Stream())  # a reader of the slots outside cache_attention (ChunkMemory.wait)
+        cuda_model.generate_chunk(state, 0, FOX, memory_now)
+        batch.close()
 
 
 def test_a_second_device(tmp_path):
