@@ -339,6 +339,8 @@ class ReferenceDiT(nn.Module):
             kv["v"][:, lo:hi].copy_(v)
             if relative:
                 kv["k"][:, lo:hi].copy_(k)  # unrotated; rotated below at its place in the attended sequence
+                if memory.fence is not None:  # CUDA: the rotation reads the memory slots, after the plugin's copies
+                    memory.fence.attend(layer, memory.epoch)
                 q, view = self._relative_view(state, kv, q, hi, memory.layer_frames(layer))
                 attn = cache_attention(q, view, hi, n, cfg.sink_frames, memory, layer)
             else:

@@ -122,6 +122,20 @@ def test_attention_on_a_side_stream_waits_for_the_slot_copies(cuda_model, tmp_pa
     assert attention_streams == 1  # one event per attention stream, made once
 
 
+def test_relative_rope_rotates_the_slots_only_after_their_copies(tmp_path):
+    """The relative model rotates [memory | sink | window] itself before cache_attention: that read of the slots
+    waits for the plugin's copies too (held back here on the copy stream)."""
+    model = ReferenceDiT(tiny(rope_mode="relative"), device="cuda")
+    ref_out, ref_reports, _ = reference_run(model, tmp_path)
+    with LocalMemory(str(tmp_path / "slow")) as memory:
+        plugin = make_plugin(memory, model)
+        outputs, reports, _ = stream_script(model, plugin, SCRIPT, side=torch.cuda.Stream(), slow_copies=True)
+        plugin.close()
+    assert any(any(r.frames) for r in reports)
+    assert [selected_frames(r) for r in reports] == [selected_frames(r) for r in ref_reports]
+    assert all(torch.equal(a, b) for a, b in zip(ref_out, outputs))
+
+
 def test_a_chunk_memory_is_refused_after_the_next_before_chunk(cuda_model, tmp_path):
     with LocalMemory(str(tmp_path / "bank")) as memory:
         plugin = make_plugin(memory, cuda_model)
