@@ -382,11 +382,17 @@ class ReferenceDiT(nn.Module):
         r = self.rope
         if max(positions) >= r.max_frames:
             raise ValueError(f"relative RoPE positions reach {max(positions)}, the table has {r.max_frames} frames")
-        idx = torch.tensor(positions, device=r.time_cos.device)
+        # runs of consecutive positions (memory, sink, window) as slices of the table: no index tensor is copied
+        # to the device (a host sync on CUDA) per layer
+        runs, first = [], 0
+        for i in range(1, len(positions) + 1):
+            if i == len(positions) or positions[i] != positions[i - 1] + 1:
+                runs.append((positions[first], positions[i - 1] + 1))
+                first = i
         n, frames = r.tokens_per_frame, len(positions)
         out = []
         for time, space in ((r.time_cos, r.space_cos), (r.time_sin, r.space_sin)):
-            t = time[idx][:, None, :].expand(frames, n, r.ct)
+            t = torch.cat([time[a:b] for a, b in runs])[:, None, :].expand(frames, n, r.ct)
             out.append(torch.cat([t, space[None].expand(frames, n, -1)], dim=-1).reshape(frames * n, 1, -1))
         return out[0], out[1]
 
