@@ -119,7 +119,7 @@ class MemFlowPlugin:
         # cache's device orders all its copies against the generator's attention (attention.py)
         self.pinned = PinnedBudget(config.pinned_bytes)
         self.fence = MemoryFence(self.layout.device, self.layout.layers) if cuda else None
-        self.pins = ArenaPins(self.pinned) if cuda else None
+        self.pins = ArenaPins(self.pinned, device=self.layout.device) if cuda else None
         self.slots = MemorySlots(self.layout, self.memory_frames, budget=self.pinned, fence=self.fence, pins=self.pins)
         self.last_report: Optional[ChunkReport] = None
         self._guard = Guard()

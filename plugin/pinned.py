@@ -21,10 +21,11 @@ Owns every byte of pinned host memory a plugin holds. Promises:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -107,12 +108,16 @@ def _cuda_unregister(ptr: int) -> bool:
 class ArenaPins:
     """Registrations of shared-memory arenas with CUDA, inside a budget (see module docstring).
 
-    `register(ptr, size) -> ok` / `unregister(ptr) -> ok` default to the CUDA runtime through torch.
+    `register(ptr, size) -> ok` / `unregister(ptr) -> ok` default to the CUDA runtime through torch; `device`
+    (the cache's) is made current around them, so a thread that never used CUDA (the memory thread) does not
+    create a context on cuda:0 for a cache on cuda:1.
     """
 
     def __init__(self, budget: PinnedBudget, register: Callable[[int, int], bool] = _cuda_register,
-                 unregister: Callable[[int], bool] = _cuda_unregister) -> None:
+                 unregister: Callable[[int], bool] = _cuda_unregister,
+                 device: Optional[torch.device] = None) -> None:
         self.budget = budget
+        self._device = device if device is not None and torch.device(device).type == "cuda" else None
         self._register, self._unregister = register, unregister
         self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # id(mapping) -> (mapping, base address, size)
         self._refused: set[int] = set()  # id(mapping) of mappings that could not be registered
@@ -145,7 +150,8 @@ class ArenaPins:
             ok = self.budget.reserve(size)
             if ok:
                 try:
-                    ok = self._register(base, size)
+                    with self._on_device():
+                        ok = self._register(base, size)
                 except Exception as exc:  # noqa: BLE001 - no CUDA runtime, a driver refusal: copy through staging
                     log.warning("memflow: cannot pin the shared-memory arena (%s); fetches go through staging", exc)
                     ok = False
@@ -159,6 +165,9 @@ class ArenaPins:
             self.registered += 1
             self._maps[id(mm)] = (mm, base, size)
             return True
+
+    def _on_device(self) -> Any:
+        return torch.cuda.device(self._device) if self._device is not None else contextlib.nullcontext()
 
     def sweep(self) -> None:
         with self._lock:
@@ -176,7 +185,8 @@ class ArenaPins:
     def _drop(self, key: int, base: int, size: int) -> None:
         del self._maps[key]
         try:
-            self._unregister(base)
+            with self._on_device():
+                self._unregister(base)
         except Exception as exc:  # noqa: BLE001 - the runtime is gone (interpreter exit): nothing left to undo
             log.debug("memflow: cudaHostUnregister failed: %s", exc)
         self.budget.release(size)
