@@ -14,6 +14,7 @@ shown only to the operator (no auth).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Iterator, Optional, cast
 
@@ -185,39 +186,58 @@ class MemoryServicer:
         plan = FetchPlan(self.bank.spec(stream), query["k"], **convert.query_fetch_args_from_pb(request))
         if plan.include:  # an unknown or keys-only id fails before the query records its hits
             self.bank.fetch_layout(stream, plan.include, plan.layers)
+        if request.plane == SHM:
+            yield self._query_fetch_shm(who.tenant, request, stream, query, plan)  # the one message (the proto)
+            return
         result = self.bank.query(stream, request.query.space, **query)
+        groups, shapes, sizes, headers = self._planned(stream, plan, result)
+        for ids, layers in groups:  # what a fetch would raise, before the header goes
+            self.bank.fetch_layout(stream, ids, layers)
+        yield convert.query_fetch_header(result, headers, sum(sizes))
+        yield from self._coalesced(stream, groups)
+
+    def _planned(self, stream: str, plan: FetchPlan, result) -> tuple[Any, list, list[int], list]:
+        """(groups, their shapes, their sizes in bytes, their FetchHeaders) that `plan` picks from a ranking."""
         groups = plan.groups(result.ids)
         spec = self.bank.spec(stream)
         assert spec.kv is not None, "FetchPlan refuses a keys-only stream"
-        dtype, layer_bytes = kv_numpy_dtype(spec.kv.dtype), _layer_bytes(spec)
+        layer_bytes = _layer_bytes(spec)
         shapes = [(len(ids), len(layers), *spec.kv.layer_shape) for ids, layers in groups]
         sizes = [len(ids) * len(layers) * layer_bytes for ids, layers in groups]
-        nbytes = sum(sizes)
         headers = [convert.fetch_header(ids, layers, spec.kv.dtype, shape, n)
                    for (ids, layers), shape, n in zip(groups, shapes, sizes)]
-        if request.plane == SHM:
+        return groups, shapes, sizes, headers
+
+    def _query_fetch_shm(self, tenant: str, request, stream: str, query: dict, plan: FetchPlan):
+        """QueryFetch on SHM: the groups' K/V back to back in the client's arena; returns the header. The arena
+        (registered, the tenant's, the reserved range inside it) is checked before the query records its hits: a
+        client whose arena the service lost (a restart) registers it again and retries, and its hits must not
+        count twice."""
+        arena: Any = (self.arenas.use(tenant, request.arena_id, int(request.arena_offset), int(request.arena_bytes))
+                      if request.arena_bytes else contextlib.nullcontext())
+        with arena as target:
+            result = self.bank.query(stream, request.query.space, **query)
+            groups, shapes, sizes, headers = self._planned(stream, plan, result)
+            nbytes = sum(sizes)
             if nbytes > request.arena_bytes:
                 raise StaleLayout(
                     f"query_fetch needs {nbytes} bytes but the client reserved {request.arena_bytes} in its arena: "
                     f"the client's layout of stream {request.query.stream!r} is stale; reload it and retry")
-            if nbytes:
-                with self.arenas.use(who.tenant, request.arena_id, int(request.arena_offset), nbytes) as target:
-                    pos = 0
-                    for (ids, layers), shape, n in zip(groups, shapes, sizes):
-                        if target.view is not None:  # sealed and mapped: one memcpy from LMDB's map into it
-                            out = target.view[pos:pos + n].view(dtype).reshape(shape)
-                            self.bank.fetch(stream, ids, layers, out=out)
-                        else:  # never mapped: pwrite from LMDB's map, in order
-                            for _ in self.bank.iter_fetch(stream, ids, layers, max(1, layer_bytes), target.write):
-                                pass
-                        pos += n
-                self.metrics.bytes("shm", "fetch", nbytes)
-            yield convert.query_fetch_header(result, headers, nbytes)  # the one message on SHM (the proto says so)
-            return
-        for ids, layers in groups:  # what a fetch would raise, before the header goes
-            self.bank.fetch_layout(stream, ids, layers)
-        yield convert.query_fetch_header(result, headers, nbytes)
-        yield from self._coalesced(stream, groups)
+            spec = self.bank.spec(stream)
+            assert spec.kv is not None, "FetchPlan refuses a keys-only stream"
+            dtype, layer_bytes = kv_numpy_dtype(spec.kv.dtype), _layer_bytes(spec)
+            pos = 0
+            for (ids, layers), shape, n in zip(groups, shapes, sizes):
+                if target.view is not None:  # sealed and mapped: one memcpy from LMDB's map into it
+                    out = target.view[pos:pos + n].view(dtype).reshape(shape)
+                    self.bank.fetch(stream, ids, layers, out=out)
+                else:  # never mapped: pwrite from LMDB's map, in order
+                    for _ in self.bank.iter_fetch(stream, ids, layers, max(1, layer_bytes), target.write):
+                        pass
+                pos += n
+        if nbytes:
+            self.metrics.bytes("shm", "fetch", nbytes)
+        return convert.query_fetch_header(result, headers, nbytes)
 
     def _coalesced(self, stream: str, groups) -> Iterator[bytes]:
         """The groups' bytes as kv_chunk messages of up to chunk_bytes: records smaller than half of that share a
