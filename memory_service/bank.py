@@ -84,9 +84,17 @@ class MemoryBank:
         if read_only:
             self.config = dataclasses.replace(self.config, snapshot_on_close=False)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
-        self.store: TensorStore = LMDBStore(
-            os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size, self.config.durable,
-            readonly=read_only, reserve_bytes=self.config.reserve_bytes, snapshot_dir=self.snapshot_dir)
+        try:
+            self.store: TensorStore = LMDBStore(
+                os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
+                self.config.durable, readonly=read_only, reserve_bytes=self.config.reserve_bytes,
+                snapshot_dir=self.snapshot_dir)
+        except BaseException:
+            # freed now, not when the half-built bank is collected: the caller's traceback keeps it alive, and a
+            # retry in this process would find its own directory "in use"
+            if self._dirlock is not None:
+                self._dirlock.release()
+            raise
         self._lock = threading.RLock()
         self._streams: dict[str, Stream] = {}
         self._unavailable: dict[str, UnopenedStream] = {}  # records on disk this bank could not open
@@ -94,10 +102,16 @@ class MemoryBank:
         self._closed = False
         self._stop = threading.Event()
         self._pruner: Optional[threading.Thread] = None
-        with self.store.view() as v:  # one consistent snapshot, also beside a live writer (read-only)
-            self._next_sid = v.next_stream_id()
-            for stored in v.streams():
-                self._open_stream(v, stored)
+        try:
+            with self.store.view() as v:  # one consistent snapshot, also beside a live writer (read-only)
+                self._next_sid = v.next_stream_id()
+                for stored in v.streams():
+                    self._open_stream(v, stored)
+        except BaseException:
+            self.store.close()
+            if self._dirlock is not None:
+                self._dirlock.release()
+            raise
 
     def _open_stream(self, v: StoreView, stored: StoredStream) -> None:
         """Open one stream record at start; a record that cannot be opened (written by an older version without
