@@ -400,7 +400,12 @@ class MemoryBank:
         id_arr = check_ids(ids)
         layer_list = self._check_layers(s, layers)
         self._require(s, id_arr)
-        gone = [int(i) for i in id_arr if s.entries[int(i)].codec == "none"]
+        # no lock is held here: an entry a concurrent delete or eviction removed since the check is not found
+        # (as a KeyError it was INTERNAL); ids are never reused, so a second check finds it gone for good
+        metas = [s.entries.get(int(i)) for i in id_arr]
+        if any(m is None for m in metas):
+            self._require(s, id_arr)
+        gone = [int(i) for i, m in zip(id_arr, metas) if m is None or m.codec == "none"]
         if gone:
             raise NotFound(f"entries {gone[:10]} of stream {stream!r} hold keys only (codec 'none': put without K/V, "
                            "or degraded to keys only by pruning): they have no K/V to fetch")
