@@ -149,7 +149,7 @@ def test_every_enum_field_of_the_proto_is_checked():
     checks each with convert.enum_from_pb (a new enum field fails this test until it is checked too)."""
     fields = sorted(f"{m.name}.{f.name}" for m in pb.DESCRIPTOR.message_types_by_name.values()
                     for f in m.fields if f.enum_type is not None)
-    assert fields == ["FetchRequest.plane", "PutHeader.plane"]
+    assert fields == ["FetchRequest.plane", "PutHeader.plane", "QueryFetchRequest.plane"]
     servicer = (REPO / "memory_service" / "service" / "servicer.py").read_text()
     for field in fields:
         assert 'convert.enum_from_pb(' in servicer and f'"{field}")' in servicer, field
