@@ -223,6 +223,12 @@ def test_unknown_enum_values_are_invalid_argument(tmp_path):
                 code, details = code_of(lambda: list(stub.Fetch(req, timeout=30)))
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (plane, code, details)
                 assert f"FetchRequest.plane is {plane}" in details and "DATA_PLANE_UNSPECIFIED (0)" in details
+            query = convert.query_to_pb("cam0", "emb", make_entry(0).keys["emb"], 1, "per_layer", None, False, None)
+            for plane in (9, -1):
+                req = pb.QueryFetchRequest(query=query, plane=plane)
+                code, details = code_of(lambda: list(stub.QueryFetch(req, timeout=30)))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (plane, code, details)
+                assert f"QueryFetchRequest.plane is {plane}" in details, details
             assert c.stats("cam0").entries == 1 and c.stats("cam0").next_entry_id == 1
             assert np.array_equal(c.fetch("cam0", [0]).kv[0], make_entry(0).kv)
     finally:
