@@ -47,8 +47,11 @@ class DirLock:
                 "process first, or give this one another --data-dir (`memflow-service inspect` can read it "
                 "while it runs)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the PID only names the holder in messages; the lock is held all the same
+            pass  # (a bank must open on a full disk: deletes and drops are how its space is freed)
         lock = cls(path, fd)
         _HELD.add(lock)
         return lock
