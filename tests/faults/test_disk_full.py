@@ -9,12 +9,13 @@ Needs permission to mount tmpfs (root, as on CI and developer machines here); sk
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tiny_disk import tiny_disk  # noqa: F401 - the fixture, found by pytest through this name
 
 from conftest import make_entry, make_spec
 from memory_service import Budget, LocalMemory, ResourceExhausted
@@ -27,19 +28,6 @@ from svc_util import start_serve  # noqa: E402
 from memory_service.client import MemoryClient  # noqa: E402
 
 CONFIG = BankConfig(map_size=64 << 20, snapshot_on_close=False)
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(m, stream: str, acked: dict[int, int], next_seed: int, batch: int = 1) -> int:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
+
+from tiny_disk import tiny_disk  # noqa: F401 - the fixture, found by pytest through this name
 
 from conftest import make_entry, make_spec
 from memory_service import LocalMemory
@@ -19,19 +20,6 @@ from memory_service.config import BankConfig
 from memory_service.errors import Unavailable
 
 CONFIG = BankConfig(map_size=64 << 20, snapshot_on_close=False)
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill_disk(path: str) -> None:

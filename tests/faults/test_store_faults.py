@@ -3,7 +3,7 @@
 kill -9: a real writer process (store_writer.py) commits batches and prints each commit after it returns; it is
 SIGKILLed at random moments and restarted on the same directory, and the store must then hold every
 acknowledged entry bit for bit, none that was acknowledged as evicted, and every entry whole (no half commit).
-Full disk (a real 4 MiB tmpfs, the fixture of test_disk_full.py): a commit that does not fit is
+Full disk (a real 4 MiB tmpfs, the fixture of tests/faults/conftest.py): a commit that does not fit is
 ResourceExhausted and leaves the store exactly as it was, readable; commits that free space still commit.
 """
 
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from tiny_disk import tiny_disk  # noqa: F401 - the fixture, found by pytest through this name
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
-from test_disk_full import tiny_disk  # noqa: E402,F401 - the fixture
 from test_store_contract import LAYOUT, STORES, Entry, assert_holds, put, record  # noqa: E402
 
 from memory_service.errors import ResourceExhausted  # noqa: E402
