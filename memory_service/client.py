@@ -294,12 +294,7 @@ class MemoryClient(Memory):
     def query(self, stream: str, space: str, vectors: Vectors, k: int, *, combine: str = "per_layer",
               exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
               time_range: Optional[tuple[float, float]] = None, timeout: Optional[float] = None) -> QueryResult:
-        try:
-            request = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
-        except InvalidArgument:
-            raise
-        except (TypeError, ValueError, IndexError) as exc:
-            raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
+        request = _query_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
         return convert.result_from_pb(self._rpc(self._stub.Query, request, idempotent=True, timeout=timeout))
 
     def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
@@ -361,12 +356,7 @@ class MemoryClient(Memory):
         if layers is not None and len(layers) == 0:  # on the wire, no layers means all of them
             raise InvalidArgument(f"layers {list(layers)} invalid; expected None (all layers) or distinct layer "
                                   "indexes")
-        try:
-            query = convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
-        except InvalidArgument:
-            raise
-        except (TypeError, ValueError, IndexError) as exc:
-            raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
+        query = _query_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
         rows = normalize_resident(resident)
         request = convert.query_fetch_request(query, fetch_k, [int(i) for i in check_id_list(include, "include")], rows,
                                               [int(x) for x in layers or ()])
@@ -507,3 +497,13 @@ def _same_host(target: str) -> bool:
         return True
     host = target.rsplit(":", 1)[0] if ":" in target else target
     return is_loopback(host.strip("[]"))
+
+
+def _query_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range):
+    """The QueryRequest of a query or query_fetch; arguments the wire cannot carry are InvalidArgument."""
+    try:
+        return convert.query_to_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
+    except InvalidArgument:
+        raise
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InvalidArgument(f"query arguments cannot be encoded: {exc}") from None
