@@ -91,6 +91,17 @@ class StaleLayout(FailedPrecondition):
     reason = "STALE_LAYOUT"
 
 
+class NotOwner(FailedPrecondition):
+    """Cluster mode: this node does not own the stream. `owner` is the owning node's address ("host:port"), or
+    "" while no node owns it (its owner's lease is expiring): the client sends the call there, or retries."""
+
+    reason = "NOT_OWNER"
+
+    def __init__(self, message: str = "", owner: str = "") -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
 class DataLoss(MemFlowError):
     """Stored bytes fail their checksum: the record is corrupt."""
 
@@ -110,5 +121,5 @@ ALL_ERRORS: tuple[type[MemFlowError], ...] = (
     DataLoss,
 )
 
-REFINED_ERRORS: tuple[type[MemFlowError], ...] = (ArenaNotRegistered, StaleLayout)
+REFINED_ERRORS: tuple[type[MemFlowError], ...] = (ArenaNotRegistered, StaleLayout, NotOwner)
 """Subclasses that travel as their parent's status code plus a reason (see the module doc)."""
