@@ -9,7 +9,10 @@ here once. It lives in wire/, not service/, so that the client imports nothing o
   proto does not name is refused (`enum_from_pb`), never taken for the default;
 - `status_of(exc)` + `trailers_of(exc)` (server) and `error_from(code, message, trailers)` (client) are
   inverse: a MemFlowError crosses the wire as its status code (and, for errors.REFINED_ERRORS, its reason in
-  trailing metadata) and comes back as the same class with the same message.
+  trailing metadata) and comes back as the same class with the same message. errors.NotOwner also carries
+  the owning node's address ("host:port", or "" while no node owns the stream) as the trailing metadata entry
+  `memflow-owner` (OWNER_KEY), so a routing client knows where to resend; a client that does not know the
+  reason still gets FailedPrecondition and the message.
 """
 
 from __future__ import annotations
@@ -49,13 +52,19 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 ERROR_REASON_KEY = "memflow-error-reason"  # trailing metadata: the `reason` of a refined error class
+OWNER_KEY = "memflow-owner"  # trailing metadata of NotOwner: the owning node's "host:port" ("" while none owns it)
 _REFINED = {cls.reason: cls for cls in errors.REFINED_ERRORS}
 
 
 def trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    """Trailing metadata that travels with the status of `exc`: its reason, for a refined error class."""
+    """Trailing metadata that travels with the status of `exc`: its reason, for a refined error class, and for
+    NotOwner the owner's address (sent even when "": the client then knows no node owns the stream yet)."""
     reason = exc.reason if isinstance(exc, errors.MemFlowError) else ""
-    return ((ERROR_REASON_KEY, reason),) if reason in _REFINED else ()
+    if reason not in _REFINED:
+        return ()
+    if isinstance(exc, errors.NotOwner):
+        return ((ERROR_REASON_KEY, reason), (OWNER_KEY, str(exc.owner)))
+    return ((ERROR_REASON_KEY, reason),)
 
 
 def error_from(code: grpc.StatusCode, message: str, trailers=()) -> Exception:
@@ -66,9 +75,13 @@ def error_from(code: grpc.StatusCode, message: str, trailers=()) -> Exception:
         err = errors.MemFlowError(f"{code.name}: {message}")
         err.code = code.name
         return err
-    reason = next((value for key, value in trailers or () if key == ERROR_REASON_KEY), "")
-    refined = _REFINED.get(reason)
-    return (refined if refined is not None and issubclass(refined, cls) else cls)(message)
+    found = {key: value for key, value in trailers or () if key in (ERROR_REASON_KEY, OWNER_KEY)}
+    refined = _REFINED.get(found.get(ERROR_REASON_KEY, ""))
+    if refined is None or not issubclass(refined, cls):
+        return cls(message)
+    if refined is errors.NotOwner:
+        return errors.NotOwner(message, owner=found.get(OWNER_KEY, ""))
+    return refined(message)
 
 
 # ---- enums ------------------------------------------------------------------------------------------------
