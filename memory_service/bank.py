@@ -73,7 +73,9 @@ def _build_stream(record: dict, params, store: TensorStore) -> Stream:
 
 class MemoryBank:
     def __init__(self, data_dir: str, config: Optional[BankConfig] = None, clock: Callable[[], float] = time.time,
-                 read_only: bool = False):
+                 read_only: bool = False, store: Optional[Callable[[str, BankConfig], TensorStore]] = None):
+        """`store` builds the bank's TensorStore from (data_dir, config) once the directory is locked (cluster mode
+        passes its ClusterStore's); by default it is the directory's LMDB store."""
         self.data_dir = str(data_dir)
         self.config = config or BankConfig()
         self.clock = clock
@@ -85,7 +87,7 @@ class MemoryBank:
             self.config = dataclasses.replace(self.config, snapshot_on_close=False)
         self.snapshot_dir = os.path.join(self.data_dir, "snapshots")
         try:
-            self.store: TensorStore = LMDBStore(
+            self.store: TensorStore = store(self.data_dir, self.config) if store is not None else LMDBStore(
                 os.path.join(self.data_dir, "lmdb"), self.config.map_size, self.config.max_map_size,
                 self.config.durable, readonly=read_only, reserve_bytes=self.config.reserve_bytes,
                 snapshot_dir=self.snapshot_dir)
@@ -132,6 +134,33 @@ class MemoryBank:
                       "served", name, self.data_dir, reason, extra={"stream": name})
             return
         self._streams[s.spec.name] = s
+
+    def adopt(self, name: str) -> None:
+        """Open a stream whose record the store holds but this bank has not opened (cluster mode: the store has
+        just replayed a stream this node took over). Raises what opening it raised; nothing is left half-open."""
+        self._check_open()
+        with self._lock:
+            if name in self._streams:
+                return
+            with self.store.view() as v:
+                stored = next((st for st in v.streams() if st.name == name), None)
+                if stored is None or stored.record is None:
+                    raise NotFound(f"stream {name!r} is not in the store"
+                                   + (f" ({stored.problem})" if stored is not None else ""))
+                s = Stream(stored.record, self.config.index, self.store)
+                s.load(v)
+            self._next_sid = max(self._next_sid, s.sid + 1)
+            self._unavailable.pop(name, None)
+            self._streams[name] = s
+
+    def forget(self, name: str) -> None:
+        """Close a stream in memory without touching the store (cluster mode: another node owns it now). Calls
+        already inside it finish; the next call for it does not find it."""
+        with self._lock:
+            s = self._streams.pop(name, None)
+        if s is not None:
+            with s.lock:  # waits for a call in flight on it
+                s.dirty.clear()
 
     def unavailable_streams(self) -> list[UnopenedStream]:
         """Streams whose record is on disk but could not be opened, with the reason (inspect lists them)."""

@@ -77,13 +77,7 @@ class Stream:
         self.lock = threading.RLock()
         self.store = store
         self.space_names = list(self.spec.key_spaces)
-        kv = self.spec.kv
-        self.layout = StreamLayout(  # how the store lays this stream out; fixed with the spec
-            sid=self.sid, name=self.spec.name,
-            key_spaces=tuple((ks.dtype, (self.spec.layers_of(n), ks.dim) if ks.per_layer else (ks.dim,))
-                             for n, ks in self.spec.key_spaces.items()),
-            layers=kv.layers if kv else 0, layer_shape=tuple(kv.layer_shape) if kv else (), kv_dtype=kv.dtype if kv else "",
-        )
+        self.layout = stream_layout(self.spec, self.sid)
         self.entries = EntryTable()
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
         self.verified: dict[int, int] = {}  # entry id -> bitmask of payload layers whose checksum passed
@@ -224,6 +218,17 @@ class Stream:
                 log.warning("stream %r space %r: snapshot skipped (%s); the next open rebuilds it from the store",
                             self.spec.name, name, exc)
                 return
+
+
+def stream_layout(spec: StreamSpec, sid: int) -> StreamLayout:
+    """How a store lays a stream out; fixed with the spec."""
+    kv = spec.kv
+    return StreamLayout(
+        sid=sid, name=spec.name,
+        key_spaces=tuple((ks.dtype, (spec.layers_of(n), ks.dim) if ks.per_layer else (ks.dim,))
+                         for n, ks in spec.key_spaces.items()),
+        layers=kv.layers if kv else 0, layer_shape=tuple(kv.layer_shape) if kv else (), kv_dtype=kv.dtype if kv else "",
+    )
 
 
 def _counter(record: dict, field: str, default: Optional[int], end: int) -> int:

@@ -73,6 +73,9 @@ class Commit:
     record: dict
     put: Optional[NewEntries] = None
     degrade: tuple[tuple[EntryMeta, str], ...] = ()  # (entry, step): step "keys_only" or "fp8"
+    # (entry's new metadata, its new payload layers or None): a payload rewritten by the caller (cluster mode
+    # degrades from bytes it read through; None: the layers are not kept in this store, only the metadata)
+    rewrite: tuple[tuple[EntryMeta, Optional[Sequence[tuple[Header, np.ndarray]]]], ...] = ()
     evict: tuple[int, ...] = ()
     stats: tuple[EntryMeta, ...] = ()
     verify: bool = True  # check payload checksums of what a degrade reads
@@ -156,6 +159,11 @@ class TensorStore(Protocol):
 
     def put_stats(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
         """Persist entries' retrieval statistics."""
+        ...
+
+    def forget_payloads(self, layout: StreamLayout, ids: Sequence[int]) -> None:
+        """Remove entries' payload layers and nothing else (a cache tier drops what a lower tier keeps);
+        commits on a full disk."""
         ...
 
     def save_snapshot(self, sid: int, space: int, version: int, parts: Sequence[tuple[bytes, np.ndarray]]) -> None:

@@ -187,6 +187,13 @@ class LMDBStore(LMDBEnv):
             if commit.put is not None:
                 _put_entries(w, layout, commit.put)
             degraded = {meta.entry_id: _degrade(w, layout, meta, step, commit.verify) for meta, step in commit.degrade}
+            for meta, layers in commit.rewrite:
+                _drop_payload(w, layout, meta.entry_id)
+                for layer, (header, body) in enumerate(layers or ()):
+                    w.put("phead", payload_key(layout.sid, meta.entry_id, layer), header.pack())
+                    w.put("pbody", payload_key(layout.sid, meta.entry_id, layer), as_bytes(body))
+                w.put("entries", entry_key(layout.sid, meta.entry_id), dumps(meta_json(meta)))
+                degraded[meta.entry_id] = meta
             for eid in commit.evict:
                 _delete_entry(w, layout, eid)
             for meta in commit.stats:
@@ -203,6 +210,9 @@ class LMDBStore(LMDBEnv):
     def put_stats(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
         rows = [(entry_key(layout.sid, m.entry_id), dumps(stats_json(m))) for m in metas]
         self.write(lambda w: [w.put("stats", k, v) for k, v in rows])
+
+    def forget_payloads(self, layout: StreamLayout, ids: Sequence[int]) -> None:
+        self.write(lambda w: [_drop_payload(w, layout, eid) for eid in ids], frees=True)
 
     # -- index snapshots -------------------------------------------------------------------------
     def _snapshot_path(self, sid: int, space: int) -> str:
@@ -258,9 +268,7 @@ def _degrade(w: Writer, layout: StreamLayout, meta: EntryMeta, step: str, verify
     """Rewrite one entry's payload a step down (fp8, or keys only) and its metadata; returns the new metadata."""
     sid, eid = layout.sid, meta.entry_id
     if step == "keys_only":
-        for layer in range(layout.layers):
-            w.delete("phead", payload_key(sid, eid, layer))
-            w.delete("pbody", payload_key(sid, eid, layer))
+        _drop_payload(w, layout, eid)
         new = dataclasses.replace(meta, nbytes=0, codec="none")
     else:
         out = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
@@ -284,6 +292,10 @@ def _delete_entry(w: Writer, layout: StreamLayout, eid: int) -> None:
     w.delete("stats", entry_key(sid, eid))
     for s in range(len(layout.key_spaces)):
         w.delete("keys", keys_key(sid, s, eid))
+    _drop_payload(w, layout, eid)
+
+
+def _drop_payload(w: Writer, layout: StreamLayout, eid: int) -> None:
     for layer in range(layout.layers):
-        w.delete("phead", payload_key(sid, eid, layer))
-        w.delete("pbody", payload_key(sid, eid, layer))
+        w.delete("phead", payload_key(layout.sid, eid, layer))
+        w.delete("pbody", payload_key(layout.sid, eid, layer))
