@@ -63,6 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
                                                "tls_cert", "tls_key", "workers")}
     if args.insecure:
         overrides["insecure"] = True
+    cluster = {k: getattr(args, a) for k, a in (("etcd", "cluster"), ("s3_endpoint", "s3_endpoint"),
+                                                ("s3_bucket", "s3_bucket"), ("node_id", "node_id"),
+                                                ("advertise", "advertise")) if getattr(args, a) is not None}
+    if cluster:
+        overrides["cluster"] = cluster
     config = load_service_config(args.config, overrides=overrides)
     t0 = time.perf_counter()
     server = MemoryServer(config)  # refuses a data directory another process holds (store/dirlock.py)
@@ -94,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without auth")
     serve.add_argument("--workers", type=int, default=None, help="request threads (default 16)")
+    serve.add_argument("--cluster", default=None, metavar="etcd://HOST:PORT[,...]",
+                       help="cluster mode: etcd endpoints for stream ownership (needs --s3-endpoint, --s3-bucket, "
+                            "--node-id; S3 credentials from the usual AWS environment)")
+    serve.add_argument("--s3-endpoint", default=None, help="cluster mode: the S3-compatible store's URL")
+    serve.add_argument("--s3-bucket", default=None, help="cluster mode: the bucket of the durable tier")
+    serve.add_argument("--node-id", default=None, help="cluster mode: this node's unique, stable id")
+    serve.add_argument("--advertise", default=None,
+                       help="cluster mode: host:port clients reach this node at (default --host:--port)")
     serve.add_argument("--config", default=None, help="JSON config file (see memory_service/config.py)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)

@@ -76,6 +76,49 @@ class TenantQuotas:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster mode (memory_service/cluster/); off while `etcd` is empty. S3 credentials come from the usual AWS
+    environment and config files, never from here."""
+
+    etcd: str = ""  # etcd endpoints, "etcd://host:port[,host:port...]" (or http:// URLs)
+    s3_endpoint: str = ""  # the S3-compatible object store's URL
+    s3_bucket: str = ""
+    node_id: str = ""  # unique per node, stable across its restarts
+    advertise: str = ""  # host:port that clients and the other nodes reach this node at (default host:port)
+    lease_ttl_s: float = 5.0  # a dead node's streams move after about this long
+    local_cache_bytes: Optional[int] = None  # payload bytes kept in the local LMDB; None: no bound
+    prefix: str = "memflow/"  # etcd key prefix (several clusters may share one etcd)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd)
+
+    def endpoints(self) -> list[str]:
+        """etcd://a:1,b:2 -> [http://a:1, http://b:2] (etcd's client URLs)."""
+        out = []
+        for part in (p.strip() for p in self.etcd.split(",")):
+            if part.startswith("etcd://"):
+                part = "http://" + part[len("etcd://"):]
+            elif part and "://" not in part:
+                part = "http://" + part
+            if part:
+                out.append(part)
+        return out
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        missing = [flag for flag, value in (("--s3-endpoint", self.s3_endpoint), ("--s3-bucket", self.s3_bucket),
+                                            ("--node-id", self.node_id)) if not value]
+        if missing:
+            raise InvalidArgument(f"cluster mode (--cluster {self.etcd}) also needs {', '.join(missing)}")
+        if self.lease_ttl_s < 1:
+            raise InvalidArgument(f"config cluster.lease_ttl_s is {self.lease_ttl_s}; expected >= 1 (etcd's unit)")
+        if self.local_cache_bytes is not None and self.local_cache_bytes < 0:
+            raise InvalidArgument(f"config cluster.local_cache_bytes is {self.local_cache_bytes}; expected >= 0")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     data_dir: str = "./memflow-data"
     host: str = "127.0.0.1"
@@ -95,6 +138,7 @@ class ServiceConfig:
     metrics_stream_labels: bool = False
     quotas: TenantQuotas = field(default_factory=TenantQuotas)
     bank: BankConfig = field(default_factory=BankConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def build(cls: type, data: Mapping[str, Any], where: str) -> Any:

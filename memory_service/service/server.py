@@ -57,6 +57,10 @@ class MemoryServer:
             )
         if bool(config.tls_cert) != bool(config.tls_key):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key; got only one")
+        if bank is None and config.cluster.enabled:
+            from memory_service.cluster.node import ClusterBank  # etcd3gw and boto3: only in cluster mode
+
+            bank = ClusterBank(config.data_dir, config.bank, config.cluster)
         self.bank = bank or MemoryBank(config.data_dir, config.bank)
         self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels)
         self.interceptor = ServiceInterceptor(self.auth, self.metrics)
@@ -112,6 +116,9 @@ class MemoryServer:
                 self.server.stop(0)
                 raise Unavailable(_bind_problem("metrics", self.config.host, self.config.metrics_port, "--metrics-port")
                                   or f"cannot serve metrics on port {self.config.metrics_port}") from None
+        announce = getattr(self.bank, "announce", None)  # cluster mode: join the membership, now reachable
+        if announce is not None:
+            announce(self.config.cluster.advertise or self.address)
         self.bank.start_pruner()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,105 @@
+"""ClusterBank: one node of a cluster - a MemoryBank over a ClusterStore that serves the streams it owns.
+
+Owns the node's side of ownership. Promises:
+- a stream is served only by its owner: the first call for a stream nobody owns (new node, or its owner's lease
+  expired) takes it over here (claim in etcd, replay from S3, open its indexes); a call for a stream another
+  node owns raises NotOwner with that node's address, before anything is executed, so the client may resend it;
+- every write is fenced (store/cluster_store.py): a node that lost a stream never changes it again; when the
+  node's lease is lost it forgets every stream it held, and serves them again only after claiming them anew;
+- `list_streams` lists the whole cluster's catalog (etcd); `stats()`, budgets and quotas are this node's;
+- `close()` hands its streams back (released in etcd) so another node serves them at once, then leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+from memory_service.bank import MemoryBank
+from memory_service.cluster.etcd import Coordinator
+from memory_service.cluster.s3 import ObjectStore
+from memory_service.config import BankConfig, ClusterConfig
+from memory_service.errors import NotOwner
+from memory_service.store.cluster_store import ClusterStore
+from memory_service.stream import Stream
+from memory_service.types import StreamSpec
+
+log = logging.getLogger("memflow.cluster")
+
+
+class ClusterBank(MemoryBank):
+    def __init__(self, data_dir: str, config: Optional[BankConfig], cluster: ClusterConfig) -> None:
+        self.cluster = cluster
+        self.coord = Coordinator(cluster.endpoints(), cluster.node_id, ttl_s=cluster.lease_ttl_s,
+                                 prefix=cluster.prefix)
+        try:
+            self.objects = ObjectStore(cluster.s3_endpoint, cluster.s3_bucket)
+        except BaseException:
+            self.coord.close()
+            raise
+
+        def store(directory: str, cfg: BankConfig) -> ClusterStore:
+            return ClusterStore(os.path.join(directory, "cache"), self.coord, self.objects,
+                                local_cache_bytes=cluster.local_cache_bytes, map_size=cfg.map_size,
+                                max_map_size=cfg.max_map_size, durable=cfg.durable, reserve_bytes=cfg.reserve_bytes)
+
+        try:
+            super().__init__(data_dir, config, store=store)
+        except BaseException:
+            self.objects.close()
+            self.coord.close()
+            raise
+        self.cluster_store: ClusterStore = self.store  # type: ignore[assignment]
+        self._takeover = threading.Lock()
+        self.coord.on_lost(self._lease_lost)
+
+    def announce(self, address: str) -> None:
+        """Join the membership at `address` (once the server listens): the address NotOwner sends clients to."""
+        self.cluster_store.address = address
+        self.coord.announce(address)
+        log.info("node %s joined the cluster at %s", self.coord.node_id, address)
+
+    def _lease_lost(self) -> None:
+        names = self.cluster_store.owned()
+        for name in names:
+            self.forget(name)
+        self.cluster_store.discard_all()
+        log.warning("node %s lost its etcd lease: it no longer serves %d stream(s) until it claims them again",
+                    self.coord.node_id, len(names))
+
+    def _stream(self, name: str) -> Stream:
+        self._check_open()
+        s = self._streams.get(name)
+        if s is not None and self.cluster_store.is_current(name):
+            return s
+        with self._takeover:  # one take-over at a time; the others wait and find it open
+            s = self._streams.get(name)
+            if s is not None and self.cluster_store.is_current(name):
+                return s
+            if s is not None:
+                self.forget(name)
+            if self.coord.lost():
+                raise NotOwner(f"node {self.coord.node_id} has lost its etcd lease and serves no stream until it has "
+                               "a new one; send the call to another node")
+            self.cluster_store.take_over(name)
+            try:
+                self.adopt(name)
+            except BaseException:
+                self.cluster_store.discard(name)
+                raise
+            return self._streams[name]
+
+    def list_streams(self) -> list[StreamSpec]:
+        self._check_open()
+        return [StreamSpec.from_json(record["spec"]) for _, (record, _) in sorted(self.coord.catalog().items())]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            super().close()  # statistics and snapshots to S3, then every stream released in etcd
+        finally:
+            self.objects.close()
+            self.coord.close()
