@@ -20,6 +20,7 @@ import io
 import logging
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import botocore
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 64 << 20  # bytes; above this an object goes up in parts of MULTIPART_PART bytes
 MULTIPART_PART = 64 << 20  # S3 wants parts >= 5 MiB (but the last) and <= 10,000 of them: 640 GB objects
+MULTIPART_THREADS = 4  # parts of one object uploaded at once
 _DELETE_BATCH = 1000  # S3's limit for one DeleteObjects call
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -209,19 +211,16 @@ class ObjectStore:
             return
         upload = self._call("create_multipart_upload", self._client.create_multipart_upload, Key=key)["UploadId"]
         try:
-            done = []
-            for n, start in enumerate(range(0, total, MULTIPART_PART), start=1):
+
+            def one(n: int, start: int) -> dict:
                 length = min(MULTIPART_PART, total - start)
-                r = self._call(
-                    "upload_part",
-                    self._client.upload_part,
-                    Key=key,
-                    UploadId=upload,
-                    PartNumber=n,
-                    Body=_PartsReader(views, start, length),
-                    ContentLength=length,
-                )
-                done.append({"PartNumber": n, "ETag": r["ETag"]})
+                body = _PartsReader(views, start, length)
+                kw = {"Key": key, "UploadId": upload, "PartNumber": n, "Body": body, "ContentLength": length}
+                return {"PartNumber": n, "ETag": self._call("upload_part", self._client.upload_part, **kw)["ETag"]}
+
+            # a few parts in flight: one HTTP stream rarely fills the link to a remote store
+            with ThreadPoolExecutor(min(MULTIPART_THREADS, -(-total // MULTIPART_PART))) as pool:
+                done = list(pool.map(one, *zip(*enumerate(range(0, total, MULTIPART_PART), start=1))))
             self._call(
                 "complete_multipart_upload",
                 self._client.complete_multipart_upload,
