@@ -174,4 +174,6 @@ def test_objects_survive_kill_9_and_a_store_that_is_down_is_unavailable(weed, st
         assert store.get(k) == _joined(parts)
     assert store.list("d/") == sorted(objects)
     assert not store.exists("d/new")  # the put refused while down left nothing
+    store.put("d/after", [b"written right after the restart"])  # writable at once, not only readable
+    assert store.get("d/after") == b"written right after the restart"
     quick.close()
