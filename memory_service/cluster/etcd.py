@@ -350,7 +350,8 @@ class Coordinator:
         """Catalog the stream, own it and start its head, in one txn -> (incarnation, epoch) (the same revision).
 
         heads/<name> starts as Head(0, 0), which is also what an absent head reads as: a transaction cannot know
-        its own revision, so the epoch cannot be written into the head it creates."""
+        its own revision, so the epoch cannot be written into the head it creates. `advance` takes Head(0, epoch)
+        as the name of that head too, so the creator may start from either."""
         sk, ok, hk = self._key("streams", name), self._key("owners", name), self._key("heads", name)
         rec, lid = json.dumps(record, sort_keys=True, separators=(",", ":")), self.lease_id
         try:
@@ -431,19 +432,28 @@ class Coordinator:
         return errors.NotOwner(f"node {self.node_id!r} lost stream {name!r} at epoch {epoch}: {now}", address)
 
     def advance(self, name: str, epoch: int, expected: Head, new: Head) -> None:
-        """Move heads/<name> from `expected` to `new`, only while this node owns the stream at `epoch`."""
+        """Move heads/<name> from `expected` to `new`, only while this node owns the stream at `epoch`.
+
+        A stream nothing was ever committed to holds Head(0, 0) (see create_stream); its owner may name that
+        head as Head(0, 0) or as Head(0, epoch), its own epoch: both mean "nothing committed yet"."""
         ok, hk = self._key("owners", name), self._key("heads", name)
-        done, _, resp, retried = self._txn(
-            [_cmp(ok, "CREATE", epoch), _cmp(ok, "VALUE", self.node_id), _cmp(hk, "VALUE", expected.canonical())],
-            [_put(hk, new.canonical())],
-            [_get(ok), _get(hk)],
-        )
-        if done:
-            return
-        owner, head = _kv(resp[0]), _kv(resp[1])
-        ours = owner is not None and owner["value"] == self.node_id and owner["create_revision"] == epoch
-        if retried and ours and head is not None and head["value"] == new.canonical():
-            return  # our first try was applied (only the owner at this epoch writes this head)
+        fresh = expected.seq == 0 and expected.epoch == epoch != 0
+        # the common case first: the head of a fresh stream is stored as Head(0, 0)
+        candidates = [Head().canonical(), expected.canonical()] if fresh else [expected.canonical()]
+        for i, want in enumerate(candidates):
+            done, _, resp, retried = self._txn(
+                [_cmp(ok, "CREATE", epoch), _cmp(ok, "VALUE", self.node_id), _cmp(hk, "VALUE", want)],
+                [_put(hk, new.canonical())],
+                [_get(ok), _get(hk)],
+            )
+            if done:
+                return
+            owner, head = _kv(resp[0]), _kv(resp[1])
+            ours = owner is not None and owner["value"] == self.node_id and owner["create_revision"] == epoch
+            if retried and ours and head is not None and head["value"] == new.canonical():
+                return  # our first try was applied (only the owner at this epoch writes this head)
+            if not ours or head is None or head["value"] != candidates[-1] or i == len(candidates) - 1:
+                break
         found = head["value"] if head is not None else "no head (the stream was dropped)"
         raise self._not_owner(name, epoch, owner, f"the head moved: expected {expected.canonical()}, found {found}")
 

@@ -166,6 +166,20 @@ def test_advance_compares_owner_epoch_and_head(coords):
     assert b.head("s") == Head(2, epoch)  # none of the rejected writes moved it
 
 
+def test_a_fresh_head_may_be_named_with_the_owners_epoch(coords):
+    a = coords("A")
+    _, epoch = a.create_stream("s", REC)
+    assert a.head("s") == Head(0, 0)
+    a.advance("s", epoch, Head(0, epoch), Head(1, epoch))  # "nothing committed yet", as its creator knows it
+    assert a.head("s") == Head(1, epoch)
+    with pytest.raises(errors.NotOwner, match="head moved"):  # but never once something was committed
+        a.advance("s", epoch, Head(0, epoch), Head(2, epoch))
+    _, epoch_t = a.create_stream("t", REC)
+    a.advance("t", epoch_t, Head(0, 0), Head(0, epoch_t))  # a head stored as Head(0, epoch) also matches itself
+    a.advance("t", epoch_t, Head(0, epoch_t), Head(1, epoch_t))
+    assert a.head("t") == Head(1, epoch_t) and a.head("s") == Head(1, epoch)
+
+
 def test_killed_owner_is_fenced_and_replaced(etcd_cluster, coords, prefix):
     p, epoch = start_node(etcd_cluster.endpoints, prefix, "s")
     try:
