@@ -20,7 +20,11 @@ Owns the client half of the wire contract. Promises:
   `plane="shm"` fails with FailedPrecondition when shared memory cannot work (never a silent slow path);
 - fetch over shm returns arrays that view the arena directly (zero copy); their bytes stay reserved until
   the last array over them is garbage-collected. `arena_array()` hands out arena-backed buffers so a put
-  of K/V built there skips the client-side copy.
+  of K/V built there skips the client-side copy;
+- `target` may name several nodes of a cluster ("h1:p1,h2:p2" or a sequence of addresses): the constructor then
+  returns a `routing.RoutedClient`, a MemoryClient that holds one single-node MemoryClient per node and sends
+  each stream's calls to its owner (routing.py says what is routed, what is retried and what never is). One
+  address builds exactly the single-node client, at no new cost per call.
 """
 
 from __future__ import annotations
@@ -66,37 +70,35 @@ WARM_UP_S = 2.0  # at most this long spent warming up at connect (the service ma
 class MemoryClient(Memory):
     """A connection to a memory service at `target` ("host:port"). Use as a context manager.
 
+    Several addresses ("h1:p1,h2:p2" or a sequence) build a routing.RoutedClient instead (see the module doc);
+    `failover_timeout_s` is how long its calls look for a node that serves them (unused with one address).
+
     `token`: bearer token (default: $MEMFLOW_TOKEN). `tls`: None (plaintext), True (system roots), or a CA
     certificate (path or PEM bytes). `plane`: "auto", "shm" or "stream". `arena_bytes`: initial size of the
     shared-memory arena (it grows for larger calls); `max_arenas`: how many arenas it may hold at once.
     """
 
-    def __init__(self, target: str, token: Optional[str] = None, tls: Union[None, bool, str, bytes] = None, *,
-                 timeout: float = 30.0, plane: str = "auto", arena_bytes: int = 256 << 20,
-                 max_message_bytes: int = 64 << 20, retries: int = 3, tls_server_name: Optional[str] = None,
-                 max_arenas: int = 16) -> None:
+    def __new__(cls, target: Union[str, Sequence[str]], *args: Any, **kwargs: Any) -> "MemoryClient":
+        if cls is MemoryClient and len(parse_targets(target)) > 1:
+            from memory_service.routing import RoutedClient  # routing builds on this module
+            return super().__new__(RoutedClient)  # Python then runs RoutedClient.__init__ with the same arguments
+        return super().__new__(cls)
+
+    def __init__(self, target: Union[str, Sequence[str]], token: Optional[str] = None,
+                 tls: Union[None, bool, str, bytes] = None, *, timeout: float = 30.0, plane: str = "auto",
+                 arena_bytes: int = 256 << 20, max_message_bytes: int = 64 << 20, retries: int = 3,
+                 tls_server_name: Optional[str] = None, max_arenas: int = 16,
+                 failover_timeout_s: float = 30.0) -> None:
         if plane not in PLANES:
             raise InvalidArgument(f"plane is {plane!r}, expected one of {PLANES}")
+        (target,) = parse_targets(target)  # __new__ sent several to RoutedClient
         self.target = target
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.max_message_bytes = int(max_message_bytes)
         token = token if token is not None else os.environ.get("MEMFLOW_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]
-        if tls:
-            if tls_server_name:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            roots = None
-            if isinstance(tls, bytes):
-                roots = tls
-            elif isinstance(tls, (str, os.PathLike)):
-                with open(tls, "rb") as f:
-                    roots = f.read()
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = open_channel(target, tls, max_message_bytes, tls_server_name)
         calls = convert.Calls(self._channel)  # Put and Fetch move K/V chunks pre-framed (wire/framing.py)
         self._stub, self._put, self._fetch, self._query_fetch = calls.stub, calls.put, calls.fetch, calls.query_fetch
         self._query_fetch_one = calls.query_fetch_one  # QueryFetch on the SHM plane: one message (convert.Calls)
@@ -142,18 +144,7 @@ class MemoryClient(Memory):
 
     def _warm_up_channel(self) -> None:
         """Connect now (the first call would pay for it), waiting at most WARM_UP_S; a dead service ends it at once."""
-        settled = threading.Event()
-
-        def watch(state: grpc.ChannelConnectivity) -> None:
-            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                         grpc.ChannelConnectivity.SHUTDOWN):
-                settled.set()
-
-        self._channel.subscribe(watch, try_to_connect=True)
-        try:
-            settled.wait(min(self.timeout, WARM_UP_S))
-        finally:
-            self._channel.unsubscribe(watch)
+        connected(self._channel, min(self.timeout, WARM_UP_S))
 
     def _warm_up_calls(self) -> None:
         """The K/V dtype table (ml_dtypes takes 0.5-0.9 s to import) and the layouts a shm fetch needs, now."""
@@ -474,6 +465,62 @@ class MemoryClient(Memory):
     def entries(self, stream: str) -> list[EntryMeta]:
         return convert.metas_from_pb(self._rpc(self._stub.ListEntries, convert.list_entries_request(stream),
                                                idempotent=True))
+
+
+def parse_targets(target: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """The node addresses `target` names: "host:port", "h1:p1,h2:p2" (spaces around commas allowed) or a
+    sequence of such strings; order kept, repeats dropped. InvalidArgument when it names none."""
+    if isinstance(target, str):
+        parts = [target]
+    elif isinstance(target, Sequence) and all(isinstance(t, str) for t in target):
+        parts = list(target)
+    else:
+        raise InvalidArgument(f"target is {target!r}; expected \"host:port\", \"h1:p1,h2:p2\" or a sequence of "
+                              "\"host:port\" strings")
+    found = [a.strip() for p in parts for a in p.split(",")]
+    if not found or "" in found:
+        raise InvalidArgument(f"target {target!r} names an empty address; expected \"host:port\" items separated "
+                              "by commas")
+    return tuple(dict.fromkeys(found))
+
+
+def open_channel(target: str, tls: Union[None, bool, str, bytes], max_message_bytes: int,
+                 tls_server_name: Optional[str] = None) -> grpc.Channel:
+    """The channel of one node connection: message limits, reconnect backoff, plaintext or TLS (`tls` as in
+    MemoryClient)."""
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]
+    if not tls:
+        return grpc.insecure_channel(target, options=options)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    roots = None
+    if isinstance(tls, bytes):
+        roots = tls
+    elif isinstance(tls, (str, os.PathLike)):
+        with open(tls, "rb") as f:
+            roots = f.read()
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
+
+
+def connected(channel: grpc.Channel, wait: float) -> bool:
+    """Try to connect `channel`; True once it is READY, False when it fails (TRANSIENT_FAILURE: a dead service
+    ends the wait at once) or `wait` s pass."""
+    settled = threading.Event()
+    last: list[grpc.ChannelConnectivity] = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        last.append(state)
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(max(0.0, wait))
+    finally:
+        channel.unsubscribe(watch)
+    return bool(last) and last[-1] == grpc.ChannelConnectivity.READY
 
 
 def _error(exc: grpc.RpcError) -> Exception:
