@@ -24,7 +24,9 @@ error is raised):
 What is never resent: a write (create_stream, drop_stream, put, delete, pin, prune) that got UNAVAILABLE
 after it was sent - its node may have executed it before it died - raises Unavailable; the caller decides
 (for a put: query for its frames before putting again). A write is sent only once its node's channel is
-connected, so a node that is merely down never makes a write ambiguous. Every other error is raised at once.
+connected, so a node that is merely down never makes a write ambiguous. DEADLINE_EXCEEDED is raised (the
+caller's deadline is spent), and the next call starts at another node: a paused owner is not asked again first.
+Every other error is raised at once.
 
 The shared-memory data plane works per node: fetch results view the serving node's arena. `arena_array()`
 returns ordinary memory (as on the stream plane): an arena belongs to one node's registration and a stream's
@@ -44,7 +46,9 @@ import numpy as np
 
 from memory_service.arena_pool import ArenaUsage
 from memory_service.client import connected, MemoryClient, open_channel, parse_targets, WARM_UP_S
-from memory_service.errors import FailedPrecondition, InvalidArgument, MemFlowError, NotOwner, Unavailable
+from memory_service.errors import (
+    DeadlineExceeded, FailedPrecondition, InvalidArgument, MemFlowError, NotOwner, Unavailable,
+)
 from memory_service.protocol import Ids, Resident, Vectors
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, StreamSpec, StreamStats,
@@ -147,16 +151,14 @@ class RoutedClient(MemoryClient):
                 raise Unavailable(f"node {address} cannot be reached (no connection); nothing was sent to it")
         finally:
             probe.close()
-        node = _Node(MemoryClient(address, self._token, self._tls, **self._node_options))
+        made = _Node(MemoryClient(address, self._token, self._tls, **self._node_options))
         with self._lock:
-            existing = self._nodes.get(address)  # another thread may have connected it meanwhile
-            if existing is None and not self._closed:
-                self._nodes[address] = node
-                return node
-        node.close()
-        with self._lock:
-            self._check_open()
-        return existing  # type: ignore[return-value]  # not None: the only other way out of the block above
+            kept = None if self._closed else self._nodes.setdefault(address, made)  # another thread's, if first
+        if kept is not made:
+            made.close()
+        if kept is None:
+            self._check_open()  # closed meanwhile: raises
+        return kept  # type: ignore[return-value]  # not None: _check_open raised
 
     def _check_open(self) -> None:
         if self._closed:
@@ -188,6 +190,16 @@ class RoutedClient(MemoryClient):
             if stream is not None:
                 self._owners[stream] = address
 
+    def _suspect(self, stream: Optional[str], address: str) -> None:
+        """`address` ran a call past its deadline: forget it as the stream's owner and as the preferred node, so
+        that the next call asks another node (which serves it, or names the owner now)."""
+        with self._lock:
+            if stream is not None and self._owners.get(stream) == address:
+                del self._owners[stream]
+            if self._preferred == address:
+                i = self.addresses.index(address) if address in self.addresses else -1
+                self._preferred = self.addresses[(i + 1) % len(self.addresses)]
+
     def _route(self, stream: Optional[str], call: Callable[[MemoryClient], T], *, write: bool) -> T:
         """Run `call` on the node that serves `stream` (any node when None), following the module doc's rules."""
         deadline = time.monotonic() + self.failover_timeout_s
@@ -212,6 +224,9 @@ class RoutedClient(MemoryClient):
                     if write:
                         raise  # sent, and its node may have executed it before failing: never resent
                     last = exc
+                except DeadlineExceeded:
+                    self._suspect(stream, address)  # hung (paused?): the caller's deadline is spent, the next call
+                    raise  # starts elsewhere
                 else:
                     self._served(stream, address)
                     return result

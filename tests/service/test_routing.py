@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import signal
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from svc_util import DIM, LAYERS, SMALL_ARENA, make_entry, make_spec
 
 from memory_service import LocalMemory
 from memory_service.client import MemoryClient, parse_targets
-from memory_service.errors import InvalidArgument, NotFound, Unavailable
+from memory_service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from memory_service.protocol import METHODS
 from memory_service.routing import RoutedClient
 
@@ -162,3 +166,43 @@ def test_a_write_answered_unavailable_after_it_was_sent_is_not_resent(make_serve
         assert routed.owner_of("cam0") == b.address
     with MemoryClient(b.address, plane="stream") as cb:
         assert [e.frame_index for e in cb.entries("cam0")] == [7]
+
+
+def test_a_paused_node_is_left_after_its_deadline_and_a_write_cut_off_mid_call_is_not_resent(serve, tmp_path):
+    """Two `memflow-service serve` processes with a stream of the same name (A: empty, B: one entry). A is
+    paused (SIGSTOP): a put to it runs out its deadline, is raised, and the next call starts at B. A second
+    client's put is in flight on A when A is killed: it is raised as Unavailable, never sent on to B."""
+    a, b = serve(tmp_path / "a"), serve(tmp_path / "b")
+    for node, n in ((a, 0), (b, 1)):
+        with MemoryClient(node.target, plane="stream") as direct:
+            direct.create_stream(make_spec())
+            if n:
+                direct.put("cam0", [make_entry(s) for s in range(n)])
+    with MemoryClient([a.target, b.target], plane="stream", timeout=2.0, failover_timeout_s=20) as first, \
+            MemoryClient([a.target, b.target], plane="stream", failover_timeout_s=20) as second:
+        assert first.stats("cam0").entries == second.stats("cam0").entries == 0  # both served by A
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                first.put("cam0", [make_entry(5)])
+            assert first.owner_of("cam0") is None
+            assert first.stats("cam0").entries == 1 and first.owner_of("cam0") == b.target
+
+            outcome: list[BaseException] = []
+
+            def put_on_a():
+                try:
+                    second.put("cam0", [make_entry(6)])
+                except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+                    outcome.append(exc)
+
+            writer = threading.Thread(target=put_on_a)
+            writer.start()
+            time.sleep(2.0)  # let the put reach A's socket (A is paused: it sits there)
+            a.kill()
+            writer.join(60)
+            assert not writer.is_alive() and len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
+        finally:
+            a.kill()
+    with MemoryClient(b.target, plane="stream") as direct:
+        assert [e.frame_index for e in direct.entries("cam0")] == [0]  # neither put landed on B
