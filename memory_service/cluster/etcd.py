@@ -166,17 +166,13 @@ class Coordinator:
         self._timeout_s = float(timeout_s)
         targets = parse_endpoints(endpoints)
         self._endpoints = [f"{p}://{h}:{port}" for p, h, port in targets]
-        # a member that hangs (paused, partitioned) may eat at most half the budget when there is another to try
-        per_try = self._timeout_s if len(targets) == 1 else self._timeout_s / 2
-        ka_try = min(per_try, max(0.2, self._ttl_s / 3))
-
-        def clients(timeout: float) -> list[etcd3gw.Etcd3Client]:
-            return [etcd3gw.client(host=h, port=port, protocol=p, timeout=timeout, api_path="/v3/")
-                    for p, h, port in targets]  # fmt: skip
-
-        # the keepalive thread has its own clients (sessions): callers' slow requests never delay a refresh
-        self._clients, self._ka_clients = clients(per_try), clients(ka_try)
-        self._preferred = [0, 0]  # per client set: the member that answered last
+        self._targets = targets
+        # etcd answers in milliseconds; a member that takes a second is stuck (no leader, paused, partitioned), and
+        # another member, or the same one a moment later, is the better bet: a try never eats the whole budget
+        self._per_try = self._timeout_s if len(targets) == 1 else min(1.0, self._timeout_s / 2)
+        # the keepalive thread has sessions (connection pools) of its own: callers' requests never delay a refresh
+        self._sessions = [[requests.Session() for _ in targets] for _ in range(2)]
+        self._preferred = [0, 0]  # per session set: the member that answered last
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
@@ -184,7 +180,7 @@ class Coordinator:
         self._announced_lease = 0
         self._lost_flag = False
         try:
-            self.lease_id, self._last_ok = self._grant(self._clients)
+            self.lease_id, self._last_ok = self._grant()
         except _LeaseGone as ex:  # cannot happen for a grant; keeps the types honest
             raise errors.Unavailable(str(ex)) from ex
         self._thread = threading.Thread(target=self._keepalive, name=f"etcd-keepalive-{node_id}", daemon=True)
@@ -194,14 +190,18 @@ class Coordinator:
 
     def _post(self, path: str, body: dict, *, keepalive: bool = False, budget_s: Optional[float] = None) -> tuple:
         """POST to the first member that answers within the budget -> (json, retried: an earlier try failed)."""
-        clients = self._ka_clients if keepalive else self._clients
         which = 1 if keepalive else 0
         deadline = time.monotonic() + (self._timeout_s if budget_s is None else budget_s)
-        start, n, tries, last = self._preferred[which], len(clients), 0, None
+        start, n, tries, last = self._preferred[which], len(self._targets), 0, None
         while True:
             i = (start + tries) % n
+            protocol, host, port = self._targets[i]
+            # a client per try (it is only a URL and a timeout around the shared session): no try outlasts the budget
+            timeout = max(0.05, min(self._per_try, deadline - time.monotonic()))
+            client = etcd3gw.client(host=host, port=port, protocol=protocol, timeout=timeout, api_path="/v3/",
+                                    session=self._sessions[which][i])  # fmt: skip
             try:
-                out = clients[i].post(clients[i].get_url(path), json=body)
+                out = client.post(client.get_url(path), json=body)
                 self._preferred[which] = i
                 return out, tries > 0
             except _RETRYABLE as ex:
@@ -254,9 +254,9 @@ class Coordinator:
 
     # -- lease -------------------------------------------------------------------------------------------------
 
-    def _grant(self, clients: list) -> tuple[int, float]:
+    def _grant(self, keepalive: bool = False) -> tuple[int, float]:
         sent = time.monotonic()
-        out, _ = self._post("/lease/grant", {"TTL": self._lease_ttl, "ID": 0}, keepalive=clients is self._ka_clients)
+        out, _ = self._post("/lease/grant", {"TTL": self._lease_ttl, "ID": 0}, keepalive=keepalive)
         return int(out["ID"]), sent
 
     def _keepalive(self) -> None:
@@ -267,8 +267,13 @@ class Coordinator:
             if self._closed.is_set():
                 return
             lid, sent = self.lease_id, time.monotonic()
-            # keep trying until the moment the lease must be counted lost, and at least once
-            budget = max(0.05, self._last_ok + self._ttl_s - sent)
+            if sent - self._last_ok >= self._ttl_s:
+                # lost() has said True already (this thread was paused, or etcd slow): whatever etcd would answer
+                # now, the node was told to stop, so it starts over under a new lease
+                self._lose(lid, f"no refresh for {sent - self._last_ok:.1f} s (ttl {self._ttl_s:g} s)")
+                continue
+            # keep trying until the moment the lease must be counted lost
+            budget = self._last_ok + self._ttl_s - sent
             try:
                 out, _ = self._post("/lease/keepalive", {"ID": lid}, keepalive=True, budget_s=budget)
                 if int(out.get("result", {}).get("TTL", -1)) > 0:
@@ -305,7 +310,7 @@ class Coordinator:
             pass
         while not self._closed.is_set():
             try:
-                new_lid, sent = self._grant(self._ka_clients)
+                new_lid, sent = self._grant(keepalive=True)
             except errors.Unavailable:
                 self._closed.wait(self._ttl_s / 3)
                 continue
@@ -486,8 +491,8 @@ class Coordinator:
             self._post("/kv/lease/revoke", {"ID": self.lease_id})
         except (errors.Unavailable, _LeaseGone):
             pass  # unreachable or already expired: etcd expires it within its TTL anyway
-        for c in self._clients + self._ka_clients:
-            c.session.close()
+        for session in self._sessions[0] + self._sessions[1]:
+            session.close()
 
     def __enter__(self) -> Coordinator:
         return self

@@ -240,7 +240,7 @@ def test_paused_owner_is_fenced_when_it_resumes(etcd_cluster, coords, prefix):
 
 
 def test_revoked_lease_is_lost_then_replaced(etcd_cluster, coords):
-    a = coords("A", ttl_s=1)
+    a = coords("A", ttl_s=2)
     seen: list[bool] = []
     a.on_lost(lambda: seen.append(a.lost()))
     a.announce("a:1")
@@ -265,7 +265,7 @@ def test_revoked_lease_is_lost_then_replaced(etcd_cluster, coords):
 def test_unreachable_etcd_means_lost_then_recovers(tmp_path, prefix):
     solo = EtcdCluster(tmp_path / "solo", n=1)
     try:
-        a = Coordinator(solo.endpoints, "A", ttl_s=1, timeout_s=0.5, prefix=prefix)
+        a = Coordinator(solo.endpoints, "A", ttl_s=2, timeout_s=0.5, prefix=prefix)
         lost_calls: list[int] = []
         a.on_lost(lambda: lost_calls.append(1))
         a.announce("a:1")
