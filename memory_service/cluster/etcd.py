@@ -358,7 +358,8 @@ class Coordinator:
         its own revision, so the epoch cannot be written into the head it creates. `advance` takes Head(0, epoch)
         as the name of that head too, so the creator may start from either."""
         sk, ok, hk = self._key("streams", name), self._key("owners", name), self._key("heads", name)
-        rec, lid = json.dumps(record, sort_keys=True, separators=(",", ":")), self.lease_id
+        # not sorted: a spec's key spaces are ordered (their order numbers them in the store and the log)
+        rec, lid = json.dumps(record, separators=(",", ":")), self.lease_id
         try:
             done, rev, resp, retried = self._txn(
                 [_cmp(sk, "CREATE", 0)],

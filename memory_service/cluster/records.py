@@ -82,6 +82,11 @@ def valid_records(stream_prefix: str, keys: Sequence[str], head_seq: int, head_e
     return [(s, best[s]) for s in range(1, head_seq + 1)]
 
 
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """An array's bytes without a copy (bfloat16 and float8 have no buffer format of their own)."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def _meta(m: EntryMeta) -> dict:
     return dict(vars(m))
 
@@ -99,7 +104,7 @@ def encode(layout: StreamLayout, kind: str, kv_key: str, commit: Optional[Commit
         nonlocal key_at
         out = []
         for vec in vecs:
-            buf = memoryview(np.ascontiguousarray(vec)).cast("B")
+            buf = _bytes_of(vec)
             keys.append(buf)
             out.append([key_at, buf.nbytes])
             key_at += buf.nbytes
@@ -112,7 +117,7 @@ def encode(layout: StreamLayout, kind: str, kv_key: str, commit: Optional[Commit
         placed = []
         for header, body in layers:
             head = header.pack()
-            raw = memoryview(np.ascontiguousarray(body)).cast("B")
+            raw = _bytes_of(body)
             kv.extend((head, raw))
             placed.append((kv_at, len(head), raw.nbytes))
             kv_at += len(head) + raw.nbytes

@@ -1,0 +1,130 @@
+"""ClusterBank / ClusterStore in this process, over real etcd members and a real weed: durability in S3, take-over
+by another node, read-through past a small local cache, and fencing of a node whose lease is gone.
+
+The multi-process stories (SIGKILL under load, SIGSTOP past the lease, routing clients) are test_cluster.py's.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import etcd3gw
+import numpy as np
+import pytest
+
+from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
+from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
+from nodes import LEASE_TTL_S
+from svc_util import make_entry, make_spec
+
+from memory_service.cluster.node import ClusterBank
+from memory_service.config import BankConfig, ClusterConfig
+from memory_service.errors import AlreadyExists, NotFound, NotOwner
+from memory_service.store.base import Commit
+
+
+@pytest.fixture
+def config(etcd_cluster, weed):
+    tag = uuid.uuid4().hex[:8]
+
+    def make(node: str, **kw) -> ClusterConfig:
+        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
+                             s3_bucket=f"memflow-unit-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
+                             prefix=f"memflow-unit-{tag}/", **kw)
+
+    return make
+
+
+def bank(tmp_path, config, node: str, **kw) -> ClusterBank:
+    return ClusterBank(str(tmp_path / node), BankConfig(), config(node, **kw))
+
+
+def assert_bit_exact(got_kv: np.ndarray, seeds: list[int]) -> None:
+    for row, seed in zip(got_kv, seeds):
+        want = make_entry(seed).kv
+        assert np.array_equal(row.view(np.uint16), want.view(np.uint16)), f"entry of seed {seed} differs"
+
+
+def test_take_over_replays_the_log_and_reads_past_a_small_cache(tmp_path, config):
+    one = make_entry(0).kv.nbytes
+    a = bank(tmp_path, config, "a", local_cache_bytes=3 * one)  # 3 of the 12 payloads stay local
+    try:
+        a.create_stream(make_spec("cam0"))
+        seeds = list(range(12))
+        ids = a.put("cam0", [make_entry(s) for s in seeds[:6]]) + a.put("cam0", [make_entry(s) for s in seeds[6:]])
+        assert_bit_exact(a.fetch("cam0", ids).kv, seeds)
+        assert a.cluster_store.s3_reads >= 9, "payloads beyond the local cache are read through from S3"
+        a.pin("cam0", ids[:1])
+        assert a.delete("cam0", ids[-2:]) == 2
+        with pytest.raises(AlreadyExists):
+            a.create_stream(make_spec("cam0"))
+    finally:
+        a.close()  # hands cam0 back: b claims it at once
+
+    b = bank(tmp_path, config, "b", local_cache_bytes=0)
+    try:
+        assert [s.name for s in b.list_streams()] == ["cam0"]
+        live = ids[:-2]
+        got = b.fetch("cam0", live)
+        assert_bit_exact(got.kv, seeds[:-2])
+        metas = {m.entry_id: m for m in b.entries("cam0")}
+        assert sorted(metas) == live and metas[ids[0]].pinned and not metas[ids[1]].pinned
+        # the indexes were rebuilt on b: each entry is found by its own keys
+        for eid, seed in zip(live, seeds):
+            q = make_entry(seed).keys["nam"]
+            res = b.query("cam0", "nam", q, 1)
+            assert (res.ids[:, 0] == eid).all()
+        with pytest.raises(NotFound):
+            b.fetch("cam0", ids[-1:])
+    finally:
+        b.close()
+
+
+def test_a_node_whose_lease_is_gone_can_never_write_again(tmp_path, config, etcd_cluster):
+    a = bank(tmp_path, config, "a")
+    b = bank(tmp_path, config, "b")
+    try:
+        a.create_stream(make_spec("cam1"))
+        a.put("cam1", [make_entry(1)])
+        with pytest.raises(NotOwner) as err:
+            b.put("cam1", [make_entry(2)])  # a owns it: b refuses before executing, and names a
+        assert err.value.owner == a.cluster_store.address
+        # a's lease vanishes under it (as when a is partitioned past its TTL) and b takes the stream over
+        host, port = etcd_cluster.endpoints[0].split("://")[1].rsplit(":", 1)
+        other = etcd3gw.client(host=host, port=int(port))
+        other.post(other.get_url("/kv/lease/revoke"), json={"ID": a.coord.lease_id})
+        assert b.put("cam1", [make_entry(3)]) == [1]
+        with pytest.raises(NotOwner):
+            a.put("cam1", [make_entry(4)])  # fenced: a's epoch is gone
+        got = b.fetch("cam1", [0, 1])
+        assert_bit_exact(got.kv, [1, 3])
+        assert [m.entry_id for m in b.entries("cam1")] == [0, 1], "nothing a wrote after losing is visible"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_keys_only_and_fp8_degrades_survive_a_take_over(tmp_path, config):
+    a = bank(tmp_path, config, "a")
+    spec = make_spec("cam2", policy="fifo")
+    try:
+        a.create_stream(spec)
+        ids = a.put("cam2", [make_entry(s) for s in range(4)])
+        s = a._streams["cam2"]
+        layout = s.layout
+        with s.lock:  # a prune that degrades, as the planner would commit it
+            degraded = a.store.commit(layout, Commit(record=s.record(), degrade=(
+                (s.entries[ids[0]], "keys_only"), (s.entries[ids[1]], "fp8"))))
+        assert degraded[ids[0]].codec == "none" and degraded[ids[1]].codec == "fp8"
+    finally:
+        a.close()
+    b = bank(tmp_path, config, "b")
+    try:
+        metas = {m.entry_id: m for m in b.entries("cam2")}
+        assert metas[ids[0]].codec == "none" and metas[ids[1]].codec == "fp8"
+        got = b.fetch("cam2", ids[1:2]).kv[0].astype(np.float32)
+        want = make_entry(1).kv.astype(np.float32)
+        assert np.allclose(got, want, rtol=2 ** -3, atol=1e-2), "the fp8 payload came back from S3"
+        assert_bit_exact(b.fetch("cam2", ids[2:]).kv, [2, 3])
+    finally:
+        b.close()
