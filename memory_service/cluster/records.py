@@ -84,7 +84,7 @@ def valid_records(stream_prefix: str, keys: Sequence[str], head_seq: int, head_e
 
 def _bytes_of(a: np.ndarray) -> memoryview:
     """An array's bytes without a copy (bfloat16 and float8 have no buffer format of their own)."""
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8).data
 
 
 def _meta(m: EntryMeta) -> dict:
