@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["insecure"] = True
     cluster = {k: getattr(args, a) for k, a in (("etcd", "cluster"), ("s3_endpoint", "s3_endpoint"),
                                                 ("s3_bucket", "s3_bucket"), ("node_id", "node_id"),
-                                                ("advertise", "advertise")) if getattr(args, a) is not None}
+                                                ("advertise", "advertise"), ("local_cache_bytes", "local_cache_bytes"),
+                                                ("lease_ttl_s", "lease_ttl_s")) if getattr(args, a) is not None}
     if cluster:
         overrides["cluster"] = cluster
     config = load_service_config(args.config, overrides=overrides)
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id", default=None, help="cluster mode: this node's unique, stable id")
     serve.add_argument("--advertise", default=None,
                        help="cluster mode: host:port clients reach this node at (default --host:--port)")
+    serve.add_argument("--local-cache-bytes", type=int, default=None,
+                       help="cluster mode: payload bytes kept in the local LMDB (default: no bound; the rest is read "
+                            "through from S3)")
+    serve.add_argument("--lease-ttl-s", type=float, default=None,
+                       help="cluster mode: etcd lease of this node; its streams move about this long after it dies "
+                            "(default 5)")
     serve.add_argument("--config", default=None, help="JSON config file (see memory_service/config.py)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
