@@ -162,6 +162,11 @@ class MemoryBank:
             with s.lock:  # waits for a call in flight on it
                 s.dirty.clear()
 
+    def _serves(self, name: str) -> bool:
+        """Whether background work (TTL prunes, statistics flushes) may touch the stream (cluster mode: only while
+        this node owns it; it never takes a stream over)."""
+        return True
+
     def unavailable_streams(self) -> list[UnopenedStream]:
         """Streams whose record is on disk but could not be opened, with the reason (inspect lists them)."""
         self._check_open()
@@ -369,6 +374,8 @@ class MemoryBank:
         if self.read_only:
             return  # a read-only bank's hits stay in memory: it writes nothing
         for s in list(self._streams.values()):
+            if not self._serves(s.spec.name):
+                continue
             with s.lock:
                 if not s.dirty:
                     continue
@@ -524,7 +531,7 @@ class MemoryBank:
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 for name, s in list(self._streams.items()):
-                    if "ttl" in s.spec.policy:
+                    if "ttl" in s.spec.policy and self._serves(name):
                         try:
                             self.prune(name)
                         except NotFound:  # dropped since the list was taken

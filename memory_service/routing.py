@@ -136,7 +136,7 @@ class RoutedClient(MemoryClient):
         with self._lock:
             return self._owners.get(stream)
 
-    def _node(self, address: str) -> _Node:
+    def _node(self, address: str, deadline: Optional[float] = None) -> _Node:
         """The connection to `address`, made now if there is none: Unavailable (nothing sent) when the node does
         not accept connections, so a down node costs a connection attempt, not an arena and a warm-up."""
         with self._lock:
@@ -147,7 +147,8 @@ class RoutedClient(MemoryClient):
         probe = open_channel(address, self._tls, int(self._node_options.get("max_message_bytes", 64 << 20)),
                              self._node_options.get("tls_server_name"))
         try:
-            if not connected(probe, min(WARM_UP_S, self.failover_timeout_s)):
+            left = self.failover_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+            if not connected(probe, min(WARM_UP_S, left)):  # never past the call's own deadline
                 raise Unavailable(f"node {address} cannot be reached (no connection); nothing was sent to it")
         finally:
             probe.close()
@@ -167,7 +168,7 @@ class RoutedClient(MemoryClient):
     def _reach(self, address: str, write: bool, deadline: float) -> MemoryClient:
         """The connection a call to `address` goes through; Unavailable means nothing was sent. A write waits
         for its channel to be connected, so that an UNAVAILABLE after sending is the only ambiguous one."""
-        node = self._node(address)
+        node = self._node(address, deadline)
         if write and not node.sendable(min(WARM_UP_S, max(0.0, deadline - time.monotonic()))):
             raise Unavailable(f"node {address} cannot be reached (no connection); nothing was sent to it")
         return node.client

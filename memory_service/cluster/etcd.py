@@ -396,13 +396,15 @@ class Coordinator:
         node_id = rows[0][1]
         return Owner(node_id=node_id, address=self._address_of(node_id), epoch=rows[0][2])
 
-    def claim(self, name: str) -> Optional[int]:
-        """Own a stream no node owns -> the new epoch; None when another node owns it. Already ours under the
-        current lease -> its epoch."""
+    def claim(self, name: str, incarnation: Optional[int] = None) -> Optional[int]:
+        """Own a stream no node owns -> the new epoch; None when another node owns it (or, with `incarnation`, when
+        the catalog's stream of that name is another incarnation: dropped and created again since it was read).
+        Already ours under the current lease -> its epoch."""
         sk, ok, lid = self._key("streams", name), self._key("owners", name), self.lease_id
+        exists = _cmp(sk, "CREATE", 0, "GREATER") if incarnation is None else _cmp(sk, "CREATE", incarnation)
         try:
             done, rev, resp, _ = self._txn(
-                [_cmp(sk, "CREATE", 0, "GREATER"), _cmp(ok, "CREATE", 0)], [_put(ok, self.node_id, lid)],
+                [exists, _cmp(ok, "CREATE", 0)], [_put(ok, self.node_id, lid)],
                 [_get(sk), _get(ok)],
             )  # fmt: skip
         except _LeaseGone as ex:
@@ -412,6 +414,8 @@ class Coordinator:
         stream, owner = _kv(resp[0]), _kv(resp[1])
         if stream is None:
             raise errors.NotFound(f"stream {name!r} is not in the cluster catalog: expected a created stream")
+        if incarnation is not None and stream["create_revision"] != incarnation:
+            return None
         if owner is not None and owner["value"] == self.node_id and owner["lease"] == lid:
             return owner["create_revision"]
         return None

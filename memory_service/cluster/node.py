@@ -52,7 +52,8 @@ class ClusterBank(MemoryBank):
             self.coord.close()
             raise
         self.cluster_store: ClusterStore = self.store  # type: ignore[assignment]
-        self._takeover = threading.Lock()
+        # One take-over, create or drop at a time, and always taken before the bank's lock (adopt takes that one)
+        self._takeover = threading.RLock()
         self.coord.on_lost(self._lease_lost)
 
     def announce(self, address: str) -> None:
@@ -90,6 +91,20 @@ class ClusterBank(MemoryBank):
                 self.cluster_store.discard(name)
                 raise
             return self._streams[name]
+
+    def _serves(self, name: str) -> bool:
+        return self.cluster_store.is_current(name)
+
+    def create_stream(self, spec: StreamSpec) -> None:
+        with self._takeover:  # a take-over allocates a stream id too: one counter, one at a time
+            with self.store.view() as v:
+                self._next_sid = max(self._next_sid, v.next_stream_id())
+            super().create_stream(spec)
+
+    def drop_stream(self, name: str) -> None:
+        with self._takeover:
+            self._stream(name)  # owned here (taken over if need be) before the bank's lock is taken
+            super().drop_stream(name)
 
     def list_streams(self) -> list[StreamSpec]:
         self._check_open()

@@ -51,8 +51,10 @@ class _Owned:
     incarnation: int
     epoch: int
     head: Head
-    sid: int  # the local LMDB's id of the stream
+    sid: int  # the local LMDB's id of the stream (never reused: a stream object of an earlier take-over is refused)
     prefix: str  # its objects' prefix in S3
+    lease: int  # the lease it was claimed under: after that lease is lost, the ownership is void
+    layout: StreamLayout
     where: dict[int, records.Located] = dataclasses.field(default_factory=dict)  # entry -> its payload in S3
     stale: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one durable change at a time
@@ -85,19 +87,26 @@ class ClusterStore:
         with self._lock:
             return list(self._owned)
 
-    def is_current(self, name: str) -> bool:
-        """Whether this node serves `name` from a local copy that is as new as the durable log."""
-        with self._lock:
-            own = self._owned.get(name)
-            return own is not None and not own.stale and not self.coord.lost()
+    def _valid(self, own: _Owned) -> bool:
+        return own.lease == self.coord.lease_id and not self.coord.lost()
 
-    def _own(self, name: str) -> _Owned:
+    def is_current(self, name: str) -> bool:
+        """Whether this node serves `name` from a local copy that is as new as the durable log, under its lease."""
         with self._lock:
             own = self._owned.get(name)
-        if own is None or self.coord.lost():
+        return own is not None and self._valid(own) and not own.stale
+
+    def _own(self, layout: StreamLayout) -> _Owned:
+        """The ownership a change of `layout`'s stream is made under; NotOwner (nothing done) when there is none,
+        when it is void (its lease is gone), when the local copy may lag the log, or when the caller's stream object
+        is of an earlier take-over (another sid)."""
+        name = layout.name
+        with self._lock:
+            own = self._owned.get(name)
+        if own is None or not self._valid(own) or own.sid != layout.sid:
             raise NotOwner(f"this node ({self.coord.node_id}) does not own stream {name!r} (any more); ask again: the "
                            "client routes to its owner", owner=self._owner_address(name))
-        if own.stale:  # the local copy may lag the log: the node rebuilds it on the stream's next call
+        if own.stale:  # the node rebuilds it on the stream's next call
             raise NotOwner(f"stream {name!r} is being rebuilt on this node from the durable tier; send the call again",
                            owner=self.address)
         return own
@@ -112,34 +121,40 @@ class ClusterStore:
     def take_over(self, name: str) -> None:
         """Claim `name` and replay its durable log into the local LMDB (see the module doc); NotOwner when another
         node owns it, NotFound when the cluster has no such stream."""
-        self.discard(name)  # a stale local copy, if any
+        with self._lock:
+            old = self._owned.get(name)
+        if old is not None:
+            # An earlier ownership here (stale, or of a lost lease): give it up so that this one has a higher
+            # epoch. Never write under an epoch whose last change is in doubt (an etcd answer lost): its object
+            # names would be written again, and a late-applied head could name the second attempt's objects.
+            with contextlib.suppress(MemFlowError):
+                self.coord.release(name, old.epoch)
+        self.discard(name)
         found = self.coord.stream(name)
         if found is None:
             raise NotFound(f"stream {name!r} not found in the cluster")
         record, incarnation = found
-        epoch = self.coord.claim(name)
+        lease = self.coord.lease_id
+        epoch = self.coord.claim(name, incarnation)  # None too when the name was dropped and created again since
         if epoch is None:
             raise NotOwner(f"stream {name!r} is owned by another node; the client routes there",
                            owner=self._owner_address(name))
         try:
-            self._replay(name, record, incarnation, epoch)
+            self._replay(name, record, incarnation, epoch, lease)
         except BaseException:
             with contextlib.suppress(MemFlowError):
                 self.coord.release(name, epoch)  # let another node try: this one could not rebuild it
             self.discard(name)
             raise
 
-    def _replay(self, name: str, record: dict, incarnation: int, epoch: int) -> None:
-        from memory_service.stream import stream_layout
-
+    def _replay(self, name: str, record: dict, incarnation: int, epoch: int, lease: int) -> None:
         head = self.coord.head(name)
         prefix = records.prefix(name, incarnation)
         with self.local.view() as v:
             sid = v.next_stream_id()
-        spec = StreamSpec.from_json(record["spec"])
-        layout = stream_layout(spec, sid)
+        layout = _layout(record, sid)
         self.local.create_stream(name, {"sid": sid, "spec": record["spec"], "next_id": 0, "version": 0}, sid + 1)
-        own = _Owned(name, incarnation, epoch, Head(head.seq, head.epoch), sid, prefix)
+        own = _Owned(name, incarnation, epoch, Head(head.seq, head.epoch), sid, prefix, lease, layout)
         with self._lock:
             self._owned[name] = own
             self._by_sid[sid] = own
@@ -175,6 +190,11 @@ class ClusterStore:
     def _durable(self, own: _Owned, layout: StreamLayout, kind: str, commit: Optional[Commit] = None,
                  metas: Sequence[EntryMeta] = ()) -> dict[int, records.Located]:
         """Write one log record and move the head to it (fenced); returns where its payloads lie."""
+        with self._lock:
+            current = self._owned.get(own.name) is own
+        if not current or own.stale or not self._valid(own):  # changed while this call waited for the stream
+            raise NotOwner(f"stream {own.name!r} changed hands on this node while the call waited; send it again",
+                           owner=self.address)
         seq = own.head.seq + 1
         meta_key, kv_key = records.object_names(own.prefix, seq, own.epoch)
         meta_parts, kv_parts, where = records.encode(layout, kind, kv_key, commit, metas)
@@ -202,7 +222,7 @@ class ClusterStore:
         return layout if layout.sid == own.sid else dataclasses.replace(layout, sid=own.sid)
 
     def commit(self, layout: StreamLayout, commit: Commit) -> dict[int, EntryMeta]:
-        own = self._own(layout.name)
+        own = self._own(layout)
         with own.lock:
             fp8 = [m for m, step in commit.degrade if step == "fp8"]
             rewrites = tuple((m, p) for m, p in commit.rewrite) + tuple(self._fp8(own, layout, m, commit.verify)
@@ -211,7 +231,9 @@ class ClusterStore:
                                          rewrite=rewrites)
             where = self._durable(own, layout, "commit", logged)
             rec = records.Record("commit", commit=logged, where=where)
-            return self._apply_local(own, layout, rec, payloads=True)
+            degraded = self._apply_local(own, layout, rec, payloads=True)
+        self._trim()  # outside this stream's lock: trimming takes each victim stream's own
+        return degraded
 
     def _fp8(self, own: _Owned, layout: StreamLayout, meta: EntryMeta, verify: bool):
         """An fp8 degrade made here, from the payload wherever it lies, so the log carries its bytes."""
@@ -249,7 +271,10 @@ class ClusterStore:
             own.stale = True
             log.warning("stream %r: a change durable in S3 did not reach the local cache (%s); the stream is rebuilt "
                         "from S3 before its next call", own.name, exc, extra={"stream": own.name})
-            return {m.entry_id: m for m, _ in (c.rewrite if rec.commit is not None else ())}
+            if rec.commit is None:
+                return {}
+            return {**{m.entry_id: dataclasses.replace(m, nbytes=0, codec="none") for m, _ in rec.commit.degrade},
+                    **{m.entry_id: m for m, _ in rec.commit.rewrite}}
         gone = list(c.evict) + [m.entry_id for m, _ in c.degrade]
         for eid in gone:
             own.where.pop(eid, None)
@@ -261,7 +286,6 @@ class ClusterStore:
                 for eid, at in rec.where.items():
                     self._cached_bytes += at.nbytes - self._cached.pop((own.name, eid), 0)
                     self._cached[(own.name, eid)] = at.nbytes
-        self._trim()
         return degraded
 
     def _trim(self) -> None:
@@ -277,25 +301,22 @@ class ClusterStore:
         for name, eids in victims.items():
             with self._lock:
                 own = self._owned.get(name)
-            if own is not None:
-                layout = dataclasses.replace(self._layout_of(own), sid=own.sid)
-                self.local.forget_payloads(layout, eids)
-
-    def _layout_of(self, own: _Owned) -> StreamLayout:
-        from memory_service.stream import stream_layout
-
-        with self.local.view() as v:
-            stored = next(s for s in v.streams() if s.name == own.name)
-        return stream_layout(StreamSpec.from_json(stored.record["spec"]), own.sid)
+            if own is None:
+                continue
+            with own.lock:  # no change of this stream in between: an entry cached again meanwhile stays
+                with self._lock:
+                    gone = [e for e in eids if (name, e) not in self._cached]
+                if gone and self._owned.get(name) is own:
+                    self.local.forget_payloads(own.layout, gone)
 
     def put_metadata(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
-        own = self._own(layout.name)
+        own = self._own(layout)
         with own.lock:
             self._durable(own, layout, "metadata", metas=metas)
             self._apply_local(own, layout, records.Record("metadata", metas=tuple(metas)), payloads=True)
 
     def put_stats(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
-        own = self._own(layout.name)
+        own = self._own(layout)
         with own.lock:
             self._durable(own, layout, "stats", metas=metas)
             self._apply_local(own, layout, records.Record("stats", metas=tuple(metas)), payloads=True)
@@ -305,13 +326,15 @@ class ClusterStore:
 
     # -- streams ---------------------------------------------------------------------------------------
     def create_stream(self, name: str, record: dict, next_sid: int) -> None:
+        lease = self.coord.lease_id
         incarnation, epoch = self.coord.create_stream(name, {"spec": record["spec"]})
         sid = record["sid"]
-        own = _Owned(name, incarnation, epoch, Head(0, epoch), sid, records.prefix(name, incarnation))
+        own = _Owned(name, incarnation, epoch, Head(0, epoch), sid, records.prefix(name, incarnation), lease,
+                     _layout(record, sid))
         try:
             self.local.create_stream(name, record, next_sid)
-        except BaseException:
-            own.stale = True  # durable in the cluster; this node rebuilds it on its first call
+        except Exception:  # noqa: BLE001 - durable in the cluster: this node rebuilds it on its first call
+            own.stale = True
         with self._lock:
             self._owned[name] = own
             self._by_sid[sid] = own
@@ -424,6 +447,12 @@ class ClusterStore:
         self.local.close()
 
 
+def _layout(record: dict, sid: int) -> StreamLayout:
+    from memory_service.stream import stream_layout  # stream.py imports the store package
+
+    return stream_layout(StreamSpec.from_json(record["spec"]), sid)
+
+
 class ClusterView:
     """One read snapshot: the local LMDB's, with payloads that are not cached read through from S3."""
 
@@ -453,8 +482,11 @@ class ClusterView:
                       verified: Optional[dict[int, int]]) -> None:
         for n, eid in enumerate(ids):
             if self._store._cached_entry(layout.name, eid):
-                self._inner.read_payloads(layout, [eid], layers, out[n:n + 1], verified)
-                continue
+                try:
+                    self._inner.read_payloads(layout, [eid], layers, out[n:n + 1], verified)
+                    continue
+                except NotFound:  # cached after this view began (a rewrite): S3 has it
+                    pass
             got = self._store.read_through(layout, eid, layers)
             for j, layer in enumerate(layers):
                 header, body = got[layer]
@@ -463,7 +495,10 @@ class ClusterView:
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
         if self._store._cached_entry(layout.name, eid):
-            return self._inner.read_layer(layout, eid, layer, verified)
+            try:
+                return self._inner.read_layer(layout, eid, layer, verified)
+            except NotFound:  # cached after this view began (a rewrite): S3 has it
+                pass
         header, body = self._store.read_through(layout, eid, [layer])[layer]
         what = f"stream {layout.name!r} entry {eid} layer {layer} (S3)"
         if header.codec == "raw":

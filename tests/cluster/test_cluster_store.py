@@ -128,3 +128,53 @@ def test_keys_only_and_fp8_degrades_survive_a_take_over(tmp_path, config):
         assert_bit_exact(b.fetch("cam2", ids[2:]).kv, [2, 3])
     finally:
         b.close()
+
+
+def test_a_stream_object_of_an_earlier_take_over_cannot_commit(tmp_path, config):
+    a = bank(tmp_path, config, "a")
+    try:
+        a.create_stream(make_spec("Z"))
+        a.put("Z", [make_entry(s) for s in range(2)])
+        old = a._streams["Z"]
+        a.cluster_store._owned["Z"].stale = True  # as after an etcd answer that was lost
+        assert len(a.entries("Z")) == 2  # the next call rebuilds the stream: a new object, a new local id
+        assert a._streams["Z"] is not old and a._streams["Z"].sid != old.sid
+        with pytest.raises(NotOwner):  # a call that held the old object (e.g. a put still encoding) is refused
+            a.store.commit(old.layout, Commit(record=old.record(), evict=(0,)))
+        assert a.put("Z", [make_entry(20)]) == [2]
+        assert [m.entry_id for m in a.entries("Z")] == [0, 1, 2]
+    finally:
+        a.close()
+
+
+def test_take_overs_creates_and_drops_at_once_neither_collide_nor_deadlock(tmp_path, config):
+    import threading
+    import time
+
+    a = bank(tmp_path, config, "a")
+    for name in ("P", "Q"):
+        a.create_stream(make_spec(name))
+        a.put(name, [make_entry(1)])
+    a.close()  # both handed back: b takes them over on their first calls
+    b = bank(tmp_path, config, "b")
+    real = b.cluster_store.take_over
+
+    def slow(name: str) -> None:  # a long replay: the window between the take-over and the bank opening it
+        real(name)
+        time.sleep(0.5)
+
+    b.cluster_store.take_over = slow
+    try:
+        calls = [threading.Thread(target=lambda: b.entries("Q")), threading.Thread(target=lambda: b.drop_stream("P")),
+                 threading.Thread(target=lambda: b.create_stream(make_spec("R")))]
+        for t in calls:
+            t.start()
+            time.sleep(0.1)
+        for t in calls:
+            t.join(20)
+        assert not any(t.is_alive() for t in calls), "a take-over, a drop and a create deadlocked"
+        assert sorted(b._streams) == ["Q", "R"]
+        assert b._streams["Q"].sid != b._streams["R"].sid, "two streams share a local id"
+        assert [m.frame_index for m in b.entries("Q")] == [1]
+    finally:
+        b.close()
