@@ -15,14 +15,20 @@ caller registers), and the translation of Mooncake's status codes into hit / mis
   -704, an eviction, a size mismatch -600, a dead node -800, a restarted master -900 / -704, an exception) is
   False and never raises: the caller reads S3. On False, `out` may hold partial bytes.
 - no Python `bytes` of K/V: parts are copied into the staging buffer through numpy views, and reads land in the
-  staging buffer (one copy into `out`) or, when `out` lies inside a buffer registered with `register`, directly.
-- thread-safe: a lock serialises use of the staging buffer; reads into registered memory do not take it.
+  staging buffer (one copy into `out`). Zero-copy where the caller registered memory with `register` (its
+  shared-memory arenas): a read whose `out` lies inside it lands there directly, and a one-part object inside it
+  is written from where it lies. (The wheel has no multi-buffer upsert, only a multi-buffer put, whose
+  keep-the-old-value semantics this tier avoids: several parts are staged.)
+- thread-safe: a lock serialises use of the staging buffer; transfers from / into registered memory do not take it.
 
-Limits (chosen, see the code): an object larger than the staging buffer is not cached (counted as `skipped`,
-logged once); put in Mooncake needs one contiguous source per object here. `pin=True` is Mooncake's hard pin
-(`ReplicateConfig.with_hard_pin`): never evicted, so pinned data fills segments to 100% and then every put fails
-with -200 until the caller removes what left its recent window; unpinned objects are evicted silently at the
-master's high-water mark.
+Limits (chosen, see the code): a staged object larger than the staging buffer is not cached (counted as
+`skipped`, logged once): an object must come from one contiguous source, and staging it in rounds would need a
+second buffer that large anyway; the caller sizes `staging_bytes` above its largest object (a layer group).
+
+Retention: `pin=True` is Mooncake's hard pin (`ReplicateConfig.with_hard_pin`): never evicted, so pinned data
+fills segments to 100% and then every put fails with -200 until the caller removes what left its recent window.
+Unpinned objects are evicted by the master at its high-water mark; eviction runs after a put finds the pool full,
+so that one put can fail (-200) too: counted, never raised.
 """
 
 from __future__ import annotations
@@ -167,7 +173,11 @@ class MooncakeTier:
             self._registered = [r for r in self._registered if r[0] != addr]
         self._store.unregister_buffer(addr)
 
-    def _inside_registered(self, addr: int, n: int) -> bool:
+    def _outside_staging_registered(self, addr: int, n: int) -> bool:
+        """Whether [addr, addr+n) lies inside one buffer the caller registered (the staging buffer excluded: it
+        is reused under the lock)."""
+        if self._staging_addr <= addr < self._staging_addr + self._staging.nbytes:
+            return False
         return any(a <= addr and addr + n <= a + size for a, size, _ in self._registered)
 
     # -- failures -----------------------------------------------------------------------------------------------
@@ -190,25 +200,27 @@ class MooncakeTier:
         """Write each (key, parts) through; the number of objects stored. Never raises for Mooncake failures."""
         if self._closed or not items:
             return 0
-        sized = []
+        staged, direct = [], []  # direct: (key, address, size) of one-part objects in registered memory
         for key, parts in items:
-            flats = [_flat(p) for p in parts]
+            flats = [f for f in map(_flat, parts) if f.nbytes]
             size = sum(f.nbytes for f in flats)
-            if size > self._staging.nbytes:
+            if len(flats) == 1 and self._outside_staging_registered(flats[0].ctypes.data, size):
+                direct.append((key, flats[0].ctypes.data, size))  # zero-copy: the engine reads it where it is
+            elif 0 < size <= self._staging.nbytes:
+                staged.append((key, flats, size))
+            else:
                 with self._stats_lock:
                     self._counts["skipped"] += 1
                     first = self._counts["skipped"] == 1
                 if first:
-                    log.warning("Mooncake hot tier: object %r is %d bytes, larger than the %d-byte staging buffer: "
-                                "not cached (S3 serves it; said once)", key, size, self._staging.nbytes)
-                continue
-            sized.append((key, flats, size))
-        stored = 0
+                    log.warning("Mooncake hot tier: object %r is %d bytes, not in (0, %d] (the staging buffer): "
+                                "not cached, S3 serves it (said once)", key, size, self._staging.nbytes)
         config = self._pinned if pin else self._config
+        stored = self._send(direct, config)
         with self._staging_lock:
-            batch: list[tuple[str, int, int]] = []  # (key, offset in staging, size)
+            batch: list[tuple[str, int, int]] = []  # (key, address in staging, size)
             used = 0
-            for key, flats, size in sized:
+            for key, flats, size in staged:
                 if used + size > self._staging.nbytes:  # a round: send what is staged, start again at 0
                     stored += self._send(batch, config)
                     batch, used = [], 0
@@ -216,17 +228,17 @@ class MooncakeTier:
                 for f in flats:
                     self._staging[at : at + f.nbytes] = f
                     at += f.nbytes
-                batch.append((key, used, size))
+                batch.append((key, self._staging_addr + used, size))
                 used += size
             stored += self._send(batch, config)
         return stored
 
     def _send(self, batch: list[tuple[str, int, int]], config) -> int:
+        """batch_upsert_from of (key, address, size) objects; how many were stored."""
         if not batch:
             return 0
-        keys = [k for k, _, _ in batch]
         try:
-            codes = self._store.batch_upsert_from(keys, [self._staging_addr + at for _, at, _ in batch],
+            codes = self._store.batch_upsert_from([k for k, _, _ in batch], [a for _, a, _ in batch],
                                                   [n for _, _, n in batch], config)
         except Exception as e:  # noqa: BLE001 - any failure of the cache is a miss later, never the caller's error
             self._failed("put", repr(e))
@@ -268,8 +280,7 @@ class MooncakeTier:
         if not dest.flags.writeable:
             raise InvalidArgument(f"get_into {key!r}: `out` is read-only; expected a writable buffer")
         addr = dest.ctypes.data
-        staging = self._staging_addr <= addr < self._staging_addr + self._staging.nbytes
-        if not staging and self._inside_registered(addr, n):  # straight into the caller's registered memory
+        if self._outside_staging_registered(addr, n):  # straight into the caller's registered memory
             return self._read(key, addr, n)
         if n > self._staging.nbytes:
             return False  # never cached (put skips it) and no room to stage it
