@@ -113,6 +113,8 @@ class MooncakeTier:
                 f"protocol {protocol!r}, replicas {replicas}, staging_bytes {staging_bytes}, segment_bytes "
                 f"{segment_bytes}: expected tcp | rdma, replicas >= 1, staging_bytes > 0, segment_bytes >= 0"
             )
+        # Mooncake logs every connection and setup step at INFO on stderr; read once, when the library loads
+        os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
         try:
             from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as e:

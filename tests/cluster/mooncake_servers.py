@@ -37,6 +37,11 @@ SEGMENT_BYTES = 128 << 20  # per store node: small (these machines share 24 GB),
 _INSTALL = "`make test` installs them (apt libibverbs1, pip mooncake-transfer-engine-non-cuda)"
 
 
+# the clients in the test process log at INFO to stderr unless told before the library loads (MooncakeTier says
+# the same when it is the first to load it); the processes below keep INFO in their own logs, for log_tail
+os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+
+
 def mooncake_binaries() -> tuple[str, str]:
     """(mooncake_master, mooncake_client), beside the interpreter or on PATH; skips the test when either is absent
     or the Python module cannot load (libibverbs.so.1 missing)."""
@@ -79,7 +84,7 @@ class MooncakeCluster:
         self.rpc_port, self.metadata_port, self.metrics_port, *self.store_ports = _free_ports(3 + stores)
         self.master = f"127.0.0.1:{self.rpc_port}"
         self.metadata = f"http://127.0.0.1:{self.metadata_port}/metadata"
-        self.env = {**os.environ, "MC_TCP_BIND_ADDRESS": "127.0.0.1"}
+        self.env = {**os.environ, "MC_TCP_BIND_ADDRESS": "127.0.0.1", "MC_LOG_LEVEL": "INFO"}
         self.master_proc: subprocess.Popen | None = None
         self.store_procs: list[subprocess.Popen | None] = [None] * stores
         try:
