@@ -86,6 +86,7 @@ class ClusterConfig:
     node_id: str = ""  # unique per node, stable across its restarts
     advertise: str = ""  # host:port that clients and the other nodes reach this node at (default host:port)
     lease_ttl_s: float = 5.0  # a dead node's streams move after about this long
+    etcd_timeout_s: float = 5.0  # one etcd call, all members tried; longer than an election (~2 s) so writes ride it out
     local_cache_bytes: Optional[int] = None  # payload bytes kept in the local LMDB; None: no bound
     prefix: str = "memflow/"  # etcd key prefix (several clusters may share one etcd)
 

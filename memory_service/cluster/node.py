@@ -33,7 +33,7 @@ class ClusterBank(MemoryBank):
     def __init__(self, data_dir: str, config: Optional[BankConfig], cluster: ClusterConfig) -> None:
         self.cluster = cluster
         self.coord = Coordinator(cluster.endpoints(), cluster.node_id, ttl_s=cluster.lease_ttl_s,
-                                 prefix=cluster.prefix)
+                                 prefix=cluster.prefix, timeout_s=cluster.etcd_timeout_s)
         try:
             self.objects = ObjectStore(cluster.s3_endpoint, cluster.s3_bucket)
         except BaseException:

@@ -429,7 +429,20 @@ class ClusterStore:
             return int(z["version"]), [(z[f"index{i}"].tobytes(), z[f"tomb{i}"]) for i in range(int(z["count"]))]
 
     def drop_snapshots(self, sid: int) -> None:
-        pass  # they go with the stream's prefix (drop_stream)
+        with self._lock:
+            own = self._by_sid.get(sid)
+        if own is None:
+            return  # a dropped stream's snapshots go with its whole prefix (drop_stream)
+        try:
+            self.objects.delete(self.objects.list(f"{own.prefix}snap/"))
+        except MemFlowError as exc:
+            raise OSError(f"index snapshots not removed from S3: {exc}") from None
+
+    def _durable_payloads(self, sid: int) -> set[tuple[int, int]]:
+        with self._lock:
+            own = self._by_sid.get(sid)
+            where = dict(own.where) if own is not None else {}
+        return {(eid, j) for eid, at in where.items() for j in range(len(at.layers))}
 
     def map_size(self) -> int:
         return self.local.map_size()
@@ -476,7 +489,10 @@ class ClusterView:
         self._inner.read_keys(layout, space, ids, out)
 
     def contents(self, sid: int) -> Contents:
-        return self._inner.contents(sid)
+        """The local records, and as payloads also every layer the durable tier holds for the stream."""
+        local = self._inner.contents(sid)
+        durable = self._store._durable_payloads(sid)
+        return dataclasses.replace(local, payloads=tuple(sorted(set(local.payloads) | durable)))
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
@@ -492,6 +508,8 @@ class ClusterView:
                 header, body = got[layer]
                 # read through: always verified (bytes that crossed the network)
                 decode_into(header, body, out[n, j], True, f"stream {layout.name!r} entry {eid} layer {layer} (S3)")
+                if verified is not None:
+                    verified[eid] = verified.get(eid, 0) | (1 << layer)
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
         if self._store._cached_entry(layout.name, eid):
@@ -503,7 +521,11 @@ class ClusterView:
         what = f"stream {layout.name!r} entry {eid} layer {layer} (S3)"
         if header.codec == "raw":
             check_raw(header, body, layout.np_dtype, True, what)
-            return body
-        tmp = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
-        decode_into(header, body, tmp, True, what)
-        return memoryview(tmp.reshape(-1).view(np.uint8))
+            view = body
+        else:
+            tmp = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
+            decode_into(header, body, tmp, True, what)
+            view = memoryview(tmp.reshape(-1).view(np.uint8))
+        if verified is not None:
+            verified[eid] = verified.get(eid, 0) | (1 << layer)
+        return view

@@ -194,10 +194,14 @@ def test_an_etcd_member_down_and_an_s3_restart_lose_nothing(cluster, etcd_cluste
     acked: dict[int, int] = {}
     with routed(cluster, failover_timeout_s=10.0) as memory:
         memory.create_stream(make_spec(stream))
-        etcd_cluster.kill(2)
+        etcd_cluster.kill(2)  # perhaps the leader: an election (~2 s) that the service's etcd calls ride out
         try:
             for seed in range(5):
-                acked.update(zip(memory.put(stream, [make_entry(seed)]), [seed]))
+                try:
+                    acked.update(zip(memory.put(stream, [make_entry(seed)]), [seed]))
+                except Unavailable as exc:  # allowed, if it says so clearly; not acknowledged, so not counted
+                    assert "etcd" in str(exc), exc
+            assert acked, "no put went through while two of three etcd members served"
         finally:
             etcd_cluster.restart(2)
         weed.kill()

@@ -12,7 +12,6 @@ keeps none (local_cache_bytes=0: every payload read is a ranged GET from S3), "c
 - read-only does not apply: a node writes the streams it owns and refuses the others with NotOwner.
 ClusterStore's own: a change that S3 refuses leaves the store exactly as it was and the next one commits; a
 payload read through S3 (raw or fp8, read_payloads or read_layer) is bit-exact; only the owner commits.
-The contracts it fails today are strict xfails (KNOWN), each with its reason.
 """
 
 from __future__ import annotations
@@ -95,29 +94,8 @@ class ClusterBackend(Backend):
 # the cache and S3 in one call; older entries are trimmed from the cache as newer ones arrive)
 CACHES = {"cluster": None, "cluster-s3": 0, "cluster-small": 5 * Entry(0).meta.nbytes // 2}
 
-# Contracts ClusterStore fails today (reported to the issue's lead, not fixed here: memory_service/ is not this
-# file's). Strict: a fix turns the test into an XPASS failure, and its entry goes. `pytest --runxfail` runs them as
-# plain tests, to see each failure.
-CONTENTS = ("contents() lists only the payloads in the node's local cache, not those it holds in S3 (every payload of "
-            "a node with local_cache_bytes=0, of a reopen, of an entry trimmed from the cache)")
-VERIFIED = "a payload layer read through S3 is verified but not recorded in `verified`"
-DROP_SNAPSHOTS = "drop_snapshots(sid) does nothing: the stream's index snapshot stays loadable"
-PARTLY_CACHED = ("cluster-s3", "cluster-small")
-KNOWN: dict[str, dict[str, str]] = {
-    "test_round_trip_is_bit_exact": dict.fromkeys(PARTLY_CACHED, f"{CONTENTS}; {VERIFIED}"),
-    "test_degrade_evict_pin_and_statistics": dict.fromkeys(PARTLY_CACHED, CONTENTS),
-    "test_a_failing_commit_leaves_nothing": dict.fromkeys(PARTLY_CACHED, CONTENTS),
-    "test_reopen_sees_every_commit": dict.fromkeys(CACHES, f"{CONTENTS}; {DROP_SNAPSHOTS}"),
-    "test_a_change_s3_refuses_leaves_the_store_as_it_was": dict.fromkeys(CACHES, CONTENTS),  # its reopen caches 0
-    "test_a_stream_not_owned_refuses_commits": {"cluster-s3": CONTENTS},  # its 2 entries fit cluster-small's cache
-}
-
-
 @pytest.fixture(params=sorted(CACHES))
 def backend(request, etcd_cluster, weed):
-    known = KNOWN.get(request.node.originalname, {}).get(request.param)
-    if known:
-        request.node.add_marker(pytest.mark.xfail(reason=f"ClusterStore: {known}", strict=True))
     b = ClusterBackend(etcd_cluster.endpoints, weed.endpoint, CACHES[request.param])
     try:
         yield b
