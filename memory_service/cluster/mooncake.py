@@ -14,6 +14,9 @@ caller registers), and the translation of Mooncake's status codes into hit / mis
 - `get_into` answers True only when the whole object, exactly len(out) bytes, is in `out`; anything else (a miss
   -704, an eviction, a size mismatch -600, a dead node -800, a restarted master -900 / -704, an exception) is
   False and never raises: the caller reads S3. On False, `out` may hold partial bytes.
+- an unreachable master costs one call, not every call: each would wait ~4.3 s for it (-900), so the first
+  failure makes put / get_into / remove bypass the tier (put 0, get_into False, counted as `bypassed`) until a
+  background probe reaches the master again (every PROBE_EVERY_S).
 - no Python `bytes` of K/V: parts are copied into the staging buffer through numpy views, and reads land in the
   staging buffer (one copy into `out`). Zero-copy where the caller registered memory with `register` (its
   shared-memory arenas): a read whose `out` lies inside it lands there directly, and a one-part object inside it
@@ -51,6 +54,9 @@ from memory_service.errors import FailedPrecondition, InvalidArgument, Unavailab
 log = logging.getLogger(__name__)
 
 OBJECT_NOT_FOUND = -704  # Mooncake's ErrorCode for a key the master does not know (never put, evicted, lost)
+RPC_FAIL = -900  # the master did not answer; each further call would wait ~4.3 s for it again
+PROBE_EVERY_S = 1.0  # while the master is unreachable, a background thread asks it this often
+_PROBE_KEY = "memflow/probe"
 LOG_EVERY_S = 60.0  # failures are logged at most this often (each is counted)
 _LATENCIES_KEPT = 4096  # the last N get latencies behind p50/p99
 _PROBE_TIMEOUT_S = 2.0
@@ -154,6 +160,8 @@ class MooncakeTier:
         self._miss_ms: collections.deque[float] = collections.deque(maxlen=_LATENCIES_KEPT)
         self._last_logged: dict[str, float] = {}
         self.last_error = 0  # the last non-miss status code seen (tests, diagnostics)
+        self._down = threading.Event()  # set while the master is unreachable: calls bypass the tier
+        self._prober: threading.Thread | None = None
         self.register(self._staging)
 
     # -- registered memory --------------------------------------------------------------------------------------
@@ -190,6 +198,8 @@ class MooncakeTier:
             self._counts["errors"] += 1
             if isinstance(detail, int):
                 self.last_error = detail
+                if detail == RPC_FAIL:
+                    self._master_unreachable()
             last = self._last_logged.get(what)
             if last is not None and now - last < LOG_EVERY_S:
                 return
@@ -197,10 +207,40 @@ class MooncakeTier:
         log.warning("Mooncake %s at %s failed (%s); the hot tier is a cache: S3 serves it (logged at most once a "
                     "minute, %d errors so far)", what, self.master, detail, self._counts["errors"])
 
+    def _master_unreachable(self) -> None:
+        """Bypass the tier until a background probe reaches the master again (called under _stats_lock).
+
+        With the master down every call waits ~4.3 s before it fails (-900), and a fetch must not pay that per
+        object before it reads S3; so one failure opens the circuit and only the probe thread waits."""
+        if self._down.is_set() or self._closed:
+            return
+        self._down.set()
+        self._prober = threading.Thread(target=self._probe, name="mooncake-probe", daemon=True)
+        self._prober.start()
+
+    def _probe(self) -> None:
+        while not self._closed:
+            time.sleep(PROBE_EVERY_S)
+            try:
+                answer = self._store.is_exist(_PROBE_KEY)  # an RPC to the master (health_check is local only)
+            except Exception:  # noqa: BLE001 - still unreachable
+                answer = RPC_FAIL
+            if answer in (0, 1):
+                self._down.clear()
+                log.warning("Mooncake master %s answers again: the hot tier is back in use", self.master)
+                return
+
+    def _bypassed(self) -> bool:
+        if not self._down.is_set():
+            return False
+        with self._stats_lock:
+            self._counts["bypassed"] += 1
+        return True
+
     # -- put ----------------------------------------------------------------------------------------------------
     def put(self, items: Sequence[tuple[str, Sequence[memoryview]]], *, pin: bool = False) -> int:
         """Write each (key, parts) through; the number of objects stored. Never raises for Mooncake failures."""
-        if self._closed or not items:
+        if self._closed or not items or self._bypassed():
             return 0
         staged, direct = [], []  # direct: (key, address, size) of one-part objects in registered memory
         for key, parts in items:
@@ -277,7 +317,7 @@ class MooncakeTier:
 
     def _get_into(self, key: str, dest: np.ndarray) -> bool:
         n = dest.nbytes
-        if self._closed or n == 0:
+        if self._closed or n == 0 or self._bypassed():
             return False
         if not dest.flags.writeable:
             raise InvalidArgument(f"get_into {key!r}: `out` is read-only; expected a writable buffer")
@@ -304,7 +344,7 @@ class MooncakeTier:
     # -- the rest -----------------------------------------------------------------------------------------------
     def remove(self, keys: Sequence[str]) -> None:
         """Drop keys from the pool, best effort: forced (a read's lease blocks a plain remove for ~10 s)."""
-        if self._closed or not keys:
+        if self._closed or not keys or self._bypassed():
             return
         try:
             codes = self._store.batch_remove(list(keys), True)
@@ -319,7 +359,8 @@ class MooncakeTier:
         """Counters since start and get latency percentiles (ms) of hits and of misses."""
         with self._stats_lock:
             out = {name: self._counts[name] for name in ("hits", "misses", "errors", "puts", "skipped",
-                                                         "bytes_in", "bytes_out")}
+                                                         "bypassed", "bytes_in", "bytes_out")}
+            out["master_unreachable"] = self._down.is_set()
             hit_ms, miss_ms = list(self._hit_ms), list(self._miss_ms)
         for name, values in (("get", hit_ms), ("miss", miss_ms)):
             out[f"{name}_p50_ms"] = float(np.percentile(values, 50)) if values else 0.0
@@ -332,6 +373,9 @@ class MooncakeTier:
             if self._closed:
                 return
             self._closed = True
+            prober = self._prober
+            if prober is not None:
+                prober.join(timeout=2 * PROBE_EVERY_S + 5.0)  # it may be inside a ~4.3 s RPC to the master
             for addr, _, _ in self._registered:
                 try:
                     self._store.unregister_buffer(addr)

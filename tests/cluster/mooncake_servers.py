@@ -5,8 +5,8 @@
 (`mooncake_client`, each contributing a small `segment_bytes` DRAM segment over TCP), and waits until the master's
 metrics say every segment is mounted. `.master` is "127.0.0.1:P", `.metadata` "http://127.0.0.1:PM/metadata";
 `.kill_store(i)` is SIGKILL, `.restart_store(i)` starts that node again (empty: a store node keeps nothing),
-`.restart_master()` kills the master and starts a new one on the same ports (no HA: every key is lost, and the
-store nodes re-mount their segments on their own), `.stop()` kills them all.
+`.kill_master()` is SIGKILL, `.restart_master()` kills it and starts a new one on the same ports (no HA: every key
+is lost, and the store nodes re-mount their segments on their own), `.stop()` kills them all.
 
 Every process runs with MC_TCP_BIND_ADDRESS=127.0.0.1: without it the transfer engine advertises a non-loopback
 interface, which other processes here may not reach. The binaries come from PyPI's
@@ -179,17 +179,21 @@ class MooncakeCluster:
         self._spawn_store(i)
         self.wait_ready()
 
+    def kill_master(self) -> None:
+        """SIGKILL the master (no HA: its keys are gone); `restart_master` brings one back."""
+        self._kill(self.master_proc)
+        self.master_proc = None
+
     def restart_master(self) -> None:
         """SIGKILL the master and start a new one on the same ports; wait until the store nodes have re-mounted."""
-        self._kill(self.master_proc)
+        self.kill_master()
         self._spawn_master()
         self.wait_ready()
 
     def stop(self) -> None:
         for i in range(len(self.store_procs)):
             self.kill_store(i)
-        self._kill(self.master_proc)
-        self.master_proc = None
+        self.kill_master()
 
 
 @pytest.fixture(scope="session")
