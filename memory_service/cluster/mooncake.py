@@ -130,14 +130,16 @@ class MooncakeTier:
             ) from None
         self.master, self.metadata = master, metadata
         if _is_loopback(local_hostname):
-            # The transfer engine otherwise advertises the first non-loopback interface as this client's address,
-            # so store nodes on this machine (all bound to 127.0.0.1) would be told to reach it where nothing
-            # listens. Only for loopback: a real node's engine must advertise the address its peers can reach.
+            # The transfer engine otherwise binds its RPC listener to the first non-loopback interface and
+            # advertises that (seen: "listening on <eth0's address>"), which a loopback-only deployment (one
+            # machine, tests) neither needs nor may be able to reach. Only for loopback: a real node's engine
+            # must advertise the address its peers reach it at.
             os.environ["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"
         _probe(master, metadata)
         self._store = MooncakeDistributedStore()
         rc = self._store.setup(local_hostname, metadata, segment_bytes, local_buffer_bytes, protocol, "", master)
         if rc != 0:
+            self._store.close()
             raise Unavailable(
                 f"Mooncake setup against master {master} (metadata {metadata}) failed with {rc}: check that the "
                 f"master runs, that {local_hostname!r} is an address the store nodes can reach, and protocol {protocol}"
@@ -162,7 +164,11 @@ class MooncakeTier:
         self.last_error = 0  # the last non-miss status code seen (tests, diagnostics)
         self._down = threading.Event()  # set while the master is unreachable: calls bypass the tier
         self._prober: threading.Thread | None = None
-        self.register(self._staging)
+        try:
+            self.register(self._staging)
+        except BaseException:
+            self._store.close()
+            raise
 
     # -- registered memory --------------------------------------------------------------------------------------
     def register(self, buffer: memoryview | np.ndarray) -> None:

@@ -20,6 +20,7 @@ tiny_disk.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -57,6 +58,13 @@ def mooncake_binaries() -> tuple[str, str]:
     except ImportError as e:
         pytest.skip(f"`import mooncake.store` fails ({e}): {_INSTALL}")
     return found[0], found[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, so a crashed run leaves no DRAM pool
+    (Linux ties this to the thread that started it: start them from the test's own thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -102,6 +110,7 @@ class MooncakeCluster:
             return subprocess.Popen(
                 argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C to pytest must not reach it: the fixture stops it
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
 
     def _spawn_master(self) -> None:
