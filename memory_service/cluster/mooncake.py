@@ -283,7 +283,7 @@ class MooncakeTier:
 
     def _send(self, batch: list[tuple[str, int, int]], config) -> int:
         """batch_upsert_from of (key, address, size) objects; how many were stored."""
-        if not batch:
+        if not batch or self._down.is_set():  # a round after the master stopped answering would wait for it again
             return 0
         try:
             codes = self._store.batch_upsert_from([k for k, _, _ in batch], [a for _, a, _ in batch],
