@@ -157,7 +157,7 @@ class MooncakeTier:
         self._staging_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._closed = False
-        self._counts = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._hit_ms: collections.deque[float] = collections.deque(maxlen=_LATENCIES_KEPT)
         self._miss_ms: collections.deque[float] = collections.deque(maxlen=_LATENCIES_KEPT)
         self._last_logged: dict[str, float] = {}
@@ -364,8 +364,8 @@ class MooncakeTier:
     def stats(self) -> dict:
         """Counters since start and get latency percentiles (ms) of hits and of misses."""
         with self._stats_lock:
-            out = {name: self._counts[name] for name in ("hits", "misses", "errors", "puts", "skipped",
-                                                         "bypassed", "bytes_in", "bytes_out")}
+            names = ("hits", "misses", "errors", "puts", "skipped", "bypassed", "bytes_in", "bytes_out")
+            out: dict[str, int | float | bool] = {name: self._counts[name] for name in names}
             out["master_unreachable"] = self._down.is_set()
             hit_ms, miss_ms = list(self._hit_ms), list(self._miss_ms)
         for name, values in (("get", hit_ms), ("miss", miss_ms)):
