@@ -6,8 +6,9 @@ store, a Cluster of 3 real `memflow-service serve --cluster` processes with leas
 - `throughput`: put, then fetch, one entry per call (30 layers x 2 heads x 64 x tokens bf16: ~2 MB full, ~180 KB
   `--quick`) from one client process per stream: `single` (the plain service, one stream), `cluster_1` (one
   stream on one cluster node) and `cluster_3` (3 streams at once, each created through - so owned by - another
-  node). Cluster clients are routed MemoryClients of all 3 addresses. Rows: entries/s and MB/s over the phase's
-  wall time (all streams together), p50/p99 latency per call, `ratio_to_single` (entries/s over the baseline's);
+  node; the 3 client processes start together at a barrier). Cluster clients are routed MemoryClients of all 3
+  addresses. Each setup runs 2 (`--quick`) or 3 times, round-robin; rows: entries/s and MB/s over the phase's wall
+  time (all streams together, median of the runs), p50/p99 latency per call (all runs), `ratio_to_single`;
 - `read_through`: fetch latency, one entry per call, interleaved, from a node started with
   MEMFLOW_CLUSTER__LOCAL_CACHE_BYTES=0 (nothing cached: every fetch is a ranged GET from S3) and from a node with
   the default cache; `ratio_to_cached` (p50 and p99);
@@ -20,8 +21,8 @@ to OUT/cluster.jsonl and a plot to OUT/cluster.png. Every process started here i
 
     python benchmarks/cluster.py [--quick] [--out benchmarks/results]
 
-`--quick` (about 2 minutes on 2 cores): 12 tokens per entry, 30 puts per stream, banks of 50 and 300 entries;
-the full run: 128 tokens, 60 puts per stream, banks of 100, 1000 and 4000 entries.
+`--quick` (about 2 minutes on 2 cores): 12 tokens per entry, 40 puts per stream, banks of 50 and 300 entries;
+the full run (about 3 minutes): 128 tokens, 100 puts per stream, banks of 100, 1000, 4000 and 10000 entries.
 """
 
 from __future__ import annotations
@@ -77,9 +78,18 @@ def kv_entries(tokens: int, n: int, seed: int) -> list[NewEntry]:
 
 # ---- one client process per stream ------------------------------------------------------------------------
 
-def client_phase(targets: list[str], stream: str, op: str, n: int, tokens: int, t0: float) -> dict:
-    """In a worker process: connect, wait until wall time t0 (so all streams start together), then `op`
-    ("put" or "fetch") n entries of `stream`, one per call. Returns latencies and the phase's wall span."""
+_BARRIER = None  # in each worker process: the pool's barrier, so the 3 streams of a phase start together
+
+
+def _init_worker(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def client_phase(targets: list[str], stream: str, op: str, n: int, tokens: int, together: bool) -> dict:
+    """In a worker process: connect and warm up, wait at the pool's barrier when `together` (all 3 workers start
+    at once), then `op` ("put" or "fetch") n entries of `stream`, one per call. Returns latencies and the wall
+    span."""
     entries = kv_entries(tokens, n + 1, seed=zlib.crc32(stream.encode())) if op == "put" else []
     with MemoryClient(targets if len(targets) > 1 else targets[0], failover_timeout_s=30.0) as client:
         # a warm-up call outside the timing: the client learns the layout and the owner, the node opens the stream
@@ -88,8 +98,8 @@ def client_phase(targets: list[str], stream: str, op: str, n: int, tokens: int, 
         ids = [m.entry_id for m in client.entries(stream)] if op == "fetch" else []
         if op == "fetch":
             client.fetch(stream, ids[:1])
-        while time.time() < t0:
-            time.sleep(min(0.005, max(0.0, t0 - time.time())))
+        if together:
+            _BARRIER.wait(120)
         lat, moved, start = [], 0, time.time()
         for i in range(n):
             t = time.perf_counter()
@@ -103,7 +113,7 @@ def client_phase(targets: list[str], stream: str, op: str, n: int, tokens: int, 
             lat.append(time.perf_counter() - t)
         nodes = client.nodes() if hasattr(client, "nodes") else {client.target: client}
         planes = sorted({c.plane for c in nodes.values()})
-        return {"lat": lat, "bytes": moved, "planes": planes, "start": start, "end": time.time(), "late_s": start - t0}
+        return {"lat": lat, "bytes": moved, "planes": planes, "start": start, "end": time.time()}
 
 
 def warm_worker(seconds: float) -> int:
@@ -128,8 +138,8 @@ def throughput(res: Results, pool, single_target: str, cl: Cluster, tokens: int,
     for _ in range(reps):  # round-robin (single, cluster_1, cluster_3, ...) so drift hits all setups alike
         for op in ("put", "fetch"):
             for setup in SETUPS:
-                t0 = time.time() + 2.5  # time for every worker to connect first
-                futures = [pool.submit(client_phase, targets, stream, op, n, tokens, t0)
+                together = len(plans[setup]) > 1  # the barrier holds exactly one task per pool process
+                futures = [pool.submit(client_phase, targets, stream, op, n, tokens, together)
                            for targets, stream in plans[setup]]
                 parts = [f.result() for f in futures]
                 wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
@@ -147,7 +157,8 @@ def throughput(res: Results, pool, single_target: str, cl: Cluster, tokens: int,
                       p99_ms=p99, max_ms=max(lat) * 1e3, ratio_to_single=rate / base,
                       entries_per_s_each=[round(r["rate"], 1) for r in got],
                       plane=sorted({x for r in got for p in r["parts"] for x in p["planes"]}),
-                      start_skew_s=max(p["late_s"] for r in got for p in r["parts"]))
+                      start_spread_s=max(max(p["start"] for p in r["parts"]) - min(p["start"] for p in r["parts"])
+                                         for r in got))
         ratios[f"{op}_{setup}"] = row["ratio_to_single"]
     return ratios
 
@@ -283,7 +294,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     tokens, n, reps, rt_n, sizes, rounds = ((12, 40, 2, 30, (50, 300), 3) if args.quick else
-                                          (128, 40, 3, 30, (100, 1000, 4000), 3))
+                                          (128, 100, 3, 40, (100, 1000, 4000, 10000), 3))
     for k, v in TEST_CREDENTIALS.items():  # weed's S3 accepts these; the service nodes inherit them
         os.environ.setdefault(k, v)
     res = Results("cluster", Path(args.out))
@@ -296,7 +307,9 @@ def main(argv=None) -> None:
             os.makedirs(os.path.join(tmp, "single"))
             single = start_serve(os.path.join(tmp, "single", "data"), log_dir=os.path.join(tmp, "single"))
             cl = Cluster(Path(tmp) / "cluster", etcd.endpoints, weed.endpoint, n=3)
-            pool = concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn"))
+            ctx = multiprocessing.get_context("spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx, initializer=_init_worker,
+                                                          initargs=(ctx.Barrier(3),))
             ratios = throughput(res, pool, single.target, cl, tokens, n, reps)
             single.kill()  # the baseline is done: its CPU goes back to the cluster
             rt = read_through(res, cl, tokens, rt_n)
