@@ -66,7 +66,12 @@ def _serve(args: argparse.Namespace) -> int:
     cluster = {k: getattr(args, a) for k, a in (("etcd", "cluster"), ("s3_endpoint", "s3_endpoint"),
                                                 ("s3_bucket", "s3_bucket"), ("node_id", "node_id"),
                                                 ("advertise", "advertise"), ("local_cache_bytes", "local_cache_bytes"),
-                                                ("lease_ttl_s", "lease_ttl_s")) if getattr(args, a) is not None}
+                                                ("lease_ttl_s", "lease_ttl_s"), ("mooncake_master", "mooncake_master"),
+                                                ("mooncake_metadata", "mooncake_metadata"),
+                                                ("mooncake_protocol", "mooncake_protocol"),
+                                                ("mooncake_replicas", "mooncake_replicas"),
+                                                ("mooncake_segment_bytes", "mooncake_segment_bytes"))
+               if getattr(args, a) is not None}
     if cluster:
         overrides["cluster"] = cluster
     config = load_service_config(args.config, overrides=overrides)
@@ -114,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease-ttl-s", type=float, default=None,
                        help="cluster mode: etcd lease of this node; its streams move about this long after it dies "
                             "(default 5)")
+    serve.add_argument("--mooncake-master", default=None, metavar="HOST:PORT",
+                       help="cluster mode: Mooncake Store master, the hot tier for K/V between the local cache and S3")
+    serve.add_argument("--mooncake-metadata", default=None, metavar="URL",
+                       help="cluster mode: Mooncake's metadata server (with --mooncake-master)")
+    serve.add_argument("--mooncake-protocol", default=None, choices=["tcp", "rdma"], help="default tcp")
+    serve.add_argument("--mooncake-replicas", type=int, default=None, help="replicas per object (default 1)")
+    serve.add_argument("--mooncake-segment-bytes", type=int, default=None,
+                       help="memory this node adds to the Mooncake pool (default 0: store nodes provide it)")
     serve.add_argument("--config", default=None, help="JSON config file (see memory_service/config.py)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)

@@ -86,9 +86,16 @@ class ClusterConfig:
     node_id: str = ""  # unique per node, stable across its restarts
     advertise: str = ""  # host:port that clients and the other nodes reach this node at (default host:port)
     lease_ttl_s: float = 5.0  # a dead node's streams move after about this long
-    etcd_timeout_s: float = 5.0  # one etcd call, all members tried; longer than an election (~2 s) so writes ride it out
+    etcd_timeout_s: float = 5.0  # one etcd call, all members tried; past an election (~2 s), so writes ride it out
     local_cache_bytes: Optional[int] = None  # payload bytes kept in the local LMDB; None: no bound
     prefix: str = "memflow/"  # etcd key prefix (several clusters may share one etcd)
+    # the hot tier for K/V bytes (Mooncake Store), off while mooncake_master is empty
+    mooncake_master: str = ""  # host:port of mooncake_master
+    mooncake_metadata: str = ""  # its metadata server, e.g. http://host:port/metadata
+    mooncake_protocol: str = "tcp"  # tcp | rdma
+    mooncake_replicas: int = 1
+    mooncake_segment_bytes: int = 0  # memory this node adds to the pool (0: store nodes provide it)
+    mooncake_staging_bytes: int = 64 << 20  # registered staging buffer; a payload layer larger than it is not cached
 
     @property
     def enabled(self) -> bool:
@@ -115,6 +122,11 @@ class ClusterConfig:
             raise InvalidArgument(f"cluster mode (--cluster {self.etcd}) also needs {', '.join(missing)}")
         if self.lease_ttl_s < 1:
             raise InvalidArgument(f"config cluster.lease_ttl_s is {self.lease_ttl_s}; expected >= 1 (etcd's unit)")
+        if bool(self.mooncake_master) != bool(self.mooncake_metadata):
+            raise InvalidArgument("the Mooncake hot tier needs both --mooncake-master and --mooncake-metadata")
+        if self.mooncake_protocol not in ("tcp", "rdma"):
+            raise InvalidArgument(f"config cluster.mooncake_protocol is {self.mooncake_protocol!r}; "
+                                  "expected tcp or rdma")
         if self.local_cache_bytes is not None and self.local_cache_bytes < 0:
             raise InvalidArgument(f"config cluster.local_cache_bytes is {self.local_cache_bytes}; expected >= 0")
 

@@ -34,8 +34,17 @@ class ClusterBank(MemoryBank):
         self.cluster = cluster
         self.coord = Coordinator(cluster.endpoints(), cluster.node_id, ttl_s=cluster.lease_ttl_s,
                                  prefix=cluster.prefix, timeout_s=cluster.etcd_timeout_s)
+        self.hot = None
         try:
             self.objects = ObjectStore(cluster.s3_endpoint, cluster.s3_bucket)
+            if cluster.mooncake_master:
+                from memory_service.cluster.mooncake import MooncakeTier  # the wheel: only with the hot tier
+
+                host = cluster.advertise.rsplit(":", 1)[0].strip("[]") if cluster.advertise else "127.0.0.1"
+                self.hot = MooncakeTier(cluster.mooncake_master, cluster.mooncake_metadata, local_hostname=host,
+                                        segment_bytes=cluster.mooncake_segment_bytes,
+                                        protocol=cluster.mooncake_protocol, replicas=cluster.mooncake_replicas,
+                                        staging_bytes=cluster.mooncake_staging_bytes)
         except BaseException:
             self.coord.close()
             raise
@@ -43,11 +52,14 @@ class ClusterBank(MemoryBank):
         def store(directory: str, cfg: BankConfig) -> ClusterStore:
             return ClusterStore(os.path.join(directory, "cache"), self.coord, self.objects,
                                 local_cache_bytes=cluster.local_cache_bytes, map_size=cfg.map_size,
-                                max_map_size=cfg.max_map_size, durable=cfg.durable, reserve_bytes=cfg.reserve_bytes)
+                                max_map_size=cfg.max_map_size, durable=cfg.durable, reserve_bytes=cfg.reserve_bytes,
+                                hot=self.hot)
 
         try:
             super().__init__(data_dir, config, store=store)
         except BaseException:
+            if self.hot is not None:
+                self.hot.close()
             self.objects.close()
             self.coord.close()
             raise
@@ -106,6 +118,10 @@ class ClusterBank(MemoryBank):
             self._stream(name)  # owned here (taken over if need be) before the bank's lock is taken
             super().drop_stream(name)
 
+    def tier_stats(self) -> dict:
+        """Per tier (local, mooncake, s3): payload reads, bytes, recent p50/p99 load ms (served on /metrics)."""
+        return self.cluster_store.tiers.stats()
+
     def list_streams(self) -> list[StreamSpec]:
         self._check_open()
         return [StreamSpec.from_json(record["spec"]) for _, (record, _) in sorted(self.coord.catalog().items())]
@@ -116,5 +132,7 @@ class ClusterBank(MemoryBank):
         try:
             super().close()  # statistics and snapshots to S3, then every stream released in etcd
         finally:
+            if self.hot is not None:
+                self.hot.close()
             self.objects.close()
             self.coord.close()

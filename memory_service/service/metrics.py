@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -49,8 +49,32 @@ class _BankCollector:
         yield disk
 
 
+class _TierCollector:
+    """Cluster mode: where payload reads were served from (local cache, Mooncake, S3), bytes, recent p50/p99."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        try:
+            stats = self._stats()
+        except Exception:  # noqa: BLE001 - a closing bank must not break a scrape
+            return
+        reads = CounterMetricFamily("memflow_tier_reads", "payload reads by the tier that served them", labels=["tier"])
+        nbytes = CounterMetricFamily("memflow_tier_read_bytes", "payload bytes read by tier", labels=["tier"])
+        load = GaugeMetricFamily("memflow_tier_load_ms", "load time of recent payload reads by tier",
+                                 labels=["tier", "quantile"])
+        for tier, s in stats.items():
+            reads.add_metric([tier], s["reads"])
+            nbytes.add_metric([tier], s["bytes"])
+            load.add_metric([tier, "0.5"], s["p50_ms"])
+            load.add_metric([tier, "0.99"], s["p99_ms"])
+        yield from (reads, nbytes, load)
+
+
 class Metrics:
-    def __init__(self, bank_stats: Optional[Callable[[], object]] = None, stream_labels: bool = False) -> None:
+    def __init__(self, bank_stats: Optional[Callable[[], object]] = None, stream_labels: bool = False,
+                 tier_stats: Optional[Callable[[], dict]] = None) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram("memflow_request_seconds", "request latency by method", ["method"],
                                  buckets=_BUCKETS, registry=self.registry)
@@ -64,6 +88,8 @@ class Metrics:
                               registry=self.registry)
         if bank_stats is not None:
             self.registry.register(_BankCollector(bank_stats, stream_labels))
+        if tier_stats is not None:
+            self.registry.register(_TierCollector(tier_stats))
         self._http: Optional[Any] = None  # the /metrics server (serve_http): a wsgiref WSGIServer
 
     def bytes(self, plane: str, direction: str, n: int) -> None:

@@ -62,7 +62,8 @@ class MemoryServer:
 
             bank = ClusterBank(config.data_dir, config.bank, config.cluster)
         self.bank = bank or MemoryBank(config.data_dir, config.bank)
-        self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels)
+        self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels,
+                               tier_stats=getattr(self.bank, "tier_stats", None))  # cluster mode's tiers
         self.interceptor = ServiceInterceptor(self.auth, self.metrics)
         self.servicer = MemoryServicer(self.bank, self.auth, self.metrics, quotas=config.quotas,
                                        max_arenas=config.max_arenas)

@@ -26,19 +26,24 @@ import io
 import logging
 import shutil
 import threading
+import time
 from collections import OrderedDict
-from typing import Container, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Container, Iterator, Optional, Sequence
 
 import numpy as np
 
 from memory_service.cluster import records
 from memory_service.cluster.etcd import Coordinator, Head
+from memory_service.cluster.tiers import Tiers
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import MemFlowError, NotFound, NotOwner, Unavailable
 from memory_service.store.base import Commit, Contents, StoredStream, StreamLayout
 from memory_service.store.codec import Header, body_bytes, check_raw, decode_into, encode
 from memory_service.store.lmdb_store import LMDBStore
 from memory_service.types import EntryMeta, StreamSpec
+
+if TYPE_CHECKING:
+    from memory_service.cluster.mooncake import MooncakeTier
 
 log = logging.getLogger("memflow.cluster")
 
@@ -67,7 +72,7 @@ class ClusterStore:
 
     def __init__(self, local_dir: str, coord: Coordinator, objects: ObjectStore, *,
                  local_cache_bytes: Optional[int] = None, map_size: int = 1 << 30, max_map_size: int = 1 << 40,
-                 durable: bool = True, reserve_bytes: int = 8 << 20) -> None:
+                 durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # a cache of what this node owned: stale by now
         self.local = LMDBStore(f"{local_dir}/lmdb", map_size, max_map_size, durable,
                                reserve_bytes=reserve_bytes, snapshot_dir=f"{local_dir}/snapshots")
@@ -79,8 +84,13 @@ class ClusterStore:
         self._lock = threading.RLock()
         self._cached: OrderedDict[tuple[str, int], int] = OrderedDict()  # (stream, entry) -> cached bytes, oldest first
         self._cached_bytes = 0
-        self.s3_reads = 0  # payload reads served from S3 (metrics, tests)
+        self.tiers = Tiers(objects, hot)  # reads past the local cache: Mooncake (if any), then S3
         self.address = ""  # this node's address, as announced (set by the node once it listens)
+
+    @property
+    def s3_reads(self) -> int:
+        """Payload reads served from S3 (tests, benchmarks)."""
+        return self.tiers.reads("s3")
 
     # -- ownership ---------------------------------------------------------------------------------
     def owned(self) -> list[str]:
@@ -211,6 +221,7 @@ class ClusterStore:
             own.stale = True  # etcd may have taken it: re-read the durable state before serving again
             raise
         own.head = new
+        self.tiers.write_through(kv_key, kv_parts)  # durable now: the hot tier may have it
         return where
 
     def _lost(self, own: _Owned) -> None:
@@ -381,20 +392,8 @@ class ClusterStore:
         return at
 
     def read_through(self, layout: StreamLayout, eid: int, layers: Sequence[int]) -> dict[int, tuple[Header, memoryview]]:
-        """Payload layers of one entry from S3: one ranged GET over the span they lie in."""
-        at = self._located(layout, eid)
-        spans = [at.layers[j] for j in layers]
-        lo = min(o for o, _, _ in spans)
-        hi = max(o + h + b for o, h, b in spans)
-        buf = bytearray(hi - lo)
-        self.objects.read_into(at.key, lo, memoryview(buf))
-        view = memoryview(buf)
-        out = {}
-        for j, (o, h, b) in zip(layers, spans):
-            out[j] = (Header.unpack(view[o - lo:o - lo + h]), view[o - lo + h:o - lo + h + b])
-        with self._lock:
-            self.s3_reads += 1
-        return out
+        """Payload layers of one entry that the local cache does not hold (cluster/tiers.py: Mooncake, then S3)."""
+        return self.tiers.read(self._located(layout, eid), layers)
 
     # -- snapshots (S3: a new owner starts from them) -------------------------------------------------
     def _snapshot_key(self, sid: int, space: int) -> Optional[str]:
@@ -499,7 +498,9 @@ class ClusterView:
         for n, eid in enumerate(ids):
             if self._store._cached_entry(layout.name, eid):
                 try:
+                    t0 = time.perf_counter()
                     self._inner.read_payloads(layout, [eid], layers, out[n:n + 1], verified)
+                    self._store.tiers.count("local", out[n].nbytes, t0)
                     continue
                 except NotFound:  # cached after this view began (a rewrite): S3 has it
                     pass
