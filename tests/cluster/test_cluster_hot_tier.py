@@ -1,0 +1,118 @@
+"""Cluster mode with the Mooncake hot tier, over real etcd members, a real weed and a real Mooncake master with two
+store nodes: one node's frames reach another node without S3, and every hot-tier failure falls through to S3.
+
+- put on node a, fetch on node b (which caches nothing locally): served by Mooncake (the tier counters say so),
+  bit-exact;
+- a store node killed -9 mid-run: fetches still succeed (a replica, or S3), bit-exact, nothing acknowledged lost;
+- the master restarted (it loses every key): fetches fall through to S3, bit-exact;
+- a pool too small for the stream (eviction at capacity): the evicted layers come from S3, bit-exact.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ml_dtypes
+import numpy as np
+
+from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
+from mooncake_servers import MooncakeCluster, mooncake  # noqa: F401 - the fixture, found by pytest through this name
+from nodes import LEASE_TTL_S
+from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
+from svc_util import make_entry, make_spec
+
+from memory_service import KVLayout, NewEntry
+from memory_service.cluster.node import ClusterBank
+from memory_service.config import BankConfig, ClusterConfig
+
+
+def make_config(etcd_cluster, weed, pool, **kw):
+    tag = uuid.uuid4().hex[:8]
+
+    def make(node: str, **more) -> ClusterConfig:
+        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
+                             s3_bucket=f"memflow-hot-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
+                             prefix=f"memflow-hot-{tag}/", mooncake_master=pool.master,
+                             mooncake_metadata=pool.metadata, mooncake_staging_bytes=8 << 20, **kw, **more)
+
+    return make
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16)
+
+
+def check(bank: ClusterBank, stream: str, ids: list[int], seeds: list[int], entry=make_entry) -> None:
+    got = bank.fetch(stream, ids)
+    for row, seed in zip(got.kv, seeds):
+        assert np.array_equal(bits(row), bits(entry(seed).kv)), f"entry of seed {seed} differs"
+
+
+def tiers(bank: ClusterBank) -> dict[str, int]:
+    return {t: s["reads"] for t, s in bank.tier_stats().items()}
+
+
+def test_frames_move_between_nodes_through_mooncake_and_survive_its_failures(tmp_path, etcd_cluster, weed, mooncake):
+    config = make_config(etcd_cluster, weed, mooncake, mooncake_replicas=2)
+    a = ClusterBank(str(tmp_path / "a"), BankConfig(), config("a"))
+    try:
+        a.create_stream(make_spec("cam0"))
+        seeds = list(range(8))
+        ids = a.put("cam0", [make_entry(s) for s in seeds])
+    finally:
+        a.close()  # hands cam0 back: b takes it over
+    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", local_cache_bytes=0))
+    try:
+        check(b, "cam0", ids, seeds)
+        t = tiers(b)
+        assert t["mooncake"] == len(ids) * 4 and t["s3"] == 0, f"a's frames should reach b through Mooncake: {t}"
+
+        mooncake.kill_store(0)  # mid-run: reads never fail, they go to a replica or to S3
+        try:
+            for _ in range(3):
+                check(b, "cam0", ids, seeds)
+            more = b.put("cam0", [make_entry(s) for s in range(8, 11)])
+            check(b, "cam0", ids + more, seeds + [8, 9, 10])
+        finally:
+            mooncake.restart_store(0)
+            mooncake.wait_ready()
+
+        mooncake.restart_master()  # a master without HA forgets every key
+        mooncake.wait_ready()
+        before = tiers(b)
+        check(b, "cam0", ids, seeds)
+        after = tiers(b)
+        assert after["s3"] > before["s3"], f"misses after a master restart fall through to S3: {before} -> {after}"
+    finally:
+        b.close()
+
+
+BIG = KVLayout(layers=4, heads=2, head_dim=64, tokens_per_frame=1024, dtype="bfloat16")  # 2 MiB an entry
+
+
+def big_entry(seed: int) -> NewEntry:
+    e = make_entry(seed)
+    rng = np.random.default_rng(seed)
+    kv = rng.standard_normal(BIG.shape).astype(ml_dtypes.bfloat16)
+    return NewEntry(frame_index=e.frame_index, chunk_index=e.chunk_index, prompt=e.prompt, keys=e.keys, kv=kv)
+
+
+def test_a_pool_smaller_than_the_stream_evicts_and_reads_fall_through_to_s3(tmp_path, etcd_cluster, weed):
+    pool = MooncakeCluster(tmp_path / "pool", stores=1, segment_bytes=16 << 20)  # room for ~7 of 24 entries
+    try:
+        config = make_config(etcd_cluster, weed, pool)
+        a = ClusterBank(str(tmp_path / "a"), BankConfig(), config("a", local_cache_bytes=0))
+        try:
+            a.create_stream(make_spec("big", kv=BIG))
+            seeds = list(range(24))
+            ids = []
+            for s in seeds:
+                ids += a.put("big", [big_entry(s)])
+            check(a, "big", ids, seeds, big_entry)
+            t = tiers(a)
+            assert t["s3"] > 0, f"the oldest entries were evicted from the pool and read from S3: {t}"
+            assert t["local"] == 0
+        finally:
+            a.close()
+    finally:
+        pool.stop()
