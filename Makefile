@@ -28,6 +28,12 @@ run: $(STAMP)
 test: $(STAMP)
 	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/interop --no-audit --no-fund --loglevel=error \
 	|| echo "npm ci failed: tests/service/test_interop_node.py will skip (see npm's error above)"; else echo "npm not found: tests/service/test_interop_node.py will skip (install node and npm to run it)"; fi
+	@# Mooncake's wheel (the hot tier's tests) needs libibverbs1 even over TCP; CI runs as root with Debian's registry
+	@if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q libibverbs1 >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libibverbs1 >/dev/null 2>&1; } \
+	    || echo "apt-get install libibverbs1 failed: the Mooncake tests will skip"; \
+	  else echo "libibverbs1 is missing (apt-get install libibverbs1, as root): the Mooncake tests will skip"; fi; fi
 	$(PY) -m ruff check memory_service plugin tests benchmarks
 	$(PY) -m mypy memory_service plugin
 	$(PY) -m pytest -q
