@@ -15,14 +15,28 @@ store, a Cluster of 3 real `memflow-service serve --cluster` processes with leas
 - `failover` against bank size (keys-only entries, 30 x 64 per-layer keys, put in batches of 100): SIGKILL the
   stream's owner, time from the kill to the first successful query through a routed client (lease expiry +
   take-over); then `takeover`: stop the new owner with SIGTERM (its close releases the stream at once), time from
-  its exit to the first query answered by another node (claim + replay from S3 + index rebuild).
+  its exit to the first query answered by another node (claim + replay from S3 + index rebuild);
+- `tier` (also alone: `--only tiers`): the same fetch served by each tier of the read path (cluster/tiers.py), in
+  this process, over the same etcd and weed and a MooncakeCluster (tests/cluster/mooncake_servers.py: a master and
+  one store node, TCP): Wan2.1-1.3B K/V (1560 tokens x 12 heads x 128 x (K, V) bf16: 9.58 MB a layer) in two
+  shapes, `layer` (3 frames of one layer, 28.75 MB a fetch; a 1-layer stream) and `whole` (1 frame of 30 layers,
+  287.5 MB). ClusterBank a puts them (its local cache holds them, and they go through to Mooncake) and fetches:
+  `local`; b (local_cache_bytes=0, the hot tier) takes the streams over and fetches: `mooncake`, then the same
+  layers as objects of its own straight into registered memory: `mooncake_get_into` (MooncakeTier alone, no
+  decode); c (local_cache_bytes=0, no hot tier: S3 only) fetches: `s3`. Baselines over the same bytes: `memcpy`
+  (np.copyto between warm buffers) and `tcp` (a 127.0.0.1 socket pair, a 1-byte request, then sendall from a
+  thread and recv_into a preallocated buffer). Fetches go into one warm buffer; rows: GB/s at the p50 fetch, p50/p99
+  per fetch, `ratio_to_tcp` (Mooncake, S3; target: get_into >= 0.5), `ratio_to_memcpy` (local), `tier_reads` (the
+  bank's tier_stats() over the timed fetches: which tier served) and `same_bytes` (crc32 equal to local's).
 Targets are ratios (the machine is shared and noisy). Each row is a JSON line; a `summary` line ends the run; rows go
 to OUT/cluster.jsonl and a plot to OUT/cluster.png. Every process started here is stopped by PID in finally blocks.
 
-    python benchmarks/cluster.py [--quick] [--out benchmarks/results]
+    python benchmarks/cluster.py [--quick] [--only tiers] [--out benchmarks/results]
 
-`--quick` (about 2 minutes on 2 cores): 12 tokens per entry, 40 puts per stream, banks of 50 and 300 entries;
-the full run (about 3 minutes): 128 tokens, 100 puts per stream, banks of 100, 1000, 4000 and 10000 entries.
+`--quick` (about 2 minutes on 2 cores): 12 tokens per entry, 40 puts per stream, banks of 50 and 300 entries, tier
+frames of 156 tokens (0.96 MB a layer); the full run (about 4 minutes, the tier rows ~50 s and ~1.4 GB of RAM):
+128 tokens, 100 puts per stream, banks of 100, 1000, 4000 and 10000 entries, tier frames of 1560 tokens. Without
+the Mooncake wheel (or libibverbs1) the tier phase writes one `skipped` row saying why.
 """
 
 from __future__ import annotations
@@ -31,9 +45,12 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -46,11 +63,14 @@ sys.path.insert(0, str(HERE.parent / "tests" / "service"))
 
 from common import RESULTS, Results, percentiles  # noqa: E402
 from etcd_servers import EtcdCluster  # noqa: E402
+from mooncake_servers import MooncakeCluster  # noqa: E402
 from nodes import LEASE_TTL_S, Cluster  # noqa: E402
 from s3_server import TEST_CREDENTIALS, WeedServer  # noqa: E402
 from svc_util import start_serve  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, MemFlowError, MemoryClient, NewEntry, StreamSpec  # noqa: E402
+from memory_service.cluster.node import ClusterBank  # noqa: E402
+from memory_service.config import BankConfig, ClusterConfig  # noqa: E402
 from memory_service.errors import NotOwner  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, KEY_DIM, BATCH = 30, 2, 64, 64, 100
@@ -246,6 +266,173 @@ def failover(res: Results, cl: Cluster, size: int, rounds: int) -> dict:
                    sigterm_stop_s=float(np.median(stop)))
 
 
+# ---- tiers: the same fetch served by each tier ----------------------------------------------------------------
+
+WAN_HEADS, WAN_DIM, WAN_LAYERS, WAN_TOKENS = 12, 128, 30, 1560  # Wan2.1-1.3B: 9.58 MB a layer, 287.5 MB a frame
+TIER_SHAPES = {"layer": (1, 3), "whole": (WAN_LAYERS, 1)}  # shape -> (layers per entry, frames fetched)
+STAGING = 32 << 20  # MooncakeTier's staging buffer: above one layer span (9.58 MB and its header)
+
+
+def timed(fn, reps: int, warm: bool = True) -> list[float]:
+    if warm:
+        fn()  # outside the timing: a channel, first-touch of pages
+    lat = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def memcpy(nbytes: int, reps: int) -> list[float]:
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    return timed(lambda: np.copyto(dst, src), reps)
+
+
+def tcp_loopback(nbytes: int, reps: int) -> list[float]:
+    """Raw loopback TCP: a 1-byte request, then nbytes sent back by a thread, recv_into a warm buffer."""
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    view = memoryview(dst)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        rx = socket.create_connection(lsock.getsockname())
+        tx, _ = lsock.accept()
+
+        def serve() -> None:
+            while tx.recv(1):
+                tx.sendall(src)
+
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+
+        def one() -> None:
+            rx.sendall(b"g")
+            got = 0
+            while got < nbytes:
+                k = rx.recv_into(view[got:])
+                if not k:
+                    raise ConnectionError(f"loopback peer closed after {got} of {nbytes} bytes")
+                got += k
+
+        try:
+            return timed(one, reps)
+        finally:
+            rx.close()  # the server thread's recv answers b"": it ends
+            th.join(10)
+            tx.close()
+
+
+def wan_stream(bank: ClusterBank, shape: str, tokens: int) -> list[int]:
+    """Create tier-<shape> and put its frames (random bf16, layer by layer: no float32 copy of a whole frame)."""
+    import ml_dtypes
+
+    layers, n = TIER_SHAPES[shape]
+    layout = KVLayout(layers=layers, heads=WAN_HEADS, head_dim=WAN_DIM, tokens_per_frame=tokens)
+    bank.create_stream(StreamSpec(f"tier-{shape}", {"emb": KeySpace(KEY_DIM)}, kv=layout))
+    rng, ids = np.random.default_rng(layers), []
+    for f in range(n):
+        kv = np.empty(layout.shape, ml_dtypes.bfloat16)
+        for j in range(layers):
+            kv[j] = rng.standard_normal(layout.layer_shape, np.float32)
+        ids += bank.put(f"tier-{shape}", [NewEntry(f, f, "bench", {"emb": rng.standard_normal(KEY_DIM)
+                                                                  .astype(np.float32)}, kv=kv)])
+        del kv
+    return ids
+
+
+def bank_fetches(bank: ClusterBank, stream: str, ids: list[int], reps: int) -> tuple[list[float], dict, int]:
+    """Fetches of `ids` into one warm buffer: latencies, reads per tier in the timed ones, crc32 of the bytes."""
+    _, _, shape, dtype = bank.fetch_layout(stream, ids)
+    out = np.zeros(shape, dtype)
+    bank.fetch(stream, ids, out=out)  # warm-up, outside the counters: the take-over (replay from S3) happens here
+    before = bank.tier_stats()
+    lat = timed(lambda: bank.fetch(stream, ids, out=out), reps, warm=False)
+    after = bank.tier_stats()
+    crc = zlib.crc32(out.view(np.uint8).reshape(-1))
+    return lat, {t: after[t]["reads"] - before[t]["reads"] for t in after}, crc
+
+
+def raw_get_into(bank: ClusterBank, layer_bytes: int, count: int, reps: int) -> list[float]:
+    """MooncakeTier.get_into alone: `count` objects of one layer each, into registered (zero-copy) memory."""
+    buf = np.ones(count * layer_bytes, np.uint8)
+    views = [buf[i * layer_bytes:(i + 1) * layer_bytes] for i in range(count)]
+    keys = [f"memflow-bench/{uuid.uuid4().hex}/{i}" for i in range(count)]
+    bank.hot.register(buf)
+    try:
+        if bank.hot.put([(k, [v]) for k, v in zip(keys, views)]) != count:
+            raise RuntimeError(f"Mooncake stored fewer than {count} objects of {layer_bytes} bytes: {bank.hot.stats()}")
+
+        def one() -> None:
+            if not all(bank.hot.get_into(k, v) for k, v in zip(keys, views)):
+                raise RuntimeError(f"a get_into of {layer_bytes} bytes missed: {bank.hot.stats()}")
+
+        return timed(one, reps)
+    finally:
+        bank.hot.remove(keys)
+        bank.hot.unregister(buf)
+
+
+def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: int, reps: dict) -> dict:
+    """Banks a (puts, local cache), b (local_cache_bytes=0, hot tier: Mooncake), c (local_cache_bytes=0, no hot
+    tier: S3) one after another on the same streams (each takes them over from the last), then the baselines."""
+    import pytest  # mooncake_servers skips (pytest.skip) where the wheel or libibverbs1 is missing
+
+    layer_bytes = 2 * tokens * WAN_HEADS * WAN_DIM * 2
+    segment = ((100 * layer_bytes >> 20) + 16) << 20  # MiB; 66 layers go in: below the eviction mark
+    try:
+        pool = MooncakeCluster(os.path.join(tmp, "mooncake"), stores=1, segment_bytes=segment)
+    except pytest.skip.Exception as e:
+        res.add(bench="tier", skipped=str(e))
+        return {}
+    tag = uuid.uuid4().hex[:8]
+
+    def config(node: str, hot: bool) -> ClusterConfig:
+        more = {"mooncake_master": pool.master, "mooncake_metadata": pool.metadata,
+                "mooncake_staging_bytes": STAGING} if hot else {}
+        return ClusterConfig(etcd=",".join(etcd.endpoints), s3_endpoint=weed.endpoint, s3_bucket=f"memflow-tiers-{tag}",
+                             node_id=node, lease_ttl_s=LEASE_TTL_S, prefix=f"memflow-tiers-{tag}/",
+                             local_cache_bytes=None if node == "a" else 0, **more)
+
+    lat, served, crcs, ids = {}, {}, {}, {}
+    try:
+        for node, tier, hot in (("a", "local", True), ("b", "mooncake", True), ("c", "s3", False)):
+            bank = ClusterBank(os.path.join(tmp, f"tier-{node}"), BankConfig(), config(node, hot))
+            try:
+                for shape, (_, n) in TIER_SHAPES.items():
+                    if node == "a":
+                        ids[shape] = wan_stream(bank, shape, tokens)
+                    got = bank_fetches(bank, f"tier-{shape}", ids[shape], reps[shape])
+                    lat[shape, tier], served[shape, tier], crcs[shape, tier] = got
+                    if node == "b":
+                        count = n * TIER_SHAPES[shape][0]
+                        lat[shape, "mooncake_get_into"] = raw_get_into(bank, layer_bytes, count, reps[shape])
+            finally:
+                bank.close()  # hands the streams to the next bank
+    finally:
+        pool.stop()
+    out = {}
+    for shape, (layers, n) in TIER_SHAPES.items():
+        nbytes = n * layers * layer_bytes
+        lat[shape, "memcpy"] = memcpy(nbytes, 3 * reps[shape])  # cheap, and noisy here: more samples
+        lat[shape, "tcp"] = tcp_loopback(nbytes, 3 * reps[shape])
+        gbps = {t: nbytes / float(np.median(x)) / 1e9 for (s, t), x in lat.items() if s == shape}
+        for tier in ("memcpy", "tcp", "local", "mooncake_get_into", "mooncake", "s3"):
+            p50, p99 = percentiles(lat[shape, tier])
+            extra = {}
+            if (shape, tier) in served:
+                extra = {"tier_reads": served[shape, tier], "same_bytes": crcs[shape, tier] == crcs[shape, "local"]}
+            if tier.startswith("mooncake") or tier == "s3":
+                extra["ratio_to_tcp"] = gbps[tier] / gbps["tcp"]
+            if tier == "local":
+                extra["ratio_to_memcpy"] = gbps[tier] / gbps["memcpy"]
+            res.add(bench="tier", shape=shape, tier=tier, frames=n, layers=layers, tokens=tokens,
+                    mb_per_fetch=nbytes / 1e6, fetches=len(lat[shape, tier]), gb_per_s=gbps[tier], p50_ms=p50, p99_ms=p99,
+                    **extra)
+        out.update({f"{shape}_mooncake_to_tcp": round(gbps["mooncake"] / gbps["tcp"], 4),
+                    f"{shape}_get_into_to_tcp": round(gbps["mooncake_get_into"] / gbps["tcp"], 4),
+                    f"{shape}_local_to_memcpy": round(gbps["local"] / gbps["memcpy"], 4),
+                    f"{shape}_s3_gb_per_s": round(gbps["s3"], 4)})
+    return out
+
 # ---- the run -------------------------------------------------------------------------------------------
 
 def plot(res: Results) -> None:
@@ -256,7 +443,7 @@ def plot(res: Results) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4))
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(19, 4))
     rows = [r for r in res.rows if r["bench"] == "throughput"]
     for j, op in enumerate(("put", "fetch")):
         mine = [r for r in rows if r["op"] == op]
@@ -265,13 +452,15 @@ def plot(res: Results) -> None:
         ax1.bar_label(bars, [f"{r['ratio_to_single']:.2f}x" for r in mine], fontsize=7)
     ax1.set_xticks(range(len(SETUPS)), SETUPS)
     ax1.set(ylabel="MB/s (all streams)", title="throughput, ratio to the single-node service")
-    ax1.legend(fontsize=7)
+    if rows:
+        ax1.legend(fontsize=7)
     rt = [r for r in res.rows if r["bench"] == "read_through"]
     for j, p in enumerate(("p50_ms", "p99_ms")):
         ax2.bar(np.arange(len(rt)) + (j - 0.5) * 0.4, [r[p] for r in rt], 0.4, label=p)
     ax2.set_xticks(range(len(rt)), [r["node"] for r in rt])
     ax2.set(ylabel="ms per fetch (one entry)", title="read-through on a local miss (S3)")
-    ax2.legend(fontsize=7)
+    if rt:
+        ax2.legend(fontsize=7)
     fo = [r for r in res.rows if r["bench"] == "failover"]
     if fo:
         n = [r["entries"] for r in fo]
@@ -281,9 +470,23 @@ def plot(res: Results) -> None:
         ax3.set_xscale("log")
         ax3.set_xticks(n, [str(x) for x in n])
         ax3.minorticks_off()
+        ax3.legend(fontsize=7)
     ax3.set(xlabel="entries in the stream", ylabel="s", title="failover and take-over vs bank size")
     ax3.set_ylim(bottom=0)
-    ax3.legend(fontsize=7)
+    tr = [r for r in res.rows if r["bench"] == "tier" and "gb_per_s" in r]
+    shapes = sorted({r["shape"] for r in tr}, reverse=True)  # layer, whole
+    names = list(dict.fromkeys(r["tier"] for r in tr))
+    for j, shape in enumerate(shapes):
+        mine = {r["tier"]: r for r in tr if r["shape"] == shape}
+        xs = np.arange(len(names)) + (j - (len(shapes) - 1) / 2) * 0.4
+        bars = ax4.bar(xs, [mine[t]["gb_per_s"] for t in names], 0.4,
+                       label=f"{shape}: {next(iter(mine.values()))['mb_per_fetch']:.1f} MB a fetch")
+        ax4.bar_label(bars, [f"{mine[t]['gb_per_s']:.2f}" for t in names], fontsize=6)
+    ax4.set_xticks(range(len(names)), [t.replace("mooncake_", "mc ") for t in names], fontsize=7)
+    ax4.set(ylabel="GB/s (p50 fetch)", title="a fetch from each tier vs memcpy and loopback TCP")
+    ax4.set_yscale("log")
+    if tr:
+        ax4.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(res.path.with_suffix(".png"), dpi=110)
 
@@ -291,33 +494,41 @@ def plot(res: Results) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~180 KB entries, banks of 50 and 300 (about 2 min)")
+    parser.add_argument("--only", choices=("tiers",), help="only the tier rows (etcd, weed and Mooncake)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     tokens, n, reps, rt_n, sizes, rounds = ((12, 40, 2, 30, (50, 300), 3) if args.quick else
                                           (128, 100, 3, 40, (100, 1000, 4000, 10000), 3))
+    tier_tokens, tier_reps = (156, {"layer": 15, "whole": 8}) if args.quick else (WAN_TOKENS, {"layer": 15, "whole": 5})
     for k, v in TEST_CREDENTIALS.items():  # weed's S3 accepts these; the service nodes inherit them
         os.environ.setdefault(k, v)
     res = Results("cluster", Path(args.out))
     t_run = time.monotonic()
     etcd = weed = cl = single = pool = None
+    summary: dict = {}
     with tempfile.TemporaryDirectory(prefix="memflow-cluster-bench-") as tmp:
         try:
             etcd = EtcdCluster(os.path.join(tmp, "etcd"), n=3)
             weed = WeedServer(os.path.join(tmp, "weed"))
-            os.makedirs(os.path.join(tmp, "single"))
-            single = start_serve(os.path.join(tmp, "single", "data"), log_dir=os.path.join(tmp, "single"))
-            cl = Cluster(Path(tmp) / "cluster", etcd.endpoints, weed.endpoint, n=3)
-            ctx = multiprocessing.get_context("spawn")
-            pool = concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx, initializer=_init_worker,
-                                                          initargs=(ctx.Barrier(3),))
-            ratios = throughput(res, pool, single.target, cl, tokens, n, reps)
-            single.kill()  # the baseline is done: its CPU goes back to the cluster
-            rt = read_through(res, cl, tokens, rt_n)
-            fo = [failover(res, cl, size, rounds) for size in sizes]
-            res.add(bench="summary", quick=args.quick, lease_ttl_s=LEASE_TTL_S, **{f"ratio_{k}": v for k, v in
-                    ratios.items()}, read_through_ratio_p50=rt["p50"], read_through_ratio_p99=rt["p99"],
-                    failover_s={r["entries"]: r["failover_s"] for r in fo},
-                    takeover_s={r["entries"]: r["takeover_s"] for r in fo}, wall_s=time.monotonic() - t_run)
+            if args.only is None:
+                os.makedirs(os.path.join(tmp, "single"))
+                single = start_serve(os.path.join(tmp, "single", "data"), log_dir=os.path.join(tmp, "single"))
+                cl = Cluster(Path(tmp) / "cluster", etcd.endpoints, weed.endpoint, n=3)
+                ctx = multiprocessing.get_context("spawn")
+                pool = concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx, initializer=_init_worker,
+                                                              initargs=(ctx.Barrier(3),))
+                ratios = throughput(res, pool, single.target, cl, tokens, n, reps)
+                single.kill()  # the baseline is done: its CPU goes back to the cluster
+                rt = read_through(res, cl, tokens, rt_n)
+                fo = [failover(res, cl, size, rounds) for size in sizes]
+                pool.shutdown()
+                cl.stop()  # the tier phase runs in this process: the nodes' CPU and memory go back to it
+                summary = {**{f"ratio_{k}": v for k, v in ratios.items()}, "read_through_ratio_p50": rt["p50"],
+                           "read_through_ratio_p99": rt["p99"], "failover_s": {r["entries"]: r["failover_s"] for r in fo},
+                           "takeover_s": {r["entries"]: r["takeover_s"] for r in fo}}
+            summary["tiers"] = tiers(res, tmp, etcd, weed, tier_tokens, tier_reps)
+            res.add(bench="summary", quick=args.quick, only=args.only, lease_ttl_s=LEASE_TTL_S, **summary,
+                    wall_s=time.monotonic() - t_run)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
