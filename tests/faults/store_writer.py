@@ -25,7 +25,7 @@ def batch_size(first: int) -> int:
 
 def main() -> None:
     impl, root = sys.argv[1], sys.argv[2]
-    store = STORES[impl](root)
+    store = STORES[impl].reopen(root)
     with store.view() as v:
         rec = next((s.record for s in v.streams() if s.name == LAYOUT.name), None)
         live = [m.entry_id for m in v.entries(LAYOUT)]

@@ -84,7 +84,7 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(impl, tmp_path):
             elif words[0] == "evicting":
                 maybe.add(int(words[1]))
     assert len(acked) > 50 and deleted
-    store = STORES[impl](root)
+    store = STORES[impl].reopen(root)
     try:
         with store.view() as v:
             present = {m.entry_id for m in v.entries(LAYOUT)}
@@ -100,7 +100,7 @@ def test_kill_9_mid_write_loses_nothing_acknowledged(impl, tmp_path):
 
 def test_full_disk_is_resource_exhausted_and_the_store_stays_readable(impl, tiny_disk):  # noqa: F811
     root = os.path.join(tiny_disk, "store")
-    store = STORES[impl](root)
+    store = STORES[impl].reopen(root)
     try:
         store.create_stream(LAYOUT.name, record(LAYOUT, 0, 0), LAYOUT.sid + 1)
         held: dict[int, Entry] = {}
@@ -129,7 +129,7 @@ def test_full_disk_is_resource_exhausted_and_the_store_stays_readable(impl, tiny
         held.update((e.meta.entry_id, e) for e in new)
         assert_holds(store, held)
         store.close()
-        store = STORES[impl](root)  # and a reopen on the full disk sees it all
+        store = STORES[impl].reopen(root)  # and a reopen on the full disk sees it all
         assert_holds(store, held)
         store.drop_stream(LAYOUT.name, LAYOUT.sid)
         with store.view() as v:
