@@ -474,7 +474,7 @@ def plot(res: Results) -> None:
     ax3.set(xlabel="entries in the stream", ylabel="s", title="failover and take-over vs bank size")
     ax3.set_ylim(bottom=0)
     tr = [r for r in res.rows if r["bench"] == "tier" and "gb_per_s" in r]
-    shapes = sorted({r["shape"] for r in tr}, reverse=True)  # layer, whole
+    shapes = [s for s in TIER_SHAPES if any(r["shape"] == s for r in tr)]
     names = list(dict.fromkeys(r["tier"] for r in tr))
     for j, shape in enumerate(shapes):
         mine = {r["tier"]: r for r in tr if r["shape"] == shape}
