@@ -96,6 +96,7 @@ class ClusterConfig:
     mooncake_replicas: int = 1
     mooncake_segment_bytes: int = 0  # memory this node adds to the pool (0: store nodes provide it)
     mooncake_staging_bytes: int = 64 << 20  # registered staging buffer; a payload layer larger than it is not cached
+    mooncake_pinned_entries: int = 3  # per stream, the newest entries kept hard-pinned in the pool (never evicted)
 
     @property
     def enabled(self) -> bool:

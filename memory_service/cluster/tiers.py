@@ -5,7 +5,14 @@ Owns the read path of a payload the local cache does not hold, and the accountin
   with one ranged GET over the span those layers lie in; layers read from S3 are promoted into the hot tier. A
   miss, an eviction, a lost store node or a restarted master in the hot tier is only slower, never an error:
   MooncakeTier.get_into answers False and S3 answers;
-- writes go through to the hot tier after they are durable in S3 (the hot tier is a cache, never the record);
+- writes go through to the hot tier after they are durable in S3 (the hot tier is a cache, never the record), on
+  one background thread, in order with the removals, so a put never waits for the pool: a full pool evicts
+  (its master, periodically) only after a put found it full, so a pinned layer may need a few tries over ~2 s.
+  With the queue full (WRITE_QUEUE jobs), a write-through is dropped and counted; a removal always waits its turn;
+- retention per stream: the newest `pinned_window` entries' layers are hard-pinned in the pool (never evicted);
+  an entry that leaves the window is demoted (read back, removed, put again evictable), and the layers of an
+  entry that is deleted, evicted or rewritten leave the pool (a pinned one would otherwise stay forever). A node
+  that takes a stream over takes its newest `pinned_window` entries as the pinned ones, as its old owner left them;
 - hot-tier keys are immutable names of immutable bytes: a payload layer's S3 object and its offset there
   (`<object>@<offset>`), exactly the header-and-body span S3 holds, so any tier's bytes decode the same way;
 - per tier (local, mooncake, s3): reads, bytes and the p50/p99 load time of recent reads, for /metrics.
@@ -15,6 +22,8 @@ Every object is written whole by the caller's commit; nothing here decides what 
 from __future__ import annotations
 
 import collections
+import logging
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -28,8 +37,11 @@ from memory_service.store.codec import Header
 if TYPE_CHECKING:
     from memory_service.cluster.mooncake import MooncakeTier
 
+log = logging.getLogger("memflow.cluster")
 TIERS = ("local", "mooncake", "s3")
 _RECENT = 2048  # load times kept per tier for the percentiles
+PUT_RETRY_S = (0.05, 0.2, 0.5, 1.0, None)  # pauses between the tries of a write-through that found the pool full
+WRITE_QUEUE = 256  # write-through jobs waiting at most (each holds one log record's payload arrays)
 
 
 def hot_key(object_key: str, offset: int) -> str:
@@ -37,9 +49,17 @@ def hot_key(object_key: str, offset: int) -> str:
 
 
 class Tiers:
-    def __init__(self, objects: ObjectStore, hot: Optional["MooncakeTier"] = None) -> None:
+    def __init__(self, objects: ObjectStore, hot: Optional["MooncakeTier"] = None, pinned_window: int = 3) -> None:
         self.objects, self.hot = objects, hot
+        self.pinned_window = pinned_window
+        self._pinned: dict[str, collections.OrderedDict[int, Located]] = {}  # stream -> pinned entries, oldest first
         self._lock = threading.Lock()
+        self.dropped = 0  # write-throughs dropped on a full queue
+        self._jobs: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self._worker: Optional[threading.Thread] = None
+        if hot is not None:
+            self._worker = threading.Thread(target=self._work, name="memflow-hot-tier", daemon=True)
+            self._worker.start()
         self._reads = dict.fromkeys(TIERS, 0)
         self._bytes = dict.fromkeys(TIERS, 0)
         self._times: dict[str, collections.deque] = {t: collections.deque(maxlen=_RECENT) for t in TIERS}
@@ -65,15 +85,98 @@ class Tiers:
                           "p99_ms": float(np.percentile(times, 99)) if len(times) else 0.0}
             return out
 
-    def write_through(self, kv_key: str, kv_parts: Sequence) -> None:
-        """Put a log record's payload layers into the hot tier (parts are header, body, header, body, ...)."""
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                fn, args = job
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - the hot tier is a cache: its failures never reach a call
+                log.warning("hot tier job failed: %s: %s", type(exc).__name__, exc)
+            finally:
+                self._jobs.task_done()
+
+    def drain(self) -> None:
+        """Wait until every write-through and removal submitted so far is done (tests, close)."""
+        if self._worker is not None:
+            self._jobs.join()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+
+    def write_through(self, stream: str, kv_key: str, kv_parts: Sequence, where: dict[int, Located]) -> None:
+        """Queue a log record's payload layers for the hot tier (`kv_parts`: header, body, header, body, ... at the
+        offsets `where` names), the entries pinned while they are among the stream's newest."""
         if self.hot is None or not kv_parts:
             return
-        items, at = [], 0
+        try:
+            self._jobs.put_nowait((self._write, (stream, kv_key, kv_parts, where)))
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def _write(self, stream: str, kv_key: str, kv_parts: Sequence, where: dict[int, Located]) -> None:
+        assert self.hot is not None
+        by_offset, at = {}, 0
         for head, body in zip(kv_parts[0::2], kv_parts[1::2]):
-            items.append((hot_key(kv_key, at), [memoryview(head), body]))
+            by_offset[at] = (memoryview(head), body)
             at += len(head) + body.nbytes
-        self.hot.put(items)
+        pin = self.pinned_window > 0
+        for eid, loc in sorted(where.items()):
+            items = [(hot_key(kv_key, o), list(by_offset[o])) for o, _, _ in loc.layers]
+            for pause in PUT_RETRY_S:  # a full pool evicts (its master, in the background) after a put fails
+                if self.hot.put(items, pin=pin) == len(items) or pause is None:
+                    break
+                time.sleep(pause)
+            if pin:
+                with self._lock:
+                    self._pinned.setdefault(stream, collections.OrderedDict())[eid] = loc
+        self._demote(stream)
+
+    def _demote(self, stream: str) -> None:
+        """Entries past the pinned window become evictable: read back, removed, put again unpinned."""
+        assert self.hot is not None
+        with self._lock:
+            pinned = self._pinned.get(stream, collections.OrderedDict())
+            old = [pinned.popitem(last=False)[1] for _ in range(max(0, len(pinned) - self.pinned_window))]
+        for loc in old:
+            for o, h, b in loc.layers:
+                key, buf = hot_key(loc.key, o), np.empty(h + b, np.uint8)
+                held = self.hot.get_into(key, buf.data)
+                self.hot.remove([key])
+                if held:
+                    self.hot.put([(key, [buf.data])])
+
+    def forget(self, stream: str, gone: Sequence[Located]) -> None:
+        """Layers that no longer belong to the stream (deleted, evicted, rewritten, dropped) leave the pool (queued
+        behind the write-throughs, so a layer still on its way in is removed after it lands)."""
+        if self.hot is None or not gone:
+            return
+        self._jobs.put((self._remove, (stream, list(gone))))
+
+    def _remove(self, stream: str, gone: list[Located]) -> None:
+        assert self.hot is not None
+        with self._lock:
+            pinned = self._pinned.get(stream, collections.OrderedDict())
+            for eid in [e for e, loc in pinned.items() if loc in gone]:
+                del pinned[eid]
+        self.hot.remove([hot_key(loc.key, o) for loc in gone for o, _, _ in loc.layers])
+
+    def adopt(self, stream: str, where: dict[int, Located]) -> None:
+        """A stream taken over: its newest entries are the pinned ones (as the old owner left them)."""
+        newest = sorted(where)[-self.pinned_window:] if self.pinned_window > 0 else []
+        with self._lock:
+            self._pinned[stream] = collections.OrderedDict((e, where[e]) for e in newest)
+
+    def release(self, stream: str) -> None:
+        """This node no longer owns the stream: its pins are the next owner's to manage."""
+        with self._lock:
+            self._pinned.pop(stream, None)
 
     def read(self, at: Located, layers: Sequence[int]) -> dict[int, tuple[Header, memoryview]]:
         """Layers of one entry not in the local cache: hot tier first, S3 for what it misses (then promoted)."""
@@ -83,7 +186,7 @@ class Tiers:
             missing = []
             for j in layers:
                 o, h, b = at.layers[j]
-                buf = memoryview(bytearray(h + b))
+                buf = np.empty(h + b, np.uint8).data  # K/V lands in an array, never in Python bytes
                 t0 = time.perf_counter()
                 if self.hot.get_into(hot_key(at.key, o), buf):
                     out[j] = (Header.unpack(buf[:h]), buf[h:])
@@ -95,7 +198,7 @@ class Tiers:
             spans = [at.layers[j] for j in missing]
             lo = min(o for o, _, _ in spans)
             hi = max(o + h + b for o, h, b in spans)
-            view = memoryview(bytearray(hi - lo))
+            view = np.empty(hi - lo, np.uint8).data
             self.objects.read_into(at.key, lo, view)
             self.count("s3", hi - lo, t0)
             promote = []

@@ -72,7 +72,8 @@ class ClusterStore:
 
     def __init__(self, local_dir: str, coord: Coordinator, objects: ObjectStore, *,
                  local_cache_bytes: Optional[int] = None, map_size: int = 1 << 30, max_map_size: int = 1 << 40,
-                 durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None) -> None:
+                 durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None,
+                 hot_pinned_entries: int = 3) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # a cache of what this node owned: stale by now
         self.local = LMDBStore(f"{local_dir}/lmdb", map_size, max_map_size, durable,
                                reserve_bytes=reserve_bytes, snapshot_dir=f"{local_dir}/snapshots")
@@ -84,7 +85,7 @@ class ClusterStore:
         self._lock = threading.RLock()
         self._cached: OrderedDict[tuple[str, int], int] = OrderedDict()  # (stream, entry) -> cached bytes, oldest first
         self._cached_bytes = 0
-        self.tiers = Tiers(objects, hot)  # reads past the local cache: Mooncake (if any), then S3
+        self.tiers = Tiers(objects, hot, hot_pinned_entries)  # reads past the local cache: Mooncake (if any), then S3
         self.address = ""  # this node's address, as announced (set by the node once it listens)
 
     @property
@@ -173,6 +174,7 @@ class ClusterStore:
             meta_key, kv_key = records.object_names(prefix, seq, rec_epoch)
             rec = records.decode(layout, self.objects.get(meta_key), kv_key, meta_key)
             self._apply_local(own, layout, rec, payloads=False)
+        self.tiers.adopt(name, own.where)
         # the head is the last valid record's; taking over moves nothing until the first write, at our epoch
         log.info("took over stream %r at epoch %d: %d log records replayed", name, epoch, len(valid),
                  extra={"stream": name, "epoch": epoch})
@@ -185,6 +187,7 @@ class ClusterStore:
                 self._by_sid.pop(own.sid, None)
             for key in [k for k in self._cached if k[0] == name]:
                 self._cached_bytes -= self._cached.pop(key)
+        self.tiers.release(name)
         with self.local.view() as v:
             stored = next((s for s in v.streams() if s.name == name), None)
         if stored is not None:
@@ -221,7 +224,7 @@ class ClusterStore:
             own.stale = True  # etcd may have taken it: re-read the durable state before serving again
             raise
         own.head = new
-        self.tiers.write_through(kv_key, kv_parts)  # durable now: the hot tier may have it
+        self.tiers.write_through(own.name, kv_key, kv_parts, where)  # durable now: the hot tier may have it
         return where
 
     def _lost(self, own: _Owned) -> None:
@@ -287,6 +290,9 @@ class ClusterStore:
             return {**{m.entry_id: dataclasses.replace(m, nbytes=0, codec="none") for m, _ in rec.commit.degrade},
                     **{m.entry_id: m for m, _ in rec.commit.rewrite}}
         gone = list(c.evict) + [m.entry_id for m, _ in c.degrade]
+        replaced = [own.where[e] for e in gone + [m.entry_id for m, _ in c.rewrite] if e in own.where]
+        if payloads:
+            self.tiers.forget(own.name, replaced)  # their layers leave the hot tier (pinned ones too)
         for eid in gone:
             own.where.pop(eid, None)
         own.where.update(rec.where)
@@ -361,6 +367,7 @@ class ClusterStore:
             except NotOwner:
                 self._lost(own)
                 raise
+        self.tiers.forget(name, list(own.where.values()))
         self.discard(name)
         threading.Thread(target=self._delete_objects, args=(own.prefix,), name="memflow-s3-drop", daemon=True).start()
 
@@ -453,6 +460,7 @@ class ClusterStore:
         """Hand every stream back (so another node can claim it at once), then close the local cache."""
         with self._lock:
             owned = list(self._owned.values())
+        self.tiers.close()  # what is queued for the hot tier goes first
         for own in owned:
             with contextlib.suppress(MemFlowError):
                 self.coord.release(own.name, own.epoch)

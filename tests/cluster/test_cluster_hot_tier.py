@@ -5,7 +5,8 @@ store nodes: one node's frames reach another node without S3, and every hot-tier
   bit-exact;
 - a store node killed -9 mid-run: fetches still succeed (a replica, or S3), bit-exact, nothing acknowledged lost;
 - the master restarted (it loses every key): fetches fall through to S3, bit-exact;
-- a pool too small for the stream (eviction at capacity): the evicted layers come from S3, bit-exact.
+- a pool too small for the stream (eviction at capacity): the newest entries stay (hard-pinned), the evicted layers
+  come from S3, bit-exact.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def test_a_pool_smaller_than_the_stream_evicts_and_reads_fall_through_to_s3(tmp_
             ids = []
             for s in seeds:
                 ids += a.put("big", [big_entry(s)])
+            a.cluster_store.tiers.drain()  # the write-throughs are behind the puts
+            check(a, "big", ids[-3:], seeds[-3:], big_entry)
+            t = tiers(a)
+            assert t["mooncake"] == 3 * BIG.layers and t["s3"] == 0, f"the newest 3 are pinned in the pool: {t}"
             check(a, "big", ids, seeds, big_entry)
             t = tiers(a)
             assert t["s3"] > 0, f"the oldest entries were evicted from the pool and read from S3: {t}"
