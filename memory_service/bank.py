@@ -297,6 +297,10 @@ class MemoryBank:
         s = self._stream(stream)
         with s.lock:
             p = eviction.plan_for(s, 0, 0, self.clock())
+            if not p.evict and not p.degrade and not s.dirty:
+                # nothing to change: no commit (the TTL pruner asks every few seconds; in cluster mode a commit
+                # is an S3 record and an etcd transaction)
+                return PruneResult(evicted=(), degraded=(), reason=p.reason or "within budget")
             degraded = eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
             eviction.mirror(s, p, degraded, s.next_id)
         return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
@@ -304,8 +308,9 @@ class MemoryBank:
     # -- query -----------------------------------------------------------------------------------
     def query(self, stream: str, space: str, vectors, k: int, *, combine: str = "per_layer",
               exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
-              time_range: Optional[tuple[float, float]] = None) -> QueryResult:
-        """Top-k entries of `space` for `vectors`. `exclude_frames=(lo, hi)` skips frames lo <= f < hi."""
+              time_range: Optional[tuple[float, float]] = None, record: bool = True) -> QueryResult:
+        """Top-k entries of `space` for `vectors`. `exclude_frames=(lo, hi)` skips frames lo <= f < hi. With
+        `record=False` its hits do not count yet (a query_fetch counts them with `record_hits` once it succeeded)."""
         s = self._stream(stream)
         q = check_query(s.spec, space, vectors, k, combine, self.config.max_k, exclude_frames, time_range)
         steps: list[tuple[str, float]] = []
@@ -325,7 +330,8 @@ class MemoryBank:
             steps.append(("filter", (time.perf_counter() - t0) * 1e3))
             scores, ids, scanned = s.spaces[space].search(q, k, combine, deny, steps)
             frames = s.frames_of(ids)
-            self._record_hits(s, ids)
+            if record:
+                self._record_hits(s, ids)
         if time.monotonic() - self._last_flush > self.config.hit_flush_interval_s:
             self._flush_soon()  # never inline: a query must not write (nor fail on a full disk)
         return QueryResult(ids=ids, scores=scores, frames=frames, trace=QueryTrace(scanned, tuple(steps)))
@@ -403,9 +409,16 @@ class MemoryBank:
         if plan.include:  # an unknown or keys-only id fails before the query records its hits
             self.fetch_layout(stream, plan.include, plan.layers)
         result = self.query(stream, space, vectors, k, combine=combine, exclude_frames=exclude_frames,
-                            pinned_only=pinned_only, time_range=time_range)
+                            pinned_only=pinned_only, time_range=time_range, record=False)
         fetched = tuple(self.fetch(stream, ids, group_layers) for ids, group_layers in plan.groups(result.ids))
+        self.record_hits(stream, result.ids)  # once the whole call succeeded: a failed one leaves the bank as it was
         return QueryFetchResult(query=result, fetched=fetched)
+
+    def record_hits(self, stream: str, ids: np.ndarray) -> None:
+        """Count a ranking's hits in the retrieval statistics (a query with record=False, once its call succeeded)."""
+        s = self._stream(stream)
+        with s.lock:
+            self._record_hits(s, ids)
 
     def fetch_layout(self, stream: str, ids, layers: Optional[Sequence[int]] = None):
         """(ids, layers, shape, dtype) a fetch would return; raises what the fetch would raise."""

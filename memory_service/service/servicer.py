@@ -189,12 +189,13 @@ class MemoryServicer:
         if request.plane == SHM:
             yield self._query_fetch_shm(who.tenant, request, stream, query, plan)  # the one message (the proto)
             return
-        result = self.bank.query(stream, request.query.space, **query)
+        result = self.bank.query(stream, request.query.space, **query, record=False)
         groups, shapes, sizes, headers = self._planned(stream, plan, result)
         for ids, layers in groups:  # what a fetch would raise, before the header goes
             self.bank.fetch_layout(stream, ids, layers)
         yield convert.query_fetch_header(result, headers, sum(sizes))
         yield from self._coalesced(stream, groups)
+        self.bank.record_hits(stream, result.ids)  # the whole answer went out: its hits count
 
     def _planned(self, stream: str, plan: FetchPlan, result) -> tuple[Any, list, list[int], list]:
         """(groups, their shapes, their sizes in bytes, their FetchHeaders) that `plan` picks from a ranking."""
@@ -216,7 +217,7 @@ class MemoryServicer:
         arena: Any = (self.arenas.use(tenant, request.arena_id, int(request.arena_offset), int(request.arena_bytes))
                       if request.arena_bytes else contextlib.nullcontext())
         with arena as target:
-            result = self.bank.query(stream, request.query.space, **query)
+            result = self.bank.query(stream, request.query.space, **query, record=False)
             groups, shapes, sizes, headers = self._planned(stream, plan, result)
             nbytes = sum(sizes)
             if nbytes > request.arena_bytes:
@@ -237,6 +238,7 @@ class MemoryServicer:
                 pos += n
         if nbytes:
             self.metrics.bytes("shm", "fetch", nbytes)
+        self.bank.record_hits(stream, result.ids)  # the K/V is in the arena: its hits count
         return convert.query_fetch_header(result, headers, nbytes)
 
     def _coalesced(self, stream: str, groups) -> Iterator[bytes]:

@@ -28,3 +28,17 @@ def test_a_failed_background_prune_is_logged_and_the_pruner_keeps_going(tmp_path
         assert len(failures) >= 2, [r.getMessage() for r in caplog.records]
         assert "PermissionDenied" in failures[0].getMessage()
         assert ro.stats("cam0").entries == 3  # nothing half-done
+
+
+def test_a_prune_with_nothing_to_do_writes_nothing(tmp_path):
+    """The TTL pruner asks every few seconds; a prune that changes nothing must not commit (in cluster mode each
+    commit is an S3 record and an etcd transaction), and one that expires something still does."""
+    clock = Clock()
+    with LocalMemory(str(tmp_path), clock=clock) as m:
+        m.create_stream(make_spec(policy="ttl(seconds=10)"))
+        m.put("cam0", [make_entry(i) for i in range(3)])
+        s = m.bank._streams["cam0"]
+        version = s.version
+        assert m.prune("cam0").evicted == () and s.version == version, "a no-op prune committed"
+        clock.t += 11
+        assert m.prune("cam0").evicted == (0, 1, 2) and s.version == version + 1
