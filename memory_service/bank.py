@@ -572,12 +572,14 @@ class MemoryBank:
             self.flush()
         except ResourceExhausted as exc:  # a full disk must not stop a clean close: the store holds every entry
             log.warning("closing without persisting the latest retrieval statistics: %s", exc)
-        if self.config.snapshot_on_close:
-            self.snapshot()
-        self.store.close()
-        self._closed = True
-        if self._dirlock is not None:
-            self._dirlock.release()  # after the store is closed: the next writer finds everything on disk
+        try:
+            if self.config.snapshot_on_close:
+                self.snapshot()
+        finally:  # a snapshot that fails in an unforeseen way still leaves the store closed and the directory free
+            self.store.close()
+            self._closed = True
+            if self._dirlock is not None:
+                self._dirlock.release()  # after the store is closed: the next writer finds everything on disk
 
 
 def _updated(meta: EntryMeta, **changes) -> EntryMeta:
