@@ -99,13 +99,13 @@ def big_entry(seed: int) -> NewEntry:
 
 
 def test_a_pool_smaller_than_the_stream_evicts_and_reads_fall_through_to_s3(tmp_path, etcd_cluster, weed):
-    pool = MooncakeCluster(tmp_path / "pool", stores=1, segment_bytes=16 << 20)  # room for ~7 of 24 entries
+    pool = MooncakeCluster(tmp_path / "pool", stores=1, segment_bytes=16 << 20)  # room for ~7 of 14 entries
     try:
         config = make_config(etcd_cluster, weed, pool)
         a = ClusterBank(str(tmp_path / "a"), BankConfig(), config("a", local_cache_bytes=0))
         try:
             a.create_stream(make_spec("big", kv=BIG))
-            seeds = list(range(24))
+            seeds = list(range(14))
             ids = []
             for s in seeds:
                 ids += a.put("big", [big_entry(s)])
