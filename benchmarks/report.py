@@ -2,7 +2,7 @@
 
 Each results file is JSON lines; a line with `"machine"` describes where and how it ran (host facts and the
 command), the other lines are rows. Every file becomes a table of its rows (columns: the union of keys in
-first-seen order, long lists dropped) plus its PNG if one sits beside it. The section between
+first-seen order, long lists dropped; a table per `bench` when its rows name several) plus its PNG if one sits beside it. The section between
 `<!-- performance:begin -->` and `<!-- performance:end -->` in README.md is replaced; run `make bench` (or
 this script alone after a benchmark) to refresh it.
 
@@ -51,6 +51,23 @@ def render_file(path: Path, readme_dir: Path) -> str:
         rows = [r for r in rows if r.get("row") == "summary"]
         out.append(f"Summary rows only; {total - len(rows)} samples over time are in the JSON lines and the plot.")
         out.append("")
+    groups: dict[str, list[dict]] = {}  # a file whose rows name several kinds of measurement (`bench`) gets a table per kind
+    for row in rows:
+        groups.setdefault(row.get("bench", ""), []).append(row)
+    for kind, group in groups.items():
+        if len(groups) > 1:
+            out += ([""] if out[-1] else []) + [f"#### {kind or 'other'}", ""]
+            group = [{k: v for k, v in r.items() if k != "bench"} for r in group]  # the heading says it
+        out += _table(group, path, readme_dir)
+    png = path.with_suffix(".png")
+    if png.exists():
+        out += ["", f"![{path.stem}]({png.relative_to(readme_dir).as_posix()})"]
+    return "\n".join(out) + "\n"
+
+
+def _table(rows: list[dict], path: Path, readme_dir: Path) -> list[str]:
+    """Rows as a markdown table: columns the union of keys in first-seen order; one value in every row is said once."""
+    out: list[str] = []
     cols: list[str] = []
     for row in rows:
         for key, value in row.items():
@@ -70,10 +87,7 @@ def render_file(path: Path, readme_dir: Path) -> str:
             out.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
         if len(rows) > MAX_ROWS:
             out.append(f"\n({len(rows) - MAX_ROWS} more rows in `{path.relative_to(readme_dir)}`)")
-    png = path.with_suffix(".png")
-    if png.exists():
-        out += ["", f"![{path.stem}]({png.relative_to(readme_dir).as_posix()})"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def render(results: Path, readme_dir: Path) -> str:
