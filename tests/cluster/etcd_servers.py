@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ports import free_ports
 
 HEALTHY_WITHIN_S = 20.0
 
@@ -37,20 +38,6 @@ def etcd_binary() -> str:
     if found is None:
         pytest.skip("no etcd binary beside the interpreter or on PATH: `make test` installs it (the `cluster` extra)")
     return found
-
-
-def _free_ports(n: int) -> list[int]:
-    # all bound at once so the n ports differ; etcd binds them a moment later (the usual small race)
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _healthy(client_port: int) -> bool:
@@ -68,7 +55,7 @@ class EtcdCluster:
         self.base = Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
         self.binary = etcd_binary()
-        ports = _free_ports(2 * n)
+        ports = free_ports(2 * n)
         self.client_ports, self.peer_ports = ports[:n], ports[n:]
         self.endpoints = [f"http://127.0.0.1:{c}" for c in self.client_ports]
         self._initial = ",".join(f"e{i + 1}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))

@@ -24,7 +24,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ports import free_ports
 
 READY_WITHIN_S = 30.0
 SEGMENT_BYTES = 128 << 20  # per store node: small (these machines share 24 GB), yet room for a 64 MB object
@@ -67,20 +68,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together while choosing, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class MooncakeCluster:
     """A master and `stores` store nodes on loopback; see the module doc."""
 
@@ -89,7 +76,7 @@ class MooncakeCluster:
         self.base = Path(base_dir)
         self.base.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
-        self.rpc_port, self.metadata_port, self.metrics_port, *self.store_ports = _free_ports(3 + stores)
+        self.rpc_port, self.metadata_port, self.metrics_port, *self.store_ports = free_ports(3 + stores)
         self.master = f"127.0.0.1:{self.rpc_port}"
         self.metadata = f"http://127.0.0.1:{self.metadata_port}/metadata"
         self.env = {**os.environ, "MC_TCP_BIND_ADDRESS": "127.0.0.1", "MC_LOG_LEVEL": "INFO"}

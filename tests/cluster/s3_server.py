@@ -15,7 +15,6 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import urllib.request
 
 import pytest
 
+from ports import free_ports
+
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "memflow-test", "AWS_SECRET_ACCESS_KEY": "memflow-test-secret"}
 _PORTS = ("master", "volume", "filer", "s3", "admin")  # each also has a gRPC port: both chosen here, none derived
 
@@ -32,20 +33,6 @@ _PORTS = ("master", "volume", "filer", "s3", "admin")  # each also has a gRPC po
 def weed_binary() -> str | None:
     here = os.path.join(os.path.dirname(sys.executable), "weed")
     return here if os.access(here, os.X_OK) else shutil.which("weed")
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together while choosing, so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _socket_files() -> set[str]:
@@ -62,7 +49,7 @@ class WeedServer:
         self.binary = binary
         self.base_dir = str(base_dir)
         self.ready_timeout_s = ready_timeout_s
-        ports = _free_ports(2 * len(_PORTS))
+        ports = free_ports(2 * len(_PORTS))
         self.ports = {name: (ports[2 * i], ports[2 * i + 1]) for i, name in enumerate(_PORTS)}  # (http, grpc)
         self.endpoint = f"http://127.0.0.1:{self.ports['s3'][0]}"
         self.proc: subprocess.Popen[bytes] | None = None

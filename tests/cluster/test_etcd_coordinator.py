@@ -15,7 +15,8 @@ import uuid
 
 import etcd3gw
 import pytest
-from etcd_servers import EtcdCluster, _free_ports
+from etcd_servers import EtcdCluster
+from ports import free_ports
 from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
 
 from memory_service import errors
@@ -114,7 +115,7 @@ def test_parse_endpoints():
 
 
 def test_unreachable_etcd_at_start_is_unavailable():
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     with pytest.raises(errors.Unavailable, match=f"127.0.0.1:{port}"):
         Coordinator([f"etcd://127.0.0.1:{port}"], "n1", timeout_s=0.5)
 
