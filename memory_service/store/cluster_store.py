@@ -38,7 +38,7 @@ from memory_service.cluster.tiers import Tiers
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import MemFlowError, NotFound, NotOwner, Unavailable
 from memory_service.store.base import Commit, Contents, StoredStream, StreamLayout
-from memory_service.store.codec import Header, body_bytes, check_raw, decode_into, encode
+from memory_service.store.codec import Header, body_bytes, decode_into, encode, fetched_view
 from memory_service.store.lmdb_store import LMDBStore
 from memory_service.types import EntryMeta, StreamSpec
 
@@ -527,14 +527,8 @@ class ClusterView:
             except NotFound:  # cached after this view began (a rewrite): S3 has it
                 pass
         header, body = self._store.read_through(layout, eid, [layer])[layer]
-        what = f"stream {layout.name!r} entry {eid} layer {layer} (S3)"
-        if header.codec == "raw":
-            check_raw(header, body, layout.np_dtype, True, what)
-            view = body
-        else:
-            tmp = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
-            decode_into(header, body, tmp, True, what)
-            view = memoryview(tmp.reshape(-1).view(np.uint8))
+        view = fetched_view(header, body, layout.layer_shape, layout.np_dtype, True,
+                            f"stream {layout.name!r} entry {eid} layer {layer} (S3)")
         if verified is not None:
             verified[eid] = verified.get(eid, 0) | (1 << layer)
         return view

@@ -115,3 +115,14 @@ def check_raw(header: Header, body: memoryview | bytes, dtype: np.dtype, verify:
     if header.codec != "raw":
         raise DataLoss(f"{what} is stored as {header.codec!r}, expected raw")
     check(header, body, header.shape, dtype, verify, what)
+
+
+def fetched_view(header: Header, body: memoryview | bytes, layer_shape: tuple, dtype: np.dtype, verify: bool,
+                 what: str) -> memoryview:
+    """One layer's bytes as a fetch returns them: a raw body as it is stored (no copy), another codec decoded."""
+    if header.codec == "raw":
+        check_raw(header, body, dtype, verify, what)
+        return memoryview(body)
+    tmp = np.empty(layer_shape, dtype)  # [2, T, H, D]
+    decode_into(header, body, tmp, verify, what)
+    return memoryview(tmp.reshape(-1).view(np.uint8))

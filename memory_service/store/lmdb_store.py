@@ -23,7 +23,7 @@ import numpy as np
 
 from memory_service.errors import NotFound
 from memory_service.store.base import Commit, Contents, NewEntries, StoredStream, StreamLayout
-from memory_service.store.codec import Header, body_bytes, check_raw, decode_into, encode
+from memory_service.store.codec import Header, body_bytes, decode_into, encode, fetched_view
 from memory_service.store.lmdb_env import LMDBEnv, Reader, Writer, as_bytes
 from memory_service.store.records import dumps, entry_from, loads, meta_json, stats_json
 from memory_service.types import EntryMeta
@@ -116,14 +116,8 @@ class LMDBView(Reader):
             raise NotFound(f"entry {eid} of stream {layout.name!r} was deleted during the fetch")
         header, body = Header.unpack(head), self.get("pbody", key)
         verify = verified is not None and not (verified.get(eid, 0) >> layer) & 1
-        what = f"stream {layout.name!r} entry {eid} layer {layer}"
-        if header.codec == "raw":
-            check_raw(header, body, layout.np_dtype, verify, what)
-            view = memoryview(body)
-        else:
-            tmp = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
-            decode_into(header, body, tmp, verify, what)
-            view = memoryview(tmp.reshape(-1).view(np.uint8))
+        view = fetched_view(header, body, layout.layer_shape, layout.np_dtype, verify,
+                            f"stream {layout.name!r} entry {eid} layer {layer}")
         if verified is not None:
             verified[eid] = verified.get(eid, 0) | (1 << layer)
         return view
