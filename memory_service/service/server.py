@@ -57,11 +57,20 @@ class MemoryServer:
             )
         if bool(config.tls_cert) != bool(config.tls_key):
             raise InvalidArgument("TLS needs both --tls-cert and --tls-key; got only one")
+        made_here = bank is None  # then this server closes it, also when the rest of __init__ fails
         if bank is None and config.cluster.enabled:
             from memory_service.cluster.node import ClusterBank  # etcd3gw and boto3: only in cluster mode
 
             bank = ClusterBank(config.data_dir, config.bank, config.cluster)
         self.bank = bank or MemoryBank(config.data_dir, config.bank)
+        try:
+            self._build(config)
+        except BaseException:
+            if made_here:  # nothing else will close it: its directory lock (and in cluster mode its lease) go now
+                self.bank.close()
+            raise
+
+    def _build(self, config: ServiceConfig) -> None:
         self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels,
                                tier_stats=getattr(self.bank, "tier_stats", None))  # cluster mode's tiers
         self.interceptor = ServiceInterceptor(self.auth, self.metrics)

@@ -65,3 +65,15 @@ def test_address_not_of_this_machine(tmp_path):
     line = serve_fails(str(tmp_path / "bank"), "--host", NOT_HERE, "--insecure")
     assert f"{NOT_HERE}:" in line and "not one of this machine's" in line, line
     assert "127.0.0.1" in line, line  # what to do instead
+
+
+def test_a_server_that_fails_to_build_frees_its_data_directory(tmp_path):
+    """A MemoryServer whose __init__ fails after opening its bank closes the bank: the directory's lock goes (a
+    retry in the same process finds it free), and in cluster mode the node's lease would go with it."""
+    from memory_service.config import ServiceConfig
+    from memory_service.service.server import MemoryServer
+
+    with pytest.raises(ValueError):
+        MemoryServer(ServiceConfig(data_dir=str(tmp_path), port=0, workers=0))  # the thread pool refuses 0 workers
+    with LocalMemory(str(tmp_path)) as m:  # not "in use by another process"
+        assert m.list_streams() == []
