@@ -94,5 +94,9 @@ class Guard:
         if failed:
             log.warning("memory %s works again after %d failed call(s)", what, failed)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the memory thread, waiting at most `timeout_s` for the call it runs (a memory that hangs never holds
+        the generator up): a call that finishes in time lets go of what it held (arena views) before this returns."""
         self._tasks.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)

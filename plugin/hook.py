@@ -421,7 +421,7 @@ class MemFlowPlugin:
         if self.writer is not None:
             self.writer.flush(timeout_s)
             self.writer.close()
-        self._guard.close()
+        self._guard.close(timeout_s)
         if self._prefetch is not None:  # its staged frames hold arena leases and a staging lane
             self._prefetch[1].cancel()
             self._prefetch = None
