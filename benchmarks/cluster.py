@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "cluster"))
 sys.path.insert(0, str(HERE.parent / "tests" / "service"))
 
-from common import RESULTS, Results, percentiles  # noqa: E402
+from common import RESULTS, Results, percentiles, timed  # noqa: E402
 from etcd_servers import EtcdCluster  # noqa: E402
 from mooncake_servers import MooncakeCluster  # noqa: E402
 from nodes import LEASE_TTL_S, Cluster  # noqa: E402
@@ -272,16 +272,6 @@ WAN_HEADS, WAN_DIM, WAN_LAYERS, WAN_TOKENS = 12, 128, 30, 1560  # Wan2.1-1.3B: 9
 TIER_SHAPES = {"layer": (1, 3), "whole": (WAN_LAYERS, 1)}  # shape -> (layers per entry, frames fetched)
 STAGING = 32 << 20  # MooncakeTier's staging buffer: above one layer span (9.58 MB and its header)
 
-
-def timed(fn, reps: int, warm: bool = True) -> list[float]:
-    if warm:
-        fn()  # outside the timing: a channel, first-touch of pages
-    lat = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t)
-    return lat
 
 
 def memcpy(nbytes: int, reps: int) -> list[float]:

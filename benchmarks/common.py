@@ -87,6 +87,19 @@ def progress(iterable=None, **kw):
     return tqdm(iterable, disable=not _is_terminal(stream), **kw)
 
 
+def timed(fn, reps: int, warm: bool = True) -> list[float]:
+    """Seconds of each of `reps` calls of `fn`; with `warm`, one call first outside the timing (a channel's set-up,
+    first-touch of pages)."""
+    if warm:
+        fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def percentiles(samples_s: Iterable[float]) -> tuple[float, float]:
     """(p50, p99) in milliseconds."""
     arr = np.asarray(list(samples_s), np.float64) * 1e3

@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, percentiles, running_service  # noqa: E402
+from common import RESULTS, Results, percentiles, running_service, timed  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, MemoryClient, NewEntry, StreamSpec  # noqa: E402
 from memory_service.wire import convert  # noqa: E402
@@ -73,15 +73,6 @@ def start_raw() -> tuple[subprocess.Popen, str]:
 
 
 # ---- measurements -------------------------------------------------------------------------------------
-
-def timed(fn, reps: int) -> list[float]:
-    fn()  # warm-up: first-touch faults, connection set-up
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def raw_fetch(channel: grpc.Channel, nbytes: int) -> None:
