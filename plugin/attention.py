@@ -148,9 +148,6 @@ class MemoryFence:
             if recorded:
                 stream.wait_event(self.ready[layer])
 
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
 
 @dataclass(frozen=True)
 class ChunkMemory:

@@ -3,12 +3,13 @@
 Owns the fan-out of the two hooks over a batched KV cache (`[B, tokens, H, D]` per layer). Sample `b` gets a
 `MemFlowPlugin` of its own (slots in row `b` of the cache's memory region through `adapter.for_sample(b)`,
 its own stream `f"{config.stream}-{b}"`, its own write-back and fail-open guard), so no sample ever attends
-another sample's frames. The generator's attention reads one contiguous view for the whole batch, so every
-sample attends the same number of memory frames per layer: the batch's `ChunkMemory` takes, per layer, the
-fewest any sample loaded (a sample with more attends its last ones - each layer's active frames are
-right-aligned - and `last_reports` says what each loaded). With every sample's bank empty, or the plugin
-off, the batch is the bare model's, bit for bit. On CUDA the batch's attention waits for every sample's slot
-copies (each plugin's fence).
+another sample's frames; all samples share one pinned-memory budget (`config.pinned_bytes` bounds the whole
+batch) and their client's arena registrations (pinned.py). The generator's attention reads one contiguous view
+for the whole batch, so every sample attends the same number of memory frames per layer: the batch's
+`ChunkMemory` takes, per layer, the fewest any sample loaded (a sample with more attends its last ones - each
+layer's active frames are right-aligned - and `last_reports` says what each loaded). With every sample's bank
+empty, or the plugin off, the batch is the bare model's, bit for bit. On CUDA the batch's attention waits for
+every sample's slot copies (each plugin's fence).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from plugin.adapters.base import GeneratorAdapter
 from plugin.attention import NO_MEMORY, ChunkMemory
 from plugin.config import MemFlowConfig
 from plugin.hook import ChunkReport, MemFlowPlugin, PluginStats
+from plugin.pinned import PinnedBudget
 
 
 class _Fences:
@@ -57,10 +59,13 @@ class MemFlowBatch:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
         self.batch, self.config = batch, config
         self.plugins: list[MemFlowPlugin] = []
+        # one pinned budget for the batch (config.pinned_bytes bounds all its samples together, not each one), and
+        # the samples share the client's arena registrations (ArenaPins.shared): each arena is pinned once
+        self.pinned = PinnedBudget(config.pinned_bytes)
         try:
             for b in range(batch):
                 self.plugins.append(MemFlowPlugin(memory, config.replace(stream=f"{config.stream}-{b}"),
-                                                  adapter.for_sample(b)))
+                                                  adapter.for_sample(b), pinned=self.pinned))
         except BaseException:
             self.close()
             raise

@@ -18,7 +18,8 @@ generator's own errors (a cache without memory slots, chunks out of order) do ra
 computed on the generator's thread (once per prompt); every memory call runs on the guard's thread.
 On CUDA a plugin owns one `MemoryFence` (its copy stream on the cache's device and the events, made once, that
 order its copies against the generator's attention; attention.py) and one `PinnedBudget` (`pinned_bytes`: every
-page-locked byte of write-back staging, load staging and registered shared-memory arenas; pinned.py). The
+page-locked byte of write-back staging, load staging and registered shared-memory arenas; pinned.py; a
+`MemFlowBatch` gives all its samples one budget) and shares its memory client's `ArenaPins`. The
 `ChunkMemory` it returns is valid for that chunk only, and carries the adapter's `attention_fn` when it has one.
 """
 
@@ -102,7 +103,8 @@ class MemFlowPlugin:
     `last_report` and `stats()` say what happened. (docs/adopting.md: the real pipelines' cache shapes.)
     """
 
-    def __init__(self, memory: Memory, config: MemFlowConfig, adapter: GeneratorAdapter) -> None:
+    def __init__(self, memory: Memory, config: MemFlowConfig, adapter: GeneratorAdapter, *,
+                 pinned: Optional[PinnedBudget] = None) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
         if not isinstance(adapter, GeneratorAdapter):
@@ -115,11 +117,12 @@ class MemFlowPlugin:
         self.memory_frames = config.memory_frames
         self.workspace = AttentionWorkspace()
         cuda = self.layout.device.type == "cuda" and config.enabled
-        # one budget for every page-locked byte of this plugin; one fence (copy stream + reused events) on the
-        # cache's device orders all its copies against the generator's attention (attention.py)
-        self.pinned = PinnedBudget(config.pinned_bytes)
+        # one budget for every page-locked byte of this plugin (`pinned`: a batch's one budget, shared by its samples);
+        # one fence (copy stream + reused events) on the cache's device orders all its copies against the
+        # generator's attention (attention.py); one ArenaPins per memory client, so an arena is registered once
+        self.pinned = pinned if pinned is not None else PinnedBudget(config.pinned_bytes)
         self.fence = MemoryFence(self.layout.device, self.layout.layers) if cuda else None
-        self.pins = ArenaPins(self.pinned, device=self.layout.device) if cuda else None
+        self.pins = ArenaPins.shared(memory, self.pinned, self.layout.device) if cuda else None
         self.slots = MemorySlots(self.layout, self.memory_frames, budget=self.pinned, fence=self.fence, pins=self.pins)
         self.last_report: Optional[ChunkReport] = None
         self._guard = Guard()

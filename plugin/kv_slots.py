@@ -16,11 +16,14 @@ Owns which bank entry sits in which slot of which layer, and every copy into the
   copied to the GPU in place (`non_blocking`, one host copy on the whole path); any other is copied into one of
   `LANES` = 2 pinned staging lanes (double-buffered: chunk n+1's stage fills the other lane while chunk n's
   copies still read theirs), bounded by the plugin's pinned budget; what fits in neither is copied from
-  pageable memory, synchronously (slower, the same bytes);
-- a lane is rewritten only after the copies that read it have finished (its event, waited for on the memory
-  thread), and a staged result is committed only while its lane still holds it (generation check), so no copy
-  ever reads staging that a later stage has overwritten; the fetched arrays an in-place copy reads (and their
-  arena leases) are held until that copy has finished.
+  pageable memory (slower, the same bytes) - issued like the others, with no host sync of the copy stream by
+  the plugin (a synchronous copy would wait for everything the copy stream waits on: the generator's queued
+  work); only the driver's own staging of pageable bytes may hold the call;
+- a lane is rewritten only after the copies that read it have finished (its event, made with blocking sync:
+  the memory thread that waits for it sleeps, it never spins a core), and a staged result is committed only
+  while its lane still holds it (generation check), so no copy ever reads staging that a later stage has
+  overwritten; the host arrays a commit's copies read (a registered arena's fetched arrays, with their arena
+  leases, and pageable ones) are held by the lane until those copies have finished.
 `plan` and `stage` run on the memory thread, one at a time (they read the slot table, which only `commit`
 changes, on the generator's thread, after the staged result was awaited); a plan staged against an older
 table is refused.
@@ -90,7 +93,8 @@ class _Lane:
         self.staging: Optional[torch.Tensor] = None  # [rows, 2, N, H, D], made on first need
         self.allocated = False
         self.reserved = 0  # bytes of the plugin's pinned budget it holds
-        self.event = torch.cuda.Event() if cuda else None  # re-recorded by every commit through this lane
+        # re-recorded by every commit through this lane; blocking: a host wait for it sleeps instead of spinning
+        self.event = torch.cuda.Event(blocking=True) if cuda else None
         self.pending = False  # the event was recorded and not yet waited for
         self.held: tuple[torch.Tensor, ...] = ()  # host tensors the pending copies read
         self.generation = 0
@@ -319,10 +323,12 @@ class MemorySlots:
                     v_region[j * n:(j + 1) * n].copy_(v_region[src * n:(src + 1) * n])
                     moved += 1
                 else:
-                    frame, locked = source[(e, layer)]
-                    # page-locked: an async DMA; pageable: a synchronous copy (non_blocking would be too)
-                    k_region[j * n:(j + 1) * n].copy_(frame[0], non_blocking=locked)
-                    v_region[j * n:(j + 1) * n].copy_(frame[1], non_blocking=locked)
+                    frame, _ = source[(e, layer)]
+                    # page-locked: an async DMA. Pageable too: a blocking copy would synchronize the whole copy
+                    # stream (and so wait for the generator's queued work); the lane holds the source until the
+                    # copy is done, so nothing frees it early (CPU tensors: a plain copy either way)
+                    k_region[j * n:(j + 1) * n].copy_(frame[0], non_blocking=True)
+                    v_region[j * n:(j + 1) * n].copy_(frame[1], non_blocking=True)
                     index = j - (cap - m)  # its place among the layer's active frames, attention order
                     adapter.load_keys(k_region[j * n:(j + 1) * n], frames[e],
                                       adapter.memory_position(frames[e], index, m))

@@ -13,7 +13,8 @@ Owns the path from a frame in the KV cache to an entry in the bank. Promises:
   the generator's current stream and every attention stream, so they read the chunk's K/V once written,
   whichever stream wrote them; the generator's streams then wait (on the GPU, no host sync) for the copies
   before their next work, so rolling the window cannot move a frame that is still being read. Each staging
-  slot has one CUDA event, made once and re-recorded: nothing is allocated per write;
+  slot has one CUDA event, made once and re-recorded (nothing is allocated per write), with blocking sync: the
+  writer thread waits for it asleep, never spinning a core;
 - read-your-writes for retrieval: `wait_frames_below` lets a query wait (bounded) for pending writes of
   frames that have just become eligible, so results do not depend on thread timing;
 - retrieval first: a write submitted with `hold=True` (the plugin's after_chunk) waits until
@@ -87,7 +88,8 @@ class WriteBack:
                           if cuda else None)
         self._unrotated = torch.empty((lay.tokens_per_frame, lay.heads, lay.head_dim), dtype=lay.dtype,
                                       device=lay.device)
-        self._events = [torch.cuda.Event() for _ in range(queue_size)] if cuda else []  # one per staging slot
+        # one per staging slot; blocking: the writer thread's wait for it sleeps instead of spinning a core
+        self._events = [torch.cuda.Event(blocking=True) for _ in range(queue_size)] if cuda else []
         if fence is not None:
             for t in (self._keys_dev, self._unrotated):
                 t.record_stream(fence.stream)  # used on the copy stream only

@@ -34,3 +34,23 @@ def test_a_registered_arena_is_pinned_and_copied_from_by_dma():
     pins.sweep()
     assert budget.used == 0 and pins.unregistered == 1
     pins.close()
+
+
+def test_a_refused_registration_leaves_no_cuda_error_for_the_next_kernel():
+    """CUDA refuses to register pages twice (cudaErrorHostMemoryAlreadyRegistered) and keeps that error as the
+    thread's last error; unconsumed, the next kernel launch's check would raise it. ArenaPins consumes it."""
+    arena = Arena(8 << 20)
+    _, region = arena.lease(1 << 20)
+    arr = np.frombuffer(region, np.uint8)
+    first = ArenaPins(PinnedBudget(64 << 20))
+    second = ArenaPins(PinnedBudget(64 << 20))  # not shared: it tries to register the same pages again
+    assert first.direct(arr)
+    assert not second.direct(arr) and second.refused == 1 and second.errors_cleared == 1
+    x = torch.arange(4, device="cuda")
+    assert torch.equal((x + 1).cpu(), torch.arange(1, 5))  # an unrelated kernel: no stale error reported
+    torch.cuda.synchronize()
+    del arr, region
+    arena.close()
+    second.close()
+    first.close()
+    assert first.unregistered == 1 and first.budget.used == 0

@@ -227,6 +227,23 @@ def test_prefetch_under_slow_memory_gives_the_same_video(cuda_model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ref_out, outputs))
 
 
+def test_pageable_copies_past_the_pinned_budget_give_the_same_video(cuda_model, tmp_path):
+    """No pinned budget: write-back, load staging and arenas all pageable. Slot loads are still issued on the copy
+    stream without a host sync (the lane holds their sources until its event): the delayed copy stream must
+    still be waited for by attention, and the results match the pinned run bit for bit."""
+    ref_out, _, ref_bank = reference_run(cuda_model, tmp_path)
+    with LocalMemory(str(tmp_path / "pageable")) as memory:
+        plugin = make_plugin(memory, cuda_model, pinned_bytes=0)
+        outputs, reports, _ = stream_script(cuda_model, plugin, SCRIPT, slow_copies=True)
+        stats = plugin.stats()
+        bank = bank_kv(memory, plugin)
+        plugin.close()
+    assert stats.fallbacks == 0 and stats.frames_pageable > 0 and stats.frames_staged == 0
+    assert stats.pinned_bytes == 0
+    assert all(torch.equal(a, b) for a, b in zip(ref_out, outputs))
+    assert bank.keys() == ref_bank.keys() and all(np.array_equal(bank[f], ref_bank[f]) for f in bank)
+
+
 def test_unrotated_keys_are_rotated_in_place_in_the_slots(cuda_model, tmp_path):
     with LocalMemory(str(tmp_path / "bank")) as memory:
         plugin = make_plugin(memory, cuda_model, store_rotated=False)

@@ -7,6 +7,8 @@ runs with CPU tensors, where every check is about which buffer holds which bytes
 
 import contextlib
 import gc
+import mmap
+import weakref
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memory_service import MemoryClient
+from plugin import MemFlowBatch, MemFlowConfig, SelfForcingAdapter
 from plugin.attention import ChunkMemory, cache_attention, sdpa_attention
 from plugin.kv_slots import LANES, MemorySlots
 from plugin.pinned import ArenaPins, PinnedBudget, backing_mmap
@@ -173,6 +176,76 @@ def test_arena_pins_respect_the_budget(tiny_model):
         assert not pins.direct(arr) and not pins.direct(arr)
         assert registered == [] and budget.used == 0 and budget.refused == 1 and pins.refused == 1
         plugin.close()
+
+
+def test_a_refused_registration_clears_the_cuda_error_it_left_and_falls_back_counted():
+    """cudaHostRegister / cudaHostUnregister that fail leave the runtime's "last error", which the next kernel
+    launch on the thread would report as its own: ArenaPins consumes it at once and copies through staging."""
+    calls = []
+    budget = PinnedBudget(1 << 30)
+    refuse = {"reg": True, "unreg": True}
+    pins = ArenaPins(budget, register=lambda p, s: calls.append("reg") or not refuse["reg"],
+                     unregister=lambda p: calls.append("unreg") or not refuse["unreg"],
+                     clear_error=lambda: calls.append("clear") or True)
+    mm = mmap.mmap(-1, 1 << 16)
+    arr = np.frombuffer(mm, np.uint8)[4096:]
+    assert not pins.direct(arr) and not pins.direct(arr)  # refused once, not retried for the same mapping
+    assert calls == ["reg", "clear"] and pins.refused == 1 and pins.errors_cleared == 1 and budget.used == 0
+    refuse["reg"] = False
+    mm2 = mmap.mmap(-1, 1 << 16)
+    assert pins.direct(np.frombuffer(mm2, np.uint8)) and budget.used == len(mm2)
+    del arr
+    mm2.close()
+    pins.sweep()  # its unregistration fails too: cleared, and the budget still goes back
+    assert calls == ["reg", "clear", "reg", "unreg", "clear"] and pins.errors_cleared == 2
+    assert pins.unregistered == 1 and budget.used == 0
+    pins.close()
+    mm.close()
+
+
+def test_arena_pins_hold_an_arena_only_weakly():
+    """An arena the client drops (here: the last reference to its mapping goes) is unmapped, never kept alive by
+    the registration; the next sweep unregisters it and gives its bytes back to the budget."""
+    unregistered = []
+    budget = PinnedBudget(1 << 30)
+    pins = ArenaPins(budget, register=lambda p, s: True, unregister=lambda p: unregistered.append(p) or True)
+    mm = mmap.mmap(-1, 1 << 16)
+    arr = np.frombuffer(mm, np.uint8)
+    base = arr.__array_interface__["data"][0]
+    assert pins.direct(arr) and budget.used == len(mm)
+    probe = weakref.ref(mm)
+    del arr, mm
+    gc.collect()
+    assert probe() is None  # nothing in ArenaPins kept the mapping
+    pins.sweep()
+    assert unregistered == [base] and budget.used == 0 and pins.pinned_bytes == 0
+    pins.close()
+
+
+def test_the_plugins_of_one_client_share_its_arena_pins_and_a_batch_one_budget(tiny_model, local_memory):
+    budget = PinnedBudget(1 << 30)
+    a = ArenaPins.shared(local_memory, budget)
+    b = ArenaPins.shared(local_memory, PinnedBudget(1))  # a second user gets the first one's instance
+    assert a is b and a.budget is budget
+    other = ArenaPins.shared(type("OtherClient", (), {})(), PinnedBudget(1))
+    assert other is not a
+    unregistered = []
+    a._unregister = lambda p: unregistered.append(p) or True
+    a._register = lambda p, s: True
+    mm = mmap.mmap(-1, 1 << 16)
+    assert a.direct(np.frombuffer(mm, np.uint8)) and b.direct(np.frombuffer(mm, np.uint8)) and a.registered == 1
+    a.close()
+    assert unregistered == [] and budget.used == len(mm)  # one user left: the registration stays
+    b.close()
+    assert len(unregistered) == 1 and budget.used == 0
+    assert ArenaPins.shared(local_memory, budget) is not a  # closed by its last user: a fresh one next time
+    mm.close()
+    config = MemFlowConfig(stream="batch-budget", deadline_s=30.0, prefetch=False, pinned_bytes=5 << 20)
+    batch = MemFlowBatch(local_memory, config, SelfForcingAdapter.for_reference(tiny_model), 3)
+    try:
+        assert all(p.pinned is batch.pinned for p in batch.plugins) and batch.pinned.limit == 5 << 20
+    finally:
+        batch.close()
 
 
 @pytest.mark.parametrize("store_rotated", [True, False])
