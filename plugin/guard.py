@@ -73,7 +73,9 @@ class Guard:
         try:
             return True, fut.result(timeout=max(0.0, timeout_s))
         except FutureTimeout:
-            return False, f"no answer within the {timeout_s * 1e3:.0f} ms deadline"
+            if timeout_s <= 0:  # the caller's own work before the wait used up the whole deadline
+                return False, "no time left of the deadline when the wait began (the chunk's own work used it up)"
+            return False, f"no answer within the {timeout_s * 1e3:.0f} ms left of the deadline"
         except Exception as exc:  # noqa: BLE001
             return False, f"{type(exc).__name__}: {exc}"
 
