@@ -26,10 +26,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under a time limit; a failure o
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s)" >&2
+    local began=$(date +%s)
     timeout --kill-after=15 "$limit" "$@"
-    local rc=$?
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    local rc=$? took=$(( $(date +%s) - began ))
+    if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$took" -ge "$limit" ]; then
         echo "gpu_check: '$name' ran past its ${limit} s limit and was stopped" >&2
+    elif [ "$rc" -eq 137 ]; then
+        echo "gpu_check: '$name' was killed after ${took} s (SIGKILL from outside: out of memory?)" >&2
     elif [ "$rc" -ne 0 ]; then
         echo "gpu_check: '$name' failed (exit status $rc)" >&2
     fi
