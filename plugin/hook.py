@@ -145,6 +145,7 @@ class MemFlowPlugin:
         try:
             opened.result(timeout=max(1.0, 10 * config.deadline_s))
         except StreamConflict:
+            self.close(timeout_s=1.0)  # the writer's thread, the guard's, and this plugin's share of the arena pins
             raise
         except Exception as exc:  # noqa: BLE001 - memory down at start: retried before each memory call
             self._guard.failure("read", f"opening stream {config.stream!r}: {type(exc).__name__}: {exc}")

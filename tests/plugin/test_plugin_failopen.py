@@ -5,6 +5,8 @@ closed under the plugin, and a real gRPC service killed with SIGKILL.
 """
 
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -108,10 +110,17 @@ def test_a_second_video_never_continues_the_first_videos_stream_silently(tiny_mo
         first.close()
         recorded = memory.stats(defaults.stream).entries
         assert recorded == 2  # chunks 3 and 6
+        first.writer._thread.join(10.0)
+        writers = sum(t.name == "memflow-writeback" and t.is_alive() for t in threading.enumerate())
         with pytest.raises(StreamConflict, match=r"stream 'memflow' already exists .*MemFlowConfig\(stream=\.\.\.\)"
                                                  r".*on_existing='reuse' to continue it"):
             MemFlowPlugin(memory, defaults, adapter)
         assert memory.stats(defaults.stream).entries == recorded  # refused before touching the stream
+        for _ in range(200):  # the refused plugin was closed: its writer thread ends (bounded wait, no timing asserted)
+            if sum(t.name == "memflow-writeback" and t.is_alive() for t in threading.enumerate()) == writers:
+                break
+            time.sleep(0.05)
+        assert sum(t.name == "memflow-writeback" and t.is_alive() for t in threading.enumerate()) == writers
         MemFlowPlugin(memory, defaults.replace(on_existing="reuse"), adapter).close()
         assert memory.stats(defaults.stream).entries == recorded
         MemFlowPlugin(memory, defaults.replace(stream="video-2"), adapter).close()  # its own stream: no question
