@@ -133,6 +133,7 @@ class MemFlowPlugin:
         self._prefetch: Optional[tuple[tuple[int, str], Any]] = None
         self._bound_caches: Optional[tuple[int, ...]] = None  # ids of the caches bound, and their regions'
         self._cache_marks: tuple = ()  # fingerprints (adapter.check_cache): a reallocation is refused
+        self._pins_released = False
         self._chunks = self._retrievals = self._fallbacks = self._loaded = self._moved = 0
         self._prefetch_hits = self._prefetch_misses = 0
         self.writer: Optional[WriteBack] = None
@@ -430,7 +431,8 @@ class MemFlowPlugin:
             self._prefetch[1].cancel()
             self._prefetch = None
         self.slots.close()  # waits for the copies still reading host staging or the arenas, then lets them go
-        if self.pins is not None:
+        if self.pins is not None and not self._pins_released:  # once: the pins may be shared with other plugins
+            self._pins_released = True
             self.pins.close()
 
     def __enter__(self) -> "MemFlowPlugin":

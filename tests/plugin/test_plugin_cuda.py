@@ -296,6 +296,32 @@ def test_memory_client_over_shm_copies_from_the_registered_arena(cuda_model, tmp
     assert all(torch.equal(a, b) for a, b in zip(ref_out, outputs))
 
 
+def test_a_batch_over_shm_registers_the_arena_once_and_copies_every_sample_from_it(cuda_model):
+    """Each sample's plugin used to register the client's arena itself: CUDA refused the second registration, so
+    only sample 0 copied from the arena. Now the samples share one ArenaPins (and one pinned budget)."""
+    config = MemFlowConfig(stream="shm-batch", deadline_s=30.0, prefetch=False, record_interval=1)
+    with MemoryClient(shared_service(), plane="shm") as client:
+        batch = MemFlowBatch(client, config.replace(on_existing="replace"), SelfForcingAdapter.for_reference(cuda_model), 2)
+        state = cuda_model.new_state(batch=2, memory_frames=batch.memory_frames)
+        for i, prompt in enumerate(SCRIPT[:12]):
+            memory = batch.before_chunk(i, prompt, state.kv)
+            cuda_model.generate_chunk(state, i, prompt, memory)
+            batch.after_chunk(i, state.kv)
+            batch.flush(60.0)
+        torch.cuda.synchronize()
+        pins = batch.plugins[0].pins
+        stats = batch.stats()
+        assert all(p.pins is pins for p in batch.plugins) and pins.registered >= 1 and pins.refused == 0
+        assert all(s.frames_direct > 0 for s in stats), stats  # sample 1 too: it reads the arena sample 0 pinned
+        assert all(p.pinned is batch.pinned for p in batch.plugins)
+        unregistered = pins.unregistered  # arenas the client let go during the run were swept: counted here
+        batch.plugins[0].close()
+        batch.plugins[0].close()  # a second close gives nothing back twice: the other sample still holds the pins
+        assert not pins._closed and pins.unregistered == unregistered and pins.pinned_bytes > 0
+        batch.close()
+        assert pins._closed and pins.pinned_bytes == 0 and batch.pinned.used == 0
+
+
 def test_the_diffusers_driver_on_cuda_with_attention_on_a_side_stream(tmp_path):
     pytest.importorskip("diffusers")
     from plugin.adapters.diffusers_wan import WanAdapter, WanStreamingDriver, hash_text_encoder, tiny_model
