@@ -27,11 +27,12 @@ from memory_service.query_fetch import FetchPlan
 from memory_service.service.arenas import ArenaRegistry
 from memory_service.service.auth import ANONYMOUS, Authenticator, Identity
 from memory_service.service.metrics import Metrics
+from memory_service.service.packing import Packer
 from memory_service.service.quotas import TenantLedger
 from memory_service.types import StreamSpec, kv_numpy_dtype
 from memory_service.validate import check_kv_layout
 from memory_service.wire import convert
-from memory_service.wire.framing import CHUNK_BYTES, chunk_to_wire, chunks_to_wire
+from memory_service.wire.framing import CHUNK_BYTES
 
 SHM = convert.SHM_PLANE
 
@@ -169,12 +170,7 @@ class MemoryServicer:
         assert spec.kv is not None, "fetch_layout refuses a keys-only stream"
         nbytes = math.prod(shape) * dtype.itemsize
         yield convert.fetch_header(got_ids, got_layers, spec.kv.dtype, shape, nbytes)
-
-        def frame(chunk):  # counted as each layer is framed, before it is yielded
-            self.metrics.bytes("stream", "fetch", len(chunk))
-            return chunk_to_wire(chunk)
-
-        yield from self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame)
+        yield from self._packed(stream, [(got_ids, got_layers)])
 
     def QueryFetch(self, request, context) -> Iterator[Any]:
         """Query, then the K/V of the pairs query_fetch.FetchPlan picks (as MemoryBank.query_fetch), on the
@@ -194,7 +190,7 @@ class MemoryServicer:
         for ids, layers in groups:  # what a fetch would raise, before the header goes
             self.bank.fetch_layout(stream, ids, layers)
         yield convert.query_fetch_header(result, headers, sum(sizes))
-        yield from self._coalesced(stream, groups)
+        yield from self._packed(stream, groups)
         self.bank.record_hits(stream, result.ids)  # the whole answer went out: its hits count
 
     def _planned(self, stream: str, plan: FetchPlan, result) -> tuple[Any, list, list[int], list]:
@@ -241,30 +237,17 @@ class MemoryServicer:
         self.bank.record_hits(stream, result.ids)  # the K/V is in the arena: its hits count
         return convert.query_fetch_header(result, headers, nbytes)
 
-    def _coalesced(self, stream: str, groups) -> Iterator[bytes]:
-        """The groups' bytes as kv_chunk messages of up to chunk_bytes: records smaller than half of that share a
-        message (a message each cost about 0.5 ms on loopback), larger ones go as they are framed (one copy)."""
-        small = self.chunk_bytes // 2
-        parts: list[bytes] = []
-        held = 0
-
-        def frame(chunk) -> tuple[bool, bytes]:  # inside the store's read view: copy what is kept
-            self.metrics.bytes("stream", "fetch", len(chunk))  # counted as it is read, before it is yielded
-            return (False, bytes(chunk)) if len(chunk) < small else (True, chunk_to_wire(chunk))
-
+    def _packed(self, stream: str, groups) -> Iterator[bytes]:
+        """The groups' bytes, in order, as kv_chunk messages that fill chunk_bytes (packing.Packer: records share
+        messages; a message each cost about 0.2-0.5 ms on loopback). Each record (one layer of one entry) is read
+        whole, inside the store's read view, and its messages go after the view is closed."""
+        spec = self.bank.spec(stream)
+        record = max(1, _layer_bytes(spec))  # iter_fetch hands each layer in one piece; the packer cuts it
+        packer = Packer(self.chunk_bytes, lambda n: self.metrics.bytes("stream", "fetch", n))  # counted as read
         for ids, layers in groups:
-            for item in self.bank.iter_fetch(stream, ids, layers, self.chunk_bytes, frame):
-                framed, piece = cast(tuple[bool, bytes], item)  # (framed already, the bytes)
-                if parts and (framed or held + len(piece) > self.chunk_bytes):
-                    yield chunks_to_wire(parts)
-                    parts, held = [], 0
-                if framed:
-                    yield piece
-                else:
-                    parts.append(piece)
-                    held += len(piece)
-        if parts:
-            yield chunks_to_wire(parts)
+            for messages in self.bank.iter_fetch(stream, ids, layers, record, packer.record):
+                yield from cast(list, messages)
+        yield from packer.finish()
 
     # -- the rest -----------------------------------------------------------------------------------
     def Delete(self, request, context):
