@@ -47,13 +47,13 @@ class Header:
         ) + self.scales
 
     @staticmethod
-    def unpack(buf: bytes | memoryview) -> "Header":
+    def unpack(buf: bytes | memoryview, what: str = "payload") -> "Header":
         try:
             codec, dtype, ndim, _, d0, d1, d2, d3, checksum = _HEADER.unpack_from(buf, 0)
             return Header(CODECS[codec], KV_DTYPES[dtype], (d0, d1, d2, d3)[:ndim], checksum,
                           bytes(buf[_HEADER.size:]))
         except (struct.error, IndexError) as exc:
-            raise DataLoss(f"payload header is corrupt ({len(buf)} bytes): {exc}") from None
+            raise DataLoss(f"{what} header is corrupt ({len(buf)} bytes): {exc}") from None
 
 
 def checksum(*buffers: bytes | memoryview | np.ndarray) -> int:

@@ -119,8 +119,8 @@ class LMDBView(Reader):
                                            "stored bytes are corrupt")
                         flat[r * size:(r + 1) * size] = body
                     else:
-                        decode_into(Header.unpack(head), body, out[n, j], verify,
-                                    f"stream {layout.name!r} entry {eid} layer {layer}")
+                        what = f"stream {layout.name!r} entry {eid} layer {layer}"
+                        decode_into(Header.unpack(head, what), body, out[n, j], verify, what)
                     done |= 1 << layer
                     r += 1
             finally:  # the layers that passed, also when a later one did not
@@ -140,8 +140,9 @@ class LMDBView(Reader):
                     head = txn.get(key, db=phead)
                     if head is None:
                         raise NotFound(f"entry {eid} of stream {name!r} was deleted during the fetch")
-                    decode_into(Header.unpack(head), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
-                                f"stream {name!r} entry {eid} layer {layer}")
+                    what = f"stream {name!r} entry {eid} layer {layer}"
+                    decode_into(Header.unpack(head, what), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
+                                what)
                     done |= 1 << layer
             finally:
                 if verified is not None:
@@ -162,7 +163,7 @@ class LMDBView(Reader):
                 raise DataLoss(f"checksum mismatch in {what}: stored bytes are corrupt")
             view = memoryview(body)
         else:
-            view = fetched_view(Header.unpack(head), body, layout.layer_shape, layout.np_dtype, verify, what)
+            view = fetched_view(Header.unpack(head, what), body, layout.layer_shape, layout.np_dtype, verify, what)
         if verified is not None:
             verified[eid] = verified.get(eid, 0) | (1 << layer)
         return view
