@@ -4,25 +4,33 @@ Mooncake Store (`mooncake.store.MooncakeDistributedStore`) is a cluster-wide DRA
 the segments that store nodes contribute, and clients move bytes to and from them over TCP or RDMA. Here it sits
 between a node's local LMDB cache and S3 (DESIGN.md "Beyond one machine"); it is a cache, never the record.
 
-Owns: the client's setup, one pre-touched staging buffer registered with the transfer engine (plus any buffers the
-caller registers), and the translation of Mooncake's status codes into hit / miss / error. Promises:
+Owns: the client's setup, one pre-touched staging buffer registered with the transfer engine (plus the buffers the
+caller registers, and the spans a read in flight registered for itself), and the translation of Mooncake's status
+codes into hit / miss / error. Promises:
 - `put` writes objects through (each is the concatenation of its parts) and returns how many were stored; it never
   raises for a Mooncake failure (no space -200, an unreachable master -900, a dead node -800, ...): those are
   counted and logged at most once a minute, and S3 stays the durable tier. Keys are immutable names, written with
   upsert: Mooncake's plain `put` on an existing key answers 0 but keeps the old value, which would serve stale
   bytes if a name were ever reused (a stream dropped and created again).
-- `get_into` answers True only when the whole object, exactly len(out) bytes, is in `out`; anything else (a miss
-  -704, an eviction, a size mismatch -600, a dead node -800, a restarted master -900 / -704, an exception) is
-  False and never raises: the caller reads S3. On False, `out` may hold partial bytes.
+- `get_many` reads many objects in one batch call, each scattered over its parts (e.g. a payload layer's header
+  into a small buffer and its body straight into the fetch buffer), and answers per object True only when the
+  whole object, exactly as long as its parts together, landed there; anything else (a miss -704, an eviction, a
+  size mismatch -600 / -800, a dead node -800, a restarted master -900 / -704, an exception) is False and never
+  raises: the caller reads S3. On False, the parts may hold partial bytes. `get_into(key, out)` is one of those.
+  One call for all the layers of a read, not one per layer: the wheel's transfer wait polls a core while it
+  waits, and each call adds a master RPC, so per-object calls cost about twice the CPU per GB (measured here).
 - an unreachable master costs one call, not every call: each would wait ~4.3 s for it (-900), so the first
   failure makes put / get_into / remove bypass the tier (put 0, get_into False, counted as `bypassed`) until a
   background probe reaches the master again (every PROBE_EVERY_S).
-- no Python `bytes` of K/V: parts are copied into the staging buffer through numpy views, and reads land in the
-  staging buffer (one copy into `out`). Zero-copy where the caller registered memory with `register` (its
-  shared-memory arenas): a read whose `out` lies inside it lands there directly, and a one-part object inside it
-  is written from where it lies. (The wheel has no multi-buffer upsert, only a multi-buffer put, whose
-  keep-the-old-value semantics this tier avoids: several parts are staged.)
-- thread-safe: a lock serialises use of the staging buffer; transfers from / into registered memory do not take it.
+- no Python `bytes` of K/V, and reads never copy: bytes land where the caller's parts lie. Over RDMA, parts
+  outside memory registered with `register` (e.g. the shared-memory arenas) are registered for the call and
+  unregistered after it (registering pins pages: long-lived destinations should be registered once); over TCP
+  the transport receives into any address, and registering would cost an HTTP round trip to the metadata
+  server per call (register_buffer publishes the segment's descriptor), so reads register nothing.
+  Puts copy their parts into the staging buffer through numpy views, except a one-part object inside registered
+  memory, which is written from where it lies. (The wheel has no multi-buffer upsert, only a multi-buffer put,
+  whose keep-the-old-value semantics this tier avoids.)
+- thread-safe: a lock serialises use of the staging buffer (puts); reads and direct puts do not take it.
 
 Limits (chosen, see the code): a staged object larger than the staging buffer is not cached (counted as
 `skipped`, logged once): an object must come from one contiguous source, and staging it in rounds would need a
@@ -37,6 +45,7 @@ so that one put can fail (-200) too: counted, never raised.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import logging
 import os
@@ -45,7 +54,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -155,6 +164,9 @@ class MooncakeTier:
         self._staging_addr = self._staging.ctypes.data
         self._registered: list[tuple[int, int, object]] = []  # (address, size, owner kept alive)
         self._staging_lock = threading.Lock()
+        self._transient: dict[tuple[int, int], int] = {}  # spans registered for calls in flight -> how many hold it
+        self._transient_lock = threading.Lock()
+        self._register_reads = protocol == "rdma"
         self._stats_lock = threading.Lock()
         self._closed = False
         self._counts: collections.Counter[str] = collections.Counter()
@@ -188,6 +200,11 @@ class MooncakeTier:
         with self._stats_lock:
             self._registered = [r for r in self._registered if r[0] != addr]
         self._store.unregister_buffer(addr)
+
+    def _registered_covers(self, addr: int, n: int) -> bool:
+        """Whether [addr, addr+n) lies inside one buffer registered for good (the caller's, or the staging buffer)."""
+        with self._stats_lock:
+            return any(a <= addr and addr + n <= a + size for a, size, _ in self._registered)
 
     def _outside_staging_registered(self, addr: int, n: int) -> bool:
         """Whether [addr, addr+n) lies inside one buffer the caller registered (the staging buffer excluded: it
@@ -303,49 +320,94 @@ class MooncakeTier:
         return ok
 
     # -- get ----------------------------------------------------------------------------------------------------
-    def get_into(self, key: str, out: memoryview) -> bool:
+    def get_into(self, key: str, out: memoryview | np.ndarray) -> bool:
         """True only when the whole object, exactly len(out) bytes, is now in `out`. Never raises."""
+        return self.get_many([(key, [out])])[0]
+
+    def get_many(self, items: Sequence[tuple[str, Sequence[memoryview | np.ndarray]]]) -> list[bool]:
+        """Read each (key, parts) object scattered over its parts, in order, in one batch call; per item True only
+        when the object is exactly as long as its parts together and all of it landed there. Never raises.
+
+        The bytes land where the parts lie (no staging, no copy): parts outside registered memory are registered
+        for the call (cheap over TCP; over RDMA that pins pages, so callers register long-lived memory once)."""
         started = time.perf_counter()
-        hit, n = False, 0
+        hits, sizes = [False] * len(items), [0] * len(items)
         try:
-            dest = _flat(out)
-            n = dest.nbytes
-            hit = self._get_into(key, dest)
+            flat = [[_flat(p) for p in parts] for _, parts in items]
+            sizes = [sum(f.nbytes for f in fs) for fs in flat]
+            hits = self._get_many([k for k, _ in items], flat, sizes)
         except Exception as e:  # noqa: BLE001 - a broken cache read falls through to S3
             self._failed("get", repr(e))
         ms = (time.perf_counter() - started) * 1e3
         with self._stats_lock:
-            self._counts["hits" if hit else "misses"] += 1
-            (self._hit_ms if hit else self._miss_ms).append(ms)
-            if hit:
-                self._counts["bytes_out"] += n
-        return hit
+            for hit, n in zip(hits, sizes):
+                self._counts["hits" if hit else "misses"] += 1
+                (self._hit_ms if hit else self._miss_ms).append(ms)
+                if hit:
+                    self._counts["bytes_out"] += n
+        return hits
 
-    def _get_into(self, key: str, dest: np.ndarray) -> bool:
-        n = dest.nbytes
-        if self._closed or n == 0 or self._bypassed():
-            return False
-        if not dest.flags.writeable:
-            raise InvalidArgument(f"get_into {key!r}: `out` is read-only; expected a writable buffer")
-        addr = dest.ctypes.data
-        if self._outside_staging_registered(addr, n):  # straight into the caller's registered memory
-            return self._read(key, addr, n)
-        if n > self._staging.nbytes:
-            return False  # never cached (put skips it) and no room to stage it
-        with self._staging_lock:
-            if not self._read(key, self._staging_addr, n):
-                return False
-            dest[:] = self._staging[:n]
-        return True
+    def _get_many(self, keys: list[str], flat: list[list[np.ndarray]], sizes: list[int]) -> list[bool]:
+        wanted = [i for i, n in enumerate(sizes) if n > 0]
+        if self._closed or not wanted or self._bypassed():
+            return [False] * len(keys)
+        for i in wanted:
+            for f in flat[i]:
+                if f.nbytes and not f.flags.writeable:
+                    raise InvalidArgument(f"get {keys[i]!r}: a part is read-only; expected writable buffers")
+        parts = [[f for f in flat[i] if f.nbytes] for i in wanted]
+        with self._registered_for_call([f for fs in parts for f in fs]):
+            codes = self._store.batch_get_into_multi_buffers(
+                [keys[i] for i in wanted], [[f.ctypes.data for f in fs] for fs in parts],
+                [[f.nbytes for f in fs] for fs in parts])
+        hits = [False] * len(keys)
+        for i, code in zip(wanted, codes):
+            if code == sizes[i]:
+                hits[i] = True
+            elif code != OBJECT_NOT_FOUND:
+                # -600: the object is longer than the parts; -800 (shorter, or a dead node); >= 0: a short read
+                self._failed("get", code)
+        return hits
 
-    def _read(self, key: str, addr: int, n: int) -> bool:
-        code = self._store.batch_get_into([key], [addr], [n])[0]
-        if code == n:
-            return True
-        if code != OBJECT_NOT_FOUND:
-            # >= 0 is a size mismatch (the object is shorter than asked); -600 means it is longer
-            self._failed("get", code)
-        return False
+    @contextlib.contextmanager
+    def _registered_for_call(self, parts: list[np.ndarray]) -> Iterator[None]:
+        """Register, for the duration of the block, the spans of `parts` that no caller registration covers.
+
+        Adjacent or overlapping parts (the layers of one entry in a fetch buffer) become one span, so a fetch
+        registers a few spans, not one per layer. A span another call holds is shared (counted), never twice.
+        Over TCP nothing is registered: the transport receives into any local address, and each registration
+        publishes the segment's descriptor to the metadata server (an HTTP round trip, and a failure while the
+        master is down); RDMA needs it, so the NIC may write there."""
+        if not self._register_reads:
+            yield
+            return
+        spans: list[list[int]] = []  # [start, end), merged
+        for addr, n in sorted((f.ctypes.data, f.nbytes) for f in parts):
+            if self._registered_covers(addr, n):
+                continue
+            if spans and addr <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], addr + n)
+            else:
+                spans.append([addr, addr + n])
+        held: list[tuple[int, int]] = []
+        try:
+            for start, end in spans:
+                with self._transient_lock:
+                    count = self._transient.get((start, end), 0)
+                    if count == 0:
+                        rc = self._store.register_buffer(start, end - start)
+                        if rc != 0:
+                            raise Unavailable(f"Mooncake refused to register {end - start} bytes at {start:#x} ({rc})")
+                    self._transient[(start, end)] = count + 1
+                held.append((start, end))
+            yield
+        finally:
+            for span in held:
+                with self._transient_lock:
+                    self._transient[span] -= 1
+                    if self._transient[span] == 0:
+                        del self._transient[span]
+                        self._store.unregister_buffer(span[0])
 
     # -- the rest -----------------------------------------------------------------------------------------------
     def remove(self, keys: Sequence[str]) -> None:

@@ -32,7 +32,8 @@ import numpy as np
 
 from memory_service.cluster.records import Located
 from memory_service.cluster.s3 import ObjectStore
-from memory_service.store.codec import Header
+from memory_service.errors import DataLoss
+from memory_service.store.codec import Header, check, decode_into
 
 if TYPE_CHECKING:
     from memory_service.cluster.mooncake import MooncakeTier
@@ -64,9 +65,10 @@ class Tiers:
         self._bytes = dict.fromkeys(TIERS, 0)
         self._times: dict[str, collections.deque] = {t: collections.deque(maxlen=_RECENT) for t in TIERS}
 
-    def count(self, tier: str, nbytes: int, t0: float) -> None:
+    def count(self, tier: str, nbytes: int, t0: float, reads: int = 1) -> None:
+        """`reads` payload layers served by `tier` in one call that began at t0 (one load time sample)."""
         with self._lock:
-            self._reads[tier] += 1
+            self._reads[tier] += reads
             self._bytes[tier] += nbytes
             self._times[tier].append(time.perf_counter() - t0)
 
@@ -178,34 +180,63 @@ class Tiers:
         with self._lock:
             self._pinned.pop(stream, None)
 
-    def read(self, at: Located, layers: Sequence[int]) -> dict[int, tuple[Header, memoryview]]:
-        """Layers of one entry not in the local cache: hot tier first, S3 for what it misses (then promoted)."""
-        out: dict[int, tuple[Header, memoryview]] = {}
-        missing = list(layers)
+    def read_into(self, at: Located, layers: Sequence[int], out: np.ndarray, what: str) -> None:
+        """Layers of one entry that the local cache does not hold, decoded into `out` (`[len(layers), 2, T, H, D]`,
+        the logical dtype): the hot tier first, in one batch, S3 for what it misses (then promoted). Every layer is
+        verified (bytes that crossed the network); bytes from the hot tier that fail the check are a miss."""
+        missing = list(range(len(layers)))
         if self.hot is not None:
-            missing = []
-            for j in layers:
-                o, h, b = at.layers[j]
-                buf = np.empty(h + b, np.uint8).data  # K/V lands in an array, never in Python bytes
-                t0 = time.perf_counter()
-                if self.hot.get_into(hot_key(at.key, o), buf):
-                    out[j] = (Header.unpack(buf[:h]), buf[h:])
-                    self.count("mooncake", h + b, t0)
-                else:
-                    missing.append(j)
+            missing = self._read_hot(at, layers, out, what)
         if missing:
             t0 = time.perf_counter()
-            spans = [at.layers[j] for j in missing]
+            spans = [at.layers[layers[i]] for i in missing]
             lo = min(o for o, _, _ in spans)
             hi = max(o + h + b for o, h, b in spans)
             view = np.empty(hi - lo, np.uint8).data
             self.objects.read_into(at.key, lo, view)
-            self.count("s3", hi - lo, t0)
             promote = []
-            for j, (o, h, b) in zip(missing, spans):
+            for i, (o, h, b) in zip(missing, spans):
                 span = view[o - lo:o - lo + h + b]
-                out[j] = (Header.unpack(span[:h]), span[h:])
+                decode_into(Header.unpack(span[:h]), span[h:], out[i], True, f"{what} layer {layers[i]} (S3)")
                 promote.append((hot_key(at.key, o), [span]))
+            self.count("s3", hi - lo, t0)  # one ranged GET
             if self.hot is not None:
                 self.hot.put(promote)
-        return out
+
+    def _read_hot(self, at: Located, layers: Sequence[int], out: np.ndarray, what: str) -> list[int]:
+        """The hot tier's part of read_into; returns the positions in `layers` it did not serve.
+
+        A raw body is exactly its layer of `out`, so it is read straight there (no copy: the header goes to a small
+        buffer beside it, both in one scattered read of the `<object>@<offset>` span); another codec (fp8) lands
+        in a buffer of its own and is decoded from there."""
+        assert self.hot is not None
+        t0 = time.perf_counter()
+        heads = np.empty(sum(at.layers[j][1] for j in layers), np.uint8)  # [sum of header bytes]
+        items, places, at_head = [], [], 0
+        for i, j in enumerate(layers):
+            o, h, b = at.layers[j]
+            dest = out[i]  # [2, T, H, D]
+            direct = dest.flags.c_contiguous and dest.nbytes == b
+            body = dest.reshape(-1).view(np.uint8) if direct else np.empty(b, np.uint8)
+            items.append((hot_key(at.key, o), [heads[at_head:at_head + h], body]))
+            places.append((heads[at_head:at_head + h], body, direct))
+            at_head += h
+        hits = self.hot.get_many(items)
+        missing, nbytes = [], 0
+        for i, (hit, (head, body, direct)) in enumerate(zip(hits, places)):
+            if hit:
+                try:
+                    header = Header.unpack(head.data)
+                    if direct and header.codec == "raw":
+                        check(header, body.data, out[i].shape, out[i].dtype, True, f"{what} layer {layers[i]}")
+                    else:  # decoded from a copy: an fp8 body of a float8 stream is as long as its raw one
+                        decode_into(header, body.copy().data if direct else body.data, out[i], True,
+                                    f"{what} layer {layers[i]}")
+                    nbytes += head.nbytes + body.nbytes
+                    continue
+                except DataLoss as exc:  # the cache's bytes are bad: S3 has the record
+                    log.warning("hot tier: %s; reading it from S3", exc)
+            missing.append(i)
+        if len(missing) < len(layers):
+            self.count("mooncake", nbytes, t0, len(layers) - len(missing))
+        return missing

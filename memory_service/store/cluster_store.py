@@ -38,7 +38,7 @@ from memory_service.cluster.tiers import Tiers
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import MemFlowError, NotFound, NotOwner, Unavailable
 from memory_service.store.base import Commit, Contents, StoredStream, StreamLayout
-from memory_service.store.codec import Header, body_bytes, decode_into, encode, fetched_view
+from memory_service.store.codec import body_bytes, encode
 from memory_service.store.lmdb_store import LMDBStore
 from memory_service.types import EntryMeta, StreamSpec
 
@@ -398,9 +398,10 @@ class ClusterStore:
             raise NotFound(f"entry {eid} of stream {layout.name!r} has no payload in the durable tier (deleted?)")
         return at
 
-    def read_through(self, layout: StreamLayout, eid: int, layers: Sequence[int]) -> dict[int, tuple[Header, memoryview]]:
-        """Payload layers of one entry that the local cache does not hold (cluster/tiers.py: Mooncake, then S3)."""
-        return self.tiers.read(self._located(layout, eid), layers)
+    def read_through(self, layout: StreamLayout, eid: int, layers: Sequence[int], out: np.ndarray) -> None:
+        """Payload layers of one entry that the local cache does not hold, decoded into `out` (`[len(layers), 2, T,
+        H, D]`) and verified (cluster/tiers.py: Mooncake straight into `out`, then S3)."""
+        self.tiers.read_into(self._located(layout, eid), layers, out, f"stream {layout.name!r} entry {eid}")
 
     # -- snapshots (S3: a new owner starts from them) -------------------------------------------------
     def _snapshot_key(self, sid: int, space: int) -> Optional[str]:
@@ -512,12 +513,9 @@ class ClusterView:
                     continue
                 except NotFound:  # cached after this view began (a rewrite): S3 has it
                     pass
-            got = self._store.read_through(layout, eid, layers)
-            for j, layer in enumerate(layers):
-                header, body = got[layer]
-                # read through: always verified (bytes that crossed the network)
-                decode_into(header, body, out[n, j], True, f"stream {layout.name!r} entry {eid} layer {layer} (S3)")
-                if verified is not None:
+            self._store.read_through(layout, eid, layers, out[n])  # always verified: bytes that crossed the network
+            if verified is not None:
+                for layer in layers:
                     verified[eid] = verified.get(eid, 0) | (1 << layer)
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
@@ -526,9 +524,8 @@ class ClusterView:
                 return self._inner.read_layer(layout, eid, layer, verified)
             except NotFound:  # cached after this view began (a rewrite): S3 has it
                 pass
-        header, body = self._store.read_through(layout, eid, [layer])[layer]
-        view = fetched_view(header, body, layout.layer_shape, layout.np_dtype, True,
-                            f"stream {layout.name!r} entry {eid} layer {layer} (S3)")
+        tmp = np.empty((1, *layout.layer_shape), layout.np_dtype)  # [1, 2, T, H, D]
+        self._store.read_through(layout, eid, [layer], tmp)
         if verified is not None:
             verified[eid] = verified.get(eid, 0) | (1 << layer)
-        return view
+        return memoryview(tmp.reshape(-1).view(np.uint8))
