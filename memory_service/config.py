@@ -89,6 +89,7 @@ class ClusterConfig:
     etcd_timeout_s: float = 5.0  # one etcd call, all members tried; past an election (~2 s), so writes ride it out
     local_cache_bytes: Optional[int] = None  # payload bytes kept in the local LMDB; None: no bound
     prefix: str = "memflow/"  # etcd key prefix (several clusters may share one etcd)
+    checkpoint_records: int = 512  # a stream's log is checkpointed after this many records (or its live entries)
     # the hot tier for K/V bytes (Mooncake Store), off while mooncake_master is empty
     mooncake_master: str = ""  # host:port of mooncake_master
     mooncake_metadata: str = ""  # its metadata server, e.g. http://host:port/metadata
@@ -130,6 +131,8 @@ class ClusterConfig:
                                   "expected tcp or rdma")
         if self.local_cache_bytes is not None and self.local_cache_bytes < 0:
             raise InvalidArgument(f"config cluster.local_cache_bytes is {self.local_cache_bytes}; expected >= 0")
+        if self.checkpoint_records < 1:
+            raise InvalidArgument(f"config cluster.checkpoint_records is {self.checkpoint_records}; expected >= 1")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ class ClusterBank(MemoryBank):
             return ClusterStore(os.path.join(directory, "cache"), self.coord, self.objects,
                                 local_cache_bytes=cluster.local_cache_bytes, map_size=cfg.map_size,
                                 max_map_size=cfg.max_map_size, durable=cfg.durable, reserve_bytes=cfg.reserve_bytes,
-                                hot=self.hot, hot_pinned_entries=cluster.mooncake_pinned_entries)
+                                hot=self.hot, hot_pinned_entries=cluster.mooncake_pinned_entries,
+                                checkpoint_records=cluster.checkpoint_records)
 
         try:
             super().__init__(data_dir, config, store=store)

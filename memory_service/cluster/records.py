@@ -10,6 +10,16 @@ into .meta after the header, or into .kv), so a reader replays the metadata and 
 and reads any payload layer later with one ranged GET. Objects are immutable once written. The epoch in the
 name keeps a fenced-out owner's late objects apart from the next owner's at the same seq: the valid record of a
 seq is the one of the highest epoch not above the head's (etcd), which a fenced write can never be.
+
+A checkpoint bounds what a take-over replays (the log of a long stream would otherwise grow with every chunk and
+every statistics flush):
+    log/{seq:016d}-{epoch:016d}.ckpt   the whole live state after record seq: the stream record, every live
+                                       entry's metadata and keys, and where its payload layers lie (in .kv objects
+                                       of earlier records, which stay while an entry needs them)
+It is written only for a head this owner moved itself (so the record at seq is the valid one, of its epoch), and
+it is valid while that holds: a take-over starts from the newest valid checkpoint and replays only the records
+after it. Records before a checkpoint, and .kv objects no live entry points into, are then garbage
+(`obsolete`).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import dataclasses
 import json
 import re
 import struct
-from typing import Optional, Sequence
+from typing import Container, Iterator, Optional, Sequence
 from urllib.parse import quote
 
 import numpy as np
@@ -29,7 +39,7 @@ from memory_service.store.codec import Header
 from memory_service.types import EntryMeta
 
 _LEN = struct.Struct("<Q")
-_NAME = re.compile(r"^(\d{16})-(\d{16})\.(meta|kv)$")
+_NAME = re.compile(r"^(\d{16})-(\d{16})\.(meta|kv|ckpt)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ class Located:
 class Record:
     """One decoded log record: the change to apply (payloads left out: `where` says where they lie)."""
 
-    kind: str  # "commit" | "metadata" | "stats"
+    kind: str  # "commit" | "metadata" | "stats" (a checkpoint decodes as the commit that rebuilds its state)
     commit: Optional[Commit] = None  # kind "commit": puts carry no payload; rewrites carry none either
     metas: tuple[EntryMeta, ...] = ()  # kind "metadata" / "stats"
     where: dict[int, Located] = dataclasses.field(default_factory=dict)  # entry id -> its payload's place
@@ -64,22 +74,53 @@ def object_names(stream_prefix: str, seq: int, epoch: int) -> tuple[str, str]:
     return base + ".meta", base + ".kv"
 
 
-def valid_records(stream_prefix: str, keys: Sequence[str], head_seq: int, head_epoch: int) -> list[tuple[int, int]]:
-    """(seq, epoch) of the valid record of every seq 1..head_seq, from a listing of the log; DataLoss when one is
-    missing (the head says it was made durable)."""
-    best: dict[int, int] = {}
+def checkpoint_name(stream_prefix: str, seq: int, epoch: int) -> str:
+    return f"{stream_prefix}log/{seq:016d}-{epoch:016d}.ckpt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayPlan:
+    """What a take-over reads: the newest valid checkpoint (if any), then the valid record of each later seq."""
+
+    checkpoint: Optional[tuple[int, int]]  # (seq, epoch) of the checkpoint object
+    records: list[tuple[int, int]]  # (seq, epoch) of the records after it, in order
+
+
+def _names(stream_prefix: str, keys: Sequence[str]) -> Iterator[tuple[int, int, str, str]]:
+    """(seq, epoch, suffix, key) of each log object in a listing; other names are ignored."""
+    start = len(stream_prefix) + 4
     for key in keys:
-        m = _NAME.match(key[len(stream_prefix) + 4:]) if key.startswith(stream_prefix + "log/") else None
-        if m is None or m.group(3) != "meta":
-            continue
-        seq, epoch = int(m.group(1)), int(m.group(2))
-        if seq <= head_seq and epoch <= head_epoch and epoch > best.get(seq, -1):
+        m = _NAME.match(key[start:]) if key.startswith(stream_prefix + "log/") else None
+        if m is not None:
+            yield int(m.group(1)), int(m.group(2)), m.group(3), key
+
+
+def replay_plan(stream_prefix: str, keys: Sequence[str], head_seq: int, head_epoch: int) -> ReplayPlan:
+    """From a listing of the log: the newest checkpoint whose record is the valid one of its seq, and the valid
+    record of every seq after it up to head_seq; DataLoss when one is missing (the head says it was made durable)."""
+    best: dict[int, int] = {}
+    ckpts: list[tuple[int, int]] = []
+    for seq, epoch, suffix, _ in _names(stream_prefix, keys):
+        if seq > head_seq or epoch > head_epoch:
+            continue  # a fenced owner's late object, or one past the head: never part of the stream
+        if suffix == "meta" and epoch > best.get(seq, -1):
             best[seq] = epoch
-    missing = [s for s in range(1, head_seq + 1) if s not in best]
+        elif suffix == "ckpt":
+            ckpts.append((seq, epoch))
+    start = max((c for c in ckpts if best.get(c[0]) == c[1]), default=None)
+    first = start[0] + 1 if start is not None else 1
+    missing = [s for s in range(first, head_seq + 1) if s not in best]
     if missing:
         raise DataLoss(f"the log under {stream_prefix} lacks record(s) {missing[:5]} of the {head_seq} its head "
                        "in etcd covers; the durable tier lost objects")
-    return [(s, best[s]) for s in range(1, head_seq + 1)]
+    return ReplayPlan(start, [(s, best[s]) for s in range(first, head_seq + 1)])
+
+
+def obsolete(stream_prefix: str, keys: Sequence[str], checkpoint_seq: int, live: Container[str]) -> list[str]:
+    """The log objects a checkpoint at `checkpoint_seq` made garbage: every record and checkpoint before it, except
+    the .kv objects named in `live` (payloads the checkpoint's entries still point into)."""
+    return [key for seq, _, suffix, key in _names(stream_prefix, keys)
+            if seq < checkpoint_seq and not (suffix == "kv" and key in live)]
 
 
 def _bytes_of(a: np.ndarray) -> memoryview:
@@ -142,6 +183,23 @@ def encode(layout: StreamLayout, kind: str, kv_key: str, commit: Optional[Commit
     return [_LEN.pack(len(head)), head, *keys], kv, where
 
 
+def encode_checkpoint(record: dict, metas: Sequence[EntryMeta], keys: Sequence[np.ndarray],
+                      where: dict[int, Located]) -> list:
+    """The parts of a checkpoint object: the stream record, and per live entry its metadata, its keys (`keys[s]` is
+    space s's `[n, ...]` array, rows in the order of `metas`) and where its payload layers lie."""
+    blobs = [_bytes_of(k) for k in keys]
+    row = [b.nbytes // max(1, len(metas)) for b in blobs]
+    base = [sum(b.nbytes for b in blobs[:s]) for s in range(len(blobs))]
+    items = []
+    for n, m in enumerate(metas):
+        at = where.get(m.entry_id)
+        items.append({"meta": _meta(m), "keys": [[base[s] + n * row[s], row[s]] for s in range(len(blobs))],
+                      "kv": at.key if at is not None else None,
+                      "layers": [list(p) for p in at.layers] if at is not None else None})
+    head = json.dumps({"kind": "checkpoint", "record": record, "entries": items}, separators=(",", ":")).encode()
+    return [_LEN.pack(len(head)), head, *blobs]
+
+
 def decode(layout: StreamLayout, blob: bytes, kv_key: str, what: str) -> Record:
     """A .meta object back into the change it records (payloads stay where `Record.where` says)."""
     try:
@@ -153,22 +211,31 @@ def decode(layout: StreamLayout, blob: bytes, kv_key: str, what: str) -> Record:
         def entry(d: dict) -> EntryMeta:
             return EntryMeta(**d)
 
-        def placed(m: EntryMeta, layers: Optional[list]) -> None:
+        def placed(m: EntryMeta, layers: Optional[list], key: str = kv_key) -> None:
             if layers is not None:
-                where[m.entry_id] = Located(kv_key, tuple((int(o), int(h), int(b)) for o, h, b in layers))
+                where[m.entry_id] = Located(key, tuple((int(o), int(h), int(b)) for o, h, b in layers))
 
+        def keys_of(item: dict) -> list[np.ndarray]:
+            vecs = []
+            for sidx, (off, size) in enumerate(item["keys"]):
+                dtype, shape = layout.key_spaces[sidx]
+                vecs.append(np.frombuffer(body[off:off + size], dtype=dtype).reshape(shape))
+            return vecs
+
+        if doc["kind"] == "checkpoint":  # the commit that rebuilds its state in an empty stream
+            metas = tuple(entry(item["meta"]) for item in doc["entries"])
+            for m, item in zip(metas, doc["entries"]):
+                placed(m, item["layers"], item["kv"])
+            put = NewEntries(metas, [keys_of(item) for item in doc["entries"]], [None] * len(metas))
+            return Record("commit", commit=Commit(record=doc["record"], put=put if metas else None), where=where)
         metas = tuple(entry(d) for d in doc.get("metas", ()))
         if doc["kind"] != "commit":
             return Record(doc["kind"], metas=metas)
         put_metas, put_keys = [], []
         for item in doc["put"]:
             m = entry(item["meta"])
-            vecs = []
-            for sidx, (off, size) in enumerate(item["keys"]):
-                dtype, shape = layout.key_spaces[sidx]
-                vecs.append(np.frombuffer(body[off:off + size], dtype=dtype).reshape(shape))
             put_metas.append(m)
-            put_keys.append(vecs)
+            put_keys.append(keys_of(item))
             placed(m, item["layers"])
         rewrite = []
         for item in doc["rewrite"]:

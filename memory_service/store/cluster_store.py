@@ -5,13 +5,14 @@ Owns the promise of cluster mode's storage (DESIGN.md "Beyond one machine"):
   objects per call, never one per layer) and the stream's head in etcd has moved to it by a transaction that
   compares this node's epoch (cluster/etcd.py). A node that lost a stream (lease expired, paused, partitioned)
   fails that compare, so nothing it writes afterwards is ever part of the stream: its objects are never named
-  by a head, and the next owner's records of the same seq win (records.valid_records);
+  by a head, and the next owner's records of the same seq win (records.replay_plan);
 - only then is the change applied to the node's local LMDB, which holds metadata, keys and a bounded cache of
   payload layers (`local_cache_bytes`, oldest entries' payloads dropped first); a payload not cached is read
   through from S3 with one ranged GET per entry, bit-exact (its checksum travels with it);
 - a node serves a stream only after `take_over`: claim it in etcd (a new, higher epoch), replay its log from S3
   into the local LMDB (metadata and keys; payloads stay in S3 until read), after which the bank opens it
-  (index snapshots come from S3 too and are caught up by the bank as on a single node);
+  (index snapshots come from S3 too and are caught up by the bank as on a single node); checkpoints
+  (cluster/checkpoint.py) bound that replay to the live state and the records since the last one;
 - the local LMDB is a cache: it is emptied when the node starts, and a stream whose local copy may lag the
   durable log (a local write failed after S3 and etcd took it, or an answer from etcd was lost) is marked stale,
   dropped locally and taken over again before its next call.
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Container, Iterator, Optional, Sequence
 
 import numpy as np
 
-from memory_service.cluster import records
+from memory_service.cluster import checkpoint, records
 from memory_service.cluster.etcd import Coordinator, Head
 from memory_service.cluster.tiers import Tiers
 from memory_service.cluster.s3 import ObjectStore
@@ -61,6 +62,8 @@ class _Owned:
     lease: int  # the lease it was claimed under: after that lease is lost, the ownership is void
     layout: StreamLayout
     where: dict[int, records.Located] = dataclasses.field(default_factory=dict)  # entry -> its payload in S3
+    checkpoint_seq: int = 0  # the newest checkpoint's record (0: none); a take-over replays from there
+    checkpoint_live: int = 0  # entries in it
     stale: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one durable change at a time
 
@@ -73,7 +76,7 @@ class ClusterStore:
     def __init__(self, local_dir: str, coord: Coordinator, objects: ObjectStore, *,
                  local_cache_bytes: Optional[int] = None, map_size: int = 1 << 30, max_map_size: int = 1 << 40,
                  durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None,
-                 hot_pinned_entries: int = 3) -> None:
+                 hot_pinned_entries: int = 3, checkpoint_records: int = 512) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # a cache of what this node owned: stale by now
         self.local = LMDBStore(f"{local_dir}/lmdb", map_size, max_map_size, durable,
                                reserve_bytes=reserve_bytes, snapshot_dir=f"{local_dir}/snapshots")
@@ -86,6 +89,7 @@ class ClusterStore:
         self._cached: OrderedDict[tuple[str, int], int] = OrderedDict()  # (stream, entry) -> cached bytes, oldest first
         self._cached_bytes = 0
         self.tiers = Tiers(objects, hot, hot_pinned_entries)  # reads past the local cache: Mooncake (if any), then S3
+        self.checkpoints = checkpoint.Checkpoints(objects, checkpoint_records)
         self.address = ""  # this node's address, as announced (set by the node once it listens)
 
     @property
@@ -169,15 +173,16 @@ class ClusterStore:
         with self._lock:
             self._owned[name] = own
             self._by_sid[sid] = own
-        valid = records.valid_records(prefix, self.objects.list(prefix + "log/"), head.seq, head.epoch)
-        for seq, rec_epoch in valid:
-            meta_key, kv_key = records.object_names(prefix, seq, rec_epoch)
-            rec = records.decode(layout, self.objects.get(meta_key), kv_key, meta_key)
+        start, logged = self.checkpoints.replay(prefix, layout, head.seq, head.epoch)
+        replayed = 0
+        for rec in logged:
             self._apply_local(own, layout, rec, payloads=False)
+            replayed += 1
+        own.checkpoint_seq, own.checkpoint_live = start, len(own.where)
         self.tiers.adopt(name, own.where)
         # the head is the last valid record's; taking over moves nothing until the first write, at our epoch
-        log.info("took over stream %r at epoch %d: %d log records replayed", name, epoch, len(valid),
-                 extra={"stream": name, "epoch": epoch})
+        log.info("took over stream %r at epoch %d: %d log objects replayed (from the checkpoint at record %d)", name,
+                 epoch, replayed, start, extra={"stream": name, "epoch": epoch})
 
     def discard(self, name: str) -> None:
         """Forget a stream locally (its durable copy is untouched): after losing it, or before a fresh take-over."""
@@ -246,6 +251,7 @@ class ClusterStore:
             where = self._durable(own, layout, "commit", logged)
             rec = records.Record("commit", commit=logged, where=where)
             degraded = self._apply_local(own, layout, rec, payloads=True)
+            self._checkpoint_if_due(own, layout)
         self._trim()  # outside this stream's lock: trimming takes each victim stream's own
         return degraded
 
@@ -305,6 +311,25 @@ class ClusterStore:
                     self._cached[(own.name, eid)] = at.nbytes
         return degraded
 
+    def _checkpoint_if_due(self, own: _Owned, layout: StreamLayout) -> None:
+        """Called under own.lock right after a durable change this node made: the local LMDB holds exactly the
+        state of own.head, which is this owner's own (cluster/checkpoint.py)."""
+        if own.stale or not self.checkpoints.due(own.prefix, own.head.seq, own.checkpoint_seq, own.checkpoint_live):
+            return
+        try:
+            with self.local.view() as v:
+                state = checkpoint.snapshot(v, self._local_layout(own, layout), own.where)
+        except (OSError, MemFlowError) as exc:
+            log.warning("stream %r: no checkpoint taken (%s)", own.name, exc, extra={"stream": own.name})
+            return
+        if state is None:
+            return
+
+        def done(seq: int, live: int) -> None:
+            own.checkpoint_seq, own.checkpoint_live = max(own.checkpoint_seq, seq), live
+
+        self.checkpoints.write(own.name, own.prefix, own.head.seq, own.head.epoch, state, done)
+
     def _trim(self) -> None:
         """Keep the cached payloads within local_cache_bytes, dropping the oldest entries' first."""
         if self.local_cache_bytes is None:
@@ -331,12 +356,14 @@ class ClusterStore:
         with own.lock:
             self._durable(own, layout, "metadata", metas=metas)
             self._apply_local(own, layout, records.Record("metadata", metas=tuple(metas)), payloads=True)
+            self._checkpoint_if_due(own, layout)
 
     def put_stats(self, layout: StreamLayout, metas: Sequence[EntryMeta]) -> None:
         own = self._own(layout)
         with own.lock:
             self._durable(own, layout, "stats", metas=metas)
             self._apply_local(own, layout, records.Record("stats", metas=tuple(metas)), payloads=True)
+            self._checkpoint_if_due(own, layout)
 
     def forget_payloads(self, layout: StreamLayout, ids: Sequence[int]) -> None:
         self.local.forget_payloads(layout, ids)
@@ -462,6 +489,7 @@ class ClusterStore:
         with self._lock:
             owned = list(self._owned.values())
         self.tiers.close()  # what is queued for the hot tier goes first
+        self.checkpoints.close()  # a checkpoint in flight lands (or fails) before the streams are handed back
         for own in owned:
             with contextlib.suppress(MemFlowError):
                 self.coord.release(own.name, own.epoch)
