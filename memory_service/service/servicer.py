@@ -35,6 +35,9 @@ from memory_service.wire import convert
 from memory_service.wire.framing import CHUNK_BYTES
 
 SHM = convert.SHM_PLANE
+# A streaming-plane fetch group up to this many chunks is read in one batched fetch (a temporary copy of at most
+# 16 MiB): per record, the store's read view and header checks cost ~45 us, more than a 12 KiB record's bytes.
+BATCHED_CHUNKS = 4
 
 
 class MemoryServicer:
@@ -239,12 +242,18 @@ class MemoryServicer:
 
     def _packed(self, stream: str, groups) -> Iterator[bytes]:
         """The groups' bytes, in order, as kv_chunk messages that fill chunk_bytes (packing.Packer: records share
-        messages; a message each cost about 0.2-0.5 ms on loopback). Each record (one layer of one entry) is read
-        whole, inside the store's read view, and its messages go after the view is closed."""
+        messages; a message each cost about 0.2-0.5 ms on loopback). A group of at most BATCHED_CHUNKS chunks is
+        read in one batched fetch (one read view, as the SHM plane reads); a larger one record by record (one
+        layer of one entry, read whole inside the store's view, its messages sent after the view is closed), so a
+        fetch of many 287.5 MB frames never sits in memory whole."""
         spec = self.bank.spec(stream)
         record = max(1, _layer_bytes(spec))  # iter_fetch hands each layer in one piece; the packer cuts it
         packer = Packer(self.chunk_bytes, lambda n: self.metrics.bytes("stream", "fetch", n))  # counted as read
         for ids, layers in groups:
+            if len(ids) * len(layers) * record <= BATCHED_CHUNKS * self.chunk_bytes:
+                kv = self.bank.fetch(stream, ids, layers).kv  # [n, layers, 2, T, H, D]
+                yield from packer.record(memoryview(kv.reshape(-1).view(np.uint8)))
+                continue
             for messages in self.bank.iter_fetch(stream, ids, layers, record, packer.record):
                 yield from cast(list, messages)
         yield from packer.finish()
