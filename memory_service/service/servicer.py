@@ -252,7 +252,7 @@ class MemoryServicer:
         for ids, layers in groups:
             if len(ids) * len(layers) * record <= BATCHED_CHUNKS * self.chunk_bytes:
                 kv = self.bank.fetch(stream, ids, layers).kv  # [n, layers, 2, T, H, D]
-                yield from packer.record(memoryview(kv.reshape(-1).view(np.uint8)))
+                yield from packer.record(kv.reshape(-1).view(np.uint8).data)
                 continue
             for messages in self.bank.iter_fetch(stream, ids, layers, record, packer.record):
                 yield from cast(list, messages)
