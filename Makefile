@@ -52,6 +52,7 @@ bench: $(VENV)/.quality
 	$(PY) benchmarks/retrieval_quality.py $(BENCH_FLAGS)
 	$(PY) benchmarks/overhead.py $(BENCH_FLAGS)
 	$(PY) benchmarks/transport.py $(BENCH_FLAGS)
+	$(PY) benchmarks/baseline.py $(BENCH_FLAGS)  # the hand-built FAISS/numpy + LMDB baseline of issue 15, side by side
 	$(PY) benchmarks/node_load.py --quick  # its full form (Wan's 1560 tokens, ~17 GB of RAM) is a GPU node's
 	$(PY) benchmarks/report.py
 
