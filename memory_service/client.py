@@ -102,6 +102,7 @@ class MemoryClient(Memory):
         calls = convert.Calls(self._channel)  # Put and Fetch move K/V chunks pre-framed (wire/framing.py)
         self._stub, self._put, self._fetch, self._query_fetch = calls.stub, calls.put, calls.fetch, calls.query_fetch
         self._query_fetch_one = calls.query_fetch_one  # QueryFetch on the SHM plane: one message (convert.Calls)
+        self._fetch_one = calls.fetch_one  # Fetch on the SHM plane, likewise
         self.arena_bytes = int(arena_bytes)
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
@@ -308,7 +309,7 @@ class MemoryClient(Memory):
             slot, offset, region = self._pool.lease(nbytes)
             arena_id = self._pool.arena_id(slot)
             convert.fetch_shm(request, arena_id, offset, nbytes)
-            header = self._fetch_header(self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata))
+            header = self._rpc(self._fetch_one, request, idempotent=True, timeout=timeout).header
             kv = np.frombuffer(region, kv_numpy_dtype(header.dtype),  # type: ignore[call-overload]  # a buffer
                                count=int(np.prod(header.shape)))
             return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))

@@ -250,7 +250,9 @@ class MemoryServiceServicer:
 
     def Fetch(self, request, context):
         """The K/V of entries. First message: a FetchHeader; then, on the STREAM plane, kv_chunk messages with the
-        header's nbytes bytes, in the header's order.
+        header's nbytes bytes, in the header's order (where one chunk ends means nothing: records share chunks). On
+        the SHM plane the service writes the bytes from arena_offset, and the header is the one message of the
+        answer (so a client may read it as a unary call).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
