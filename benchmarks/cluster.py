@@ -16,18 +16,8 @@ store, a Cluster of 3 real `memflow-service serve --cluster` processes with leas
   stream's owner, time from the kill to the first successful query through a routed client (lease expiry +
   take-over); then `takeover`: stop the new owner with SIGTERM (its close releases the stream at once), time from
   its exit to the first query answered by another node (claim + replay from S3 + index rebuild);
-- `tier` (also alone: `--only tiers`): the same fetch served by each tier of the read path (cluster/tiers.py), in
-  this process, over the same etcd and weed and a MooncakeCluster (tests/cluster/mooncake_servers.py: a master and
-  one store node, TCP): Wan2.1-1.3B K/V (1560 tokens x 12 heads x 128 x (K, V) bf16: 9.58 MB a layer) in two
-  shapes, `layer` (3 frames of one layer, 28.75 MB a fetch; a 1-layer stream) and `whole` (1 frame of 30 layers,
-  287.5 MB). ClusterBank a puts them (its local cache holds them, and they go through to Mooncake) and fetches:
-  `local`; b (local_cache_bytes=0, the hot tier) takes the streams over and fetches: `mooncake`, then the same
-  layers as objects of its own straight into registered memory: `mooncake_get_into` (MooncakeTier alone, no
-  decode); c (local_cache_bytes=0, no hot tier: S3 only) fetches: `s3`. Baselines over the same bytes: `memcpy`
-  (np.copyto between warm buffers) and `tcp` (a 127.0.0.1 socket pair, a 1-byte request, then sendall from a
-  thread and recv_into a preallocated buffer). Fetches go into one warm buffer; rows: GB/s at the p50 fetch, p50/p99
-  per fetch, `ratio_to_tcp` (Mooncake, S3; target: get_into >= 0.5), `ratio_to_memcpy` (local), `tier_reads` (the
-  bank's tier_stats() over the timed fetches: which tier served) and `same_bytes` (crc32 equal to local's).
+- `tier` (also alone: `--only tiers`): the same fetch served by each tier of the read path (local, Mooncake, S3)
+  against memcpy and loopback TCP measured side by side; benchmarks/cluster_tiers.py says how.
 Targets are ratios (the machine is shared and noisy). Each row is a JSON line; a `summary` line ends the run; rows go
 to OUT/cluster.jsonl and a plot to OUT/cluster.png. Every process started here is stopped by PID in finally blocks.
 
@@ -45,12 +35,9 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
-import uuid
 import zlib
 from pathlib import Path
 
@@ -61,16 +48,15 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "cluster"))
 sys.path.insert(0, str(HERE.parent / "tests" / "service"))
 
-from common import RESULTS, Results, percentiles, timed  # noqa: E402
+from common import RESULTS, Results, percentiles  # noqa: E402
 from etcd_servers import EtcdCluster  # noqa: E402
-from mooncake_servers import MooncakeCluster  # noqa: E402
 from nodes import LEASE_TTL_S, Cluster  # noqa: E402
 from s3_server import TEST_CREDENTIALS, WeedServer  # noqa: E402
 from svc_util import start_serve  # noqa: E402
 
+from cluster_tiers import TIER_SHAPES, WAN_TOKENS, tiers  # noqa: E402 - the tier rows: a module of their own
+
 from memory_service import KeySpace, KVLayout, MemFlowError, MemoryClient, NewEntry, StreamSpec  # noqa: E402
-from memory_service.cluster.node import ClusterBank  # noqa: E402
-from memory_service.config import BankConfig, ClusterConfig  # noqa: E402
 from memory_service.errors import NotOwner  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, KEY_DIM, BATCH = 30, 2, 64, 64, 100
@@ -265,163 +251,6 @@ def failover(res: Results, cl: Cluster, size: int, rounds: int) -> dict:
                    failover_each_s=[round(x, 3) for x in fail], takeover_each_s=[round(x, 3) for x in take],
                    sigterm_stop_s=float(np.median(stop)))
 
-
-# ---- tiers: the same fetch served by each tier ----------------------------------------------------------------
-
-WAN_HEADS, WAN_DIM, WAN_LAYERS, WAN_TOKENS = 12, 128, 30, 1560  # Wan2.1-1.3B: 9.58 MB a layer, 287.5 MB a frame
-TIER_SHAPES = {"layer": (1, 3), "whole": (WAN_LAYERS, 1)}  # shape -> (layers per entry, frames fetched)
-STAGING = 32 << 20  # MooncakeTier's staging buffer: above one layer span (9.58 MB and its header)
-
-
-
-def memcpy(nbytes: int, reps: int) -> list[float]:
-    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    return timed(lambda: np.copyto(dst, src), reps)
-
-
-def tcp_loopback(nbytes: int, reps: int) -> list[float]:
-    """Raw loopback TCP: a 1-byte request, then nbytes sent back by a thread, recv_into a warm buffer."""
-    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    view = memoryview(dst)
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        rx = socket.create_connection(lsock.getsockname())
-        tx, _ = lsock.accept()
-
-        def serve() -> None:
-            while tx.recv(1):
-                tx.sendall(src)
-
-        th = threading.Thread(target=serve, daemon=True)
-        th.start()
-
-        def one() -> None:
-            rx.sendall(b"g")
-            got = 0
-            while got < nbytes:
-                k = rx.recv_into(view[got:])
-                if not k:
-                    raise ConnectionError(f"loopback peer closed after {got} of {nbytes} bytes")
-                got += k
-
-        try:
-            return timed(one, reps)
-        finally:
-            rx.close()  # the server thread's recv answers b"": it ends
-            th.join(10)
-            tx.close()
-
-
-def wan_stream(bank: ClusterBank, shape: str, tokens: int) -> list[int]:
-    """Create tier-<shape> and put its frames (random bf16, layer by layer: no float32 copy of a whole frame)."""
-    import ml_dtypes
-
-    layers, n = TIER_SHAPES[shape]
-    layout = KVLayout(layers=layers, heads=WAN_HEADS, head_dim=WAN_DIM, tokens_per_frame=tokens)
-    bank.create_stream(StreamSpec(f"tier-{shape}", {"emb": KeySpace(KEY_DIM)}, kv=layout))
-    rng, ids = np.random.default_rng(layers), []
-    for f in range(n):
-        kv = np.empty(layout.shape, ml_dtypes.bfloat16)
-        for j in range(layers):
-            kv[j] = rng.standard_normal(layout.layer_shape, np.float32)
-        ids += bank.put(f"tier-{shape}", [NewEntry(f, f, "bench", {"emb": rng.standard_normal(KEY_DIM)
-                                                                  .astype(np.float32)}, kv=kv)])
-        del kv
-    return ids
-
-
-def bank_fetches(bank: ClusterBank, stream: str, ids: list[int], reps: int) -> tuple[list[float], dict, int]:
-    """Fetches of `ids` into one warm buffer: latencies, reads per tier in the timed ones, crc32 of the bytes."""
-    _, _, shape, dtype = bank.fetch_layout(stream, ids)
-    out = np.zeros(shape, dtype)
-    bank.fetch(stream, ids, out=out)  # warm-up, outside the counters: the take-over (replay from S3) happens here
-    before = bank.tier_stats()
-    lat = timed(lambda: bank.fetch(stream, ids, out=out), reps, warm=False)
-    after = bank.tier_stats()
-    crc = zlib.crc32(out.view(np.uint8).reshape(-1))
-    return lat, {t: after[t]["reads"] - before[t]["reads"] for t in after}, crc
-
-
-def raw_get_into(bank: ClusterBank, layer_bytes: int, count: int, reps: int) -> list[float]:
-    """MooncakeTier.get_into alone: `count` objects of one layer each, into registered (zero-copy) memory."""
-    buf = np.ones(count * layer_bytes, np.uint8)
-    views = [buf[i * layer_bytes:(i + 1) * layer_bytes] for i in range(count)]
-    keys = [f"memflow-bench/{uuid.uuid4().hex}/{i}" for i in range(count)]
-    bank.hot.register(buf)
-    try:
-        if bank.hot.put([(k, [v]) for k, v in zip(keys, views)]) != count:
-            raise RuntimeError(f"Mooncake stored fewer than {count} objects of {layer_bytes} bytes: {bank.hot.stats()}")
-
-        def one() -> None:
-            if not all(bank.hot.get_into(k, v) for k, v in zip(keys, views)):
-                raise RuntimeError(f"a get_into of {layer_bytes} bytes missed: {bank.hot.stats()}")
-
-        return timed(one, reps)
-    finally:
-        bank.hot.remove(keys)
-        bank.hot.unregister(buf)
-
-
-def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: int, reps: dict) -> dict:
-    """Banks a (puts, local cache), b (local_cache_bytes=0, hot tier: Mooncake), c (local_cache_bytes=0, no hot
-    tier: S3) one after another on the same streams (each takes them over from the last), then the baselines."""
-    import pytest  # mooncake_servers skips (pytest.skip) where the wheel or libibverbs1 is missing
-
-    layer_bytes = 2 * tokens * WAN_HEADS * WAN_DIM * 2
-    segment = ((100 * layer_bytes >> 20) + 16) << 20  # MiB; 66 layers go in: below the eviction mark
-    try:
-        pool = MooncakeCluster(os.path.join(tmp, "mooncake"), stores=1, segment_bytes=segment)
-    except pytest.skip.Exception as e:
-        res.add(bench="tier", skipped=str(e))
-        return {}
-    tag = uuid.uuid4().hex[:8]
-
-    def config(node: str, hot: bool) -> ClusterConfig:
-        more = {"mooncake_master": pool.master, "mooncake_metadata": pool.metadata,
-                "mooncake_staging_bytes": STAGING} if hot else {}
-        return ClusterConfig(etcd=",".join(etcd.endpoints), s3_endpoint=weed.endpoint, s3_bucket=f"memflow-tiers-{tag}",
-                             node_id=node, lease_ttl_s=LEASE_TTL_S, prefix=f"memflow-tiers-{tag}/",
-                             local_cache_bytes=None if node == "a" else 0, **more)
-
-    lat, served, crcs, ids = {}, {}, {}, {}
-    try:
-        for node, tier, hot in (("a", "local", True), ("b", "mooncake", True), ("c", "s3", False)):
-            bank = ClusterBank(os.path.join(tmp, f"tier-{node}"), BankConfig(), config(node, hot))
-            try:
-                for shape, (_, n) in TIER_SHAPES.items():
-                    if node == "a":
-                        ids[shape] = wan_stream(bank, shape, tokens)
-                    got = bank_fetches(bank, f"tier-{shape}", ids[shape], reps[shape])
-                    lat[shape, tier], served[shape, tier], crcs[shape, tier] = got
-                    if node == "b":
-                        count = n * TIER_SHAPES[shape][0]
-                        lat[shape, "mooncake_get_into"] = raw_get_into(bank, layer_bytes, count, reps[shape])
-            finally:
-                bank.close()  # hands the streams to the next bank
-    finally:
-        pool.stop()
-    out = {}
-    for shape, (layers, n) in TIER_SHAPES.items():
-        nbytes = n * layers * layer_bytes
-        lat[shape, "memcpy"] = memcpy(nbytes, 3 * reps[shape])  # cheap, and noisy here: more samples
-        lat[shape, "tcp"] = tcp_loopback(nbytes, 3 * reps[shape])
-        gbps = {t: nbytes / float(np.median(x)) / 1e9 for (s, t), x in lat.items() if s == shape}
-        for tier in ("memcpy", "tcp", "local", "mooncake_get_into", "mooncake", "s3"):
-            p50, p99 = percentiles(lat[shape, tier])
-            extra = {}
-            if (shape, tier) in served:
-                extra = {"tier_reads": served[shape, tier], "same_bytes": crcs[shape, tier] == crcs[shape, "local"]}
-            if tier.startswith("mooncake") or tier == "s3":
-                extra["ratio_to_tcp"] = gbps[tier] / gbps["tcp"]
-            if tier == "local":
-                extra["ratio_to_memcpy"] = gbps[tier] / gbps["memcpy"]
-            res.add(bench="tier", shape=shape, tier=tier, frames=n, layers=layers, tokens=tokens,
-                    mb_per_fetch=nbytes / 1e6, fetches=len(lat[shape, tier]), gb_per_s=gbps[tier], p50_ms=p50, p99_ms=p99,
-                    **extra)
-        out.update({f"{shape}_mooncake_to_tcp": round(gbps["mooncake"] / gbps["tcp"], 4),
-                    f"{shape}_get_into_to_tcp": round(gbps["mooncake_get_into"] / gbps["tcp"], 4),
-                    f"{shape}_local_to_memcpy": round(gbps["local"] / gbps["memcpy"], 4),
-                    f"{shape}_s3_gb_per_s": round(gbps["s3"], 4)})
-    return out
 
 # ---- the run -------------------------------------------------------------------------------------------
 

@@ -122,7 +122,8 @@ class MooncakeTier:
 
     def __init__(self, master: str, metadata: str, *, local_hostname: str = "127.0.0.1",
                  segment_bytes: int = 0, local_buffer_bytes: int = 64 << 20, protocol: str = "tcp",
-                 replicas: int = 1, staging_bytes: int = 64 << 20) -> None:
+                 replicas: int = 1, staging_bytes: int = 64 << 20, register_reads: bool | None = None) -> None:
+        """`register_reads`: whether reads register their destinations for the call (default: only over RDMA)."""
         if protocol not in ("tcp", "rdma") or replicas < 1 or staging_bytes <= 0 or segment_bytes < 0:
             raise InvalidArgument(
                 f"protocol {protocol!r}, replicas {replicas}, staging_bytes {staging_bytes}, segment_bytes "
@@ -166,7 +167,7 @@ class MooncakeTier:
         self._staging_lock = threading.Lock()
         self._transient: dict[tuple[int, int], int] = {}  # spans registered for calls in flight -> how many hold it
         self._transient_lock = threading.Lock()
-        self._register_reads = protocol == "rdma"
+        self._register_reads = protocol == "rdma" if register_reads is None else register_reads
         self._stats_lock = threading.Lock()
         self._closed = False
         self._counts: collections.Counter[str] = collections.Counter()

@@ -180,63 +180,75 @@ class Tiers:
         with self._lock:
             self._pinned.pop(stream, None)
 
-    def read_into(self, at: Located, layers: Sequence[int], out: np.ndarray, what: str) -> None:
-        """Layers of one entry that the local cache does not hold, decoded into `out` (`[len(layers), 2, T, H, D]`,
-        the logical dtype): the hot tier first, in one batch, S3 for what it misses (then promoted). Every layer is
-        verified (bytes that crossed the network); bytes from the hot tier that fail the check are a miss."""
-        missing = list(range(len(layers)))
+    def read_into(self, entries: Sequence[tuple[Located, np.ndarray, str]], layers: Sequence[int]) -> None:
+        """Layers of entries that the local cache does not hold, each (where its payload lies, its rows of the fetch
+        buffer `[len(layers), 2, T, H, D]` in the logical dtype, its name in errors) decoded into those rows: the
+        hot tier first, all entries' layers in one batch, then S3 for what it missed, one ranged GET per entry (and
+        promoted). Every layer is verified (bytes that crossed the network); hot-tier bytes that fail are a miss."""
+        missing = [list(range(len(layers))) for _ in entries]
         if self.hot is not None:
-            missing = self._read_hot(at, layers, out, what)
-        if missing:
-            t0 = time.perf_counter()
-            spans = [at.layers[layers[i]] for i in missing]
-            lo = min(o for o, _, _ in spans)
-            hi = max(o + h + b for o, h, b in spans)
-            view = np.empty(hi - lo, np.uint8).data
-            self.objects.read_into(at.key, lo, view)
-            promote = []
-            for i, (o, h, b) in zip(missing, spans):
-                span = view[o - lo:o - lo + h + b]
-                decode_into(Header.unpack(span[:h]), span[h:], out[i], True, f"{what} layer {layers[i]} (S3)")
-                promote.append((hot_key(at.key, o), [span]))
-            self.count("s3", hi - lo, t0)  # one ranged GET
-            if self.hot is not None:
-                self.hot.put(promote)
+            missing = self._read_hot(entries, layers)
+        for (at, out, what), todo in zip(entries, missing):
+            if todo:
+                self._read_s3(at, [layers[i] for i in todo], [out[i] for i in todo], what)
 
-    def _read_hot(self, at: Located, layers: Sequence[int], out: np.ndarray, what: str) -> list[int]:
-        """The hot tier's part of read_into; returns the positions in `layers` it did not serve.
+    def _read_s3(self, at: Located, layers: Sequence[int], out: Sequence[np.ndarray], what: str) -> None:
+        """`layers` of one entry in one ranged GET, each decoded into its `out` view `[2, T, H, D]`, then promoted."""
+        t0 = time.perf_counter()
+        spans = [at.layers[j] for j in layers]
+        lo = min(o for o, _, _ in spans)
+        hi = max(o + h + b for o, h, b in spans)
+        view = np.empty(hi - lo, np.uint8).data
+        self.objects.read_into(at.key, lo, view)
+        promote = []
+        for i, (j, (o, h, b)) in enumerate(zip(layers, spans)):
+            span = view[o - lo:o - lo + h + b]
+            decode_into(Header.unpack(span[:h]), span[h:], out[i], True, f"{what} layer {j} (S3)")
+            promote.append((hot_key(at.key, o), [span]))
+        self.count("s3", hi - lo, t0)  # one ranged GET
+        if self.hot is not None:
+            self.hot.put(promote)
 
-        A raw body is exactly its layer of `out`, so it is read straight there (no copy: the header goes to a small
-        buffer beside it, both in one scattered read of the `<object>@<offset>` span); another codec (fp8) lands
+    def _read_hot(self, entries: Sequence[tuple[Located, np.ndarray, str]], layers: Sequence[int]) -> list[list[int]]:
+        """The hot tier's part of read_into; per entry, the positions in `layers` it did not serve.
+
+        A raw body is exactly its layer of the fetch buffer, so it is read straight there (no copy: its header goes
+        to a small buffer, both in one scattered read of the `<object>@<offset>` span); another codec (fp8) lands
         in a buffer of its own and is decoded from there."""
         assert self.hot is not None
         t0 = time.perf_counter()
-        heads = np.empty(sum(at.layers[j][1] for j in layers), np.uint8)  # [sum of header bytes]
+        heads = np.empty(sum(at.layers[j][1] for at, _, _ in entries for j in layers), np.uint8)  # [header bytes]
         items, places, at_head = [], [], 0
-        for i, j in enumerate(layers):
-            o, h, b = at.layers[j]
-            dest = out[i]  # [2, T, H, D]
-            direct = dest.flags.c_contiguous and dest.nbytes == b
-            body = dest.reshape(-1).view(np.uint8) if direct else np.empty(b, np.uint8)
-            items.append((hot_key(at.key, o), [heads[at_head:at_head + h], body]))
-            places.append((heads[at_head:at_head + h], body, direct))
-            at_head += h
-        hits = self.hot.get_many(items)
-        missing, nbytes = [], 0
-        for i, (hit, (head, body, direct)) in enumerate(zip(hits, places)):
-            if hit:
-                try:
-                    header = Header.unpack(head.data)
-                    if direct and header.codec == "raw":
-                        check(header, body.data, out[i].shape, out[i].dtype, True, f"{what} layer {layers[i]}")
-                    else:  # decoded from a copy: an fp8 body of a float8 stream is as long as its raw one
-                        decode_into(header, body.copy().data if direct else body.data, out[i], True,
-                                    f"{what} layer {layers[i]}")
-                    nbytes += head.nbytes + body.nbytes
-                    continue
-                except DataLoss as exc:  # the cache's bytes are bad: S3 has the record
-                    log.warning("hot tier: %s; reading it from S3", exc)
-            missing.append(i)
-        if len(missing) < len(layers):
-            self.count("mooncake", nbytes, t0, len(layers) - len(missing))
+        for at, out, _ in entries:
+            for i, j in enumerate(layers):
+                o, h, b = at.layers[j]
+                dest = out[i]  # [2, T, H, D]
+                direct = dest.flags.c_contiguous and dest.nbytes == b
+                body = dest.reshape(-1).view(np.uint8) if direct else np.empty(b, np.uint8)
+                items.append((hot_key(at.key, o), [heads[at_head:at_head + h], body]))
+                places.append((heads[at_head:at_head + h], body, direct))
+                at_head += h
+        hits = iter(self.hot.get_many(items))
+        places_in = iter(places)
+        missing: list[list[int]] = []
+        served = nbytes = 0
+        for _, out, what in entries:
+            missing.append([])
+            for i, j in enumerate(layers):
+                hit, (head, body, direct) = next(hits), next(places_in)
+                if hit:
+                    try:
+                        header = Header.unpack(head.data)
+                        if direct and header.codec == "raw":
+                            check(header, body.data, out[i].shape, out[i].dtype, True, f"{what} layer {j}")
+                        else:  # decoded from a copy: an fp8 body of a float8 stream is as long as its raw one
+                            decode_into(header, body.copy().data if direct else body.data, out[i], True,
+                                        f"{what} layer {j}")
+                        served, nbytes = served + 1, nbytes + head.nbytes + body.nbytes
+                        continue
+                    except DataLoss as exc:  # the cache's bytes are bad: S3 has the record
+                        log.warning("hot tier: %s; reading it from S3", exc)
+                missing[-1].append(i)
+        if served:
+            self.count("mooncake", nbytes, t0, served)
         return missing

@@ -425,10 +425,13 @@ class ClusterStore:
             raise NotFound(f"entry {eid} of stream {layout.name!r} has no payload in the durable tier (deleted?)")
         return at
 
-    def read_through(self, layout: StreamLayout, eid: int, layers: Sequence[int], out: np.ndarray) -> None:
-        """Payload layers of one entry that the local cache does not hold, decoded into `out` (`[len(layers), 2, T,
-        H, D]`) and verified (cluster/tiers.py: Mooncake straight into `out`, then S3)."""
-        self.tiers.read_into(self._located(layout, eid), layers, out, f"stream {layout.name!r} entry {eid}")
+    def read_through(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int],
+                     rows: Sequence[np.ndarray]) -> None:
+        """Payload layers of entries that the local cache does not hold, decoded into each entry's row of the fetch
+        buffer (`[len(layers), 2, T, H, D]`) and verified (cluster/tiers.py: Mooncake straight into the rows, all in
+        one batch, then S3)."""
+        self.tiers.read_into([(self._located(layout, eid), row, f"stream {layout.name!r} entry {eid}")
+                              for eid, row in zip(ids, rows)], layers)
 
     # -- snapshots (S3: a new owner starts from them) -------------------------------------------------
     def _snapshot_key(self, sid: int, space: int) -> Optional[str]:
@@ -532,6 +535,7 @@ class ClusterView:
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
+        through = []  # positions in ids of the entries read through (one batch for all of them)
         for n, eid in enumerate(ids):
             if self._store._cached_entry(layout.name, eid):
                 try:
@@ -541,10 +545,14 @@ class ClusterView:
                     continue
                 except NotFound:  # cached after this view began (a rewrite): S3 has it
                     pass
-            self._store.read_through(layout, eid, layers, out[n])  # always verified: bytes that crossed the network
-            if verified is not None:
+            through.append(n)
+        if not through:
+            return
+        self._store.read_through(layout, [ids[n] for n in through], layers, [out[n] for n in through])  # verified
+        if verified is not None:
+            for n in through:
                 for layer in layers:
-                    verified[eid] = verified.get(eid, 0) | (1 << layer)
+                    verified[ids[n]] = verified.get(ids[n], 0) | (1 << layer)
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
         if self._store._cached_entry(layout.name, eid):
@@ -552,8 +560,8 @@ class ClusterView:
                 return self._inner.read_layer(layout, eid, layer, verified)
             except NotFound:  # cached after this view began (a rewrite): S3 has it
                 pass
-        tmp = np.empty((1, *layout.layer_shape), layout.np_dtype)  # [1, 2, T, H, D]
-        self._store.read_through(layout, eid, [layer], tmp)
+        tmp = np.empty((1, *layout.layer_shape), layout.np_dtype)  # [1 layer, 2, T, H, D]
+        self._store.read_through(layout, [eid], [layer], [tmp])
         if verified is not None:
             verified[eid] = verified.get(eid, 0) | (1 << layer)
         return memoryview(tmp.reshape(-1).view(np.uint8))

@@ -121,3 +121,42 @@ def test_a_pool_smaller_than_the_stream_evicts_and_reads_fall_through_to_s3(tmp_
             a.close()
     finally:
         pool.stop()
+
+
+def test_damaged_bytes_in_the_pool_are_a_miss_and_layer_subsets_land_in_place(tmp_path, etcd_cluster, weed, mooncake):
+    """Reads land straight in the fetch buffer: a subset of layers in the order asked for, and bytes the pool holds
+    that fail their checksum (another client rewrote the object) are read from S3 instead, bit-exact."""
+    from memory_service.cluster.mooncake import MooncakeTier
+    from memory_service.cluster.tiers import hot_key
+
+    config = make_config(etcd_cluster, weed, mooncake)
+    a = ClusterBank(str(tmp_path / "a"), BankConfig(), config("a"))
+    try:
+        a.create_stream(make_spec("cam1"))
+        seeds = [20, 21, 22]
+        ids = a.put("cam1", [make_entry(s) for s in seeds])
+        a.cluster_store.tiers.drain()  # the write-throughs are behind the puts
+    finally:
+        a.close()
+    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", local_cache_bytes=0))
+    try:
+        got = b.fetch("cam1", ids, layers=[2, 0])
+        for row, seed in zip(got.kv, seeds):
+            assert np.array_equal(bits(row), bits(make_entry(seed).kv[[2, 0]]))
+        assert tiers(b)["mooncake"] == 2 * len(ids) and tiers(b)["s3"] == 0
+        # damage layer 1 of the middle entry in the pool, under its own key (where the store says it lies)
+        at = b.cluster_store._owned["cam1"].where[ids[1]]
+        offset, head, body = at.layers[1]
+        key = hot_key(at.key, offset)
+        with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=8 << 20) as other:
+            span = np.empty(head + body, np.uint8)
+            assert other.get_into(key, span)
+            span[head + body // 2] ^= 0xFF
+            assert other.put([(key, [span])]) == 1
+        before = tiers(b)
+        check(b, "cam1", ids, seeds)
+        after = tiers(b)
+        assert after["s3"] == before["s3"] + 1, f"the damaged layer should come from S3: {before} -> {after}"
+        assert after["mooncake"] == before["mooncake"] + 4 * len(ids) - 1
+    finally:
+        b.close()

@@ -95,6 +95,33 @@ def test_registered_memory_is_read_into_and_written_from_directly(mooncake):  # 
         t.unregister(arena)
 
 
+@pytest.mark.parametrize("register_reads", [False, True], ids=["tcp-unregistered", "registered-for-the-call"])
+def test_get_many_scatters_each_object_over_its_parts_in_one_call(mooncake, register_reads):  # noqa: F811
+    # what the read path does: a layer's header into a small buffer, its body straight into the fetch buffer; the
+    # bodies of one entry's layers lie side by side there (one span), the headers side by side in another
+    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=16 * MB, register_reads=register_reads) as t:
+        heads, bodies = _parts(60, [28, 28, 28]), _parts(61, [MB, MB + 5, 3])
+        keys = [_key(f"scatter{i}") for i in range(3)]
+        assert t.put([(k, [h.data, b.data]) for k, h, b in zip(keys, heads, bodies)]) == 3
+        head_buf = np.zeros(3 * 28, np.uint8)
+        fetch = np.zeros(2 * MB + 8, np.uint8)
+        at = [0, MB, 2 * MB + 5]
+        items = [(k, [head_buf[28 * i:28 * (i + 1)], fetch[at[i]:at[i] + bodies[i].nbytes]]) for i, k in enumerate(keys)]
+        absent = (_key("scatter-absent"), [np.zeros(16, np.uint8)])
+        wrong = (keys[2], [np.zeros(28, np.uint8), np.zeros(2, np.uint8)])  # one byte short of the object: a miss
+        before = t.stats()
+        assert t.get_many([items[0], absent, items[1], wrong, items[2]]) == [True, False, True, False, True]
+        assert np.array_equal(head_buf, np.concatenate(heads))
+        assert np.array_equal(fetch[:2 * MB + 8], np.concatenate(bodies))
+        after = t.stats()
+        assert after["hits"] - before["hits"] == 3 and after["misses"] - before["misses"] == 2
+        assert after["bytes_out"] - before["bytes_out"] == sum(h.nbytes + b.nbytes for h, b in zip(heads, bodies))
+        assert t._transient == {}  # what a call registered for itself is released with it
+        # the same buffers again (registered for the call again, or still nothing registered over TCP)
+        fetch[:] = 0
+        assert all(t.get_many(items)) and np.array_equal(fetch, np.concatenate(bodies))
+
+
 def test_a_missing_key_is_false_and_counted_as_a_miss(tier):
     before = tier.stats()
     assert not tier.get_into(_key("never-put"), np.empty(4096, np.uint8).data)
