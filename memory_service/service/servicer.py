@@ -6,7 +6,8 @@ Errors are raised as MemFlowError and turned into status codes by the intercepto
 in one place. K/V bytes move on the
 data plane the request names: SHM (offsets into a registered client arena, one copy between the arena and
 LMDB's memory map; service/arenas.py decides how, so that a client can never make the service fault) or STREAM
-(chunks of at most `chunk_bytes`, framing.CHUNK_BYTES: each message fits the 4 MiB a stock gRPC client accepts).
+(chunks of at most `chunk_bytes`, framing.CHUNK_BYTES: each message fits the 4 MiB a stock gRPC client accepts;
+records - one layer of one entry - are packed into full chunks across their boundaries, service/packing.py).
 Per-tenant quotas (streams, stored bytes: service/quotas.py; arenas: service/arenas.py) are checked here, before
 the bank is touched. A tenant's whole-bank Stats covers its own streams; the bank's map and disk sizes are
 shown only to the operator (no auth).
