@@ -7,9 +7,11 @@ only delegate here. Promises:
   after the commit succeeds;
 - after `put` returns, the stream is within its budget (the put's own evictions commit with it);
 - queries never see another stream's entries, and run under the stream's lock only for the search itself.
-Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory and are persisted with
-the next write, or at most `hit_flush_interval_s` later by a background thread, or on close: a query never
-writes, so it never fails on a full disk. Deletes, drops, prunes and puts that evict commit on a full disk
+Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory - the truth every pruning
+policy reads - and are persisted by a flush off the request path: at most `hit_flush_interval_s` after they
+change while the bank is in use (the pruner's thread, or a one-shot thread a query or put starts), and on
+close; never in a put's transaction, and a query never writes (so it never fails on a full disk). What a crash
+(kill -9) may lose is statistics of about the last interval, never an entry: a put is durable when it returns. Deletes, drops, prunes and puts that evict commit on a full disk
 (the store's reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and
 still closes. What is durable goes through the store's verbs (memory_service/store/base.py); this module never
 sees how the store lays it out.
@@ -39,6 +41,7 @@ from memory_service.store.codec import body_bytes, encode
 from memory_service.store.dirlock import DirLock
 from memory_service.query_fetch import FetchPlan
 from memory_service.stream import Stream
+from memory_service.upkeep import Upkeep
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, QueryTrace, StreamSpec,
     StreamStats, kv_numpy_dtype,
@@ -101,9 +104,10 @@ class MemoryBank:
         self._streams: dict[str, Stream] = {}
         self._unavailable: dict[str, UnopenedStream] = {}  # records on disk this bank could not open
         self._last_flush = time.monotonic()
+        self._flushing = threading.Lock()  # flushes run one at a time
         self._closed = False
         self._stop = threading.Event()
-        self._pruner: Optional[threading.Thread] = None
+        self._pruner: Optional[Upkeep] = None
         try:
             with self.store.view() as v:  # one consistent snapshot, also beside a live writer (read-only)
                 self._next_sid = v.next_stream_id()
@@ -159,7 +163,7 @@ class MemoryBank:
         with self._lock:
             s = self._streams.pop(name, None)
         if s is not None:
-            with s.lock:  # waits for a call in flight on it
+            with s.lock, s.stats_lock:  # waits for a call, or a statistics flush, in flight on it
                 s.dirty.clear()
 
     def _serves(self, name: str) -> bool:
@@ -217,7 +221,7 @@ class MemoryBank:
             if name in self._unavailable:
                 return self._drop_unavailable(name)
             s = self._stream(name)
-            with s.lock:
+            with s.lock, s.stats_lock:  # a statistics flush in flight on it finishes first
                 self.store.drop_stream(name, s.sid)
                 del self._streams[name]
             self._drop_snapshots(name, s.sid)
@@ -277,19 +281,24 @@ class MemoryBank:
                     rope_position=None if e.rope_position is None else int(e.rope_position),
                     importance=float(e.importance), nbytes=nbytes, codec=codec if enc else "none",
                 ))
-            p = eviction.plan_for(s, len(metas), sum(m.nbytes for m in metas), now)
-            # one commit: the entries and the evictions that make room for them (evicting, it may use the reserve)
-            degraded = eviction.apply(self.store, s, p, ids[-1] + 1, self.config.verify_checksums,
-                                      NewEntries(metas, stored_keys, encoded))
-            for meta in metas:
-                s.entries[meta.entry_id] = meta
-            s.columns_added(metas)
-            id_arr = np.array(ids, np.int64)
-            for space in s.space_names:
-                s.spaces[space].add(id_arr, np.stack([keys[space] for _, keys, _ in checked]))
-            if s.policy.needs_vectors:
-                s.add_compact(id_arr, np.stack([keys[s.space_names[0]] for _, keys, _ in checked]))
-            eviction.mirror(s, p, degraded, ids[-1] + 1)
+            # with the upkeep thread running, only what the budget demands is evicted here; the rest goes there
+            p = eviction.plan_for(s, len(metas), sum(m.nbytes for m in metas), now, deferred=self._pruner is not None)
+            with s.stats_lock:
+                # one commit: the entries and the evictions that make room for them (evicting, it may use the reserve)
+                degraded = eviction.apply(self.store, s, p, ids[-1] + 1, self.config.verify_checksums,
+                                          NewEntries(metas, stored_keys, encoded))
+                for meta in metas:
+                    s.entries[meta.entry_id] = meta
+                s.columns_added(metas)
+                id_arr = np.array(ids, np.int64)
+                for space in s.space_names:
+                    s.spaces[space].add(id_arr, np.stack([keys[space] for _, keys, _ in checked]))
+                if s.policy.needs_vectors:
+                    s.add_compact(id_arr, np.stack([keys[s.space_names[0]] for _, keys, _ in checked]))
+                eviction.mirror(s, p, degraded, ids[-1] + 1)
+            if self._pruner is not None and eviction.due(s):
+                self._pruner.ask(stream)
+        self._flush_if_due()
         return ids
 
     def prune(self, stream: str) -> PruneResult:
@@ -297,12 +306,13 @@ class MemoryBank:
         s = self._stream(stream)
         with s.lock:
             p = eviction.plan_for(s, 0, 0, self.clock())
-            if not p.evict and not p.degrade and not s.dirty:
+            if not p.evict and not p.degrade:
                 # nothing to change: no commit (the TTL pruner asks every few seconds; in cluster mode a commit
                 # is an S3 record and an etcd transaction)
                 return PruneResult(evicted=(), degraded=(), reason=p.reason or "within budget")
-            degraded = eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
-            eviction.mirror(s, p, degraded, s.next_id)
+            with s.stats_lock:
+                degraded = eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
+                eviction.mirror(s, p, degraded, s.next_id)
         return PruneResult(evicted=p.evict, degraded=tuple(d for d, _ in p.degrade), reason=p.reason or "within budget")
 
     # -- query -----------------------------------------------------------------------------------
@@ -332,8 +342,7 @@ class MemoryBank:
             frames = s.frames_of(ids)
             if record:
                 self._record_hits(s, ids)
-        if time.monotonic() - self._last_flush > self.config.hit_flush_interval_s:
-            self._flush_soon()  # never inline: a query must not write (nor fail on a full disk)
+        self._flush_if_due()
         return QueryResult(ids=ids, scores=scores, frames=frames, trace=QueryTrace(scanned, tuple(steps)))
 
     def _record_hits(self, s: Stream, ids: np.ndarray) -> None:
@@ -353,7 +362,11 @@ class MemoryBank:
                                       importance=m.importance + c / len(rows))
             s.dirty.add(eid)
 
-    _flusher: Optional[threading.Thread] = None  # the one-shot statistics flush a query may start
+    _flusher: Optional[threading.Thread] = None  # the one-shot statistics flush a query or put may start
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() - self._last_flush > self.config.hit_flush_interval_s:
+            self._flush_soon()  # never inline: a query must not write (nor fail on a full disk), a put not wait
 
     def _flush_soon(self) -> None:
         """Persist statistics on a one-shot thread (the pruner thread does it when the bank has one)."""
@@ -375,18 +388,30 @@ class MemoryBank:
             log.warning("retrieval statistics not persisted yet: %s", exc)
 
     def flush(self) -> None:
-        """Persist retrieval statistics of every stream."""
+        """Persist retrieval statistics of every stream: per stream one store write of the entries hit since the
+        last flush. The stream's lock is held only to take them: the write runs beside queries and puts (a commit
+        that removes entries waits for it on `stats_lock`, so no statistics of a removed entry are written)."""
         self._last_flush = time.monotonic()
         if self.read_only:
             return  # a read-only bank's hits stay in memory: it writes nothing
-        for s in list(self._streams.values()):
-            if not self._serves(s.spec.name):
-                continue
-            with s.lock:
-                if not s.dirty:
+        with self._flushing:  # one flush at a time: an older copy of an entry's statistics never lands last
+            for s in list(self._streams.values()):
+                if not self._serves(s.spec.name):
                     continue
-                self.store.put_stats(s.layout, [s.entries[e] for e in s.dirty if e in s.entries])
-                s.dirty.clear()
+                with s.lock:
+                    if not s.dirty:
+                        continue
+                    taken, s.dirty = s.dirty, set()
+                    metas = [s.entries[e] for e in taken if e in s.entries]
+                try:
+                    with s.stats_lock:
+                        live = [m for m in metas if m.entry_id in s.entries]  # evicted meanwhile: records gone
+                        if live and self._streams.get(s.spec.name) is s:  # a drop or forget meanwhile: nothing to write
+                            self.store.put_stats(s.layout, live)
+                except BaseException:
+                    with s.lock:  # not written: they go with the next flush
+                        s.dirty.update(e for e in taken if e in s.entries)
+                    raise
 
     # -- fetch / delete / pin --------------------------------------------------------------------
     def fetch(self, stream: str, ids, layers: Optional[Sequence[int]] = None, out: Optional[np.ndarray] = None) -> FetchResult:
@@ -491,8 +516,9 @@ class MemoryBank:
         with s.lock:
             self._require(s, id_arr)
             p = Plan(evict=tuple(id_arr.tolist()), reason="deleted")
-            eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
-            eviction.mirror(s, p, {}, s.next_id)
+            with s.stats_lock:
+                eviction.apply(self.store, s, p, s.next_id, self.config.verify_checksums)
+                eviction.mirror(s, p, {}, s.next_id)
         return len(id_arr)
 
     def pin(self, stream: str, ids, pinned: bool = True) -> None:
@@ -504,6 +530,7 @@ class MemoryBank:
             self.store.put_metadata(s.layout, list(new.values()))
             s.entries.update(new)
             s.invalidate_columns()
+            s.repin(list(new))
 
     # -- introspection ---------------------------------------------------------------------------
     def entries(self, stream: str) -> list[EntryMeta]:
@@ -537,37 +564,21 @@ class MemoryBank:
                 s.save_snapshot()
 
     def start_pruner(self, interval_s: float = 5.0) -> None:
-        """Expire (TTL) and re-check budgets every `interval_s` on a background thread, off the request path."""
-        if self._pruner is not None:
-            return
-
-        def loop() -> None:
-            while not self._stop.wait(interval_s):
-                for name, s in list(self._streams.items()):
-                    if "ttl" in s.spec.policy and self._serves(name):
-                        try:
-                            self.prune(name)
-                        except NotFound:  # dropped since the list was taken
-                            pass
-                        except Exception as exc:  # noqa: BLE001 - a full disk must not kill the thread
-                            log.warning("background prune of stream %r failed (retried in %.0f s): %s: %s", name,
-                                        interval_s, type(exc).__name__, exc)
-                try:
-                    self.flush()
-                except Exception as exc:  # noqa: BLE001 - a full disk: they stay in memory, retried next time
-                    log.debug("retrieval statistics not persisted yet: %s", exc)
-
-        self._pruner = threading.Thread(target=loop, name="memflow-pruner", daemon=True)
-        self._pruner.start()
+        """Start the background upkeep thread (memory_service/upkeep.py): from then on puts leave pruning to it
+        (evicting inline only what the budget demands), TTL streams are expired every `interval_s` without puts,
+        and retrieval statistics are flushed every `hit_flush_interval_s`; all of it off the request path."""
+        if self._pruner is None:
+            self._pruner = Upkeep(self, interval_s)
 
     def close(self) -> None:
         if self._closed:
             return
         with self._lock:  # no query starts a flusher after this
             self._stop.set()
-        for thread in (self._pruner, self._flusher):
-            if thread is not None:
-                thread.join()
+        if self._pruner is not None:
+            self._pruner.stop()
+        if self._flusher is not None:
+            self._flusher.join()
         try:
             self.flush()
         except ResourceExhausted as exc:  # a full disk must not stop a clean close: the store holds every entry

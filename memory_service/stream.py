@@ -19,6 +19,7 @@ from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
 from memory_service.index.space import SpaceIndex, compact
 from memory_service.pruning import parse_policy
+from memory_service.pruning.neighbours import Neighbours
 from memory_service.store.base import StoreView, StreamLayout, TensorStore
 from memory_service.types import EntryMeta, StreamSpec
 
@@ -80,8 +81,15 @@ class Stream:
         self.layout = stream_layout(self.spec, self.sid)
         self.entries = EntryTable()
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
+        # Held by a statistics flush while it writes (outside `lock`, so queries and puts go on) and by every
+        # commit that removes entries, from the commit until memory mirrors it: a flush never writes statistics
+        # of an entry whose records were just removed. Always taken after `lock`, never the other way round.
+        self.stats_lock = threading.Lock()
         self.verified: dict[int, int] = {}  # entry id -> bitmask of payload layers whose checksum passed
         self.compact: dict[int, np.ndarray] = {}  # only when the policy needs vectors (redundancy)
+        # the unpinned entries' nearest neighbours by compact key, kept current (eviction.mirror, MemoryBank.pin)
+        self.neighbours = Neighbours(self.spec.key_spaces[self.space_names[0]].dim) if self.policy.needs_vectors \
+            else None
         self.key_bytes_per_entry = sum(
             self.spec.layers_of(s) * ks.dim * np.dtype(ks.dtype).itemsize for s, ks in self.spec.key_spaces.items()
         )
@@ -206,6 +214,18 @@ class Stream:
         c = c / np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
         for eid, vec in zip(ids.tolist(), c):
             self.compact[eid] = vec
+        if self.neighbours is not None:
+            free = np.array([not self.entries[e].pinned for e in ids.tolist()], np.bool_)
+            self.neighbours.add(ids[free], c[free])
+
+    def repin(self, ids: list[int]) -> None:
+        """After a pin change of `ids`: pinned entries leave the neighbour graph, unpinned ones (re)join it."""
+        if self.neighbours is None:
+            return
+        self.neighbours.remove(ids)
+        free = [e for e in ids if not self.entries[e].pinned]
+        if free:
+            self.neighbours.add(np.array(free, np.int64), np.stack([self.compact[e] for e in free]))
 
     # -- snapshots -------------------------------------------------------------------------------
     def save_snapshot(self) -> None:

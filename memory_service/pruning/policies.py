@@ -23,6 +23,7 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 
 from memory_service.errors import InvalidArgument
+from memory_service.pruning.neighbours import NeighbourView
 from memory_service.types import EntryMeta
 
 
@@ -35,6 +36,8 @@ class PruneView:
     now: float
     need: int  # how many victims the bank needs at least (0: only expiry is asked for)
     vectors: Optional[np.ndarray] = None  # [n, d] unit-norm compact keys aligned with `entries`
+    # each entry's nearest other entry, aligned with `entries` (kept current by the stream: no O(n^2 d) scan)
+    neighbours: Optional[NeighbourView] = None
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,9 @@ class Redundancy:
 
     Similarity is cosine between compact keys (the bank passes each entry's mean-over-layers key). Of a
     near-duplicate pair the older entry goes; its neighbour is then kept for this pass, so a pair is never
-    wiped out together. The scan is O(n^2 d); `batch_fraction` makes the bank evict a few percent below the
-    budget at once, so the scan runs once per that many puts instead of on every put.
+    wiped out together. The scan is O(n^2 d) unless the view brings each entry's nearest neighbour (the bank's
+    streams keep them current); `batch_fraction` makes the bank evict a few percent below the budget at once,
+    so a ranking runs once per that many puts instead of on every put.
     """
 
     batch_fraction: float = 0.05
@@ -179,15 +183,10 @@ class Redundancy:
         if n < 2 or view.vectors is None or view.need <= 0:
             return Choice()
         ids = np.array([e.entry_id for e in view.entries], np.int64)
-        x = np.asarray(view.vectors, np.float32)
-        nn_sim = np.full(n, -np.inf, np.float32)
-        nn_idx = np.zeros(n, np.int64)
-        for start in range(0, n, 2048):  # blocked so memory stays O(2048 * n)
-            sims = x[start:start + 2048] @ x.T
-            rows = np.arange(sims.shape[0])
-            sims[rows, start + rows] = -np.inf
-            nn_idx[start:start + 2048] = np.argmax(sims, axis=1)
-            nn_sim[start:start + 2048] = sims[rows, nn_idx[start:start + 2048]]
+        if view.neighbours is not None and np.array_equal(view.neighbours.ids, ids):
+            nn_sim, nn_idx = view.neighbours.sim, np.maximum(view.neighbours.nn, 0)
+        else:
+            nn_sim, nn_idx = _nearest(np.asarray(view.vectors, np.float32))
         evicted: list[int] = []  # positions, in eviction order
         gone: set[int] = set()
         kept: set[int] = set()
@@ -204,6 +203,20 @@ class Redundancy:
                 break
         order = [int(ids[p]) for p in evicted]
         return Choice(order=tuple(order))
+
+
+def _nearest(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine to the nearest other row [n], its position [n]) of unit-norm rows `x` [n, d]."""
+    n = len(x)
+    nn_sim = np.full(n, -np.inf, np.float32)
+    nn_idx = np.zeros(n, np.int64)
+    for start in range(0, n, 2048):  # blocked so memory stays O(2048 * n)
+        sims = x[start:start + 2048] @ x.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf
+        nn_idx[start:start + 2048] = np.argmax(sims, axis=1)
+        nn_sim[start:start + 2048] = sims[rows, nn_idx[start:start + 2048]]
+    return nn_sim, nn_idx
 
 
 @dataclass(frozen=True)

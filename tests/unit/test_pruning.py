@@ -138,3 +138,34 @@ def test_byte_budget_never_evicts_keys_only_entries(tmp_path):
         left = [e.entry_id for e in m.entries("cam0")]
         assert left == keys_only + with_kv[3:]
         assert m.stats("cam0").payload_bytes == 5 * per_entry
+
+
+def test_neighbours_kept_current_equal_a_scan_from_scratch():
+    """The stream's neighbour graph after adds, evictions and re-adds ranks exactly as a full O(n^2 d) scan."""
+    from memory_service.pruning.neighbours import Neighbours
+    from memory_service.pruning.policies import _nearest
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((300, 24)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    nb, live = Neighbours(24), []
+    for step in range(40):
+        new = list(range(step * 7, step * 7 + 7)) if step * 7 + 7 <= 300 else []
+        nb.add(np.array(new, np.int64), vecs[new])
+        live += new
+        gone = rng.choice(live, size=min(len(live) - 2, int(rng.integers(0, 6))), replace=False).tolist()
+        nb.remove(gone)
+        live = [e for e in live if e not in gone]
+        if step % 9 == 4:  # an entry pinned then unpinned leaves and rejoins out of id order
+            back = live[len(live) // 2]
+            nb.remove([back])
+            nb.add(np.array([back], np.int64), vecs[[back]])
+        view = nb.snapshot()
+        ids = np.array(sorted(live), np.int64)
+        sim, idx = _nearest(vecs[ids])
+        assert np.array_equal(view.ids, ids)
+        assert np.allclose(view.sim, sim, atol=1e-6)
+        assert np.array_equal(view.nn, idx)
+        entries = tuple(meta(int(i)) for i in ids)
+        kept = Redundancy().choose(PruneView(entries, 100.0, 5, vecs[ids], view)).order
+        assert kept == Redundancy().choose(PruneView(entries, 100.0, 5, vecs[ids])).order
