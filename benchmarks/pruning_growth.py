@@ -1,7 +1,10 @@
 """Bank growth under pruning: entries, bytes, RSS and query latency over a long stream, per policy and budget.
 
 One simulated stream of C chunks (1e5; --quick 1e4), one second per chunk on a simulated clock (`clock=`),
-runs through a real bank (`LocalMemory`, LMDB, `durable=False`: no fsync, commits still atomic). As a
+runs through a real bank (`LocalMemory`, LMDB, `durable=False`: no fsync, commits still atomic) with its upkeep
+thread running, as the service runs it (memory_service/upkeep.py: puts evict inline only what the budget
+demands, the policy's ranking and batch evictions run beside them; `--inline-pruning`: no such thread, every
+put prunes inline as a bare LocalMemory does). As a
 generator would, the bank is queried with the current scene's per-layer key (k=3, the frames still in the local
 window excluded), so hits, recency, decayed frequency and importance evolve - before every 6th chunk by
 default, i.e. before every other recorded one (`--query-every 1`: every chunk, as a generator does; the
@@ -27,7 +30,8 @@ row per run:
 
     entries, payload_mb, key_mb  the stream's stats (max_bytes bounds payload only; keys are never budgeted)
     disk_mb                      LMDB file size (never shrinks; freed pages are reused)
-    query_p50/p99_ms, put_*      latency over the chunks since the previous sample (a put includes its evictions)
+    query_p50/p99_ms, put_*      latency over the chunks since the previous sample (a put includes what it evicts
+                                 inline: all of it with --inline-pruning)
     hit_age_s                    median over queries of the mean age of the retrieved frames (simulated s):
                                  what a policy keeps (FIFO: only the recent past; LFU, redundancy: old scenes too)
     evicted, degraded            totals so far
@@ -199,6 +203,8 @@ def worker(cfg: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="pruning_growth_", dir=cfg["tmp"]) as tmp, \
             LocalMemory(tmp, config, clock=clock) as mem:
         mem.create_stream(spec)
+        if not cfg["inline_pruning"]:
+            mem.bank.start_pruner()
         last = 0
         for c in range(chunks):
             clock.t = float(c)
@@ -257,7 +263,8 @@ def emit(row: dict) -> None:
 def launch(run: Run, args, on_row) -> dict:
     """Run one worker subprocess; `on_row` gets each sample row as it arrives; returns its summary row."""
     cfg = dict(run=dataclasses.asdict(run), chunks=args.chunks, layers=args.layers, dim=args.dim, k=args.k,
-               samples=args.samples, scenes=args.scenes, seed=args.seed, kv_until=args.kv_until, tmp=args.tmp)
+               samples=args.samples, scenes=args.scenes, seed=args.seed, kv_until=args.kv_until, tmp=args.tmp,
+               inline_pruning=args.inline_pruning)
     proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfg)], stdout=subprocess.PIPE,
                             text=True)
     summary = None
@@ -337,6 +344,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=50, help="sample rows per run")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, each in its own process (1: latencies "
                     "free of a sibling run's load, twice the wall time)")
+    ap.add_argument("--inline-pruning", action="store_true", help="no upkeep thread: every put prunes inline (a "
+                    "bare LocalMemory); by default the bank runs it, as the service does")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)
@@ -352,7 +361,7 @@ def main() -> None:
     t_start = time.perf_counter()
     res = Results("bank_growth_pruning", args.out)
     res.header.update(chunks=args.chunks, layers=args.layers, dim=args.dim, k=args.k, scenes=args.scenes,
-                      query_every=args.query_every,
+                      query_every=args.query_every, inline_pruning=args.inline_pruning,
                       jobs=args.jobs, runs=[dataclasses.asdict(r) for r in runs], loadavg_start=os.getloadavg()[0])
     lock = threading.Lock()
 
