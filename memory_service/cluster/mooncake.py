@@ -45,11 +45,13 @@ so that one put can fail (-200) too: counted, never raised.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -69,6 +71,12 @@ _PROBE_KEY = "memflow/probe"
 LOG_EVERY_S = 60.0  # failures are logged at most this often (each is counted)
 _LATENCIES_KEPT = 4096  # the last N get latencies behind p50/p99
 _PROBE_TIMEOUT_S = 2.0
+# The wheel waits for a transfer by polling its status in a loop (its build has no event-driven completion), so a
+# get keeps a core busy for as long as the bytes take. Gets run on READERS threads of their own at nice +19: the
+# poller then yields the core to the threads that move the bytes (this client's transfer engine, the store node,
+# the rest of the service). On the 2-core machine: 0.6-0.9 instead of 0.8-1.4 CPU s per GB in this process, and
+# 0.43-0.77 instead of 0.31-0.45 of loopback TCP, in 4 of 4 interleaved pairs (and 2 of 4 in a noisier run).
+READERS, READER_NICE = 4, 19
 
 
 def _is_loopback(host: str) -> bool:
@@ -103,6 +111,13 @@ def _probe(master: str, metadata: str) -> None:
             f"Mooncake metadata server {metadata} did not answer ({e}): check mooncake_master's "
             f"--enable_http_metadata_server=true and --http_metadata_server_host / _port"
         ) from None
+
+
+def _lower_priority() -> None:
+    """In a reader thread: nice it (Linux keeps a nice value per thread; elsewhere this would nice the process)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
 
 
 def _flat(view: memoryview | np.ndarray | bytes | bytearray) -> np.ndarray:
@@ -177,9 +192,11 @@ class MooncakeTier:
         self.last_error = 0  # the last non-miss status code seen (tests, diagnostics)
         self._down = threading.Event()  # set while the master is unreachable: calls bypass the tier
         self._prober: threading.Thread | None = None
+        self._readers = concurrent.futures.ThreadPoolExecutor(READERS, "mooncake-get", initializer=_lower_priority)
         try:
             self.register(self._staging)
         except BaseException:
+            self._readers.shutdown()
             self._store.close()
             raise
 
@@ -329,14 +346,15 @@ class MooncakeTier:
         """Read each (key, parts) object scattered over its parts, in order, in one batch call; per item True only
         when the object is exactly as long as its parts together and all of it landed there. Never raises.
 
-        The bytes land where the parts lie (no staging, no copy): parts outside registered memory are registered
-        for the call (cheap over TCP; over RDMA that pins pages, so callers register long-lived memory once)."""
+        The bytes land where the parts lie (no staging, no copy); the call runs on one of the tier's reader threads
+        (see READER_NICE)."""
         started = time.perf_counter()
         hits, sizes = [False] * len(items), [0] * len(items)
         try:
             flat = [[_flat(p) for p in parts] for _, parts in items]
             sizes = [sum(f.nbytes for f in fs) for fs in flat]
-            hits = self._get_many([k for k, _ in items], flat, sizes)
+            if not self._closed:  # after close the readers are gone: a miss, as every call then
+                hits = self._readers.submit(self._get_many, [k for k, _ in items], flat, sizes).result()
         except Exception as e:  # noqa: BLE001 - a broken cache read falls through to S3
             self._failed("get", repr(e))
         ms = (time.perf_counter() - started) * 1e3
@@ -443,6 +461,7 @@ class MooncakeTier:
                 return
             self._closed = True
             prober = self._prober
+            self._readers.shutdown(wait=True)  # a get in flight ends before the client goes
             if prober is not None:
                 prober.join(timeout=2 * PROBE_EVERY_S + 5.0)  # it may be inside a ~4.3 s RPC to the master
             for addr, _, _ in self._registered:
