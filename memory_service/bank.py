@@ -416,14 +416,30 @@ class MemoryBank:
     # -- fetch / delete / pin --------------------------------------------------------------------
     def fetch(self, stream: str, ids, layers: Optional[Sequence[int]] = None, out: Optional[np.ndarray] = None) -> FetchResult:
         """K/V of `ids` for `layers` (all by default), decoded into `out` when given (the shm data plane)."""
-        s, id_list, layer_list, shape, dtype = self._fetch_prepare(stream, ids, layers)
-        if out is None:
-            out = np.empty(shape, dtype)
-        elif out.shape != shape or out.dtype != dtype:
-            raise InvalidArgument(f"fetch buffer is {out.dtype}{list(out.shape)}, expected {dtype}{list(shape)}")
+        return self.fetch_groups(stream, [(ids, layers)], None if out is None else [out])[0]
+
+    def fetch_groups(self, stream: str, groups: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     outs: Optional[Sequence[np.ndarray]] = None) -> tuple[FetchResult, ...]:
+        """Several fetches of one stream, `groups[i]` = (ids, layers), checked together and read in one store
+        view (query_fetch's groups; one fetch each cost a check and a read transaction); into `outs[i]` when
+        given. Raises what the first failing fetch would, before anything is read."""
+        if not groups:
+            return ()
+        s = self._stream(stream)
+        prepared = [self._fetch_prepare(stream, ids, layers, s) for ids, layers in groups]
+        bufs = []
+        for n, (_, _, _, shape, dtype) in enumerate(prepared):
+            out = outs[n] if outs is not None else np.empty(shape, dtype)
+            if out.shape != shape or out.dtype != dtype:
+                which = "" if len(groups) == 1 else f" {n}"
+                raise InvalidArgument(f"fetch buffer{which} is {out.dtype}{list(out.shape)}, expected {dtype}"
+                                      f"{list(shape)}")
+            bufs.append(out)
+        verified = self._verified(s)
         with self.store.view() as v:
-            v.read_payloads(s.layout, id_list, layer_list, out, self._verified(s))
-        return FetchResult(ids=tuple(id_list), layers=tuple(layer_list), kv=out)
+            for (_, id_list, layer_list, _, _), out in zip(prepared, bufs):
+                v.read_payloads(s.layout, id_list, layer_list, out, verified)
+        return tuple(FetchResult(ids=tuple(p[1]), layers=tuple(p[2]), kv=out) for p, out in zip(prepared, bufs))
 
     def query_fetch(self, stream: str, space: str, vectors, k: int, *, fetch_k: Optional[int] = None, include=(),
                     resident=(), layers: Optional[Sequence[int]] = None, combine: str = "per_layer",
@@ -435,7 +451,7 @@ class MemoryBank:
             self.fetch_layout(stream, plan.include, plan.layers)
         result = self.query(stream, space, vectors, k, combine=combine, exclude_frames=exclude_frames,
                             pinned_only=pinned_only, time_range=time_range, record=False)
-        fetched = tuple(self.fetch(stream, ids, group_layers) for ids, group_layers in plan.groups(result.ids))
+        fetched = self.fetch_groups(stream, plan.groups(result.ids))
         self.record_hits(stream, result.ids)  # once the whole call succeeded: a failed one leaves the bank as it was
         return QueryFetchResult(query=result, fetched=fetched)
 
@@ -467,8 +483,8 @@ class MemoryBank:
                     del view
                 yield from framed
 
-    def _fetch_prepare(self, stream: str, ids, layers):
-        s = self._stream(stream)
+    def _fetch_prepare(self, stream: str, ids, layers, s: Optional[Stream] = None):
+        s = s or self._stream(stream)
         if s.spec.kv is None:
             raise InvalidArgument(f"stream {stream!r} is keys-only: it has no KV payloads to fetch")
         id_arr = check_ids(ids)
