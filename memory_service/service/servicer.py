@@ -227,15 +227,15 @@ class MemoryServicer:
             spec = self.bank.spec(stream)
             assert spec.kv is not None, "FetchPlan refuses a keys-only stream"
             dtype, layer_bytes = kv_numpy_dtype(spec.kv.dtype), _layer_bytes(spec)
-            pos = 0
-            for (ids, layers), shape, n in zip(groups, shapes, sizes):
-                if target.view is not None:  # sealed and mapped: one memcpy from LMDB's map into it
-                    out = target.view[pos:pos + n].view(dtype).reshape(shape)
-                    self.bank.fetch(stream, ids, layers, out=out)
-                else:  # never mapped: pwrite from LMDB's map, in order
+            if target.view is not None:  # sealed and mapped: one memcpy from LMDB's map into it, one read view
+                starts = np.cumsum([0, *sizes[:-1]]).tolist()
+                outs = [target.view[at:at + n].view(dtype).reshape(shape)
+                        for at, n, shape in zip(starts, sizes, shapes)]
+                self.bank.fetch_groups(stream, groups, outs)
+            else:  # never mapped: pwrite from LMDB's map, in order
+                for ids, layers in groups:
                     for _ in self.bank.iter_fetch(stream, ids, layers, max(1, layer_bytes), target.write):
                         pass
-                pos += n
         if nbytes:
             self.metrics.bytes("shm", "fetch", nbytes)
         self.bank.record_hits(stream, result.ids)  # the K/V is in the arena: its hits count
