@@ -61,11 +61,11 @@ def _expiring(s: Stream, now: float) -> bool:
 
 
 def low_water(s: Stream) -> Budget:
-    """The budget less twice the slack: where background upkeep prunes a stream down to once it is past the budget
+    """The budget less 1.5 x the slack: where background upkeep prunes a stream down to once it is past the budget
     less the slack (`due`), so a put finds a whole slack of room while the upkeep thread ranks and evicts."""
     budget, (slack, slack_bytes) = s.spec.budget, slack_of(s)
-    return Budget(None if budget.max_entries is None else max(1, budget.max_entries - 2 * slack),
-                  None if budget.max_bytes is None else max(1, budget.max_bytes - 2 * slack_bytes))
+    return Budget(None if budget.max_entries is None else max(1, budget.max_entries - slack - slack // 2),
+                  None if budget.max_bytes is None else max(1, budget.max_bytes - slack_bytes - slack_bytes // 2))
 
 
 def due(s: Stream) -> bool:

@@ -6,7 +6,7 @@ inline, exactly as the policy and planner say, so tests see one deterministic or
   stream is within its budget); a put that leaves the stream past its budget less the policy's slack (where that
   slack is two entries or more) asks this thread to prune it;
 - a prune here takes a snapshot under the stream's lock (frozen metadata and compact keys), ranks and plans
-  outside any lock, down to the low-water mark (budget less twice the slack), and commits the plan in chunks of
+  outside any lock, down to the low-water mark (budget less 1.5 x the slack), and commits the plan in chunks of
   `EVICT_CHUNK` entries, each one small commit under the stream's lock; a victim pinned, deleted or evicted
   meanwhile is skipped, and once the stream is back under the low-water mark only expired entries still go.
   So neither a put nor a query waits for a policy's ranking (redundancy's is O(n^2 d)) or for a large commit;
@@ -103,6 +103,7 @@ class Upkeep:
                     with s.stats_lock:
                         degraded = eviction.apply(bank.store, s, part, s.next_id, bank.config.verify_checksums)
                         eviction.mirror(s, part, degraded, s.next_id)
+                time.sleep(0)  # a put or query waiting for the lock goes first, not after every chunk in a row
         except (NotFound, Unavailable):  # dropped since it was asked for, or the bank is closing
             pass
         except Exception as exc:  # noqa: BLE001 - a full disk, a read-only bank: logged, the thread goes on
