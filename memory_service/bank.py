@@ -5,16 +5,18 @@ only delegate here. Promises:
 - every mutating call is one store commit: all of it or none of it, and a failed call (bad input,
   budget, full disk) leaves the bank exactly as it was; memory (indexes, entry table) is updated only
   after the commit succeeds;
-- after `put` returns, the stream is within its budget (the put's own evictions commit with it);
+- after `put` returns, the stream is within its budget (the put's own evictions commit with it); with the
+  upkeep thread running (`start_pruner`, as the service does) a put evicts only what the budget demands and the
+  batch beyond it, TTL expiry and the policy's ranking run on that thread (memory_service/upkeep.py);
 - queries never see another stream's entries, and run under the stream's lock only for the search itself.
 Retrieval statistics (hits, last hit, importance, decayed frequency) live in memory - the truth every pruning
 policy reads - and are persisted by a flush off the request path: at most `hit_flush_interval_s` after they
 change while the bank is in use (the pruner's thread, or a one-shot thread a query or put starts), and on
 close; never in a put's transaction, and a query never writes (so it never fails on a full disk). What a crash
-(kill -9) may lose is statistics of about the last interval, never an entry: a put is durable when it returns. Deletes, drops, prunes and puts that evict commit on a full disk
-(the store's reserve), and a close on a full disk skips what it cannot write (statistics, snapshots) and
-still closes. What is durable goes through the store's verbs (memory_service/store/base.py); this module never
-sees how the store lays it out.
+(kill -9) may lose is statistics of about the last interval, never an entry: a put is durable when it returns.
+Deletes, drops, prunes and puts that evict commit on a full disk (the store's reserve), and a close on a full
+disk skips what it cannot write (statistics, snapshots) and still closes. What is durable goes through the
+store's verbs (memory_service/store/base.py); this module never sees how the store lays it out.
 """
 
 from __future__ import annotations
