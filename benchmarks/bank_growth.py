@@ -191,9 +191,9 @@ def recall(ids: np.ndarray, exact_ids: np.ndarray, kth: np.ndarray, q: np.ndarra
     return float(np.mean(fractions))
 
 
-def spec(kind: str, layers: int, dim: int) -> StreamSpec:
+def spec(kind: str, layers: int, dim: int, two_stage_dtype: str = "float32") -> StreamSpec:
     index = "flat" if kind == "flat_fp16" else kind
-    dtype = "float16" if kind == "flat_fp16" else "float32"
+    dtype = "float16" if kind == "flat_fp16" else two_stage_dtype if kind == "two_stage" else "float32"
     kv = KVLayout(layers=layers, heads=1, head_dim=16, tokens_per_frame=4)  # 256 B per layer: "small"
     return StreamSpec("bench", {"nam": KeySpace(dim, per_layer=True, index=index, dtype=dtype)}, kv=kv)
 
@@ -239,14 +239,15 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
 
 
 def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
-    params = IndexParams(use_gpu=False)  # a CPU benchmark; faiss-gpu machines get their own rows later
+    # a CPU benchmark; faiss-gpu machines get their own rows later
+    params = IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates)
     proc = psutil.Process()
     kept_n = 0 if kept is None else kept.shape[1]
     with tempfile.TemporaryDirectory(prefix=f"bank_growth_{kind}_", dir=args.tmp) as tmp:
         release_memory()
         info0 = proc.memory_info()
         mem = LocalMemory(tmp, BankConfig(index=params, snapshot_on_close=False))
-        mem.create_stream(spec(kind, args.layers, args.dim))
+        mem.create_stream(spec(kind, args.layers, args.dim, args.two_stage_dtype))
         kv_rng = np.random.default_rng(args.seed + 7)
         kv_shape = (args.layers, 2, 4, 1, 16)
         done, put_rate = 0, 0.0
@@ -395,6 +396,10 @@ def main() -> None:
     ap.add_argument("--max-n", type=int, default=0, help="largest N (default 1e4 quick, 1e5 full)")
     ap.add_argument("--step-budget-s", type=float, default=0.0, help="skip a growth step estimated longer "
                     "(default 40 quick, 90 full; e.g. 1200 to grow the ANN kinds to 1e4 at full shape)")
+    ap.add_argument("--two-stage-candidates", type=int, default=IndexParams().two_stage_candidates,
+                    help="first-pass candidates of the two_stage kind (at least 16 x k are taken)")
+    ap.add_argument("--two-stage-dtype", default="float32", choices=("float32", "float16"),
+                    help="stored key dtype of the two_stage kind (float16: half the disk and rerank reads)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)
@@ -412,7 +417,8 @@ def main() -> None:
     res = Growth("bank_growth", args.out)
     gbps = memcpy_gbps(256 << 20)
     # Timings on a shared box mean little without the load they were taken under.
-    res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid, loadavg_start=os.getloadavg()[0])
+    res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid, loadavg_start=os.getloadavg()[0],
+                      two_stage_candidates=args.two_stage_candidates, two_stage_dtype=args.two_stage_dtype)
     data = Data(args.layers, args.dim, args.seed)
     queries = data.queries(q_count)
     per_entry = args.layers * args.dim * 4
