@@ -9,7 +9,9 @@ counters in stats() add up. Throughput against raw loopback TCP is printed, neve
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 from mooncake_servers import mooncake  # noqa: F401 - the fixture, found by pytest through this name
 
-from memory_service.cluster.mooncake import MooncakeTier
+from memory_service.cluster.mooncake import READER_NICE, MooncakeTier
 from memory_service.errors import Unavailable
 
 MB = 1 << 20
@@ -262,6 +264,20 @@ def test_stats_add_up(tier):
     assert (s["puts"], s["hits"], s["misses"]) == (3, 3, 1)
     assert s["bytes_in"] == s["bytes_out"] == 3 * MB
     assert 0 < s["get_p50_ms"] <= s["get_p99_ms"] and s["miss_p99_ms"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_gets_run_on_niced_reader_threads_and_the_caller_keeps_its_priority(tier):
+    # the wheel busy-polls while a transfer runs: that poller must be a low-priority thread, never the caller
+    key, parts = _key("nice"), _parts(62, [MB])
+    assert tier.put([(key, _views(parts))]) == 1
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    out = np.empty(MB, np.uint8)
+    assert tier.get_into(key, out.data) and np.array_equal(out, parts[0])
+    readers = [t for t in threading.enumerate() if t.name.startswith("mooncake-get")]
+    assert readers, "the get ran on no reader thread"
+    assert all(os.getpriority(os.PRIO_PROCESS, t.native_id) == READER_NICE for t in readers)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_an_unreachable_master_is_unavailable(mooncake):  # noqa: F811
