@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import etcd3gw
 
@@ -22,7 +22,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
 from svc_util import ServeProc, start_serve  # noqa: E402
 
+from memory_service.cluster.node import ClusterBank  # noqa: E402
+from memory_service.config import BankConfig, ClusterConfig  # noqa: E402
+
 LEASE_TTL_S = 2
+
+
+def in_process_configs(etcd_endpoints: list[str], s3_endpoint: str, name: str) -> Callable[..., ClusterConfig]:
+    """`make(node_id, **ClusterConfig fields)`: the configs of in-process nodes (ClusterBank) of one cluster, with
+    a bucket and key prefix of their own (`memflow-<name>-<tag>`) and the short test lease."""
+    tag = f"memflow-{name}-{uuid.uuid4().hex[:8]}"
+
+    def make(node: str, **kw) -> ClusterConfig:
+        return ClusterConfig(etcd=",".join(etcd_endpoints), s3_endpoint=s3_endpoint, s3_bucket=tag, node_id=node,
+                             lease_ttl_s=LEASE_TTL_S, prefix=f"{tag}/", **kw)
+
+    return make
+
+
+def in_process_bank(base: Path, make: Callable[..., ClusterConfig], node: str, **kw) -> ClusterBank:
+    """A ClusterBank for node `node` under `base`/`node`, its config from `make` (in_process_configs)."""
+    return ClusterBank(str(base / node), BankConfig(), make(node, **kw))
 
 
 class Cluster:

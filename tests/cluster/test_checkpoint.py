@@ -4,19 +4,18 @@ The replay plan's rules (which checkpoint is valid, what is garbage) are checked
 
 from __future__ import annotations
 
-import uuid
 
 import numpy as np
 import pytest
 
 from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
 from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
-from nodes import LEASE_TTL_S
+from nodes import in_process_bank, in_process_configs
 from svc_util import make_entry, make_spec
 
 from memory_service.cluster import records
 from memory_service.cluster.node import ClusterBank
-from memory_service.config import BankConfig, ClusterConfig
+from memory_service.config import ClusterConfig
 from memory_service.errors import DataLoss, InvalidArgument, NotFound
 
 P = "streams/cam/1/"
@@ -55,18 +54,11 @@ def test_checkpoint_interval_is_checked():
 
 @pytest.fixture
 def config(etcd_cluster, weed):
-    tag = uuid.uuid4().hex[:8]
-
-    def make(node: str, **kw) -> ClusterConfig:
-        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
-                             s3_bucket=f"memflow-ckpt-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
-                             prefix=f"memflow-ckpt-{tag}/", **kw)
-
-    return make
+    return in_process_configs(etcd_cluster.endpoints, weed.endpoint, "ckpt")
 
 
 def bank(tmp_path, config, node: str, **kw) -> ClusterBank:
-    return ClusterBank(str(tmp_path / node), BankConfig(), config(node, **kw))
+    return in_process_bank(tmp_path, config, node, **kw)
 
 
 def log_objects(b: ClusterBank, suffix: str) -> list[str]:

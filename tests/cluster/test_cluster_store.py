@@ -6,7 +6,6 @@ The multi-process stories (SIGKILL under load, SIGSTOP past the lease, routing c
 
 from __future__ import annotations
 
-import uuid
 
 import etcd3gw
 import numpy as np
@@ -14,29 +13,21 @@ import pytest
 
 from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
 from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
-from nodes import LEASE_TTL_S
+from nodes import in_process_bank, in_process_configs
 from svc_util import make_entry, make_spec
 
 from memory_service.cluster.node import ClusterBank
-from memory_service.config import BankConfig, ClusterConfig
 from memory_service.errors import AlreadyExists, NotFound, NotOwner
 from memory_service.store.base import Commit
 
 
 @pytest.fixture
 def config(etcd_cluster, weed):
-    tag = uuid.uuid4().hex[:8]
-
-    def make(node: str, **kw) -> ClusterConfig:
-        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
-                             s3_bucket=f"memflow-unit-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
-                             prefix=f"memflow-unit-{tag}/", **kw)
-
-    return make
+    return in_process_configs(etcd_cluster.endpoints, weed.endpoint, "unit")
 
 
 def bank(tmp_path, config, node: str, **kw) -> ClusterBank:
-    return ClusterBank(str(tmp_path / node), BankConfig(), config(node, **kw))
+    return in_process_bank(tmp_path, config, node, **kw)
 
 
 def assert_bit_exact(got_kv: np.ndarray, seeds: list[int]) -> None:
