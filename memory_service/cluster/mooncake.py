@@ -4,9 +4,9 @@ Mooncake Store (`mooncake.store.MooncakeDistributedStore`) is a cluster-wide DRA
 the segments that store nodes contribute, and clients move bytes to and from them over TCP or RDMA. Here it sits
 between a node's local LMDB cache and S3 (DESIGN.md "Beyond one machine"); it is a cache, never the record.
 
-Owns: the client's setup, one pre-touched staging buffer registered with the transfer engine (plus the buffers the
-caller registers, and the spans a read in flight registered for itself), and the translation of Mooncake's status
-codes into hit / miss / error. Promises:
+Owns: the client's setup, one pre-touched staging buffer registered with the transfer engine (what else is
+registered, for good or for one read, is cluster/mooncake_memory.py's), the reader threads, and the translation of
+Mooncake's status codes into hit / miss / error. Promises:
 - `put` writes objects through (each is the concatenation of its parts) and returns how many were stored; it never
   raises for a Mooncake failure (no space -200, an unreachable master -900, a dead node -800, ...): those are
   counted and logged at most once a minute, and S3 stays the durable tier. Keys are immutable names, written with
@@ -22,11 +22,9 @@ codes into hit / miss / error. Promises:
 - an unreachable master costs one call, not every call: each would wait ~4.3 s for it (-900), so the first
   failure makes put / get_into / remove bypass the tier (put 0, get_into False, counted as `bypassed`) until a
   background probe reaches the master again (every PROBE_EVERY_S).
-- no Python `bytes` of K/V, and reads never copy: bytes land where the caller's parts lie. Over RDMA, parts
-  outside memory registered with `register` (e.g. the shared-memory arenas) are registered for the call and
-  unregistered after it (registering pins pages: long-lived destinations should be registered once); over TCP
-  the transport receives into any address, and registering would cost an HTTP round trip to the metadata
-  server per call (register_buffer publishes the segment's descriptor), so reads register nothing.
+- no Python `bytes` of K/V, and reads never copy: bytes land where the caller's parts lie (registered for the
+  call over RDMA when nothing registered for good covers them; over TCP nothing is registered: see
+  mooncake_memory.py).
   Puts copy their parts into the staging buffer through numpy views, except a one-part object inside registered
   memory, which is written from where it lies. (The wheel has no multi-buffer upsert, only a multi-buffer put,
   whose keep-the-old-value semantics this tier avoids.)
@@ -56,10 +54,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from memory_service.cluster.mooncake_memory import Registrations, flat
 from memory_service.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -120,18 +119,6 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
 
 
-def _flat(view: memoryview | np.ndarray | bytes | bytearray) -> np.ndarray:
-    """A flat uint8 numpy view of a C-contiguous buffer (any dtype, bfloat16 included), never a copy."""
-    if isinstance(view, np.ndarray):
-        if not view.flags.c_contiguous:
-            raise InvalidArgument(f"a non-contiguous array {view.shape}; expected C-contiguous")
-        return view.reshape(-1).view(np.uint8)
-    mv = memoryview(view)
-    if not mv.c_contiguous:
-        raise InvalidArgument(f"a non-contiguous memoryview {mv.shape}; expected C-contiguous")
-    return np.frombuffer(mv, dtype=np.uint8) if mv.nbytes else np.empty(0, np.uint8)
-
-
 class MooncakeTier:
     """One node's client of the Mooncake hot tier; see the module doc for what each method promises."""
 
@@ -178,11 +165,8 @@ class MooncakeTier:
         self._staging = np.empty(staging_bytes, dtype=np.uint8)
         self._staging.fill(0)
         self._staging_addr = self._staging.ctypes.data
-        self._registered: list[tuple[int, int, object]] = []  # (address, size, owner kept alive)
+        self._memory = Registrations(self._store, protocol == "rdma" if register_reads is None else register_reads)
         self._staging_lock = threading.Lock()
-        self._transient: dict[tuple[int, int], int] = {}  # spans registered for calls in flight -> how many hold it
-        self._transient_lock = threading.Lock()
-        self._register_reads = protocol == "rdma" if register_reads is None else register_reads
         self._stats_lock = threading.Lock()
         self._closed = False
         self._counts: collections.Counter[str] = collections.Counter()
@@ -200,36 +184,22 @@ class MooncakeTier:
             self._store.close()
             raise
 
-    # -- registered memory --------------------------------------------------------------------------------------
+    # -- registered memory (cluster/mooncake_memory.py) --------------------------------------------------------
     def register(self, buffer: memoryview | np.ndarray) -> None:
-        """Register caller memory (e.g. a shared-memory arena) so `get_into` can land reads there directly.
-
-        The caller keeps the memory alive and unchanged in place until `unregister` or `close`."""
-        arr = _flat(buffer)
-        addr = arr.ctypes.data
-        rc = self._store.register_buffer(addr, arr.nbytes)
-        if rc != 0:
-            raise Unavailable(f"Mooncake refused to register {arr.nbytes} bytes at {addr:#x} ({rc})")
-        with self._stats_lock:
-            self._registered.append((addr, arr.nbytes, arr))
+        """Register caller memory for good (e.g. a shared-memory arena): a one-part put from it is written from
+        where it lies, and reads into it register nothing per call (over RDMA). The caller keeps the memory alive
+        and in place until `unregister` or `close`."""
+        self._memory.register(buffer)
 
     def unregister(self, buffer: memoryview | np.ndarray) -> None:
-        addr = _flat(buffer).ctypes.data
-        with self._stats_lock:
-            self._registered = [r for r in self._registered if r[0] != addr]
-        self._store.unregister_buffer(addr)
-
-    def _registered_covers(self, addr: int, n: int) -> bool:
-        """Whether [addr, addr+n) lies inside one buffer registered for good (the caller's, or the staging buffer)."""
-        with self._stats_lock:
-            return any(a <= addr and addr + n <= a + size for a, size, _ in self._registered)
+        self._memory.unregister(buffer)
 
     def _outside_staging_registered(self, addr: int, n: int) -> bool:
         """Whether [addr, addr+n) lies inside one buffer the caller registered (the staging buffer excluded: it
         is reused under the lock)."""
         if self._staging_addr <= addr < self._staging_addr + self._staging.nbytes:
             return False
-        return any(a <= addr and addr + n <= a + size for a, size, _ in self._registered)
+        return self._memory.covers(addr, n)
 
     # -- failures -----------------------------------------------------------------------------------------------
     def _failed(self, what: str, detail: object) -> None:
@@ -285,7 +255,7 @@ class MooncakeTier:
             return 0
         staged, direct = [], []  # direct: (key, address, size) of one-part objects in registered memory
         for key, parts in items:
-            flats = [f for f in map(_flat, parts) if f.nbytes]
+            flats = [f for f in map(flat, parts) if f.nbytes]
             size = sum(f.nbytes for f in flats)
             if len(flats) == 1 and self._outside_staging_registered(flats[0].ctypes.data, size):
                 direct.append((key, flats[0].ctypes.data, size))  # zero-copy: the engine reads it where it is
@@ -351,10 +321,10 @@ class MooncakeTier:
         started = time.perf_counter()
         hits, sizes = [False] * len(items), [0] * len(items)
         try:
-            flat = [[_flat(p) for p in parts] for _, parts in items]
-            sizes = [sum(f.nbytes for f in fs) for fs in flat]
+            bufs = [[flat(p) for p in parts] for _, parts in items]
+            sizes = [sum(f.nbytes for f in fs) for fs in bufs]
             if not self._closed:  # after close the readers are gone: a miss, as every call then
-                hits = self._readers.submit(self._get_many, [k for k, _ in items], flat, sizes).result()
+                hits = self._readers.submit(self._get_many, [k for k, _ in items], bufs, sizes).result()
         except Exception as e:  # noqa: BLE001 - a broken cache read falls through to S3
             self._failed("get", repr(e))
         ms = (time.perf_counter() - started) * 1e3
@@ -366,16 +336,16 @@ class MooncakeTier:
                     self._counts["bytes_out"] += n
         return hits
 
-    def _get_many(self, keys: list[str], flat: list[list[np.ndarray]], sizes: list[int]) -> list[bool]:
+    def _get_many(self, keys: list[str], bufs: list[list[np.ndarray]], sizes: list[int]) -> list[bool]:
         wanted = [i for i, n in enumerate(sizes) if n > 0]
         if self._closed or not wanted or self._bypassed():
             return [False] * len(keys)
         for i in wanted:
-            for f in flat[i]:
+            for f in bufs[i]:
                 if f.nbytes and not f.flags.writeable:
                     raise InvalidArgument(f"get {keys[i]!r}: a part is read-only; expected writable buffers")
-        parts = [[f for f in flat[i] if f.nbytes] for i in wanted]
-        with self._registered_for_call([f for fs in parts for f in fs]):
+        parts = [[f for f in bufs[i] if f.nbytes] for i in wanted]
+        with self._memory.for_call([f for fs in parts for f in fs]):
             codes = self._store.batch_get_into_multi_buffers(
                 [keys[i] for i in wanted], [[f.ctypes.data for f in fs] for fs in parts],
                 [[f.nbytes for f in fs] for fs in parts])
@@ -387,46 +357,6 @@ class MooncakeTier:
                 # -600: the object is longer than the parts; -800 (shorter, or a dead node); >= 0: a short read
                 self._failed("get", code)
         return hits
-
-    @contextlib.contextmanager
-    def _registered_for_call(self, parts: list[np.ndarray]) -> Iterator[None]:
-        """Register, for the duration of the block, the spans of `parts` that no caller registration covers.
-
-        Adjacent or overlapping parts (the layers of one entry in a fetch buffer) become one span, so a fetch
-        registers a few spans, not one per layer. A span another call holds is shared (counted), never twice.
-        Over TCP nothing is registered: the transport receives into any local address, and each registration
-        publishes the segment's descriptor to the metadata server (an HTTP round trip, and a failure while the
-        master is down); RDMA needs it, so the NIC may write there."""
-        if not self._register_reads:
-            yield
-            return
-        spans: list[list[int]] = []  # [start, end), merged
-        for addr, n in sorted((f.ctypes.data, f.nbytes) for f in parts):
-            if self._registered_covers(addr, n):
-                continue
-            if spans and addr <= spans[-1][1]:
-                spans[-1][1] = max(spans[-1][1], addr + n)
-            else:
-                spans.append([addr, addr + n])
-        held: list[tuple[int, int]] = []
-        try:
-            for start, end in spans:
-                with self._transient_lock:
-                    count = self._transient.get((start, end), 0)
-                    if count == 0:
-                        rc = self._store.register_buffer(start, end - start)
-                        if rc != 0:
-                            raise Unavailable(f"Mooncake refused to register {end - start} bytes at {start:#x} ({rc})")
-                    self._transient[(start, end)] = count + 1
-                held.append((start, end))
-            yield
-        finally:
-            for span in held:
-                with self._transient_lock:
-                    self._transient[span] -= 1
-                    if self._transient[span] == 0:
-                        del self._transient[span]
-                        self._store.unregister_buffer(span[0])
 
     # -- the rest -----------------------------------------------------------------------------------------------
     def remove(self, keys: Sequence[str]) -> None:
@@ -464,12 +394,7 @@ class MooncakeTier:
             self._readers.shutdown(wait=True)  # a get in flight ends before the client goes
             if prober is not None:
                 prober.join(timeout=2 * PROBE_EVERY_S + 5.0)  # it may be inside a ~4.3 s RPC to the master
-            for addr, _, _ in self._registered:
-                try:
-                    self._store.unregister_buffer(addr)
-                except Exception:  # noqa: BLE001 - closing anyway
-                    pass
-            self._registered = []
+            self._memory.close()
             try:
                 self._store.close()
             except Exception as e:  # noqa: BLE001 - closing anyway

@@ -118,7 +118,7 @@ def test_get_many_scatters_each_object_over_its_parts_in_one_call(mooncake, regi
         after = t.stats()
         assert after["hits"] - before["hits"] == 3 and after["misses"] - before["misses"] == 2
         assert after["bytes_out"] - before["bytes_out"] == sum(h.nbytes + b.nbytes for h, b in zip(heads, bodies))
-        assert t._transient == {}  # what a call registered for itself is released with it
+        assert t._memory.in_flight() == 0  # what a call registered for itself is released with it
         # the same buffers again (registered for the call again, or still nothing registered over TCP)
         fetch[:] = 0
         assert all(t.get_many(items)) and np.array_equal(fetch, np.concatenate(bodies))
