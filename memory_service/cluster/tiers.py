@@ -1,10 +1,13 @@
 """Tiers: where a node's payload reads are served from - its local cache, Mooncake (optional), S3 - and what each costs.
 
 Owns the read path of a payload the local cache does not hold, and the accounting of every tier. Promises:
-- a read tries the hot tier (Mooncake Store, when configured) layer by layer, and reads what it misses from S3
-  with one ranged GET over the span those layers lie in; layers read from S3 are promoted into the hot tier. A
-  miss, an eviction, a lost store node or a restarted master in the hot tier is only slower, never an error:
-  MooncakeTier.get_into answers False and S3 answers;
+- a read (`read_into`) asks the hot tier (Mooncake Store, when configured) for every layer of every entry the
+  local cache missed in one batch call, each raw layer's K/V body landing straight in its place in the caller's
+  fetch buffer (no staging, no decode copy) and its header in a small buffer; every layer is verified (bytes that
+  crossed the network), and what the hot tier misses, or holds damaged, is read from S3 with one ranged GET per
+  entry over the span those layers lie in, decoded into place and promoted into the hot tier. A miss, an
+  eviction, a lost store node or a restarted master in the hot tier is only slower, never an error:
+  MooncakeTier.get_many answers False and S3 answers;
 - writes go through to the hot tier after they are durable in S3 (the hot tier is a cache, never the record), on
   one background thread, in order with the removals, so a put never waits for the pool: a full pool evicts
   (its master, periodically) only after a put found it full, so a pinned layer may need a few tries over ~2 s.
@@ -15,7 +18,8 @@ Owns the read path of a payload the local cache does not hold, and the accountin
   that takes a stream over takes its newest `pinned_window` entries as the pinned ones, as its old owner left them;
 - hot-tier keys are immutable names of immutable bytes: a payload layer's S3 object and its offset there
   (`<object>@<offset>`), exactly the header-and-body span S3 holds, so any tier's bytes decode the same way;
-- per tier (local, mooncake, s3): reads, bytes and the p50/p99 load time of recent reads, for /metrics.
+- per tier (local, mooncake, s3): reads (layers; for S3, ranged GETs), bytes and the p50/p99 load time of
+  recent calls, for /metrics.
 Every object is written whole by the caller's commit; nothing here decides what is durable.
 """
 
