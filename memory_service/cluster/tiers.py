@@ -18,8 +18,8 @@ Owns the read path of a payload the local cache does not hold, and the accountin
   that takes a stream over takes its newest `pinned_window` entries as the pinned ones, as its old owner left them;
 - hot-tier keys are immutable names of immutable bytes: a payload layer's S3 object and its offset there
   (`<object>@<offset>`), exactly the header-and-body span S3 holds, so any tier's bytes decode the same way;
-- per tier (local, mooncake, s3): reads (layers; for S3, ranged GETs), bytes and the p50/p99 load time of
-  recent calls, for /metrics.
+- per tier (local, mooncake, s3): reads (local: entries, mooncake: layers, s3: ranged GETs, one per entry),
+  bytes and the p50/p99 load time of recent calls, for /metrics.
 Every object is written whole by the caller's commit; nothing here decides what is durable.
 """
 
