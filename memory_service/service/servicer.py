@@ -36,9 +36,13 @@ from memory_service.wire import convert
 from memory_service.wire.framing import CHUNK_BYTES
 
 SHM = convert.SHM_PLANE
-# A streaming-plane fetch group up to this many chunks is read in one batched fetch (a temporary copy of at most
-# 16 MiB): per record, the store's read view and header checks cost ~45 us, more than a 12 KiB record's bytes.
+# A streaming-plane fetch group of small records up to this many chunks is read in one batched fetch (a temporary
+# copy of at most 16 MiB): per record, the store's read view and header checks cost ~45 us, more than a 12 KiB
+# record's bytes.
 BATCHED_CHUNKS = 4
+# Stream-plane messages of about 1 MiB: 287.5 MB frames went 1.24-1.28x raw gRPC's 4 MiB chunks against 0.84-0.86x
+# in 4 MiB messages (benchmarks/transport.py's frame rows, same runs): smaller messages keep both ends busy.
+PACK_TARGET = 1 << 20
 
 
 class MemoryServicer:
@@ -242,16 +246,16 @@ class MemoryServicer:
         return convert.query_fetch_header(result, headers, nbytes)
 
     def _packed(self, stream: str, groups) -> Iterator[bytes]:
-        """The groups' bytes, in order, as kv_chunk messages that fill chunk_bytes (packing.Packer: records share
-        messages; a message each cost about 0.2-0.5 ms on loopback). A group of at most BATCHED_CHUNKS chunks is
-        read in one batched fetch (one read view, as the SHM plane reads); a larger one record by record (one
-        layer of one entry, read whole inside the store's view, its messages sent after the view is closed), so a
-        fetch of many 287.5 MB frames never sits in memory whole."""
+        """The groups' bytes, in order, as kv_chunk messages of about PACK_TARGET bytes (packing.Packer). Groups of
+        small records (under a quarter of that) up to BATCHED_CHUNKS chunks are read in one batched fetch (one read
+        view, as the SHM plane reads); other groups record by record (one layer of one entry, read whole inside
+        the store's view, its messages sent after the view is closed), so a fetch of many 287.5 MB frames never
+        sits in memory whole."""
         spec = self.bank.spec(stream)
         record = max(1, _layer_bytes(spec))  # iter_fetch hands each layer in one piece; the packer cuts it
-        packer = Packer(self.chunk_bytes, lambda n: self.metrics.bytes("stream", "fetch", n))  # counted as read
+        packer = Packer(self.chunk_bytes, lambda n: self.metrics.bytes("stream", "fetch", n), PACK_TARGET)  # as read
         for ids, layers in groups:
-            if len(ids) * len(layers) * record <= BATCHED_CHUNKS * self.chunk_bytes:
+            if record < packer.target // 4 and len(ids) * len(layers) * record <= BATCHED_CHUNKS * self.chunk_bytes:
                 kv = self.bank.fetch(stream, ids, layers).kv  # [n, layers, 2, T, H, D]
                 yield from packer.record(kv.reshape(-1).view(np.uint8).data)
                 continue

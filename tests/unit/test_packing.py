@@ -1,7 +1,8 @@
 """The streaming plane's packer (memory_service/service/packing.py): records in, kv_chunk messages out.
 
 Whatever the record sizes, the messages carry exactly the records' bytes in order, none over the chunk size
-(with its framing, under a stock client's 4 MiB), and small records share messages instead of one each.
+(with its framing, under a stock client's 4 MiB), small records share messages instead of one each, and large
+ones go in even pieces of the target size.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ from memory_service.wire.framing import CHUNK_BYTES, chunk_from_wire
 CHUNK = 1000
 
 
-def pack(sizes: list[int], chunk: int = CHUNK) -> tuple[bytes, list[bytes], list[int]]:
+def pack(sizes: list[int], chunk: int = CHUNK, target=None) -> tuple[bytes, list[bytes], list[int]]:
     rng = np.random.default_rng(len(sizes))
     records = [rng.integers(0, 256, n, np.uint8).tobytes() for n in sizes]
     counted: list[int] = []
-    packer = Packer(chunk, counted.append)
+    packer = Packer(chunk, counted.append, target)
     messages = [m for r in records for m in packer.record(memoryview(r))] + packer.finish()
     return b"".join(records), messages, counted
 
 
 @pytest.mark.parametrize("sizes", [
     [12] * 300,  # tiny records (2-token payloads): many to a message
-    [2500, 2500, 2500],  # records of several chunks, tails under half a chunk
-    [2700, 10, 2700],  # tails over half a chunk go alone
+    [2500, 2500, 2500],  # records of several chunks
+    [2700, 10, 2700],  # a small record between large ones
     [1000, 1000],  # exactly a chunk each
     [999, 1, 1001, 0, 499, 501, 1],  # edges
     [],
@@ -46,11 +47,12 @@ def test_small_records_share_messages():
     assert len(messages) == 4
 
 
-def test_large_records_fill_messages_across_records():
-    _, messages, _ = pack([2200] * 10)  # 22000 bytes: 22 full messages at best, 30 cut record by record
-    assert len(messages) <= 24
+def test_large_records_go_in_even_pieces_of_the_target():
+    data, messages, _ = pack([50, 2500, 50], target=1000)  # kept, then 3 even pieces of the large one, then kept
+    assert [len(chunk_from_wire(m)) for m in messages] == [50, 834, 834, 832, 50]
 
 
-def test_the_default_chunk_fits_a_stock_client():
-    _, messages, _ = pack([9_584_640, 9_584_640], CHUNK_BYTES)  # two Wan2.1 layers
+@pytest.mark.parametrize("target", [None, 1 << 20])
+def test_the_default_chunk_fits_a_stock_client(target):
+    _, messages, _ = pack([9_584_640, 9_584_640], CHUNK_BYTES, target)  # two Wan2.1 layers
     assert max(len(m) for m in messages) < 4 << 20
