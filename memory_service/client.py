@@ -52,8 +52,8 @@ from memory_service.types import (
     kv_numpy_dtype,
 )
 from memory_service.validate import check_batch, check_id_list
+from memory_service import stream_plane
 from memory_service.wire import convert
-from memory_service.wire.framing import CHUNK_BYTES, chunk_to_wire
 
 log = logging.getLogger("memflow.client")
 PLANES = ("auto", "shm", "stream")
@@ -273,14 +273,7 @@ class MemoryClient(Memory):
             region = flat = None
 
     def _put_stream(self, header: Any, kvs: list[np.ndarray]) -> list[int]:
-        def requests() -> Iterator[object]:
-            yield convert.put_stream(header)
-            for a in kvs:
-                flat = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-                for start in range(0, flat.nbytes, CHUNK_BYTES):
-                    yield chunk_to_wire(flat[start:start + CHUNK_BYTES])
-
-        return convert.ids_from_put(self._rpc(self._put, requests()))
+        return convert.ids_from_put(self._rpc(self._put, stream_plane.put_requests(convert.put_stream(header), kvs)))
 
     # -- query / fetch ------------------------------------------------------------------------------
     def query(self, stream: str, space: str, vectors: Vectors, k: int, *, combine: str = "per_layer",
@@ -326,18 +319,10 @@ class MemoryClient(Memory):
         responses = self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         header = self._fetch_header(responses)
         kv = np.empty(tuple(header.shape), kv_numpy_dtype(header.dtype))
-        flat = kv.reshape(-1).view(np.uint8)
-        got = 0
-        try:
-            for chunk in responses:  # memoryviews: convert.fetch_response_from_wire
-                if not isinstance(chunk, memoryview):
-                    raise MemFlowError("fetch stream sent a second header; expected K/V chunks")
-                flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
-                got += len(chunk)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        if got != header.nbytes:
-            raise MemFlowError(f"fetch stream ended after {got} of {header.nbytes} bytes")
+        if kv.nbytes != header.nbytes:
+            raise MemFlowError(f"fetch header says {header.nbytes} bytes for {kv.nbytes} of {header.dtype}"
+                               f"{list(header.shape)}")
+        stream_plane.gather(responses, kv.reshape(-1).view(np.uint8), "fetch", _error)
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
 
     def query_fetch(self, stream: str, space: str, vectors: Vectors, k: int, *, fetch_k: Optional[int] = None,
@@ -394,18 +379,7 @@ class MemoryClient(Memory):
         responses = self._query_fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         result, groups, total = convert.query_fetch_header_from_pb(self._first(responses))
         flat = np.empty(total, np.uint8)
-        got = 0
-        try:
-            for chunk in responses:  # memoryviews: convert.query_fetch_response_from_wire
-                if not isinstance(chunk, memoryview) or got + len(chunk) > total:
-                    raise MemFlowError("query_fetch stream sent a second header or too many bytes; expected "
-                                       f"{total} bytes of K/V chunks")
-                flat[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
-                got += len(chunk)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        if got != total:
-            raise MemFlowError(f"query_fetch stream ended after {got} of {total} bytes")
+        stream_plane.gather(responses, flat, "query_fetch", _error)
         fetched, pos = [], 0
         for g in groups:
             n = int(g.nbytes)
