@@ -7,6 +7,7 @@ Against a real `memflow-service serve` subprocess, through the generated stub on
 - an entry with has_kv=false in a K/V stream is a keys-only entry: codec "none", found by Query, and its Fetch
   is NOT_FOUND saying it holds keys only (it used to claim the entry had been "degraded");
 - has_kv without kv_dtype is INVALID_ARGUMENT saying what the stream expects;
+- on the streaming plane small records share kv_chunk messages (chunk boundaries mean nothing), bytes in order;
 - server reflection answers on grpc.reflection.v1 and v1alpha, and the memory.proto it serves carries the
   file's comments (source_code_info), equal otherwise to the descriptor the service runs on;
 - the numbers the proto's comments state are the service's defaults.
@@ -127,6 +128,16 @@ def test_an_entry_without_kv_in_a_kv_stream_is_keys_only_and_fetch_says_so(stub)
     assert "entries [1] of stream 'cam0' hold keys only" in e.details() and "put without K/V" in e.details()
     got = [m for m in stub.Fetch(pb.FetchRequest(stream="cam0", ids=[0]), timeout=30)]
     assert b"".join(m.kv_chunk for m in got[1:]) == kv
+
+
+def test_stream_plane_records_share_chunks_and_arrive_in_order(stub):
+    # the proto: kv_chunk messages are "the next bytes", where one ends means nothing - small records (one layer of
+    # one entry, 640 bytes here) travel together instead of a message each; the bytes are the entries' in order
+    pairs = [entry_pb(i) for i in (5, 6, 7)]
+    put(stub, [m for m, _ in pairs], b"".join(kv for _, kv in pairs))
+    got = list(stub.Fetch(pb.FetchRequest(stream="cam0", ids=[2, 0, 1]), timeout=30))
+    assert got[0].WhichOneof("part") == "header" and [m.WhichOneof("part") for m in got[1:]] == ["kv_chunk"]
+    assert got[1].kv_chunk == pairs[2][1] + pairs[0][1] + pairs[1][1]
 
 
 def test_has_kv_without_kv_dtype_is_refused_saying_what_the_stream_expects(stub):
