@@ -21,6 +21,7 @@ A stream this node does not own raises NotOwner (with the owner's address when t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -90,6 +91,7 @@ class ClusterStore:
         self._cached_bytes = 0
         self.tiers = Tiers(objects, hot, hot_pinned_entries)  # reads past the local cache: Mooncake (if any), then S3
         self.checkpoints = checkpoint.Checkpoints(objects, checkpoint_records)
+        self._uploads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="memflow-s3-put")
         self.address = ""  # this node's address, as announced (set by the node once it listens)
 
     @property
@@ -216,9 +218,13 @@ class ClusterStore:
         seq = own.head.seq + 1
         meta_key, kv_key = records.object_names(own.prefix, seq, own.epoch)
         meta_parts, kv_parts, where = records.encode(layout, kind, kv_key, commit, metas)
-        if kv_parts:
-            self.objects.put(kv_key, kv_parts)
-        self.objects.put(meta_key, meta_parts)
+        # both objects at once (one S3 round trip, not two): neither is part of the stream before the head names it
+        payload = self._uploads.submit(self.objects.put, kv_key, kv_parts) if kv_parts else None
+        try:
+            self.objects.put(meta_key, meta_parts)
+        finally:
+            if payload is not None:
+                payload.result()  # its failure (Unavailable) is the call's, after the .meta's
         new = Head(seq, own.epoch)
         try:
             self.coord.advance(own.name, own.epoch, own.head, new)
@@ -493,6 +499,7 @@ class ClusterStore:
             owned = list(self._owned.values())
         self.tiers.close()  # what is queued for the hot tier goes first
         self.checkpoints.close()  # a checkpoint in flight lands (or fails) before the streams are handed back
+        self._uploads.shutdown(wait=True)
         for own in owned:
             with contextlib.suppress(MemFlowError):
                 self.coord.release(own.name, own.epoch)
