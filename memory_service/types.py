@@ -10,6 +10,7 @@ checks that need a stream (dims, shapes of keys and K/V) happen in the bank, whi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -346,19 +347,20 @@ class BankStats:
 
 
 def kv_numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype for a KV dtype name (bfloat16 and float8 come from ml_dtypes)."""
-    import ml_dtypes
-
-    table = {
-        "bfloat16": ml_dtypes.bfloat16,
-        "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-        "float16": np.float16,
-        "float32": np.float32,
-    }
+    """The numpy dtype for a KV dtype name (bfloat16 and float8 come from ml_dtypes). Called per layer on the
+    fetch path: the table is built once."""
     try:
-        return np.dtype(table[name])
+        return _kv_dtypes()[name]
     except KeyError:
         raise InvalidArgument(f"unknown KV dtype {name!r}; expected one of {KV_DTYPES}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _kv_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes  # imported on first use: the service pays its ~0.5 s once, not at import
+
+    return {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+            "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 
 
 def _bounded(what: str, value: object, hi: int, limit: str, alternative: str = "") -> None:

@@ -29,7 +29,6 @@ CODECS = ("raw", "fp8")
 FP8_MAX = 448.0
 _HEADER = struct.Struct("<BBBB4IQ")  # codec, dtype, ndim, pad, shape[4], checksum
 HEADER_BYTES = _HEADER.size  # a header without fp8 scales (every raw one)
-_np_dtype = functools.lru_cache(maxsize=None)(kv_numpy_dtype)  # builds its table on every call: 3 us a layer
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verif
     """Decode a stored layer into `out` (`[2, T, H, D]`, the logical dtype): one copy for raw bodies."""
     check(header, body, out.shape, out.dtype, verify, what)
     if header.codec == "raw":
-        src = np.frombuffer(body, dtype=_np_dtype(header.dtype)).reshape(header.shape)
+        src = np.frombuffer(body, dtype=kv_numpy_dtype(header.dtype)).reshape(header.shape)
         np.copyto(out, src)
     elif header.codec == "fp8":
         q = np.frombuffer(body, dtype=kv_numpy_dtype("float8_e4m3fn")).reshape(header.shape)
@@ -93,7 +92,7 @@ def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verif
 
 
 def body_bytes(header: Header) -> int:
-    itemsize = 1 if header.codec == "fp8" else _np_dtype(header.dtype).itemsize
+    itemsize = 1 if header.codec == "fp8" else kv_numpy_dtype(header.dtype).itemsize
     return math.prod(header.shape) * itemsize + len(header.scales)
 
 
@@ -119,7 +118,7 @@ def check(header: Header, body: memoryview | bytes, shape: tuple, dtype: np.dtyp
         raise DataLoss(f"{what} has stored shape {header.shape}, expected {out_shape}")
     # The checksum covers body and scales, not the header's fields: a flipped codec or dtype byte, or a cut
     # value, must still be DataLoss (with verification off too), never a ValueError or a silent cast.
-    if _np_dtype(header.dtype) != out_dtype:
+    if kv_numpy_dtype(header.dtype) != out_dtype:
         raise DataLoss(f"{what} has stored dtype {header.dtype}, expected {out_dtype}")
     scale_bytes = 4 * header.shape[0] * math.prod(header.shape[2:]) if header.codec == "fp8" else 0
     if len(header.scales) != scale_bytes or len(body) + len(header.scales) != body_bytes(header):
