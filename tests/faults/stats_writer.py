@@ -19,9 +19,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for conftest
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/faults/, for crash_writer
 
 import numpy as np  # noqa: E402
 from conftest import make_entry, make_spec  # noqa: E402
+from crash_writer import emit  # noqa: E402 - the line protocol the crash tests read
 from memory_service import LocalMemory  # noqa: E402
 from memory_service.config import BankConfig  # noqa: E402
 
@@ -29,11 +31,6 @@ STREAM = "cam0"
 FLUSH_S = 0.25
 RECENT = 40  # queries go to one of the newest RECENT entries, so most entries are hit several times
 CONFIG = BankConfig(map_size=1 << 20, snapshot_on_close=False, hit_flush_interval_s=FLUSH_S)
-
-
-def emit(*words) -> None:
-    sys.stdout.write(" ".join(str(w) for w in words) + "\n")
-    sys.stdout.flush()
 
 
 def main() -> None:
