@@ -46,7 +46,7 @@ WAN_HEADS, WAN_DIM, WAN_LAYERS, WAN_TOKENS = 12, 128, 30, 1560  # Wan2.1-1.3B: 9
 TIER_SHAPES = {"layer": (1, 3), "whole": (WAN_LAYERS, 1)}  # shape -> (layers per entry, frames fetched)
 STAGING = 32 << 20  # MooncakeTier's staging buffer (puts): above one layer span (9.58 MB and its header)
 KEY_DIM = 64
-TIERS = ("memcpy", "tcp", "local", "mooncake_get_into", "mooncake", "s3")
+TIERS = ("memcpy", "tcp", "local", "mooncake_get_into", "mooncake_put", "mooncake", "s3")
 
 
 class TcpLoopback:
@@ -91,15 +91,17 @@ def memcpy_fn(nbytes: int) -> Callable[[], None]:
     return lambda: np.copyto(dst, src)
 
 
-def side_by_side(fn: Callable[[], None], baseline: Callable[[], None], reps: int,
-                 warm: bool = True) -> tuple[list[float], list[float], float]:
+def side_by_side(fn: Callable[[], None], baseline: Callable[[], None], reps: int, warm: bool = True,
+                 untimed: Callable[[], None] = lambda: None) -> tuple[list[float], list[float], float]:
     """`reps` rounds of one `fn` then one `baseline` call (after a warm-up call of each; of `baseline` only when
-    not `warm`): their seconds, and this process's CPU seconds per `fn` call."""
+    not `warm`): their seconds, and this process's CPU seconds per `fn` call. `untimed` runs before each `fn`."""
     if warm:
+        untimed()
         fn()
     baseline()
     took, base, cpu = [], [], 0.0
     for _ in range(reps):
+        untimed()
         c, t = time.process_time(), time.perf_counter()
         fn()
         took.append(time.perf_counter() - t)
@@ -162,6 +164,32 @@ def raw_get_into(bank: ClusterBank, layer_bytes: int, count: int, reps: int, bas
         bank.hot.unregister(buf)
 
 
+def raw_put(bank: ClusterBank, layer_bytes: int, count: int, reps: int, baseline: Callable[[], None]):
+    """MooncakeTier.put alone, in the write-through's shape: `count` objects of (a 28-byte header, one layer's
+    body) from warm unregistered buffers, in one call; fresh keys each time (the last call's removed, untimed)."""
+    assert bank.hot is not None
+    hot = bank.hot
+    heads = np.ones(count * 28, np.uint8)
+    bodies = np.ones(count * layer_bytes, np.uint8)
+    parts = [[heads[i * 28:(i + 1) * 28].data, bodies[i * layer_bytes:(i + 1) * layer_bytes].data] for i in range(count)]
+    keys: list[str] = []
+
+    def fresh() -> None:
+        if keys:
+            hot.remove(keys)
+        keys[:] = [f"memflow-bench/{uuid.uuid4().hex}/{i}" for i in range(count)]
+
+    def one() -> None:
+        if hot.put(list(zip(keys, parts))) != count:
+            raise RuntimeError(f"Mooncake stored fewer than {count} objects of {layer_bytes} bytes: {hot.stats()}")
+
+    try:
+        return side_by_side(one, baseline, reps, untimed=fresh)
+    finally:
+        if keys:
+            hot.remove(keys)
+
+
 def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: int, reps: dict) -> dict:
     """Banks a (puts, local cache), b (local_cache_bytes=0, hot tier: Mooncake), c (local_cache_bytes=0, no hot
     tier: S3) one after another on the same streams (each takes them over from the last); see the module doc."""
@@ -201,6 +229,8 @@ def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: i
                         got = raw_get_into(bank, layer_bytes, n * layers, reps[shape], tcp[shape].one)
                         lat[shape, "mooncake_get_into"], base[shape, "mooncake_get_into"], \
                             cpu[shape, "mooncake_get_into"] = got
+                        got = raw_put(bank, layer_bytes, n * layers, reps[shape], tcp[shape].one)
+                        lat[shape, "mooncake_put"], base[shape, "mooncake_put"], cpu[shape, "mooncake_put"] = got
             finally:
                 bank.close()  # hands the streams to the next bank
     finally:
@@ -211,7 +241,7 @@ def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: i
     for shape, (layers, n) in TIER_SHAPES.items():
         size = nbytes[shape]
         lat[shape, "memcpy"] = base[shape, "local"]
-        lat[shape, "tcp"] = [x for t in ("mooncake_get_into", "mooncake", "s3") for x in base[shape, t]]
+        lat[shape, "tcp"] = [x for t in ("mooncake_get_into", "mooncake_put", "mooncake", "s3") for x in base[shape, t]]
         gbps = {t: size / float(np.median(lat[shape, t])) / 1e9 for t in TIERS}
         for tier in TIERS:
             p50, p99 = percentiles(lat[shape, tier])
@@ -228,6 +258,7 @@ def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: i
         rows = {r["tier"]: r for r in res.rows if r.get("bench") == "tier" and r.get("shape") == shape}
         out.update({f"{shape}_mooncake_to_tcp": round(rows["mooncake"]["ratio_to_tcp"], 4),
                     f"{shape}_get_into_to_tcp": round(rows["mooncake_get_into"]["ratio_to_tcp"], 4),
+                    f"{shape}_put_to_tcp": round(rows["mooncake_put"]["ratio_to_tcp"], 4),
                     f"{shape}_local_to_memcpy": round(rows["local"]["ratio_to_memcpy"], 4),
                     f"{shape}_s3_gb_per_s": round(gbps["s3"], 4)})
     return out
