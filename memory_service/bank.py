@@ -235,11 +235,14 @@ class MemoryBank:
 
     def usage(self, prefix: str = "") -> tuple[int, int]:
         """(streams, stored payload + key bytes) of the streams whose names start with `prefix` (a tenant's quota
-        check). Read without the streams' locks, so it never waits for a put; a put in flight may be missing."""
+        check). A stream on disk that could not be opened counts as a stream (its name is taken until it is
+        dropped) with no bytes. Read without the streams' locks, so it never waits for a put; a put in flight may
+        be missing."""
         self._check_open()
         with self._lock:
             streams = [s for name, s in self._streams.items() if name.startswith(prefix)]
-        return len(streams), sum(s.payload_bytes + len(s.entries) * s.key_bytes_per_entry for s in streams)
+            unopened = sum(1 for name in self._unavailable if name.startswith(prefix))
+        return len(streams) + unopened, sum(s.payload_bytes + len(s.entries) * s.key_bytes_per_entry for s in streams)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -130,6 +130,8 @@ def test_unopenable_records_leave_the_others_served_in_process(tmp_path):
     with LocalMemory(data_dir) as m:
         assert [s.name for s in m.list_streams()] == ["cam0"]
         assert {u.name: u.sid for u in m.bank.unavailable_streams()} == {"counter": 7, "dup": 1, "list": None}
+        # an unopened record holds its name: a tenant's max_streams counts it (it has no bytes the bank can read)
+        assert m.bank.usage() == (4, m.bank.usage("cam0")[1]) and m.bank.usage("co")[0] == 1
         for name, why in (("dup", f"KVLayout.layers is {T40}"), ("list", "must be an object with a 'spec' object"),
                           ("counter", "field 'next_id' is 'x'")):
             with pytest.raises(FailedPrecondition, match=re.escape(f"stream {name!r} is unavailable")) as info:
