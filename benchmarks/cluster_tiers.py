@@ -44,7 +44,6 @@ from memory_service.config import BankConfig, ClusterConfig
 
 WAN_HEADS, WAN_DIM, WAN_LAYERS, WAN_TOKENS = 12, 128, 30, 1560  # Wan2.1-1.3B: 9.58 MB a layer, 287.5 MB a frame
 TIER_SHAPES = {"layer": (1, 3), "whole": (WAN_LAYERS, 1)}  # shape -> (layers per entry, frames fetched)
-STAGING = 32 << 20  # MooncakeTier's staging buffer (puts): above one layer span (9.58 MB and its header)
 KEY_DIM = 64
 TIERS = ("memcpy", "tcp", "local", "mooncake_get_into", "mooncake_put", "mooncake", "s3")
 
@@ -149,7 +148,7 @@ def raw_get_into(bank: ClusterBank, layer_bytes: int, count: int, reps: int, bas
     buf = np.ones(count * layer_bytes, np.uint8)
     views = [buf[i * layer_bytes:(i + 1) * layer_bytes] for i in range(count)]
     keys = [f"memflow-bench/{uuid.uuid4().hex}/{i}" for i in range(count)]
-    bank.hot.register(buf)  # registered: the put is written from where it lies (no staging)
+    bank.hot.register(buf)  # registered for good (what an arena is): nothing registered per call over RDMA
     try:
         if bank.hot.put([(k, [v]) for k, v in zip(keys, views)]) != count:
             raise RuntimeError(f"Mooncake stored fewer than {count} objects of {layer_bytes} bytes: {bank.hot.stats()}")
@@ -205,8 +204,7 @@ def tiers(res: Results, tmp: str, etcd: EtcdCluster, weed: WeedServer, tokens: i
     tag = uuid.uuid4().hex[:8]
 
     def config(node: str, hot: bool) -> ClusterConfig:
-        more = {"mooncake_master": pool.master, "mooncake_metadata": pool.metadata,
-                "mooncake_staging_bytes": STAGING} if hot else {}
+        more = {"mooncake_master": pool.master, "mooncake_metadata": pool.metadata} if hot else {}
         return ClusterConfig(etcd=",".join(etcd.endpoints), s3_endpoint=weed.endpoint, s3_bucket=f"memflow-tiers-{tag}",
                              node_id=node, lease_ttl_s=LEASE_TTL_S, prefix=f"memflow-tiers-{tag}/",
                              local_cache_bytes=None if node == "a" else 0, **more)

@@ -96,8 +96,8 @@ class ClusterConfig:
     mooncake_protocol: str = "tcp"  # tcp | rdma
     mooncake_replicas: int = 1
     mooncake_segment_bytes: int = 0  # memory this node adds to the pool (0: store nodes provide it)
-    mooncake_staging_bytes: int = 64 << 20  # registered staging buffer; a payload layer larger than it is not cached
     mooncake_pinned_entries: int = 3  # per stream, the newest entries kept hard-pinned in the pool (never evicted)
+    mooncake_promote_queue_bytes: int = 256 << 20  # S3 reads waiting to be promoted into the pool; past it: dropped
 
     @property
     def enabled(self) -> bool:
@@ -129,6 +129,9 @@ class ClusterConfig:
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise InvalidArgument(f"config cluster.mooncake_protocol is {self.mooncake_protocol!r}; "
                                   "expected tcp or rdma")
+        if self.mooncake_promote_queue_bytes < 0:
+            raise InvalidArgument(f"config cluster.mooncake_promote_queue_bytes is "
+                                  f"{self.mooncake_promote_queue_bytes}; expected >= 0 (0: no promotion)")
         if self.local_cache_bytes is not None and self.local_cache_bytes < 0:
             raise InvalidArgument(f"config cluster.local_cache_bytes is {self.local_cache_bytes}; expected >= 0")
         if self.checkpoint_records < 1:

@@ -4,14 +4,16 @@ Mooncake Store (`mooncake.store.MooncakeDistributedStore`) is a cluster-wide DRA
 the segments that store nodes contribute, and clients move bytes to and from them over TCP or RDMA. Here it sits
 between a node's local LMDB cache and S3 (DESIGN.md "Beyond one machine"); it is a cache, never the record.
 
-Owns: the client's setup, one pre-touched staging buffer registered with the transfer engine (what else is
-registered, for good or for one read, is cluster/mooncake_memory.py's), the reader threads, and the translation of
-Mooncake's status codes into hit / miss / error. Promises:
-- `put` writes objects through (each is the concatenation of its parts) and returns how many were stored; it never
-  raises for a Mooncake failure (no space -200, an unreachable master -900, a dead node -800, ...): those are
-  counted and logged at most once a minute, and S3 stays the durable tier. Keys are immutable names, written with
-  upsert: Mooncake's plain `put` on an existing key answers 0 but keeps the old value, which would serve stale
-  bytes if a name were ever reused (a stream dropped and created again).
+Owns: the client's setup, its I/O threads, and the translation of Mooncake's status codes into hit / miss /
+error (what is registered with the transfer engine, for good or for one call, is cluster/mooncake_memory.py's).
+Promises:
+- `put` writes objects through (each is the concatenation of its parts) from where their parts lie, and returns
+  how many were stored; it never raises for a Mooncake failure (no space -200, an unreachable master -900, a dead
+  node -800, ...): those are counted and logged at most once a minute, and S3 stays the durable tier. A put
+  replaces what the key held: the wheel's multi-buffer put on an existing key answers 0 but keeps the old value
+  (checked on 0.3.13.post1), so a one-part object is written with `batch_upsert_from` and a multi-part one after
+  a forced `batch_remove` of its key (one master RPC, ~0.3 ms here); the caller's keys are immutable names, so a
+  re-put leaves the same bytes, but a damaged or reused object must not survive it;
 - `get_many` reads many objects in one batch call, each scattered over its parts (e.g. a payload layer's header
   into a small buffer and its body straight into the fetch buffer), and answers per object True only when the
   whole object, exactly as long as its parts together, landed there; anything else (a miss -704, an eviction, a
@@ -22,17 +24,11 @@ Mooncake's status codes into hit / miss / error. Promises:
 - an unreachable master costs one call, not every call: each would wait ~4.3 s for it (-900), so the first
   failure makes put / get_into / remove bypass the tier (put 0, get_into False, counted as `bypassed`) until a
   background probe reaches the master again (every PROBE_EVERY_S).
-- no Python `bytes` of K/V, and reads never copy: bytes land where the caller's parts lie (registered for the
-  call over RDMA when nothing registered for good covers them; over TCP nothing is registered: see
-  mooncake_memory.py).
-  Puts copy their parts into the staging buffer through numpy views, except a one-part object inside registered
-  memory, which is written from where it lies. (The wheel has no multi-buffer upsert, only a multi-buffer put,
-  whose keep-the-old-value semantics this tier avoids.)
-- thread-safe: a lock serialises use of the staging buffer (puts); reads and direct puts do not take it.
-
-Limits (chosen, see the code): a staged object larger than the staging buffer is not cached (counted as
-`skipped`, logged once): an object must come from one contiguous source, and staging it in rounds would need a
-second buffer that large anyway; the caller sizes `staging_bytes` above its largest object (a layer group).
+- zero-copy both ways, and no Python `bytes` of K/V: the transfer engine reads a put's parts and writes a get's
+  bytes where the caller's buffers lie (nothing staged; over TCP nothing registered, over RDMA what no buffer
+  registered for good covers is registered for the call: see mooncake_memory.py). The wheel's `put_parts` /
+  `upsert_parts` would copy through `local_buffer_size` (and fail, -600, past it), so they are not used;
+- thread-safe; puts and gets run on the tier's I/O threads (see READER_NICE), and `close` waits for those in flight.
 
 Retention: `pin=True` is Mooncake's hard pin (`ReplicateConfig.with_hard_pin`): never evicted, so pinned data
 fills segments to 100% and then every put fails with -200 until the caller removes what left its recent window.
@@ -75,6 +71,7 @@ _PROBE_TIMEOUT_S = 2.0
 # poller then yields the core to the threads that move the bytes (this client's transfer engine, the store node,
 # the rest of the service). On the 2-core machine: 0.6-0.9 instead of 0.8-1.4 CPU s per GB in this process, and
 # 0.43-0.77 instead of 0.31-0.45 of loopback TCP, in 4 of 4 interleaved pairs (and 2 of 4 in a noisier run).
+# Puts wait the same way and run there too (they are the hot tier's background work: write-through, promotion).
 READERS, READER_NICE = 4, 19
 
 
@@ -124,12 +121,13 @@ class MooncakeTier:
 
     def __init__(self, master: str, metadata: str, *, local_hostname: str = "127.0.0.1",
                  segment_bytes: int = 0, local_buffer_bytes: int = 64 << 20, protocol: str = "tcp",
-                 replicas: int = 1, staging_bytes: int = 64 << 20, register_reads: bool | None = None) -> None:
-        """`register_reads`: whether reads register their destinations for the call (default: only over RDMA)."""
-        if protocol not in ("tcp", "rdma") or replicas < 1 or staging_bytes <= 0 or segment_bytes < 0:
+                 replicas: int = 1, register_calls: bool | None = None) -> None:
+        """`register_calls`: whether a call registers the caller's buffers it moves bytes from or into, for that
+        call (default: only over RDMA, where the NIC needs it; over TCP the engine reads and writes any address)."""
+        if protocol not in ("tcp", "rdma") or replicas < 1 or segment_bytes < 0:
             raise InvalidArgument(
-                f"protocol {protocol!r}, replicas {replicas}, staging_bytes {staging_bytes}, segment_bytes "
-                f"{segment_bytes}: expected tcp | rdma, replicas >= 1, staging_bytes > 0, segment_bytes >= 0"
+                f"protocol {protocol!r}, replicas {replicas}, segment_bytes {segment_bytes}: expected tcp | rdma, "
+                "replicas >= 1, segment_bytes >= 0"
             )
         # Mooncake logs every connection and setup step at INFO on stderr; read once, when the library loads
         os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -161,12 +159,7 @@ class MooncakeTier:
         self._pinned = ReplicateConfig()
         self._pinned.replica_num = replicas
         self._pinned.with_hard_pin = True
-        # pre-touched: a registered buffer whose pages are not yet faulted in moved 0.38 GB/s instead of ~1.8
-        self._staging = np.empty(staging_bytes, dtype=np.uint8)
-        self._staging.fill(0)
-        self._staging_addr = self._staging.ctypes.data
-        self._memory = Registrations(self._store, protocol == "rdma" if register_reads is None else register_reads)
-        self._staging_lock = threading.Lock()
+        self._memory = Registrations(self._store, protocol == "rdma" if register_calls is None else register_calls)
         self._stats_lock = threading.Lock()
         self._closed = False
         self._counts: collections.Counter[str] = collections.Counter()
@@ -176,30 +169,26 @@ class MooncakeTier:
         self.last_error = 0  # the last non-miss status code seen (tests, diagnostics)
         self._down = threading.Event()  # set while the master is unreachable: calls bypass the tier
         self._prober: threading.Thread | None = None
-        self._readers = concurrent.futures.ThreadPoolExecutor(READERS, "mooncake-get", initializer=_lower_priority)
-        try:
-            self.register(self._staging)
-        except BaseException:
-            self._readers.shutdown()
-            self._store.close()
-            raise
+        self._io = concurrent.futures.ThreadPoolExecutor(READERS, "mooncake-io", initializer=_lower_priority)
+        self._close_lock = threading.Lock()
 
     # -- registered memory (cluster/mooncake_memory.py) --------------------------------------------------------
     def register(self, buffer: memoryview | np.ndarray) -> None:
-        """Register caller memory for good (e.g. a shared-memory arena): a one-part put from it is written from
-        where it lies, and reads into it register nothing per call (over RDMA). The caller keeps the memory alive
-        and in place until `unregister` or `close`."""
+        """Register caller memory for good (e.g. a shared-memory arena): over RDMA, puts from it and reads into it
+        then register nothing per call. The caller keeps the memory alive and in place until `unregister` or
+        `close`."""
         self._memory.register(buffer)
 
     def unregister(self, buffer: memoryview | np.ndarray) -> None:
         self._memory.unregister(buffer)
 
-    def _outside_staging_registered(self, addr: int, n: int) -> bool:
-        """Whether [addr, addr+n) lies inside one buffer the caller registered (the staging buffer excluded: it
-        is reused under the lock)."""
-        if self._staging_addr <= addr < self._staging_addr + self._staging.nbytes:
-            return False
-        return self._memory.covers(addr, n)
+    def _on_io_thread(self, fn, *args):
+        """fn(*args) on one of the I/O threads (niced: see READER_NICE); after close, a RuntimeError."""
+        with self._close_lock:  # no submit after close shut the pool down
+            if self._closed:
+                raise RuntimeError("the Mooncake client is closed")
+            future = self._io.submit(fn, *args)
+        return future.result()
 
     # -- failures -----------------------------------------------------------------------------------------------
     def _failed(self, what: str, detail: object) -> None:
@@ -249,63 +238,68 @@ class MooncakeTier:
         return True
 
     # -- put ----------------------------------------------------------------------------------------------------
-    def put(self, items: Sequence[tuple[str, Sequence[memoryview]]], *, pin: bool = False) -> int:
+    def put(self, items: Sequence[tuple[str, Sequence[memoryview | np.ndarray]]], *, pin: bool = False) -> int:
         """Write each (key, parts) through; the number of objects stored. Never raises for Mooncake failures."""
+        return sum(self.put_each(items, pin=pin))
+
+    def put_each(self, items: Sequence[tuple[str, Sequence[memoryview | np.ndarray]]], *,
+                 pin: bool = False) -> list[bool]:
+        """`put`, answering per item whether it is stored (a caller retries only what failed)."""
+        stored = [False] * len(items)
         if self._closed or not items or self._bypassed():
-            return 0
-        staged, direct = [], []  # direct: (key, address, size) of one-part objects in registered memory
-        for key, parts in items:
-            flats = [f for f in map(flat, parts) if f.nbytes]
-            size = sum(f.nbytes for f in flats)
-            if len(flats) == 1 and self._outside_staging_registered(flats[0].ctypes.data, size):
-                direct.append((key, flats[0].ctypes.data, size))  # zero-copy: the engine reads it where it is
-            elif 0 < size <= self._staging.nbytes:
-                staged.append((key, flats, size))
-            else:
+            return stored
+        # (position in items, key, its non-empty parts as flat uint8 views)
+        single: list[tuple[int, str, list[np.ndarray]]] = []
+        multi: list[tuple[int, str, list[np.ndarray]]] = []
+        try:
+            for i, (key, parts) in enumerate(items):
+                flats = [f for f in map(flat, parts) if f.nbytes]
+                if flats:
+                    (single if len(flats) == 1 else multi).append((i, key, flats))
+                    continue
                 with self._stats_lock:
                     self._counts["skipped"] += 1
                     first = self._counts["skipped"] == 1
                 if first:
-                    log.warning("Mooncake hot tier: object %r is %d bytes, not in (0, %d] (the staging buffer): "
-                                "not cached, S3 serves it (said once)", key, size, self._staging.nbytes)
-        config = self._pinned if pin else self._config
-        stored = self._send(direct, config)
-        with self._staging_lock:
-            batch: list[tuple[str, int, int]] = []  # (key, address in staging, size)
-            used = 0
-            for key, flats, size in staged:
-                if used + size > self._staging.nbytes:  # a round: send what is staged, start again at 0
-                    stored += self._send(batch, config)
-                    batch, used = [], 0
-                at = used
-                for f in flats:
-                    self._staging[at : at + f.nbytes] = f
-                    at += f.nbytes
-                batch.append((key, self._staging_addr + used, size))
-                used += size
-            stored += self._send(batch, config)
-        return stored
-
-    def _send(self, batch: list[tuple[str, int, int]], config) -> int:
-        """batch_upsert_from of (key, address, size) objects; how many were stored."""
-        if not batch or self._down.is_set():  # a round after the master stopped answering would wait for it again
-            return 0
-        try:
-            codes = self._store.batch_upsert_from([k for k, _, _ in batch], [a for _, a, _ in batch],
-                                                  [n for _, _, n in batch], config)
+                    log.warning("Mooncake hot tier: object %r is empty: not cached (said once)", key)
+            if single or multi:
+                self._on_io_thread(self._put, single, multi, self._pinned if pin else self._config, stored)
         except Exception as e:  # noqa: BLE001 - any failure of the cache is a miss later, never the caller's error
             self._failed("put", repr(e))
-            return 0
-        ok = 0
-        for (_, _, n), code in zip(batch, codes):
+        return stored
+
+    def _put(self, single: list, multi: list, config, stored: list[bool]) -> None:
+        """On an I/O thread: one-part objects upserted, multi-part ones removed then put, all from where their
+        parts lie (see the module doc); marks `stored`."""
+        with self._memory.for_call([f for _, _, fs in single + multi for f in fs]):
+            if single:
+                codes = self._store.batch_upsert_from(
+                    [k for _, k, _ in single], [fs[0].ctypes.data for _, _, fs in single],
+                    [fs[0].nbytes for _, _, fs in single], config)
+                self._settle(single, codes, stored)
+            if multi and not self._down.is_set():  # after a -900 above, another call would wait for the master again
+                removed = self._store.batch_remove([k for _, k, _ in multi], True)
+                fresh = []
+                for item, code in zip(multi, removed):
+                    if code in (0, OBJECT_NOT_FOUND):
+                        fresh.append(item)
+                    else:  # the key may keep other bytes: not written (a put would answer 0 and change nothing)
+                        self._failed("put", code)
+                if fresh and not self._down.is_set():
+                    codes = self._store.batch_put_from_multi_buffers(
+                        [k for _, k, _ in fresh], [[f.ctypes.data for f in fs] for _, _, fs in fresh],
+                        [[f.nbytes for f in fs] for _, _, fs in fresh], config)
+                    self._settle(fresh, codes, stored)
+
+    def _settle(self, batch: list, codes: Sequence[int], stored: list[bool]) -> None:
+        for (i, _, flats), code in zip(batch, codes):
             if code == 0:
-                ok += 1
+                stored[i] = True
                 with self._stats_lock:
                     self._counts["puts"] += 1
-                    self._counts["bytes_in"] += n
+                    self._counts["bytes_in"] += sum(f.nbytes for f in flats)
             else:
                 self._failed("put", code)
-        return ok
 
     # -- get ----------------------------------------------------------------------------------------------------
     def get_into(self, key: str, out: memoryview | np.ndarray) -> bool:
@@ -316,15 +310,15 @@ class MooncakeTier:
         """Read each (key, parts) object scattered over its parts, in order, in one batch call; per item True only
         when the object is exactly as long as its parts together and all of it landed there. Never raises.
 
-        The bytes land where the parts lie (no staging, no copy); the call runs on one of the tier's reader threads
+        The bytes land where the parts lie (no staging, no copy); the call runs on one of the tier's I/O threads
         (see READER_NICE)."""
         started = time.perf_counter()
         hits, sizes = [False] * len(items), [0] * len(items)
         try:
             bufs = [[flat(p) for p in parts] for _, parts in items]
             sizes = [sum(f.nbytes for f in fs) for fs in bufs]
-            if not self._closed:  # after close the readers are gone: a miss, as every call then
-                hits = self._readers.submit(self._get_many, [k for k, _ in items], bufs, sizes).result()
+            if not self._closed:  # after close: a miss, as every call then
+                hits = self._on_io_thread(self._get_many, [k for k, _ in items], bufs, sizes)
         except Exception as e:  # noqa: BLE001 - a broken cache read falls through to S3
             self._failed("get", repr(e))
         ms = (time.perf_counter() - started) * 1e3
@@ -385,20 +379,20 @@ class MooncakeTier:
         return out
 
     def close(self) -> None:
-        """Unregister buffers and close the client; later calls miss. Idempotent."""
-        with self._staging_lock:
+        """Unregister buffers and close the client; later calls miss (puts store nothing). Idempotent."""
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-            prober = self._prober
-            self._readers.shutdown(wait=True)  # a get in flight ends before the client goes
-            if prober is not None:
-                prober.join(timeout=2 * PROBE_EVERY_S + 5.0)  # it may be inside a ~4.3 s RPC to the master
-            self._memory.close()
-            try:
-                self._store.close()
-            except Exception as e:  # noqa: BLE001 - closing anyway
-                log.warning("closing the Mooncake client for %s: %r", self.master, e)
+        prober = self._prober
+        self._io.shutdown(wait=True)  # a put or get in flight ends before the client goes
+        if prober is not None:
+            prober.join(timeout=2 * PROBE_EVERY_S + 5.0)  # it may be inside a ~4.3 s RPC to the master
+        self._memory.close()
+        try:
+            self._store.close()
+        except Exception as e:  # noqa: BLE001 - closing anyway
+            log.warning("closing the Mooncake client for %s: %r", self.master, e)
 
     def __enter__(self) -> MooncakeTier:
         return self

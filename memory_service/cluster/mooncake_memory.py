@@ -1,15 +1,15 @@
 """Memory the Mooncake transfer engine may move bytes from or into, for one client (cluster/mooncake.py).
 
-Owns the client's registrations: buffers registered for good (the tier's staging buffer, the caller's arenas: kept
-alive here until unregistered) and spans registered only for one read in flight. Promises:
+Owns the client's registrations: buffers registered for good (the caller's arenas: kept alive here until
+unregistered) and spans registered only for one put or read in flight. Promises:
 - `covers(addr, n)` says whether a range lies inside one buffer registered for good;
 - `for_call(parts)` registers, for the duration of its block, the spans of `parts` that nothing registered for good
   covers; adjacent or overlapping parts (the layers of one entry in a fetch buffer) become one span, so a fetch
   registers a few spans, not one per layer, and a span that another call holds is shared (counted), never
-  registered twice. Over TCP it registers nothing unless told to: the transport receives into any local address,
-  and each registration publishes the segment's descriptor to the metadata server (an HTTP round trip, and a
-  failure while the master is down, measured); RDMA needs it, so the NIC may write there (and it pins pages:
-  long-lived destinations are better registered once);
+  registered twice. Over TCP it registers nothing unless told to: the transport sends from and receives into any
+  local address, and each registration publishes the segment's descriptor to the metadata server (an HTTP round
+  trip, and a failure while the master is down, measured); RDMA needs it, so the NIC may read or write there (and
+  it pins pages: long-lived buffers are better registered once);
 - `close` unregisters everything registered for good. Thread-safe.
 """
 
@@ -39,9 +39,9 @@ def flat(view: memoryview | np.ndarray | bytes | bytearray) -> np.ndarray:
 class Registrations:
     """One client's registered memory; see the module doc. `store` is its MooncakeDistributedStore."""
 
-    def __init__(self, store, register_reads: bool) -> None:
+    def __init__(self, store, register_calls: bool) -> None:
         self._store = store
-        self.register_reads = register_reads
+        self.register_calls = register_calls
         self._lock = threading.Lock()
         self._kept: list[tuple[int, int, np.ndarray]] = []  # (address, size, the array kept alive)
         self._transient: dict[tuple[int, int], int] = {}  # [start, end) registered for calls -> how many hold it
@@ -72,7 +72,7 @@ class Registrations:
 
     @contextlib.contextmanager
     def for_call(self, parts: list[np.ndarray]) -> Iterator[None]:
-        if not self.register_reads:
+        if not self.register_calls:
             yield
             return
         spans: list[list[int]] = []  # [start, end), merged

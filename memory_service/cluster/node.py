@@ -43,8 +43,7 @@ class ClusterBank(MemoryBank):
                 host = cluster.advertise.rsplit(":", 1)[0].strip("[]") if cluster.advertise else "127.0.0.1"
                 self.hot = MooncakeTier(cluster.mooncake_master, cluster.mooncake_metadata, local_hostname=host,
                                         segment_bytes=cluster.mooncake_segment_bytes,
-                                        protocol=cluster.mooncake_protocol, replicas=cluster.mooncake_replicas,
-                                        staging_bytes=cluster.mooncake_staging_bytes)
+                                        protocol=cluster.mooncake_protocol, replicas=cluster.mooncake_replicas)
         except BaseException:
             self.coord.close()
             raise
@@ -54,6 +53,7 @@ class ClusterBank(MemoryBank):
                                 local_cache_bytes=cluster.local_cache_bytes, map_size=cfg.map_size,
                                 max_map_size=cfg.max_map_size, durable=cfg.durable, reserve_bytes=cfg.reserve_bytes,
                                 hot=self.hot, hot_pinned_entries=cluster.mooncake_pinned_entries,
+                                hot_promote_queue_bytes=cluster.mooncake_promote_queue_bytes,
                                 checkpoint_records=cluster.checkpoint_records)
 
         try:

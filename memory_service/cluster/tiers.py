@@ -5,13 +5,15 @@ Owns the read path of a payload the local cache does not hold, and the accountin
   local cache missed in one batch call, each raw layer's K/V body landing straight in its place in the caller's
   fetch buffer (no staging, no decode copy) and its header in a small buffer; every layer is verified (bytes that
   crossed the network), and what the hot tier misses, or holds damaged, is read from S3 with one ranged GET per
-  entry over the span those layers lie in, decoded into place and promoted into the hot tier. A miss, an
-  eviction, a lost store node or a restarted master in the hot tier is only slower, never an error:
-  MooncakeTier.get_many answers False and S3 answers;
+  entry over the span those layers lie in, decoded into place and queued for promotion into the hot tier
+  (cluster/promotion.py: in the background, bounded by bytes, dropped and counted when full; the fetch never
+  waits for it and a failed promotion never fails it). A miss, an eviction, a lost store node or a restarted
+  master in the hot tier is only slower, never an error: MooncakeTier.get_many answers False and S3 answers;
 - writes go through to the hot tier after they are durable in S3 (the hot tier is a cache, never the record), on
   one background thread, in order with the removals, so a put never waits for the pool: a full pool evicts
   (its master, periodically) only after a put found it full, so a pinned layer may need a few tries over ~2 s.
-  With the queue full (WRITE_QUEUE jobs), a write-through is dropped and counted; a removal always waits its turn;
+  With the queue full (WRITE_QUEUE jobs), a write-through is dropped and counted; a removal always waits its turn
+  (and drops queued promotions of its layers first);
 - retention per stream: the newest `pinned_window` entries' layers are hard-pinned in the pool (never evicted);
   an entry that leaves the window is demoted (read back, removed, put again evictable), and the layers of an
   entry that is deleted, evicted or rewritten leave the pool (a pinned one would otherwise stay forever). A node
@@ -26,14 +28,16 @@ Every object is written whole by the caller's commit; nothing here decides what 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
+from memory_service.cluster.promotion import PromotionStats, Promotions
 from memory_service.cluster.records import Located
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import DataLoss
@@ -47,6 +51,7 @@ TIERS = ("local", "mooncake", "s3")
 _RECENT = 2048  # load times kept per tier for the percentiles
 PUT_RETRY_S = (0.05, 0.2, 0.5, 1.0, None)  # pauses between the tries of a write-through that found the pool full
 WRITE_QUEUE = 256  # write-through jobs waiting at most (each holds one log record's payload arrays)
+PROMOTE_QUEUE_BYTES = 256 << 20  # S3 reads waiting for promotion at most (cluster.mooncake_promote_queue_bytes)
 
 
 def hot_key(object_key: str, offset: int) -> str:
@@ -54,8 +59,10 @@ def hot_key(object_key: str, offset: int) -> str:
 
 
 class Tiers:
-    def __init__(self, objects: ObjectStore, hot: Optional["MooncakeTier"] = None, pinned_window: int = 3) -> None:
+    def __init__(self, objects: ObjectStore, hot: Optional["MooncakeTier"] = None, pinned_window: int = 3,
+                 promote_queue_bytes: int = PROMOTE_QUEUE_BYTES) -> None:
         self.objects, self.hot = objects, hot
+        self.promotions = Promotions(hot, promote_queue_bytes) if hot is not None else None
         self.pinned_window = pinned_window
         self._pinned: dict[str, collections.OrderedDict[int, Located]] = {}  # stream -> pinned entries, oldest first
         self._lock = threading.Lock()
@@ -109,7 +116,26 @@ class Tiers:
         if self._worker is not None:
             self._jobs.join()
 
+    def promotion_stats(self) -> PromotionStats:
+        """Layers promoted into the hot tier after S3 reads, dropped (queue full), failed; what waits now."""
+        return self.promotions.stats() if self.promotions is not None else PromotionStats(0, 0, 0, 0, 0)
+
+    @contextlib.contextmanager
+    def hold_promotions(self) -> Iterator[None]:
+        """No promotion starts while this is held (they queue, or drop once the queue is full): tests."""
+        if self.promotions is None:
+            yield
+            return
+        with self.promotions.hold():
+            yield
+
+    def flush_promotions(self, timeout_s: Optional[float] = None) -> bool:
+        """Wait until every promotion submitted so far is done (tests); False if `timeout_s` passed first."""
+        return self.promotions.flush(timeout_s) if self.promotions is not None else True
+
     def close(self) -> None:
+        if self.promotions is not None:
+            self.promotions.close()  # what waits is dropped: promotions only save later S3 reads
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join()
@@ -136,7 +162,9 @@ class Tiers:
         for eid, loc in sorted(where.items()):
             items = [(hot_key(kv_key, o), list(by_offset[o])) for o, _, _ in loc.layers]
             for pause in PUT_RETRY_S:  # a full pool evicts (its master, in the background) after a put fails
-                if self.hot.put(items, pin=pin) == len(items) or pause is None:
+                stored = self.hot.put_each(items, pin=pin)
+                items = [item for item, ok in zip(items, stored) if not ok]  # a retry puts only what failed
+                if not items or pause is None:
                     break
                 time.sleep(pause)
             if pin:
@@ -163,6 +191,8 @@ class Tiers:
         behind the write-throughs, so a layer still on its way in is removed after it lands)."""
         if self.hot is None or not gone:
             return
+        if self.promotions is not None:
+            self.promotions.discard([hot_key(loc.key, o) for loc in gone for o, _, _ in loc.layers])
         self._jobs.put((self._remove, (stream, list(gone))))
 
     def _remove(self, stream: str, gone: list[Located]) -> None:
@@ -197,21 +227,23 @@ class Tiers:
                 self._read_s3(at, [layers[i] for i in todo], [out[i] for i in todo], what)
 
     def _read_s3(self, at: Located, layers: Sequence[int], out: Sequence[np.ndarray], what: str) -> None:
-        """`layers` of one entry in one ranged GET, each decoded into its `out` view `[2, T, H, D]`, then promoted."""
+        """`layers` of one entry in one ranged GET, each decoded into its `out` view `[2, T, H, D]`, then queued for
+        promotion (the GET's buffer itself, kept alive by the queue: no copy)."""
         t0 = time.perf_counter()
         spans = [at.layers[j] for j in layers]
         lo = min(o for o, _, _ in spans)
         hi = max(o + h + b for o, h, b in spans)
-        view = np.empty(hi - lo, np.uint8).data
+        got = np.empty(hi - lo, np.uint8)  # [the span's bytes]
+        view = got.data
         self.objects.read_into(at.key, lo, view)
         promote = []
         for i, (j, (o, h, b)) in enumerate(zip(layers, spans)):
             span = view[o - lo:o - lo + h + b]
             decode_into(Header.unpack(span[:h]), span[h:], out[i], True, f"{what} layer {j} (S3)")
-            promote.append((hot_key(at.key, o), [span]))
+            promote.append((hot_key(at.key, o), [got[o - lo:o - lo + h + b]]))
         self.count("s3", hi - lo, t0)  # one ranged GET
-        if self.hot is not None:
-            self.hot.put(promote)
+        if self.promotions is not None:
+            self.promotions.submit(promote, got.nbytes)
 
     def _read_hot(self, entries: Sequence[tuple[Located, np.ndarray, str]], layers: Sequence[int]) -> list[list[int]]:
         """The hot tier's part of read_into; per entry, the positions in `layers` it did not serve.

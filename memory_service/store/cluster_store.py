@@ -77,7 +77,8 @@ class ClusterStore:
     def __init__(self, local_dir: str, coord: Coordinator, objects: ObjectStore, *,
                  local_cache_bytes: Optional[int] = None, map_size: int = 1 << 30, max_map_size: int = 1 << 40,
                  durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None,
-                 hot_pinned_entries: int = 3, checkpoint_records: int = 512) -> None:
+                 hot_pinned_entries: int = 3, hot_promote_queue_bytes: int = 256 << 20,
+                 checkpoint_records: int = 512) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # a cache of what this node owned: stale by now
         self.local = LMDBStore(f"{local_dir}/lmdb", map_size, max_map_size, durable,
                                reserve_bytes=reserve_bytes, snapshot_dir=f"{local_dir}/snapshots")
@@ -89,7 +90,8 @@ class ClusterStore:
         self._lock = threading.RLock()
         self._cached: OrderedDict[tuple[str, int], int] = OrderedDict()  # (stream, entry) -> cached bytes, oldest first
         self._cached_bytes = 0
-        self.tiers = Tiers(objects, hot, hot_pinned_entries)  # reads past the local cache: Mooncake (if any), then S3
+        # reads past the local cache: Mooncake (if any), then S3 (promoted into Mooncake in the background)
+        self.tiers = Tiers(objects, hot, hot_pinned_entries, hot_promote_queue_bytes)
         self.checkpoints = checkpoint.Checkpoints(objects, checkpoint_records)
         self._uploads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="memflow-s3-put")
         self.address = ""  # this node's address, as announced (set by the node once it listens)

@@ -34,7 +34,7 @@ def make_config(etcd_cluster, weed, pool, **kw):
         return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
                              s3_bucket=f"memflow-hot-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
                              prefix=f"memflow-hot-{tag}/", mooncake_master=pool.master,
-                             mooncake_metadata=pool.metadata, mooncake_staging_bytes=8 << 20, **kw, **more)
+                             mooncake_metadata=pool.metadata, **kw, **more)
 
     return make
 
@@ -148,7 +148,7 @@ def test_damaged_bytes_in_the_pool_are_a_miss_and_layer_subsets_land_in_place(tm
         at = b.cluster_store._owned["cam1"].where[ids[1]]
         offset, head, body = at.layers[1]
         key = hot_key(at.key, offset)
-        with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=8 << 20) as other:
+        with MooncakeTier(mooncake.master, mooncake.metadata) as other:
             span = np.empty(head + body, np.uint8)
             assert other.get_into(key, span)
             span[head + body // 2] ^= 0xFF

@@ -1,6 +1,8 @@
 """MooncakeTier against a real Mooncake Store (master + 2 store nodes on loopback, tests/cluster/mooncake_servers.py).
 
-What a bug would break: bytes come back bit-exact (several parts, across clients, into registered memory); a
+What a bug would break: bytes come back bit-exact (several parts, across clients, into registered memory); puts
+are written from where their parts lie (objects far larger than the client's local buffer, many parts or one),
+and a put on an existing key replaces it (one part or several); a
 miss, a size mismatch, a dead store node, a restarted master and an evicted key are all False and never raise;
 puts work again once the cluster is back; hard-pinned objects outlive a flood that evicts unpinned ones; the
 counters in stats() add up. Throughput against raw loopback TCP is printed, never asserted (benchmarks/ owns it).
@@ -41,7 +43,7 @@ def _views(parts: list[np.ndarray]) -> list[memoryview]:
 
 @pytest.fixture
 def tier(mooncake):  # noqa: F811 - the fixture above
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=72 * MB) as t:
+    with MooncakeTier(mooncake.master, mooncake.metadata) as t:
         yield t
 
 
@@ -73,21 +75,57 @@ def test_round_trip_is_bit_exact_from_several_parts(tier):
     # a buffer of the wrong size is not a hit: shorter (-600) or longer (a short read)
     assert not tier.get_into(small, np.empty(122, np.uint8).data)
     assert not tier.get_into(small, np.empty(124, np.uint8).data)
-    # the same key written again (upsert) serves the new bytes, not the old
+    # the same key written again (one part: upsert) serves the new bytes, not the old
     again = _parts(3, [123])
     assert tier.put([(small, _views(again))]) == 1
     assert tier.get_into(small, out2.data) and np.array_equal(out2, again[0])
 
 
+def test_a_put_on_an_existing_key_replaces_it_and_a_re_put_is_bit_exact(tier):
+    # the wheel's multi-buffer put keeps an existing key's old value: a multi-part put must not (it removes first)
+    key = _key("replace")
+    first, second = _parts(80, [28, 2 * MB + 1]), _parts(81, [28, 2 * MB + 1])
+    out = np.empty(2 * MB + 29, np.uint8)
+    assert tier.put([(key, _views(first))]) == 1
+    assert tier.put([(key, _views(second))]) == 1
+    assert tier.get_into(key, out.data) and np.array_equal(out, np.concatenate(second))
+    assert tier.put([(key, _views(second))]) == 1  # the same immutable bytes again (a retried write-through)
+    assert tier.get_into(key, out.data) and np.array_equal(out, np.concatenate(second))
+    # another size, and one part after several: the key serves exactly the last object
+    shorter = _parts(82, [MB])
+    assert tier.put([(key, _views(shorter))]) == 1
+    assert not tier.get_into(key, out.data)  # the old length is not a hit
+    got = np.empty(MB, np.uint8)
+    assert tier.get_into(key, got.data) and np.array_equal(got, shorter[0])
+    # put_each answers per item; an empty object is not stored (and not an error)
+    fresh = _key("replace-fresh")
+    assert tier.put_each([(fresh, _views(first)), (_key("empty"), [np.empty(0, np.uint8).data])]) == [True, False]
+    assert tier.stats()["skipped"] >= 1
+
+
+def test_puts_are_written_from_where_their_parts_lie(mooncake):  # noqa: F811
+    # a client whose local buffer (the wheel's copy path: put_parts / upsert_parts answer -600 past it) is 16 MB:
+    # objects of 40 MB, of three parts and of one, can only be stored straight from the caller's buffers
+    with MooncakeTier(mooncake.master, mooncake.metadata, local_buffer_bytes=16 * MB) as t:
+        parts = _parts(83, [28, 20 * MB, 20 * MB - 28])
+        single = _parts(84, [40 * MB])
+        keys = [_key("zero-copy-parts"), _key("zero-copy-one")]
+        assert t.put([(keys[0], _views(parts)), (keys[1], _views(single))]) == 2
+        out = np.empty(40 * MB, np.uint8)
+        assert t.get_into(keys[0], out.data) and np.array_equal(out, np.concatenate(parts))
+        assert t.get_into(keys[1], out.data) and np.array_equal(out, single[0])
+        assert t.stats()["bytes_in"] == 80 * MB
+        t.remove(keys)
+
+
 def test_registered_memory_is_read_into_and_written_from_directly(mooncake):  # noqa: F811
-    # a staging buffer too small for these objects: they can only go through the registered arena
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=MB) as t:
+    with MooncakeTier(mooncake.master, mooncake.metadata) as t:
         arena = np.zeros(8 * MB, np.uint8)
         t.register(arena)
         key, parts = _key("arena-read"), _parts(4, [MB, MB + 3])
         staged = np.concatenate(parts)
         arena[4 * MB : 4 * MB + staged.nbytes] = staged
-        # written from the arena (one part, 2 MB > staging), read back into another window of it
+        # written from the arena, read back into another window of it
         assert t.put([(key, [arena[4 * MB : 4 * MB + staged.nbytes].data])]) == 1
         window = arena[1000 : 1000 + staged.nbytes]
         assert t.get_into(key, window.data)
@@ -97,11 +135,11 @@ def test_registered_memory_is_read_into_and_written_from_directly(mooncake):  # 
         t.unregister(arena)
 
 
-@pytest.mark.parametrize("register_reads", [False, True], ids=["tcp-unregistered", "registered-for-the-call"])
-def test_get_many_scatters_each_object_over_its_parts_in_one_call(mooncake, register_reads):  # noqa: F811
+@pytest.mark.parametrize("register_calls", [False, True], ids=["tcp-unregistered", "registered-for-the-call"])
+def test_get_many_scatters_each_object_over_its_parts_in_one_call(mooncake, register_calls):  # noqa: F811
     # what the read path does: a layer's header into a small buffer, its body straight into the fetch buffer; the
     # bodies of one entry's layers lie side by side there (one span), the headers side by side in another
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=16 * MB, register_reads=register_reads) as t:
+    with MooncakeTier(mooncake.master, mooncake.metadata, register_calls=register_calls) as t:
         heads, bodies = _parts(60, [28, 28, 28]), _parts(61, [MB, MB + 5, 3])
         keys = [_key(f"scatter{i}") for i in range(3)]
         assert t.put([(k, [h.data, b.data]) for k, h, b in zip(keys, heads, bodies)]) == 3
@@ -118,7 +156,7 @@ def test_get_many_scatters_each_object_over_its_parts_in_one_call(mooncake, regi
         after = t.stats()
         assert after["hits"] - before["hits"] == 3 and after["misses"] - before["misses"] == 2
         assert after["bytes_out"] - before["bytes_out"] == sum(h.nbytes + b.nbytes for h, b in zip(heads, bodies))
-        assert t._memory.in_flight() == 0  # what a call registered for itself is released with it
+        assert t._memory.in_flight() == 0  # what a call (the put, the get) registered for itself is released with it
         # the same buffers again (registered for the call again, or still nothing registered over TCP)
         fetch[:] = 0
         assert all(t.get_many(items)) and np.array_equal(fetch, np.concatenate(bodies))
@@ -132,8 +170,7 @@ def test_a_missing_key_is_false_and_counted_as_a_miss(tier):
 
 
 def test_put_on_one_node_is_read_on_another(mooncake):  # noqa: F811
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=16 * MB) as a, \
-         MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=16 * MB) as b:  # fmt: skip
+    with MooncakeTier(mooncake.master, mooncake.metadata) as a, MooncakeTier(mooncake.master, mooncake.metadata) as b:
         key, parts = _key("across"), _parts(5, [2 * MB, 3 * MB + 1])
         assert a.put([(key, _views(parts))]) == 1
         out = np.empty(5 * MB + 1, np.uint8)
@@ -143,17 +180,8 @@ def test_put_on_one_node_is_read_on_another(mooncake):  # noqa: F811
         assert a.stats()["bytes_in"] == out.nbytes
 
 
-def test_an_object_larger_than_the_staging_buffer_is_skipped_not_raised(mooncake):  # noqa: F811
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=MB) as t:
-        big, fits = _key("too-big"), _key("fits")
-        assert t.put([(big, _views(_parts(6, [MB + 1]))), (fits, _views(_parts(7, [MB])))]) == 1
-        assert t.stats()["skipped"] == 1
-        assert not t.get_into(big, np.empty(MB + 1, np.uint8).data)
-        assert t.get_into(fits, np.empty(MB, np.uint8).data)
-
-
 def test_a_killed_store_node_never_fails_a_read_and_puts_work_after_restart(mooncake):  # noqa: F811
-    with MooncakeTier(mooncake.master, mooncake.metadata, staging_bytes=16 * MB, replicas=2) as t:
+    with MooncakeTier(mooncake.master, mooncake.metadata, replicas=2) as t:
         objs = {_key("kill"): _parts(10 + i, [MB + i]) for i in range(4)}
         assert t.put([(k, _views(p)) for k, p in objs.items()]) == 4
         mooncake.kill_store(0)
@@ -267,15 +295,15 @@ def test_stats_add_up(tier):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_gets_run_on_niced_reader_threads_and_the_caller_keeps_its_priority(tier):
+def test_puts_and_gets_run_on_niced_io_threads_and_the_caller_keeps_its_priority(tier):
     # the wheel busy-polls while a transfer runs: that poller must be a low-priority thread, never the caller
     key, parts = _key("nice"), _parts(62, [MB])
-    assert tier.put([(key, _views(parts))]) == 1
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert tier.put([(key, _views(parts))]) == 1
     out = np.empty(MB, np.uint8)
     assert tier.get_into(key, out.data) and np.array_equal(out, parts[0])
-    readers = [t for t in threading.enumerate() if t.name.startswith("mooncake-get")]
-    assert readers, "the get ran on no reader thread"
+    readers = [t for t in threading.enumerate() if t.name.startswith("mooncake-io")]
+    assert readers, "the calls ran on no I/O thread"
     assert all(os.getpriority(os.PRIO_PROCESS, t.native_id) == READER_NICE for t in readers)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
@@ -318,7 +346,7 @@ def test_print_throughput_against_raw_loopback_tcp(tier):
     out = np.zeros(64 * MB, np.uint8)  # pre-touched, as the service's arenas are
     arena = np.zeros(64 * MB, np.uint8)
     tier.register(arena)  # the zero-copy path: read straight into registered memory
-    took: dict[str, list[float]] = {"put": [], "get_into": [], "get_into_registered": []}
+    took: dict[str, list[float]] = {"put": [], "get_into": [], "get_into_registered": []}  # put: unregistered
     for _ in range(3):
         key = _key("throughput")
         for name, call in (("put", lambda: tier.put([(key, [obj.data])]) == 1),
