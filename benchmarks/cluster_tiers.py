@@ -7,8 +7,10 @@ fetch; a 1-layer stream) and `whole` (1 frame of 30 layers, 287.5 MB). ClusterBa
 holds them, and they go through to Mooncake) and fetches: `local`; b (local_cache_bytes=0, the hot tier) takes the
 streams over and fetches: `mooncake` (the whole read path: one scattered batch read per entry, raw bodies straight
 into the fetch buffer, checksums checked); then the same layers as objects of its own, read in one
-MooncakeTier.get_many into a warm buffer: `mooncake_get_into` (the transfer alone); c (local_cache_bytes=0, no hot
-tier: S3 only) fetches: `s3`. Every fetch goes into one warm buffer.
+MooncakeTier.get_many into a warm buffer: `mooncake_get_into` (the transfer alone), and the same bytes written by
+one MooncakeTier.put in the write-through's shape (a header and a layer body per object, from warm unregistered
+buffers, written from where they lie): `mooncake_put`; c (local_cache_bytes=0, no hot tier: S3 only) fetches:
+`s3`. Every fetch goes into one warm buffer.
 
 Baselines over the same bytes: `memcpy` (np.copyto between warm buffers) and `tcp` (a 127.0.0.1 socket pair: a
 1-byte request, then sendall of a warm buffer from a thread, recv_into one warm buffer, the connection kept). The
