@@ -7,6 +7,9 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 STAMP := $(VENV)/.installed
 # `make bench QUICK=1` runs every benchmark in its --quick form
+# `make test` runs pytest on TEST_WORKERS processes (pytest-xdist; a test file stays on one, so its fixtures start
+# once): most of the suite's time is spent waiting on real servers (leases, kills, restarts), not on the CPU
+TEST_WORKERS ?= 2
 BENCH_FLAGS := $(if $(QUICK),--quick,)
 
 .PHONY: run test install proto bench demo clean
@@ -36,7 +39,7 @@ test: $(STAMP)
 	  else echo "libibverbs1 is missing (apt-get install libibverbs1, as root): the Mooncake tests will skip"; fi; fi
 	$(PY) -m ruff check memory_service plugin tests benchmarks
 	$(PY) -m mypy memory_service plugin
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 proto: $(STAMP)
 	$(PY) protos/generate.py
