@@ -10,20 +10,32 @@ Measures, with the service in its own process (`memflow-service serve` on a temp
 - Query round trip on a bank of N MemFlow-shaped keys (30 x 1536 per entry) beside an empty unary call (grpc
   health Check) on the same channel.
 
+The raw gRPC baseline is the best a bare client of the same bytes does, so the ratio is what the service adds:
+its server sends the bytes in messages of the service's own size (servicer.PACK_TARGET, 1 MiB; it was 4 MiB
+chunks, which raw gRPC streams 10-20% slower on loopback), and its client copies each message into one array.
+That array is warm (reused across calls) in the `raw_grpc` row, because MemoryClient reuses the buffer of an
+answer the caller has dropped (stream_plane.Buffers) and the `stream` row's caller drops each answer; without
+reuse, faulting in and zeroing a fresh 862 MB array cost about 40% of the client's CPU and most of the variance.
+The `raw_grpc_fresh` and `stream_fresh` rows are the same calls into a fresh array each time (a caller that keeps
+its last answers, so none is reused), the `stream_fresh` ratio against `raw_grpc_fresh`.
+
     python benchmarks/transport.py [--quick] [--out benchmarks/results]
 
-`--quick` divides the token count by 10 (0.96 MB / 28.75 MB frames) and uses 1e3 query entries (1e4 full).
+`--quick` divides the token count by 10 (3 frames: 2.9 MB of one layer, 86 MB of 30) and uses 1e3 query entries
+(1e4 full).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Optional
 
 import grpc
 import ml_dtypes
@@ -33,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, percentiles, running_service, timed  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, MemoryClient, NewEntry, StreamSpec  # noqa: E402
+from memory_service.service.servicer import PACK_TARGET  # noqa: E402
+from memory_service.stream_plane import RECYCLE_SLOTS  # noqa: E402
 from memory_service.wire import convert  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
@@ -43,17 +57,19 @@ RAW_METHOD = "/bench.Raw/Stream"
 # ---- processes ----------------------------------------------------------------------------------------
 
 def raw_server_main() -> None:
-    """A bare gRPC server streaming N requested bytes in CHUNK pieces: identity serializers, no protobuf, and
-    the chunks built once per size, so it measures gRPC's own streaming cost and nothing else."""
-    built: dict[int, list[bytes]] = {}
+    """A bare gRPC server streaming the requested "N:PIECE" bytes in PIECE-byte messages (PIECE defaults to
+    CHUNK): identity serializers, no protobuf, and the messages built once per request, so it measures gRPC's
+    own streaming cost and nothing else."""
+    built: dict[tuple[int, int], list[bytes]] = {}
 
     def stream(request: bytes, context):
-        n = int(request.decode())
-        if n not in built:
-            data = np.random.default_rng(0).integers(0, 255, n, np.uint8)
-            built[n] = [data[i:i + CHUNK].tobytes() for i in range(0, n, CHUNK)]
+        n, _, piece = request.decode().partition(":")
+        key = (int(n), int(piece or CHUNK))
+        if key not in built:
+            data = np.random.default_rng(0).integers(0, 255, key[0], np.uint8)
+            built[key] = [data[i:i + key[1]].tobytes() for i in range(0, key[0], key[1])]
         yield b"header"  # the same message pattern as Fetch: a small header, then the chunks
-        yield from built[n]
+        yield from built[key]
 
     handler = grpc.method_handlers_generic_handler("bench.Raw", {
         "Stream": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)})
@@ -75,11 +91,13 @@ def start_raw() -> tuple[subprocess.Popen, str]:
 # ---- measurements -------------------------------------------------------------------------------------
 
 
-def raw_fetch(channel: grpc.Channel, nbytes: int) -> None:
+def raw_fetch(channel: grpc.Channel, nbytes: int, out: Optional[np.ndarray] = None, piece: int = PACK_TARGET) -> None:
+    """`nbytes` in `piece`-byte messages, copied into `out` (warm, reused) or, when None, a fresh array (the same
+    work as the client: copy each chunk into one array)."""
     call = channel.unary_stream(RAW_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    buf = np.empty(nbytes, np.uint8)  # the same work as the client: copy each chunk into one array
+    buf = np.empty(nbytes, np.uint8) if out is None else out
     got = 0
-    responses = call(str(nbytes).encode())
+    responses = call(f"{nbytes}:{piece}".encode())
     next(responses)  # the header
     for chunk in responses:
         buf[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
@@ -112,23 +130,28 @@ def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
     return out
 
 
-def bench_fetch(res: Results, shm: MemoryClient, stream: MemoryClient, raw: grpc.Channel, name: str,
-                ids: list[int], layers: int, size_name: str, reps: int) -> None:
+def bench_fetch(res: Results, shm: MemoryClient, stream: MemoryClient, fresh: MemoryClient, raw: grpc.Channel,
+                name: str, ids: list[int], layers: int, size_name: str, reps: int) -> None:
+    """One size's rows. `fresh` is a second streaming-plane client whose caller keeps its last RECYCLE_SLOTS
+    answers, so each of its fetches gathers into a fresh array (on `stream` it would reuse what `stream` drops)."""
     nbytes = shm.fetch(name, ids).kv.nbytes
-    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    fns = {"memcpy": lambda: np.copyto(dst, src), "raw_grpc": lambda: raw_fetch(raw, nbytes),
-           "shm": lambda: shm.fetch(name, ids), "stream": lambda: stream.fetch(name, ids)}
+    src, dst, warm = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    kept: collections.deque = collections.deque(maxlen=RECYCLE_SLOTS)  # answers a stream_fresh caller still holds
+    fns = {"memcpy": lambda: np.copyto(dst, src), "raw_grpc": lambda: raw_fetch(raw, nbytes, warm),
+           "shm": lambda: shm.fetch(name, ids), "stream": lambda: stream.fetch(name, ids),
+           "raw_grpc_fresh": lambda: raw_fetch(raw, nbytes), "stream_fresh": lambda: kept.append(fresh.fetch(name, ids))}
     if layers > 1:  # the anti-pattern: one RPC per layer
         fns["shm_per_layer_calls"] = lambda: [shm.fetch(name, ids, layers=[layer]) for layer in range(layers)]
     samples = interleaved(fns, reps)
+    kept.clear()
     gbps = {k: nbytes / float(np.median(v)) / 1e9 for k, v in samples.items()}
     for plane, s in samples.items():
         p50, p99 = percentiles(s)
         row = dict(bench="fetch", plane=plane, size=size_name, bytes=nbytes, gbps=gbps[plane], p50_ms=p50, p99_ms=p99)
         if plane.startswith("shm"):
             row["ratio_to_memcpy"] = gbps[plane] / gbps["memcpy"]
-        if plane == "stream":
-            row["ratio_to_raw_grpc"] = gbps[plane] / gbps["raw_grpc"]
+        if plane.startswith("stream"):
+            row["ratio_to_raw_grpc"] = gbps[plane] / gbps[plane.replace("stream", "raw_grpc")]
         if plane == "shm_per_layer_calls":
             row["rpcs"] = layers
         res.add(**row)
@@ -180,12 +203,12 @@ def main() -> None:
             raw = grpc.insecure_channel(raw_target, options=[("grpc.max_receive_message_length", 64 << 20),
                                                              ("grpc.max_send_message_length", 64 << 20)])
             with MemoryClient(target, plane="shm", arena_bytes=64 << 20) as shm, \
-                    MemoryClient(target, plane="stream") as stream:
+                    MemoryClient(target, plane="stream") as stream, MemoryClient(target, plane="stream") as fresh:
                 for size_name, layers in (("layer", 1), ("frame", 30)):
                     layout = KVLayout(layers=layers, heads=12, head_dim=128, tokens_per_frame=tokens)
                     ids = fill_stream(shm, size_name, layout, frames=3)
-                    bench_fetch(res, shm, stream, raw, size_name, ids, layers, size_name,
-                                reps if layers == 1 else max(3, reps // 2))
+                    bench_fetch(res, shm, stream, fresh, raw, size_name, ids, layers, size_name,
+                                reps if layers == 1 else max(5, reps // 2))
                 bench_query(res, shm, 1000 if args.quick else 10000, 50 if args.quick else 100)
             raw.close()
         finally:

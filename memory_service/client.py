@@ -105,6 +105,7 @@ class MemoryClient(Memory):
         self._fetch_one = calls.fetch_one  # Fetch on the SHM plane, likewise
         self.arena_bytes = int(arena_bytes)
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
+        self._buffers = stream_plane.Buffers()  # the streaming plane's answers, reused once the caller drops them
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
         self._specs_lock = threading.Lock()
         self._closed = False
@@ -122,6 +123,7 @@ class MemoryClient(Memory):
     def close(self) -> None:
         self._closed = True
         self._pool.close()
+        self._buffers.clear()
         self._channel.close()
 
     def _rpc(self, method: Callable[..., Any], request: Any, *, idempotent: bool = False,
@@ -318,11 +320,8 @@ class MemoryClient(Memory):
     def _fetch_stream(self, request: Any, timeout: Optional[float]) -> FetchResult:
         responses = self._fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         header = self._fetch_header(responses)
-        kv = np.empty(tuple(header.shape), kv_numpy_dtype(header.dtype))
-        if kv.nbytes != header.nbytes:
-            raise MemFlowError(f"fetch header says {header.nbytes} bytes for {kv.nbytes} of {header.dtype}"
-                               f"{list(header.shape)}")
-        stream_plane.gather(responses, kv.reshape(-1).view(np.uint8), "fetch", _error)
+        kv = stream_plane.gather_array(responses, self._buffers.take, kv_numpy_dtype(header.dtype),
+                                       tuple(header.shape), int(header.nbytes), _error)
         return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv)
 
     def query_fetch(self, stream: str, space: str, vectors: Vectors, k: int, *, fetch_k: Optional[int] = None,
@@ -378,7 +377,7 @@ class MemoryClient(Memory):
     def _query_fetch_stream(self, request: Any, timeout: Optional[float]) -> QueryFetchResult:
         responses = self._query_fetch(request, timeout=timeout or self.timeout, metadata=self._metadata)
         result, groups, total = convert.query_fetch_header_from_pb(self._first(responses))
-        flat = np.empty(total, np.uint8)
+        flat = self._buffers.take(total)
         stream_plane.gather(responses, flat, "query_fetch", _error)
         fetched, pos = [], 0
         for g in groups:
