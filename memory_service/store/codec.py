@@ -69,7 +69,10 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
         return Header("raw", dtype, body.shape, checksum(body)), body
     if codec == "fp8":
         x = layer.astype(np.float32)  # [2, T, H, D]
-        amax = np.max(np.abs(x), axis=1, keepdims=True)  # [2, 1, H, D]
+        # Finite magnitudes only: the bank refuses non-finite K/V, but a store-level caller may pass them, and a
+        # NaN or inf must not poison its whole channel's scale (it decodes as NaN; its neighbours keep the bound).
+        mag = np.abs(x)
+        amax = np.max(np.where(np.isfinite(mag), mag, 0), axis=1, keepdims=True)  # [2, 1, H, D]
         scales = np.maximum(amax / FP8_MAX, np.finfo(np.float32).tiny).astype(np.float32)  # [2, 1, H, D]
         body = np.ascontiguousarray((x / scales).astype(kv_numpy_dtype("float8_e4m3fn")))
         sbytes = scales.tobytes()

@@ -103,6 +103,23 @@ def test_fp8_is_exact_on_zero_and_keeps_the_channel_max(dtype):
     assert np.allclose(got, want, rtol=OUT_ROUNDING[dtype][0] + 2.0**-20, atol=0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_fp8_non_finite_elements_spoil_only_themselves(dtype):
+    """A store-level caller may pass NaN/inf (the bank refuses them): they decode as NaN, and every other element
+    of their channel keeps the bound its finite values give."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 2, 4)).astype(kv_numpy_dtype(dtype))
+    bad = np.zeros(x.shape, bool)
+    bad[0, 1, 0, 0] = bad[1, 2, 1, 3] = bad[0, 5, 1, 1] = True
+    x[bad] = np.array([np.nan, np.inf, -np.inf]).astype(x.dtype)
+    with np.errstate(all="raise"):
+        out = round_trip(x, dtype, "fp8")
+    assert np.isnan(out[bad].astype(np.float32)).all()
+    clean = np.where(bad, 0, x).astype(x.dtype)
+    err = np.abs(clean.astype(np.float64) - out.astype(np.float64))
+    assert (err[~bad] <= fp8_bound(clean, dtype)[~bad]).all()
+
+
 # -- corruption ----------------------------------------------------------------------------------
 
 def encoded(codec: str, dtype: str = "bfloat16"):
