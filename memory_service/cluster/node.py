@@ -123,6 +123,10 @@ class ClusterBank(MemoryBank):
         """Per tier (local, mooncake, s3): payload reads, bytes, recent p50/p99 load ms (served on /metrics)."""
         return self.cluster_store.tiers.stats()
 
+    def promotion_stats(self):
+        """Hot-tier promotions after S3 reads: promoted, dropped, failed, and what waits (served on /metrics)."""
+        return self.cluster_store.tiers.promotion_stats()
+
     def list_streams(self) -> list[StreamSpec]:
         self._check_open()
         return [StreamSpec.from_json(record["spec"]) for _, (record, _) in sorted(self.coord.catalog().items())]

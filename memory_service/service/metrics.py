@@ -52,12 +52,14 @@ class _BankCollector:
 class _TierCollector:
     """Cluster mode: where payload reads were served from (local cache, Mooncake, S3), bytes, recent p50/p99."""
 
-    def __init__(self, stats: Callable[[], dict]) -> None:
+    def __init__(self, stats: Callable[[], dict], promotions: Optional[Callable[[], Any]] = None) -> None:
         self._stats = stats
+        self._promotions = promotions  # () -> cluster.promotion.PromotionStats
 
     def collect(self):
         try:
             stats = self._stats()
+            promoted = self._promotions() if self._promotions is not None else None
         except Exception:  # noqa: BLE001 - a closing bank must not break a scrape
             return
         reads = CounterMetricFamily("memflow_tier_reads", "payload reads by the tier that served them", labels=["tier"])
@@ -70,11 +72,22 @@ class _TierCollector:
             load.add_metric([tier, "0.5"], s["p50_ms"])
             load.add_metric([tier, "0.99"], s["p99_ms"])
         yield from (reads, nbytes, load)
+        if promoted is not None:
+            outcomes = CounterMetricFamily("memflow_hot_promotions", "payload layers read from S3 and then promoted "
+                                           "into the hot tier, dropped (queue full, closed, deleted) or failed",
+                                           labels=["outcome"])
+            for outcome in ("promoted", "dropped", "failed"):
+                outcomes.add_metric([outcome], getattr(promoted, outcome))
+            waiting = GaugeMetricFamily("memflow_hot_promotion_queue", "promotions waiting now", labels=["unit"])
+            waiting.add_metric(["layers"], promoted.queued)
+            waiting.add_metric(["bytes"], promoted.queued_bytes)
+            yield from (outcomes, waiting)
 
 
 class Metrics:
     def __init__(self, bank_stats: Optional[Callable[[], object]] = None, stream_labels: bool = False,
-                 tier_stats: Optional[Callable[[], dict]] = None) -> None:
+                 tier_stats: Optional[Callable[[], dict]] = None,
+                 promotion_stats: Optional[Callable[[], Any]] = None) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram("memflow_request_seconds", "request latency by method", ["method"],
                                  buckets=_BUCKETS, registry=self.registry)
@@ -89,7 +102,7 @@ class Metrics:
         if bank_stats is not None:
             self.registry.register(_BankCollector(bank_stats, stream_labels))
         if tier_stats is not None:
-            self.registry.register(_TierCollector(tier_stats))
+            self.registry.register(_TierCollector(tier_stats, promotion_stats))
         self._http: Optional[Any] = None  # the /metrics server (serve_http): a wsgiref WSGIServer
 
     def bytes(self, plane: str, direction: str, n: int) -> None:

@@ -72,7 +72,8 @@ class MemoryServer:
 
     def _build(self, config: ServiceConfig) -> None:
         self.metrics = Metrics(self.bank.stats, stream_labels=config.metrics_stream_labels,
-                               tier_stats=getattr(self.bank, "tier_stats", None))  # cluster mode's tiers
+                               tier_stats=getattr(self.bank, "tier_stats", None),  # cluster mode's tiers
+                               promotion_stats=getattr(self.bank, "promotion_stats", None))
         self.interceptor = ServiceInterceptor(self.auth, self.metrics)
         self.servicer = MemoryServicer(self.bank, self.auth, self.metrics, quotas=config.quotas,
                                        max_arenas=config.max_arenas)

@@ -91,8 +91,25 @@ def test_an_s3_read_is_promoted_in_the_background_and_later_served_from_mooncake
             (len(ids) * LAYERS, 0, 0, 0, 0)
         _check(b, "cam0", ids, seeds)
         assert _reads(b) == {"local": 0, "mooncake": len(ids) * LAYERS, "s3": len(ids)}, "not served from the pool"
+        scrape = _scrape(b)  # what /metrics serves: the service builds its Metrics from the bank the same way
+        assert scrape['memflow_hot_promotions_total{outcome="promoted"}'] == len(ids) * LAYERS
+        assert scrape['memflow_hot_promotions_total{outcome="dropped"}'] == 0
+        assert scrape['memflow_hot_promotion_queue{unit="bytes"}'] == 0
+        assert scrape['memflow_tier_reads_total{tier="mooncake"}'] == len(ids) * LAYERS
+        assert scrape['memflow_tier_reads_total{tier="s3"}'] == len(ids)
     finally:
         b.close()
+
+
+def _scrape(bank: ClusterBank) -> dict[str, float]:
+    """`name{labels}` -> value of every sample a /metrics scrape of `bank`'s service would show."""
+    from prometheus_client import generate_latest
+
+    from memory_service.service.metrics import Metrics
+
+    metrics = Metrics(bank.stats, tier_stats=bank.tier_stats, promotion_stats=bank.promotion_stats)
+    lines = generate_latest(metrics.registry).decode().splitlines()
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in lines) if name[:1] not in "#"}
 
 
 def test_a_queue_full_by_bytes_drops_promotions_and_counts_them(tmp_path, etcd_cluster, weed, mooncake):  # noqa: F811
@@ -109,6 +126,7 @@ def test_a_queue_full_by_bytes_drops_promotions_and_counts_them(tmp_path, etcd_c
             assert (held.queued, held.dropped) == (LAYERS, (len(ids) - 1) * LAYERS)
         assert tiers.flush_promotions(timeout_s=60)
         assert tiers.promotion_stats().promoted == LAYERS
+        assert _scrape(b)['memflow_hot_promotions_total{outcome="dropped"}'] == (len(ids) - 1) * LAYERS
         before = _reads(b)
         _check(b, "cam1", ids, seeds)
         after = _reads(b)
