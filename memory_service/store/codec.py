@@ -74,7 +74,8 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
         mag = np.abs(x)
         amax = np.max(np.where(np.isfinite(mag), mag, 0), axis=1, keepdims=True)  # [2, 1, H, D]
         scales = np.maximum(amax / FP8_MAX, np.finfo(np.float32).tiny).astype(np.float32)  # [2, 1, H, D]
-        body = np.ascontiguousarray((x / scales).astype(kv_numpy_dtype("float8_e4m3fn")))
+        with np.errstate(invalid="ignore"):  # a signalling NaN stays a NaN; it is not an error of the encoder
+            body = np.ascontiguousarray((x / scales).astype(kv_numpy_dtype("float8_e4m3fn")))
         sbytes = scales.tobytes()
         return Header("fp8", dtype, body.shape, checksum(body, sbytes), sbytes), body
     raise InvalidArgument(f"unknown payload codec {codec!r}; expected one of {CODECS}")
