@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import struct
@@ -95,14 +96,13 @@ class LMDBView(Reader):
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
-        # One batched read per database for the whole fetch (Cursor.getmulti: one C call for every key), then per
-        # record a byte comparison of its header with the layout's raw header and one memcpy into `out`. Headers
-        # that differ (fp8, or damage) take decode_into, which decodes or says what is wrong.
+        # One batched read per database for the whole fetch, then per record a byte comparison of its header with
+        # the layout's raw header and one memcpy into `out`. Headers that differ (fp8, or damage) take decode_into,
+        # which decodes or says what is wrong.
         layers = list(layers)
-        keys = [_SID_EID_LAYER.pack(layout.sid, eid, layer) for eid in ids for layer in layers]
-        heads = self.txn.cursor(db=self._dbs["phead"]).getmulti(keys)
-        bodies = self.txn.cursor(db=self._dbs["pbody"]).getmulti(keys)
-        if len(heads) != len(keys) or len(bodies) != len(keys) or not out.flags.c_contiguous:
+        heads = self._walk("phead", layout.sid, ids, layers)
+        bodies = self._walk("pbody", layout.sid, ids, layers) if heads is not None else None
+        if heads is None or bodies is None or not out.flags.c_contiguous:
             return self._read_payloads_each(layout, ids, layers, out, verified)  # names what is missing
         size = math.prod(out.shape[2:]) * out.dtype.itemsize
         prefix, flat = raw_prefix(layout.kv_dtype, layout.layer_shape), memoryview(out.reshape(-1).view(np.uint8))
@@ -111,7 +111,7 @@ class LMDBView(Reader):
             done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
             try:
                 for j, layer in enumerate(layers):
-                    head, body = heads[r][1], bodies[r][1]
+                    head, body = heads[r], bodies[r]
                     verify = not (done >> layer) & 1
                     if len(head) == HEADER_BYTES and len(body) == size and head[:len(prefix)] == prefix:
                         if verify and checksum(body) != stored_checksum(head):
@@ -126,6 +126,29 @@ class LMDBView(Reader):
             finally:  # the layers that passed, also when a later one did not
                 if verified is not None:
                     verified[eid] = done
+
+    def _walk(self, db: str, sid: int, ids: Sequence[int], layers: list[int]) -> Optional[list]:
+        """The values of every (id, layer) record of `db`, in order, or None when one is missing. An entry's layers
+        are adjacent keys, so a run of layers lo..hi is one cursor positioning and a walk of its values (no key
+        objects, no descent from the root per record: 0.24 vs 0.44 ms for 6 x 30 heads and bodies after a scan
+        evicted the caches, against getmulti of every key); other layer lists take getmulti."""
+        cursor, pack = self.txn.cursor(db=self._dbs[db]), _SID_EID_LAYER.pack
+        lo, hi = layers[0], layers[-1]
+        if layers != list(range(lo, hi + 1)):
+            keys = [pack(sid, eid, layer) for eid in ids for layer in layers]
+            found = cursor.getmulti(keys)
+            return [value for _, value in found] if len(found) == len(keys) else None
+        values: list = []
+        run = hi - lo + 1
+        for eid in ids:
+            if not cursor.set_key(pack(sid, eid, lo)):
+                return None
+            values += itertools.islice(cursor.iternext(keys=False), run)
+            # the walk ended on (eid, hi) with run values: keys are unique, sorted and all 14 bytes, so the run was
+            # exactly layers lo..hi of eid (a missing layer would have walked into the next entry's records)
+            if cursor.key() != pack(sid, eid, hi):
+                return None
+        return values if len(values) == run * len(ids) else None
 
     def _read_payloads_each(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                             verified: Optional[dict[int, int]]) -> None:
