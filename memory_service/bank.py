@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+from collections import Counter
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -352,12 +353,13 @@ class MemoryBank:
 
     def _record_hits(self, s: Stream, ids: np.ndarray) -> None:
         rows = ids.reshape(-1, ids.shape[-1])
-        hit, counts = np.unique(rows[rows >= 0], return_counts=True)
-        if not len(hit):
+        counts = Counter(rows.ravel().tolist())  # a few dozen ids: a Counter beats np.unique (~50 us cold)
+        counts.pop(-1, None)
+        if not counts:
             return
         now = self.clock()
         half_life = next((p.half_life_s for p in eviction.parts(s.policy) if isinstance(p, LFU)), LFU().half_life_s)
-        for eid, c in zip(hit.tolist(), counts.tolist()):
+        for eid, c in counts.items():
             m = s.entries.get(eid)
             if m is None:
                 continue
