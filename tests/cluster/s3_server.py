@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +56,7 @@ class WeedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._sockets_before = _socket_files()
         self._started_sockets: set[str] = set()
+        self._volumes_before_kill = 0  # the most volumes the master listed before a kill: a restart waits for them
         os.makedirs(os.path.join(self.base_dir, "log"), exist_ok=True)
         self.start()
 
@@ -83,7 +85,9 @@ class WeedServer:
         self._started_sockets |= self._own_sockets()
 
     def _wait_ready(self) -> None:
-        """Until the S3 gateway answers HTTP (any status: 403 to an unsigned request means it is up)."""
+        """Until the S3 gateway answers HTTP (any status: 403 to an unsigned request means it is up) and, after a
+        restart, the master knows every volume it knew before the kill: until the volume server's heartbeat lands,
+        a GET of an object already stored is HTTP 500 (seen on a loaded machine), which is no state to hand a test."""
         deadline = time.monotonic() + self.ready_timeout_s
         last = ""
         while time.monotonic() < deadline:
@@ -92,15 +96,30 @@ class WeedServer:
                 raise RuntimeError(f"weed exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
-                return
+                up = True
             except urllib.error.HTTPError:
-                return
+                up = True
             except OSError as e:
-                last = str(e)
+                up, last = False, str(e)
+            if up:
+                volumes = self._volumes()
+                if volumes >= self._volumes_before_kill:
+                    return
+                last = f"the master knows {volumes} of the {self._volumes_before_kill} volumes stored before"
             time.sleep(0.1)
         raise RuntimeError(
-            f"weed's S3 at {self.endpoint} did not answer in {self.ready_timeout_s:.0f} s ({last}):\n{self.log_tail()}"
+            f"weed's S3 at {self.endpoint} was not ready in {self.ready_timeout_s:.0f} s ({last}):\n{self.log_tail()}"
         )
+
+    def _volumes(self) -> int:
+        """Volumes the master's topology holds now (-1 if it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master'][0]}/dir/status", timeout=2) as r:
+                topology = json.loads(r.read())["Topology"]
+        except (OSError, ValueError, KeyError):
+            return -1
+        return sum(node.get("Volumes", 0) for dc in topology.get("DataCenters") or () for rack in dc.get("Racks") or ()
+                   for node in rack.get("DataNodes") or ())
 
     def log_tail(self, n: int = 40) -> str:
         lines: list[str] = []
@@ -112,6 +131,7 @@ class WeedServer:
     def kill(self) -> None:
         """SIGKILL and wait (SIGTERM takes ~30 s, and a crash is what the tests want anyway)."""
         if self.proc is not None and self.proc.poll() is None:
+            self._volumes_before_kill = max(self._volumes_before_kill, self._volumes())
             self.proc.kill()
             self.proc.wait(timeout=30)
         if getattr(self, "_out", None) is not None:
