@@ -177,7 +177,16 @@ class LayerBlock:
             groups = min(self.layers, (TASKS_PER_CORE if total >= SPLIT_MIN_BYTES else 1) * workers)
             bounds = np.linspace(0, self.layers, groups + 1).astype(int)
             spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-            if workers > 1:
+            if workers > 1 and total < SPLIT_MIN_BYTES:
+                # One group per core: the caller scans the first itself instead of waiting on the pool (one
+                # hand-off and one wake-up fewer, and the caller's caches are warm for what follows).
+                rest = [search_pool().submit(scan, q, k, sel, dist, pos, *span) for span in spans[1:]]
+                try:
+                    scan(q, k, sel, dist, pos, *spans[0])
+                finally:
+                    for f in rest:
+                        f.result()
+            elif workers > 1:
                 list(search_pool().map(lambda span: scan(q, k, sel, dist, pos, *span), spans))
             else:
                 scan(q, k, sel, dist, pos, 0, self.layers)
