@@ -496,18 +496,18 @@ class MemoryBank:
             raise InvalidArgument(f"stream {stream!r} is keys-only: it has no KV payloads to fetch")
         id_arr = check_ids(ids)
         layer_list = self._check_layers(s, layers)
-        self._require(s, id_arr)
-        # no lock is held here: an entry a concurrent delete or eviction removed since the check is not found
-        # (as a KeyError it was INTERNAL); ids are never reused, so a second check finds it gone for good
-        metas = [s.entries.get(int(i)) for i in id_arr]
+        id_list = id_arr.tolist()
+        # no lock is held here: an entry a concurrent delete or eviction removed is not found (as a KeyError it was
+        # INTERNAL); ids are never reused, so the check names it gone for good
+        metas = [s.entries.get(i) for i in id_list]
         if any(m is None for m in metas):
             self._require(s, id_arr)
-        gone = [int(i) for i, m in zip(id_arr, metas) if m is None or m.codec == "none"]
+        gone = [i for i, m in zip(id_list, metas) if m is None or m.codec == "none"]
         if gone:
             raise NotFound(f"entries {gone[:10]} of stream {stream!r} hold keys only (codec 'none': put without K/V, "
                            "or degraded to keys only by pruning): they have no K/V to fetch")
         shape = (len(id_arr), len(layer_list), *s.spec.kv.layer_shape)
-        return s, id_arr.tolist(), layer_list, shape, kv_numpy_dtype(s.spec.kv.dtype)
+        return s, id_list, layer_list, shape, kv_numpy_dtype(s.spec.kv.dtype)
 
     def _verified(self, s: Stream) -> Optional[dict[int, int]]:
         """What a read verifies: checksums on the first read of each payload layer after open (the stream's
