@@ -15,13 +15,12 @@ takes the stream over and reads them from S3. What a bug would break:
 from __future__ import annotations
 
 import threading
-import uuid
 
 import numpy as np
 
 from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
 from mooncake_servers import mooncake  # noqa: F401 - the fixture, found by pytest through this name
-from nodes import LEASE_TTL_S
+from nodes import in_process_configs
 from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
 from svc_util import make_entry, make_spec
 
@@ -34,15 +33,22 @@ LAYERS = 4  # make_spec's layout
 
 
 def _configs(etcd_cluster, weed, pool):  # noqa: F811
-    tag = uuid.uuid4().hex[:8]
+    """`make(node, hot, **fields)`: node configs of one cluster; a hot node reads through Mooncake, caching nothing."""
+    base = in_process_configs(etcd_cluster.endpoints, weed.endpoint, "promote")
 
     def make(node: str, hot: bool, **kw) -> ClusterConfig:
         more = {"mooncake_master": pool.master, "mooncake_metadata": pool.metadata, "local_cache_bytes": 0} if hot else {}
-        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
-                             s3_bucket=f"memflow-promote-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
-                             prefix=f"memflow-promote-{tag}/", **more, **kw)
+        return base(node, **more, **kw)
 
     return make
+
+
+def _hot_reader(tmp_path, etcd_cluster, weed, pool, stream: str, seeds: list[int], **kw) -> tuple[ClusterBank, list[int]]:  # noqa: F811
+    """Node a writes `seeds` into `stream` without the pool and closes; node b (the hot tier, `kw` its config) takes
+    the stream over: (b, the entry ids)."""
+    config = _configs(etcd_cluster, weed, pool)
+    ids = _written_without_the_pool(tmp_path, config, stream, seeds)
+    return ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True, **kw)), ids
 
 
 def _written_without_the_pool(tmp_path, config, stream: str, seeds: list[int]) -> list[int]:
@@ -73,10 +79,8 @@ def _in_pool(pool, bank: ClusterBank, stream: str, eid: int) -> list[bool]:
 
 def test_an_s3_read_is_promoted_in_the_background_and_later_served_from_mooncake(tmp_path, etcd_cluster, weed,
                                                                                mooncake):  # noqa: F811
-    config = _configs(etcd_cluster, weed, mooncake)
     seeds = [1, 2, 3]
-    ids = _written_without_the_pool(tmp_path, config, "cam0", seeds)
-    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True))
+    b, ids = _hot_reader(tmp_path, etcd_cluster, weed, mooncake, "cam0", seeds)
     try:
         tiers = b.cluster_store.tiers
         with tiers.hold_promotions():  # the fetch must not wait for its promotion
@@ -113,11 +117,9 @@ def _scrape(bank: ClusterBank) -> dict[str, float]:
 
 
 def test_a_queue_full_by_bytes_drops_promotions_and_counts_them(tmp_path, etcd_cluster, weed, mooncake):  # noqa: F811
-    config = _configs(etcd_cluster, weed, mooncake)
     seeds = [4, 5, 6]
-    ids = _written_without_the_pool(tmp_path, config, "cam1", seeds)
     # 1 byte: only a promotion that finds the queue empty is taken (one entry's read), every other is dropped
-    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True, mooncake_promote_queue_bytes=1))
+    b, ids = _hot_reader(tmp_path, etcd_cluster, weed, mooncake, "cam1", seeds, mooncake_promote_queue_bytes=1)
     try:
         tiers = b.cluster_store.tiers
         with tiers.hold_promotions():
@@ -138,10 +140,8 @@ def test_a_queue_full_by_bytes_drops_promotions_and_counts_them(tmp_path, etcd_c
 
 
 def test_a_deleted_entry_loses_its_queued_promotions(tmp_path, etcd_cluster, weed, mooncake):  # noqa: F811
-    config = _configs(etcd_cluster, weed, mooncake)
     seeds = [7, 8]
-    ids = _written_without_the_pool(tmp_path, config, "cam2", seeds)
-    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True))
+    b, ids = _hot_reader(tmp_path, etcd_cluster, weed, mooncake, "cam2", seeds)
     try:
         tiers = b.cluster_store.tiers
         with tiers.hold_promotions():
@@ -162,10 +162,8 @@ def test_a_deleted_entry_loses_its_queued_promotions(tmp_path, etcd_cluster, wee
 
 def test_closing_with_promotions_queued_and_held_drops_them_and_ends(tmp_path, etcd_cluster, weed,
                                                                      mooncake):  # noqa: F811
-    config = _configs(etcd_cluster, weed, mooncake)
     seeds = [9, 10]
-    ids = _written_without_the_pool(tmp_path, config, "cam3", seeds)
-    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True))
+    b, ids = _hot_reader(tmp_path, etcd_cluster, weed, mooncake, "cam3", seeds)
     tiers = b.cluster_store.tiers
     closer = threading.Thread(target=b.close)
     with tiers.hold_promotions():
@@ -179,10 +177,8 @@ def test_closing_with_promotions_queued_and_held_drops_them_and_ends(tmp_path, e
 
 
 def test_a_failed_promotion_never_fails_a_fetch(tmp_path, etcd_cluster, weed, mooncake):  # noqa: F811
-    config = _configs(etcd_cluster, weed, mooncake)
     seeds = [11, 12]
-    ids = _written_without_the_pool(tmp_path, config, "cam4", seeds)
-    b = ClusterBank(str(tmp_path / "b"), BankConfig(), config("b", hot=True))
+    b, ids = _hot_reader(tmp_path, etcd_cluster, weed, mooncake, "cam4", seeds)
     try:
         tiers = b.cluster_store.tiers
         mooncake.kill_master()
