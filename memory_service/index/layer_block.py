@@ -49,9 +49,11 @@ OVERFETCH_MAX_DENY = 256
 
 _POOL: Optional[ThreadPoolExecutor] = None
 TASKS_PER_CORE = 4
-# Scans below this many key bytes take one group per core: each hand-off costs more than a slow core's share
-# (30 x 1e3 x 1536 fp32, 184 MB: 5.07 vs 5.63 ms with 4 per core, against 4.56 ms for the hand-built pool).
-SPLIT_MIN_BYTES = 1 << 30
+# Scans below this many key bytes take one group per core, the caller scanning the first: each hand-off costs
+# more than a slow core's share (30 x 1e3 x 1536 fp32, 184 MB: 5.07 vs 5.63 ms with 4 per core, against 4.56 ms
+# for the hand-built pool). Kept well under what was measured for 4 per core (30 x 1e4 x 1536, fp32 1.8 GB, fp16
+# 0.9 GB), which still take that path.
+SPLIT_MIN_BYTES = 256 << 20
 CORES = os.cpu_count() or 2  # read once: os.cpu_count() cost ~20 us per call here
 
 
