@@ -11,14 +11,13 @@ store nodes: one node's frames reach another node without S3, and every hot-tier
 
 from __future__ import annotations
 
-import uuid
 
 import ml_dtypes
 import numpy as np
 
 from etcd_servers import etcd_cluster  # noqa: F401 - the fixture, found by pytest through this name
 from mooncake_servers import MooncakeCluster, mooncake  # noqa: F401 - the fixture, found by pytest through this name
-from nodes import LEASE_TTL_S
+from nodes import in_process_configs
 from s3_server import weed  # noqa: F401 - the fixture, found by pytest through this name
 from svc_util import make_entry, make_spec
 
@@ -28,13 +27,11 @@ from memory_service.config import BankConfig, ClusterConfig
 
 
 def make_config(etcd_cluster, weed, pool, **kw):
-    tag = uuid.uuid4().hex[:8]
+    """`make(node, **fields)`: configs of in-process nodes of one cluster, each with the hot tier on `pool`."""
+    base = in_process_configs(etcd_cluster.endpoints, weed.endpoint, "hot")
 
     def make(node: str, **more) -> ClusterConfig:
-        return ClusterConfig(etcd=",".join(etcd_cluster.endpoints), s3_endpoint=weed.endpoint,
-                             s3_bucket=f"memflow-hot-{tag}", node_id=node, lease_ttl_s=LEASE_TTL_S,
-                             prefix=f"memflow-hot-{tag}/", mooncake_master=pool.master,
-                             mooncake_metadata=pool.metadata, **kw, **more)
+        return base(node, mooncake_master=pool.master, mooncake_metadata=pool.metadata, **kw, **more)
 
     return make
 
