@@ -40,6 +40,7 @@ import numpy as np
 
 from memory_service.arena_pool import ArenaPool, ArenaUsage
 from memory_service.config import is_loopback
+from memory_service.cluster.directory import is_directory
 from memory_service.errors import (
     ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
     ResourceExhausted, StaleLayout, Unauthenticated,
@@ -79,7 +80,7 @@ class MemoryClient(Memory):
     """
 
     def __new__(cls, target: Union[str, Sequence[str]], *args: Any, **kwargs: Any) -> "MemoryClient":
-        if cls is MemoryClient and len(parse_targets(target)) > 1:
+        if cls is MemoryClient and (is_directory(target) or len(parse_targets(target)) > 1):
             from memory_service.routing import RoutedClient  # routing builds on this module
             return super().__new__(RoutedClient)  # Python then runs RoutedClient.__init__ with the same arguments
         return super().__new__(cls)

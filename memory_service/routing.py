@@ -1,6 +1,8 @@
 """RoutedClient: the memory protocol over several service nodes (cluster mode), each stream's calls sent to its owner.
 
-`MemoryClient("h1:p1,h2:p2")` (or a sequence of addresses) returns one. It owns the choice of node per call and
+`MemoryClient("h1:p1,h2:p2")` (or a sequence of addresses) returns one; so does `MemoryClient("etcd://h:p,...")`,
+whose node list is what the nodes announce in etcd (cluster/directory.py), read at first and again each time every
+node it knows has failed a call. It owns the choice of node per call and
 nothing else: each node is reached through its own single-node MemoryClient (channel, arenas, plane choice,
 retries of idempotent calls on that node), made on first use, once the node is seen to accept connections.
 
@@ -45,6 +47,7 @@ import grpc
 import numpy as np
 
 from memory_service.arena_pool import ArenaUsage
+from memory_service.cluster.directory import EtcdDirectory, is_directory
 from memory_service.client import connected, MemoryClient, open_channel, parse_targets, WARM_UP_S
 from memory_service.errors import (
     DeadlineExceeded, FailedPrecondition, InvalidArgument, MemFlowError, NotOwner, Unavailable,
@@ -102,10 +105,18 @@ class RoutedClient(MemoryClient):
 
     def __init__(self, target: Union[str, Sequence[str]], token: Optional[str] = None,
                  tls: Union[None, bool, str, bytes] = None, *, failover_timeout_s: float = 30.0,
-                 **node_options: Any) -> None:
+                 etcd_prefix: str = "memflow/", **node_options: Any) -> None:
         # no super().__init__(): this client holds node connections, not a channel of its own
-        self.addresses: list[str] = list(parse_targets(target))  # grows with owners learnt from NotOwner
-        self.target = ",".join(self.addresses)
+        self._directory = EtcdDirectory(str(target).strip(), etcd_prefix) if is_directory(target) else None
+        if self._directory is not None:
+            self.addresses: list[str] = self._directory.addresses()
+            if not self.addresses:
+                raise Unavailable(f"no MemFlow node is announced in etcd at {self._directory.where} under "
+                                  f"{etcd_prefix}nodes/; expected a running cluster (or another etcd_prefix)")
+            self.target = str(target).strip()
+        else:
+            self.addresses = list(parse_targets(target))  # grows with owners learnt from NotOwner
+            self.target = ",".join(self.addresses)
         self.failover_timeout_s = float(failover_timeout_s)
         if self.failover_timeout_s <= 0:
             raise InvalidArgument(f"failover_timeout_s is {failover_timeout_s}; expected a positive number of seconds")
@@ -178,6 +189,21 @@ class RoutedClient(MemoryClient):
             i = self.addresses.index(address) if address in self.addresses else -1
             return self.addresses[(i + 1) % len(self.addresses)]
 
+    def _rediscover(self) -> None:
+        """With an etcd target: the nodes alive now replace those known (nodes gone lost their leases; nodes new
+        since are found). An etcd that does not answer leaves the list as it was."""
+        if self._directory is None:
+            return
+        try:
+            alive = self._directory.addresses()
+        except Unavailable as exc:
+            log.warning("memflow: could not read the cluster's nodes from etcd: %s", exc)
+            return
+        with self._lock:
+            if alive and alive != self.addresses:
+                log.info("memflow: the cluster's nodes are now %s (from etcd)", ", ".join(alive))
+                self.addresses = alive
+
     def _learn_owner(self, owner: str) -> str:
         with self._lock:
             if owner not in self.addresses:
@@ -239,6 +265,7 @@ class RoutedClient(MemoryClient):
                 count = len(self.addresses)
             if misses % count == 0:  # every node failed once more: pause before the next round
                 time.sleep(min(remaining, BACKOFF_S[min(misses // count, len(BACKOFF_S)) - 1]))
+                self._rediscover()
             address = self._next(address)
 
     # -- the protocol ------------------------------------------------------------------------------

@@ -7,5 +7,7 @@
   in etcd before they are applied to the node's local LMDB, which caches what the node owns;
 - `node.ClusterBank`: a MemoryBank that adopts a stream (claim, replay, open) on its first call, and answers
   `NotOwner` with the owner's address for streams another node owns.
-Nothing here is imported unless the service runs with `--cluster`.
+- `directory.EtcdDirectory`: the live nodes' addresses, for a client given an `etcd://` target.
+Nothing here is imported unless the service runs with `--cluster`, except `directory` by the client (it loads etcd3gw
+only for an `etcd://` target).
 """

@@ -7,7 +7,9 @@
 - SIGSTOP of an owner past its lease: another node takes over; a put that reaches the old owner when it resumes is
   rejected and nothing of it is visible;
 - an etcd member killed, then the S3 server killed and restarted: the cluster keeps serving, or answers
-  UNAVAILABLE clearly, and loses nothing acknowledged.
+  UNAVAILABLE clearly, and loses nothing acknowledged;
+- a client given the etcd members (`etcd://...`) finds the nodes, and finds them again after every node it knew
+  was replaced by one at a new address.
 Entries are regenerated from their seeds (svc_util.make_entry), so no check trusts what the service says.
 """
 
@@ -217,3 +219,24 @@ def test_an_etcd_member_down_and_an_s3_restart_lose_nothing(cluster, etcd_cluste
         for seed in range(5, 8):
             acked.update(zip(memory.put(stream, [make_entry(seed)]), [seed]))
         check_all(memory, stream, acked)
+
+
+def test_an_etcd_target_finds_the_nodes_and_those_started_after_the_client(cluster):
+    """`MemoryClient("etcd://...")` reads the nodes from etcd: at first, and again once every node it knows has
+    failed, so a client outlives all of its nodes being replaced by nodes at new addresses."""
+    etcd = "etcd://" + ",".join(e.split("://", 1)[-1] for e in cluster.etcd)
+    with MemoryClient(etcd, etcd_prefix=cluster.prefix, failover_timeout_s=60) as c:
+        assert sorted(c.addresses) == sorted(cluster.targets)
+        c.create_stream(make_spec("found"))
+        acked = dict(zip(c.put("found", [make_entry(s) for s in (41, 42, 43)]), (41, 42, 43)))
+        known = set(c.addresses)
+        for i in range(3):  # each node killed and started again on a new port: none the client knew is left
+            cluster.kill(i)
+            cluster.start(i)
+        assert not known & set(cluster.targets)
+        check_all(c, "found", acked)  # found the new nodes through etcd, once the old ones all failed
+        assert set(c.addresses) <= known | set(cluster.targets) and set(c.addresses) & set(cluster.targets)
+    with pytest.raises(Unavailable, match="no MemFlow node is announced in etcd"):
+        MemoryClient(etcd, etcd_prefix="memflow-nobody/")
+    with pytest.raises(Unavailable, match="no etcd member of 127.0.0.1:1 answered"):
+        MemoryClient("etcd://127.0.0.1:1")
