@@ -62,7 +62,8 @@ class Tiers:
     def __init__(self, objects: ObjectStore, hot: Optional["MooncakeTier"] = None, pinned_window: int = 3,
                  promote_queue_bytes: int = PROMOTE_QUEUE_BYTES) -> None:
         self.objects, self.hot = objects, hot
-        self.promotions = Promotions(hot, promote_queue_bytes) if hot is not None else None
+        # no hot tier, or promotion off (a bound of 0): no queue and no thread
+        self.promotions = Promotions(hot, promote_queue_bytes) if hot is not None and promote_queue_bytes > 0 else None
         self.pinned_window = pinned_window
         self._pinned: dict[str, collections.OrderedDict[int, Located]] = {}  # stream -> pinned entries, oldest first
         self._lock = threading.Lock()

@@ -36,7 +36,7 @@ import numpy as np
 
 from memory_service.cluster import checkpoint, records
 from memory_service.cluster.etcd import Coordinator, Head
-from memory_service.cluster.tiers import Tiers
+from memory_service.cluster.tiers import PROMOTE_QUEUE_BYTES, Tiers
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import MemFlowError, NotFound, NotOwner, Unavailable
 from memory_service.store.base import Commit, Contents, StoredStream, StreamLayout
@@ -77,7 +77,7 @@ class ClusterStore:
     def __init__(self, local_dir: str, coord: Coordinator, objects: ObjectStore, *,
                  local_cache_bytes: Optional[int] = None, map_size: int = 1 << 30, max_map_size: int = 1 << 40,
                  durable: bool = True, reserve_bytes: int = 8 << 20, hot: Optional[MooncakeTier] = None,
-                 hot_pinned_entries: int = 3, hot_promote_queue_bytes: int = 256 << 20,
+                 hot_pinned_entries: int = 3, hot_promote_queue_bytes: int = PROMOTE_QUEUE_BYTES,
                  checkpoint_records: int = 512) -> None:
         shutil.rmtree(local_dir, ignore_errors=True)  # a cache of what this node owned: stale by now
         self.local = LMDBStore(f"{local_dir}/lmdb", map_size, max_map_size, durable,
