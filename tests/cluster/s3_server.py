@@ -67,6 +67,10 @@ class WeedServer:
             self.binary, f"-logdir={self.base_dir}/log", "mini", f"-dir={self.base_dir}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *ports, "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+            # weed mini's default volume count is free disk / volume size (128 MB), and every bucket (one per test)
+            # takes a volume of its own: a CI disk with 1 GB free refused the ninth bucket's first put (HTTP 500).
+            # Volumes grow as written (none is preallocated), so a fixed count costs no disk.
+            "-volume.max=1000",
         ]  # fmt: skip
 
     def start(self) -> None:
