@@ -19,7 +19,10 @@ Owns the read path of a payload the local cache does not hold, and the accountin
   entry that is deleted, evicted or rewritten leave the pool (a pinned one would otherwise stay forever). A node
   that takes a stream over takes its newest `pinned_window` entries as the pinned ones, as its old owner left them;
 - hot-tier keys are immutable names of immutable bytes: a payload layer's S3 object and its offset there
-  (`<object>@<offset>`), exactly the header-and-body span S3 holds, so any tier's bytes decode the same way;
+  (`<object>@<offset>`); the object is a tag (`hot_tag`), then exactly the header-and-body span S3 holds, so any
+  tier's bytes decode the same way. The tag binds the bytes to the key: Mooncake can hand a reader another
+  object's bytes (a slot reclaimed under a read in flight by a forced remove, an upsert or an eviction), which are
+  a valid header and body of their own and pass the checksum; with the tag they are a miss, read from S3;
 - per tier (local, mooncake, s3): reads (local: entries, mooncake: layers, s3: ranged GETs, one per entry),
   bytes and the p50/p99 load time of recent calls, for /metrics.
 Every object is written whole by the caller's commit; nothing here decides what is durable.
@@ -41,7 +44,7 @@ from memory_service.cluster.promotion import PromotionStats, Promotions
 from memory_service.cluster.records import Located
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.errors import DataLoss
-from memory_service.store.codec import Header, check, decode_into
+from memory_service.store.codec import Header, check, checksum, decode_into
 
 if TYPE_CHECKING:
     from memory_service.cluster.mooncake import MooncakeTier
@@ -54,8 +57,17 @@ WRITE_QUEUE = 256  # write-through jobs waiting at most (each holds one log reco
 PROMOTE_QUEUE_BYTES = 256 << 20  # S3 reads waiting for promotion at most (cluster.mooncake_promote_queue_bytes)
 
 
+TAG_BYTES = 8  # a hot-tier object's leading tag (hot_tag)
+
+
 def hot_key(object_key: str, offset: int) -> str:
     return f"{object_key}@{offset}"
+
+
+def hot_tag(key: str, header: "bytes | memoryview | np.ndarray") -> np.ndarray:
+    """The TAG_BYTES a hot-tier object starts with: xxh3-64 of its key and its layer's packed header (whose checksum
+    covers the body), so bytes of any other object, or a header that is not this layer's, fail the comparison."""
+    return np.frombuffer(checksum(key.encode(), header).to_bytes(TAG_BYTES, "little"), np.uint8)
 
 
 class Tiers:
@@ -161,7 +173,10 @@ class Tiers:
             at += len(head) + body.nbytes
         pin = self.pinned_window > 0
         for eid, loc in sorted(where.items()):
-            items = [(hot_key(kv_key, o), list(by_offset[o])) for o, _, _ in loc.layers]
+            items = []
+            for o, _, _ in loc.layers:
+                key, (head, body) = hot_key(kv_key, o), by_offset[o]
+                items.append((key, [hot_tag(key, head), head, body]))
             for pause in PUT_RETRY_S:  # a full pool evicts (its master, in the background) after a put fails
                 stored = self.hot.put_each(items, pin=pin)
                 items = [item for item, ok in zip(items, stored) if not ok]  # a retry puts only what failed
@@ -181,7 +196,7 @@ class Tiers:
             old = [pinned.popitem(last=False)[1] for _ in range(max(0, len(pinned) - self.pinned_window))]
         for loc in old:
             for o, h, b in loc.layers:
-                key, buf = hot_key(loc.key, o), np.empty(h + b, np.uint8)
+                key, buf = hot_key(loc.key, o), np.empty(TAG_BYTES + h + b, np.uint8)
                 held = self.hot.get_into(key, buf.data)
                 self.hot.remove([key])
                 if held:
@@ -241,7 +256,8 @@ class Tiers:
         for i, (j, (o, h, b)) in enumerate(zip(layers, spans)):
             span = view[o - lo:o - lo + h + b]
             decode_into(Header.unpack(span[:h]), span[h:], out[i], True, f"{what} layer {j} (S3)")
-            promote.append((hot_key(at.key, o), [got[o - lo:o - lo + h + b]]))
+            key = hot_key(at.key, o)  # its tag from the header as read here, so a later change of `got` shows
+            promote.append((key, [hot_tag(key, span[:h]), got[o - lo:o - lo + h + b]]))
         self.count("s3", hi - lo, t0)  # one ranged GET
         if self.promotions is not None:
             self.promotions.submit(promote, got.nbytes)
@@ -255,15 +271,18 @@ class Tiers:
         assert self.hot is not None
         t0 = time.perf_counter()
         heads = np.empty(sum(at.layers[j][1] for at, _, _ in entries for j in layers), np.uint8)  # [header bytes]
-        items, places, at_head = [], [], 0
+        tags = np.empty((len(entries) * len(layers), TAG_BYTES), np.uint8)  # [layer read, tag]
+        items: list[tuple[str, list[np.ndarray]]] = []
+        places, at_head = [], 0
         for at, out, _ in entries:
             for i, j in enumerate(layers):
                 o, h, b = at.layers[j]
                 dest = out[i]  # [2, T, H, D]
                 direct = dest.flags.c_contiguous and dest.nbytes == b
                 body = dest.reshape(-1).view(np.uint8) if direct else np.empty(b, np.uint8)
-                items.append((hot_key(at.key, o), [heads[at_head:at_head + h], body]))
-                places.append((heads[at_head:at_head + h], body, direct))
+                key, tag = hot_key(at.key, o), tags[len(items)]
+                items.append((key, [tag, heads[at_head:at_head + h], body]))
+                places.append((key, tag, heads[at_head:at_head + h], body, direct))
                 at_head += h
         hits = iter(self.hot.get_many(items))
         places_in = iter(places)
@@ -272,16 +291,19 @@ class Tiers:
         for _, out, what in entries:
             missing.append([])
             for i, j in enumerate(layers):
-                hit, (head, body, direct) = next(hits), next(places_in)
+                hit, (key, tag, head, body, direct) = next(hits), next(places_in)
                 if hit:
                     try:
+                        if not np.array_equal(tag, hot_tag(key, head)):
+                            raise DataLoss(f"{what} layer {j}: the pool's object under {key!r} is not that layer's "
+                                           "(its tag does not match: another object's bytes)")
                         header = Header.unpack(head.data)
                         if direct and header.codec == "raw":
                             check(header, body.data, out[i].shape, out[i].dtype, True, f"{what} layer {j}")
                         else:  # decoded from a copy: an fp8 body of a float8 stream is as long as its raw one
                             decode_into(header, body.copy().data if direct else body.data, out[i], True,
                                         f"{what} layer {j}")
-                        served, nbytes = served + 1, nbytes + head.nbytes + body.nbytes
+                        served, nbytes = served + 1, nbytes + TAG_BYTES + head.nbytes + body.nbytes
                         continue
                     except DataLoss as exc:  # the cache's bytes are bad: S3 has the record
                         log.warning("hot tier: %s; reading it from S3", exc)

@@ -122,9 +122,10 @@ def test_a_pool_smaller_than_the_stream_evicts_and_reads_fall_through_to_s3(tmp_
 
 def test_damaged_bytes_in_the_pool_are_a_miss_and_layer_subsets_land_in_place(tmp_path, etcd_cluster, weed, mooncake):
     """Reads land straight in the fetch buffer: a subset of layers in the order asked for, and bytes the pool holds
-    that fail their checksum (another client rewrote the object) are read from S3 instead, bit-exact."""
+    that fail their checksum (another client rewrote the object), or that are another layer's whole object (what a
+    reader gets from a slot Mooncake reclaimed under it), are read from S3 instead, bit-exact."""
     from memory_service.cluster.mooncake import MooncakeTier
-    from memory_service.cluster.tiers import hot_key
+    from memory_service.cluster.tiers import TAG_BYTES, hot_key
 
     config = make_config(etcd_cluster, weed, mooncake)
     a = ClusterBank(str(tmp_path / "a"), BankConfig(), config("a"))
@@ -146,14 +147,29 @@ def test_damaged_bytes_in_the_pool_are_a_miss_and_layer_subsets_land_in_place(tm
         offset, head, body = at.layers[1]
         key = hot_key(at.key, offset)
         with MooncakeTier(mooncake.master, mooncake.metadata) as other:
-            span = np.empty(head + body, np.uint8)
+            span = np.empty(TAG_BYTES + head + body, np.uint8)
             assert other.get_into(key, span)
-            span[head + body // 2] ^= 0xFF
+            span[TAG_BYTES + head + body // 2] ^= 0xFF
             assert other.put([(key, [span])]) == 1
         before = tiers(b)
         check(b, "cam1", ids, seeds)
         after = tiers(b)
         assert after["s3"] == before["s3"] + 1, f"the damaged layer should come from S3: {before} -> {after}"
+        assert after["mooncake"] == before["mooncake"] + 4 * len(ids) - 1
+        assert b.cluster_store.tiers.flush_promotions(timeout_s=60)  # the S3 read put the good bytes back
+
+        # the last entry's layer 3 key now holds the first entry's layer 3, whole and intact (its own tag, header
+        # and body, which agree with each other): a valid object, but not this one
+        first, last = (b.cluster_store._owned["cam1"].where[ids[n]] for n in (0, 2))
+        with MooncakeTier(mooncake.master, mooncake.metadata) as other:
+            o, h, b_ = first.layers[3]
+            whole = np.empty(TAG_BYTES + h + b_, np.uint8)
+            assert other.get_into(hot_key(first.key, o), whole)
+            assert other.put([(hot_key(last.key, last.layers[3][0]), [whole])]) == 1
+        before = tiers(b)
+        check(b, "cam1", ids, seeds)
+        after = tiers(b)
+        assert after["s3"] == before["s3"] + 1, f"the foreign layer should come from S3: {before} -> {after}"
         assert after["mooncake"] == before["mooncake"] + 4 * len(ids) - 1
     finally:
         b.close()

@@ -26,7 +26,7 @@ from svc_util import make_entry, make_spec
 
 from memory_service.cluster.mooncake import MooncakeTier
 from memory_service.cluster.node import ClusterBank
-from memory_service.cluster.tiers import hot_key
+from memory_service.cluster.tiers import TAG_BYTES, hot_key
 from memory_service.config import BankConfig, ClusterConfig
 
 LAYERS = 4  # make_spec's layout
@@ -74,7 +74,7 @@ def _in_pool(pool, bank: ClusterBank, stream: str, eid: int) -> list[bool]:
     """Whether each layer of entry `eid` is in the pool, asked by a client of its own."""
     at = bank.cluster_store._owned[stream].where[eid]
     with MooncakeTier(pool.master, pool.metadata) as other:
-        return other.get_many([(hot_key(at.key, o), [np.empty(h + b, np.uint8)]) for o, h, b in at.layers])
+        return other.get_many([(hot_key(at.key, o), [np.empty(TAG_BYTES + h + b, np.uint8)]) for o, h, b in at.layers])
 
 
 def test_an_s3_read_is_promoted_in_the_background_and_later_served_from_mooncake(tmp_path, etcd_cluster, weed,
@@ -153,7 +153,7 @@ def test_a_deleted_entry_loses_its_queued_promotions(tmp_path, etcd_cluster, wee
         tiers.drain()  # the removal, queued behind the write-throughs
         assert tiers.promotion_stats().promoted == LAYERS  # the other entry's
         with MooncakeTier(mooncake.master, mooncake.metadata) as other:
-            assert not any(other.get_many([(hot_key(gone.key, o), [np.empty(h + b_, np.uint8)])
+            assert not any(other.get_many([(hot_key(gone.key, o), [np.empty(TAG_BYTES + h + b_, np.uint8)])
                                            for o, h, b_ in gone.layers]))
         assert _in_pool(mooncake, b, "cam2", ids[1]) == [True] * LAYERS
     finally:
