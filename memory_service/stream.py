@@ -94,7 +94,7 @@ class Stream:
             self.spec.layers_of(s) * ks.dim * np.dtype(ks.dtype).itemsize for s, ks in self.spec.key_spaces.items()
         )
         self.spaces = {
-            name: SpaceIndex(ks, self.spec.layers_of(name), params, self._loader(name))
+            name: SpaceIndex(ks, self.spec.layers_of(name), params, self._loader(name), self._layer_loader(name))
             for name, ks in self.spec.key_spaces.items()
         }
         self._cols: Optional[tuple] = None
@@ -163,6 +163,17 @@ class Stream:
 
         return load
 
+    def _layer_loader(self, space: str):
+        sidx, dim = self.space_names.index(space), self.spec.key_spaces[space].dim
+
+        def load(ids: np.ndarray) -> np.ndarray:  # [L, W] (-1: none) -> [L, W, d] float32 (zeros for -1)
+            out = np.zeros((*ids.shape, dim), np.float32)
+            with self.store.view() as v:
+                v.read_layer_keys(self.layout, sidx, ids, out)
+            return out
+
+        return load
+
     # -- open: entries, then indexes ---------------------------------------------------------------
     def load(self, v: StoreView) -> None:
         for meta in v.entries(self.layout):
@@ -195,7 +206,7 @@ class Stream:
             log.warning("stream %r space %r: snapshot unusable (%s); rebuilding from the store", self.spec.name,
                         name, exc)
             self.spaces[name] = SpaceIndex(self.spec.key_spaces[name], self.spec.layers_of(name),
-                                           self.spaces[name].params, self._loader(name))
+                                           self.spaces[name].params, self._loader(name), self._layer_loader(name))
             return False
 
     def _rebuild(self, name: str, sidx: int, v: StoreView, only: Optional[set[int]]) -> None:

@@ -21,7 +21,7 @@ from memory_service import limits
 from memory_service.errors import InvalidArgument
 
 METRICS = ("ip", "cosine", "l2")
-INDEX_KINDS = ("flat", "hnsw", "ivfpq", "two_stage")
+INDEX_KINDS = ("flat", "hnsw", "ivfpq", "ivfsq", "two_stage")
 KEY_DTYPES = ("float32", "float16")
 KV_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 STORAGE_CODECS = ("raw", "fp8")
@@ -35,9 +35,11 @@ class KeySpace:
 
     `per_layer=True` means every entry carries one vector per layer (`[layers, dim]`), as MemFlow's NAM
     keys do; queries then rank each layer on its own (or by the mean score, see `combine`).
-    `index` picks the search structure: "flat" (exact, default), "hnsw", "ivfpq", or "two_stage"
-    (per-layer only: an HNSW pass over each entry's mean-over-layers vector, then an exact per-layer
-    rerank of the candidates). `dtype="float16"` halves key memory and disk at a small score error.
+    `index` picks the search structure: "flat" (exact, default), "hnsw", "ivfpq", "ivfsq" (per-layer
+    only: per layer an IVF over 4-bit codes in RAM, then an exact rerank of each layer's candidates from
+    the stored keys), or "two_stage" (per-layer only: an HNSW pass over each entry's mean-over-layers
+    vector, then an exact per-layer rerank of the candidates). `dtype="float16"` halves key memory and
+    disk at a small score error.
     """
 
     dim: int
@@ -58,6 +60,9 @@ class KeySpace:
         _one_of("key dtype", self.dtype, KEY_DTYPES)
         if self.index == "two_stage" and not self.per_layer:
             raise InvalidArgument("index 'two_stage' needs per_layer=True; use 'hnsw' for one vector per entry")
+        if self.index == "ivfsq" and not self.per_layer:
+            raise InvalidArgument("index 'ivfsq' needs per_layer=True (its approximate scores are reranked per layer "
+                                  "from the stored keys); use 'ivfpq' for one vector per entry")
 
 
 @dataclass(frozen=True)

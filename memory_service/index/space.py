@@ -13,6 +13,9 @@ Modes:
 - per layer, flat: one LayerBlock; hnsw/ivfpq: L VectorIndexes. `combine="per_layer"` gives each layer's
   top-k `[L, k]`; `combine="mean"` ranks entries by the mean score over layers (exact for flat; ANN kinds
   gather per-layer candidates and rerank them exactly).
+- per layer, ivfsq: L IVFSQIndexes (4-bit codes in RAM); once trained, each layer's top `k * ivf_refine` by code
+  score are reranked exactly with that layer's stored keys, read through `layer_loader` (only those layers' bytes
+  of each candidate's key), so every returned score is exact and only the ranking before the rerank is not.
 - per layer, two_stage: RAM holds only an HNSW index of each entry's mean-over-layers key; a query takes
   `two_stage_candidates` (at least 16k) from it and reranks them exactly per layer, reading their keys
   from the store through `key_loader`. Recall against exact per-layer search is reported by the benchmark.
@@ -31,14 +34,17 @@ from memory_service.index.vector_index import HNSWIndex, gpu_available, make_ind
 from memory_service.types import KeySpace
 
 KeyLoader = Callable[[np.ndarray], np.ndarray]  # ids [n] -> keys [n, L, d] float32
+LayerKeyLoader = Callable[[np.ndarray], np.ndarray]  # ids [L, W] (-1: none) -> layer l's keys [L, W, d] float32
 
 
 class SpaceIndex:
-    def __init__(self, space: KeySpace, layers: int, params: IndexParams, key_loader: Optional[KeyLoader] = None):
+    def __init__(self, space: KeySpace, layers: int, params: IndexParams, key_loader: Optional[KeyLoader] = None,
+                 layer_loader: Optional[LayerKeyLoader] = None):
         self.space = space
         self.layers = layers
         self.params = params
         self.key_loader = key_loader
+        self.layer_loader = layer_loader
         self.two_stage = space.index == "two_stage"
         self.block: Optional[LayerBlock] = None
         if self.two_stage:
@@ -94,9 +100,12 @@ class SpaceIndex:
             steps.append(("first_pass", _ms(t)))
             return (*self._rerank(cand[0][cand[0] >= 0], query, k, combine, steps), n)
         if combine == "per_layer":
+            reranked = self.space.index == "ivfsq" and not all(index.exact for index in self.indexes)
             t = time.perf_counter()
-            scores, ids = self._search_layers(query, k, deny)
+            scores, ids = self._search_layers(query, min(n, k * self.params.ivf_refine) if reranked else k, deny)
             steps.append(("search", _ms(t)))
+            if reranked:
+                return (*self._rerank_layers(ids, query, k, steps), n)
             return scores, ids, n
         # combine == "mean"
         t = time.perf_counter()
@@ -148,6 +157,23 @@ class SpaceIndex:
             out = (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
         steps.append(("rerank", _ms(t)))
         return out
+
+    def _rerank_layers(self, cand: np.ndarray, query: np.ndarray, k: int, steps: list):
+        """Each layer's candidates `[L, W]` (-1: none) scored exactly with that layer's stored keys; top-k each."""
+        assert self.layer_loader is not None, "an ivfsq space reranks through the store's keys"
+        t = time.perf_counter()
+        keys = self.layer_loader(cand)  # [L, W, d]
+        steps.append(("load_keys", _ms(t)))
+        t = time.perf_counter()
+        q, x = prepare(query, self.space.metric), prepare(keys, self.space.metric)
+        scores = np.einsum("lwd,ld->lw", x, q)
+        if self.space.metric == "l2":
+            scores = 2 * scores - np.einsum("lwd,lwd->lw", x, x) - np.einsum("ld,ld->l", q, q)[:, None]
+        scores = np.where(cand >= 0, scores, -np.inf).astype(np.float32)
+        pairs = [_top_k(scores[layer][cand[layer] >= 0], cand[layer][cand[layer] >= 0], k)
+                 for layer in range(self.layers)]
+        steps.append(("rerank", _ms(t)))
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     # -- snapshots -------------------------------------------------------------------------------
     def dump(self) -> list[tuple[bytes, np.ndarray]]:

@@ -7,6 +7,9 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 - FlatIndex: exact (faiss IndexFlat, or an fp16 scalar-quantized flat), removal in place. The default and
   the ground truth. On a machine with faiss-gpu and a GPU it is moved to the GPU.
+- IVFSQIndex: IVF over 4-bit scalar-quantized residuals (a 1536-d vector in 768 bytes of RAM), removal in place;
+  its scores are approximate, so it serves per-layer spaces only, where SpaceIndex reranks its candidates exactly
+  from the stored keys. Exact (a flat buffer) until it holds `ivf_train_min` vectors, then trains once.
 - HNSWIndex / IVFPQIndex: approximate. Neither supports removal in faiss (HNSW graphs cannot drop nodes,
   IVF-PQ with exact refinement has no remove_ids), so removal is a tombstone filtered at search time and
   the structure is rebuilt from its own stored vectors once tombstones pass a ratio. IVF-PQ answers
@@ -347,6 +350,58 @@ class IVFPQIndex(_FaissIndex):
         )
 
 
+class IVFSQIndex(_FaissIndex):
+    """IVF, 4-bit scalar-quantized residuals, `ivf_nprobe` lists scanned; `ivf_nlist` lists (0: sqrt of what it
+    holds when it trains, within [16, 4096]: set it for the size the space will reach, lists are not re-trained).
+    Exact until trained (`exact`); after that its scores are approximate and its callers rerank (SpaceIndex)."""
+
+    def _new_index(self) -> faiss.Index:
+        self._trained = False
+        return faiss.IndexIDMap2(faiss.IndexFlat(self.dim, _faiss_metric(self.metric)))
+
+    @property
+    def exact(self) -> bool:
+        return not self._trained
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(ids, vectors)
+        if not self._trained and self._index.ntotal >= self.params.ivf_train_min:
+            self._train()
+
+    def _train(self) -> None:
+        live = self._all_ids()
+        x = self._index.reconstruct_batch(live)  # metric-prepared already
+        nlist = self.params.ivf_nlist or int(np.clip(np.sqrt(len(x)), 16, 4096))
+        metric = _faiss_metric(self.metric)
+        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlat(self.dim, metric), self.dim, nlist,
+                                            faiss.ScalarQuantizer.QT_4bit, metric, True)
+        ivf.cp.min_points_per_centroid = 1  # small banks train on what they have; faiss only warns
+        ivf.train(x)
+        ivf.add_with_ids(x, live)  # the IVF keeps the caller's ids itself: no IndexIDMap, whose removal renumbers
+        self._index, self._trained = ivf, True
+
+    def _after_load(self) -> None:
+        self._trained = isinstance(faiss.downcast_index(self._index), faiss.IndexIVF)
+
+    def _all_ids(self) -> np.ndarray:
+        if not self._trained:
+            return super()._all_ids()
+        lists = self._index.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(lists.nlist) if lists.list_size(i)]
+        return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def _search_params(self, deny: Optional[np.ndarray], k: int) -> Optional[faiss.SearchParameters]:
+        if not self._trained:
+            return super()._search_params(deny, k)
+        return faiss.SearchParametersIVF(nprobe=self.params.ivf_nprobe, sel=_deny_selector(deny))
+
+    def _estimate(self) -> int:
+        if not self._trained:
+            return super()._estimate()
+        return int(self._index.ntotal) * (self._index.code_size + 8) + self._index.nlist * self.dim * 4
+
+
 def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> _FaissIndex:
     if kind in ("flat", "two_stage"):
         return FlatIndex(dim, metric, params, dtype)
@@ -354,7 +409,9 @@ def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str
         return HNSWIndex(dim, metric, params)
     if kind == "ivfpq":
         return IVFPQIndex(dim, metric, params)
-    raise InvalidArgument(f"unknown index kind {kind!r}; expected flat, hnsw, ivfpq or two_stage")
+    if kind == "ivfsq":
+        return IVFSQIndex(dim, metric, params)
+    raise InvalidArgument(f"unknown index kind {kind!r}; expected flat, hnsw, ivfpq, ivfsq or two_stage")
 
 
 def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -118,6 +118,11 @@ class StoreView(Protocol):
         """Keys of `ids` in `space` into `out` ([n, L, d] float32)."""
         ...
 
+    def read_layer_keys(self, layout: StreamLayout, space: int, ids: np.ndarray, out: np.ndarray) -> None:
+        """Per layer, some entries' keys of that layer: `ids` `[L, W]` (-1: none, its row left as it is) into `out`
+        `[L, W, d]` float32. Reads only those layers' bytes of each stored `[L, d]` key."""
+        ...
+
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
         """Layers of entries decoded into `out` ([n, layers, 2, T, H, D]). `verified` (entry id -> bitmask of

@@ -536,6 +536,9 @@ class ClusterView:
     def read_keys(self, layout: StreamLayout, space: int, ids: Sequence[int], out: np.ndarray) -> None:
         self._inner.read_keys(layout, space, ids, out)
 
+    def read_layer_keys(self, layout: StreamLayout, space: int, ids: np.ndarray, out: np.ndarray) -> None:
+        self._inner.read_layer_keys(layout, space, ids, out)
+
     def contents(self, sid: int) -> Contents:
         """The local records, and as payloads also every layer the durable tier holds for the stream."""
         local = self._inner.contents(sid)

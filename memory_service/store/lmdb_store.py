@@ -94,6 +94,19 @@ class LMDBView(Reader):
         for n, eid in enumerate(ids):
             out[n] = np.frombuffer(txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db), dtype=dtype).reshape(shape)
 
+    def read_layer_keys(self, layout: StreamLayout, space: int, ids: np.ndarray, out: np.ndarray) -> None:
+        dtype = np.dtype(layout.key_spaces[space][0])
+        txn, db, sid, dim = self.txn, self._dbs["keys"], layout.sid, out.shape[-1]
+        row = dim * dtype.itemsize
+        for layer, eids in enumerate(ids.tolist()):
+            for w, eid in enumerate(eids):
+                if eid < 0:
+                    continue
+                raw = txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db)  # a view of the map: only this layer is read
+                if raw is None:
+                    raise NotFound(f"stream {layout.name!r} has no key of entry {eid} in key space {space}")
+                out[layer, w] = np.frombuffer(raw, dtype=dtype, count=dim, offset=layer * row)
+
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
         # One batched read per database for the whole fetch, then per record a byte comparison of its header with

@@ -308,7 +308,7 @@ def test_fetch(live, stream, ids, layers, plane, real_arena, arena_id, offset, n
 @FUZZ
 @given(name=NAMES, spaces=st.dictionaries(SPACES, st.builds(
            pb.KeySpace, dim=INT64, metric=st.sampled_from(["", "ip", "cosine", "l2", "hamming"]),
-           per_layer=st.booleans(), index=st.sampled_from(["", "flat", "hnsw", "ivfpq", "two_stage", "lsh"]),
+           per_layer=st.booleans(), index=st.sampled_from(["", "flat", "hnsw", "ivfpq", "ivfsq", "two_stage", "lsh"]),
            dtype=st.sampled_from(["", "float32", "float16", "int8"]), layers=INT64), max_size=3),
        kv=st.none() | st.builds(pb.KVLayout, layers=INT64, heads=INT64, head_dim=INT64, tokens_per_frame=INT64,
                                 dtype=DTYPES),

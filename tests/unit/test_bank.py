@@ -338,3 +338,47 @@ def test_cached_filter_columns_match_a_rebuild_after_puts_evictions_pins(tmp_pat
         for got, want in zip(cached, s.columns()):
             assert np.array_equal(got, want), step
     m.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ivfsq_space_through_the_bank_reranks_from_lmdb_and_survives_reopen(tmp_path, dtype):
+    """A trained ivfsq space answers per-layer queries with the exact scores of the keys LMDB holds (each layer's
+    candidates reranked with that layer's stored key), as a flat space over the same keys does, before and after
+    a reopen that rebuilds it; deletes and the excluded window hold."""
+    from memory_service.config import IndexParams
+
+    d = str(tmp_path / "bank")
+    cfg = BankConfig(index=IndexParams(ivf_train_min=64, ivf_nlist=8, ivf_nprobe=8))  # every list: exact candidates
+    spaces = {"nam": KeySpace(DIM, per_layer=True, dtype=dtype), "sq": KeySpace(DIM, per_layer=True, index="ivfsq",
+                                                                              dtype=dtype)}
+
+    def entry(i):
+        e = make_entry(i)
+        return NewEntry(e.frame_index, e.chunk_index, e.prompt, {"nam": e.keys["nam"], "sq": e.keys["nam"]}, e.kv)
+
+    rng = np.random.default_rng(8)
+    queries = [rng.standard_normal((LAYERS, DIM)).astype(np.float32) for _ in range(4)]
+
+    def answers(m):
+        out = []
+        for q in queries:
+            flat = m.query("cam0", "nam", q, 3, exclude_frames=(5, 9))
+            sq = m.query("cam0", "sq", q, 3, exclude_frames=(5, 9))
+            assert np.array_equal(flat.ids, sq.ids)
+            assert np.allclose(flat.scores, sq.scores, rtol=1e-5, atol=1e-5)
+            out.append(sq)
+        return out
+
+    with LocalMemory(d, cfg) as m:
+        m.create_stream(make_spec(key_spaces=spaces))
+        m.put("cam0", [entry(i) for i in range(150)])
+        m.delete("cam0", list(range(0, 150, 4)))
+        space = m.bank._streams["cam0"].spaces["sq"]
+        assert not any(index.exact for index in space.indexes), "150 keys past ivf_train_min=64: trained"
+        before = answers(m)
+        assert not any(np.isin(a.ids, np.arange(0, 150, 4)).any() for a in before)
+    shutil.rmtree(os.path.join(d, "snapshots"))
+    with LocalMemory(d, cfg) as m:
+        after = answers(m)
+    for b, a in zip(before, after):
+        assert np.array_equal(b.ids, a.ids) and np.allclose(b.scores, a.scores, rtol=1e-5)
