@@ -21,7 +21,9 @@ N one JSON row per index:
                      (two-stage reranks read candidate keys through it); index_mb: the indexes' own estimate
 
 Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
-entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), hnsw and ivfpq (one
+entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), ivfsq (per layer an IVF
+over 4-bit codes in RAM with --ivf-nlist lists, --ivf-nprobe scanned, trained at 16 x nlist entries; each layer's
+top k x 8 reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype), hnsw and ivfpq (one
 ANN index per layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a
 JSON "skipped" line saying why, when its next step would not fit in RAM or would take longer than the step
 budget (estimated from its last measured put rate; IVF-PQ from its training cost).
@@ -63,7 +65,7 @@ from memory_service import KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec
 from memory_service.config import BankConfig, IndexParams  # noqa: E402
 
 INT8_STD = 256 / 12**0.5  # standard deviation of uniform int8 values
-KINDS = ("flat", "flat_fp16", "two_stage", "hnsw", "ivfpq")
+KINDS = ("flat", "flat_fp16", "two_stage", "ivfsq", "hnsw", "ivfpq")
 BATCH = 64  # entries per put (and per generated block)
 KV_UNTIL = 10_000  # entries past this are keys only
 # Measured on a 2-core box: IVF-PQ trains dim/4 sub-quantizers per layer, ~26 s per 1536-d layer at 2048
@@ -193,7 +195,7 @@ def recall(ids: np.ndarray, exact_ids: np.ndarray, kth: np.ndarray, q: np.ndarra
 
 def spec(kind: str, layers: int, dim: int, two_stage_dtype: str = "float32") -> StreamSpec:
     index = "flat" if kind == "flat_fp16" else kind
-    dtype = "float16" if kind == "flat_fp16" else two_stage_dtype if kind == "two_stage" else "float32"
+    dtype = "float16" if kind == "flat_fp16" else two_stage_dtype if kind in ("two_stage", "ivfsq") else "float32"
     kv = KVLayout(layers=layers, heads=1, head_dim=16, tokens_per_frame=4)  # 256 B per layer: "small"
     return StreamSpec("bench", {"nam": KeySpace(dim, per_layer=True, index=index, dtype=dtype)}, kv=kv)
 
@@ -208,6 +210,8 @@ def index_bytes(kind: str, n: int, layers: int, dim: int) -> int:
         return n * (dim * 4 + 32 * 8)
     if kind == "hnsw":
         return n * layers * (dim * 4 + 32 * 8)
+    if kind == "ivfsq":  # 4-bit codes and an id per layer (the flat warm-up buffer is gone by 1e4)
+        return n * layers * (dim // 2 + 8)
     return n * layers * dim * key_itemsize(kind)
 
 
@@ -240,7 +244,9 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
 
 def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
     # a CPU benchmark; faiss-gpu machines get their own rows later
-    params = IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates)
+    params = IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates, ivf_nlist=args.ivf_nlist,
+                         ivf_nprobe=args.ivf_nprobe, ivf_train_min=16 * args.ivf_nlist) if kind == "ivfsq" else \
+        IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates)
     proc = psutil.Process()
     kept_n = 0 if kept is None else kept.shape[1]
     with tempfile.TemporaryDirectory(prefix=f"bank_growth_{kind}_", dir=args.tmp) as tmp:
@@ -283,8 +289,10 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                        layers=args.layers, dim=args.dim, queries=len(queries))
             if kind == "flat":
                 row["recall_checked"] = True
-            if kind == "ivfpq":
+            if kind in ("ivfpq", "ivfsq"):
                 row["trained"] = n >= params.ivf_train_min
+            if kind == "ivfsq":
+                row.update(ivf_nlist=params.ivf_nlist, ivf_nprobe=params.ivf_nprobe)
             res.add(**row)
         mem.close()
         del mem
@@ -399,7 +407,10 @@ def main() -> None:
     ap.add_argument("--two-stage-candidates", type=int, default=IndexParams().two_stage_candidates,
                     help="first-pass candidates of the two_stage kind (at least 16 x k are taken)")
     ap.add_argument("--two-stage-dtype", default="float32", choices=("float32", "float16"),
-                    help="stored key dtype of the two_stage kind (float16: half the disk and rerank reads)")
+                    help="stored key dtype of the two_stage and ivfsq kinds (float16: half the disk and rerank reads)")
+    ap.add_argument("--ivf-nlist", type=int, default=0, help="IVF lists of the ivfsq kind (default: sqrt of the "
+                    "largest N)")
+    ap.add_argument("--ivf-nprobe", type=int, default=4, help="IVF lists the ivfsq kind scans per layer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)
@@ -411,6 +422,7 @@ def main() -> None:
     max_n = args.max_n or (10_000 if args.quick else 100_000)
     args.grid = [n for n in (100, 1_000, 10_000, 100_000) if n <= max_n]
     args.step_budget_s = args.step_budget_s or (40.0 if args.quick else 90.0)
+    args.ivf_nlist = args.ivf_nlist or int(round(max_n ** 0.5))
     q_count = args.queries or (20 if args.quick else 50)
 
     t_start = time.perf_counter()
