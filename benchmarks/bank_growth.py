@@ -7,6 +7,7 @@ N one JSON row per index:
 
     put_per_s        entries per second over the growth step (validation, LMDB commit, index add; 64 per put)
     query_p50/p99_ms LocalMemory.query latency, `combine="per_layer"`, top-k per layer (p99 of --queries samples)
+    steps_p50_ms     the median of each step the query's trace names (search, load_keys, rerank, ...)
     brute_p50_ms     numpy brute-force per-layer search over the same keys, each run right after the bank's
                      query (null where the keys do not fit in RAM)
     recall_at_k      mean over queries and layers of (returned ids that belong in the exact top-k) / k. An id
@@ -23,7 +24,7 @@ N one JSON row per index:
 Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
 entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), ivfsq (per layer an IVF
 over 4-bit codes in RAM with --ivf-nlist lists, --ivf-nprobe scanned, trained at 16 x nlist entries; each layer's
-top k x 8 reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype), hnsw and ivfpq (one
+top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype), hnsw and ivfpq (one
 ANN index per layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a
 JSON "skipped" line saying why, when its next step would not fit in RAM or would take longer than the step
 budget (estimated from its last measured put rate; IVF-PQ from its training cost).
@@ -245,7 +246,8 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
 def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
     # a CPU benchmark; faiss-gpu machines get their own rows later
     params = IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates, ivf_nlist=args.ivf_nlist,
-                         ivf_nprobe=args.ivf_nprobe, ivf_train_min=16 * args.ivf_nlist) if kind == "ivfsq" else \
+                         ivf_nprobe=args.ivf_nprobe, ivf_refine=args.ivf_refine,
+                         ivf_train_min=16 * args.ivf_nlist) if kind == "ivfsq" else \
         IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates)
     proc = psutil.Process()
     kept_n = 0 if kept is None else kept.shape[1]
@@ -276,7 +278,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                 bar.update(hi - lo)
             put_rate = (n - done) / (time.perf_counter() - t0)
             done = n
-            p50, p99, rec, brute = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n,
+            p50, p99, rec, brute, where = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n,
                                                  Keys(data, kept))
             if kind == "flat" and rec != 1.0:
                 raise SystemExit(f"flat index disagrees with brute force at N={n}: recall {rec}")
@@ -286,13 +288,13 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                        scan_mb=scan / 1e6, **rss_growth(proc, info0),
                        index_mb=mem.bank._streams["bench"].spaces["nam"].memory_bytes() / 1e6,
                        disk_mb=mem.stats().disk_bytes / 1e6,
-                       layers=args.layers, dim=args.dim, queries=len(queries))
+                       layers=args.layers, dim=args.dim, queries=len(queries), steps_p50_ms=where)
             if kind == "flat":
                 row["recall_checked"] = True
             if kind in ("ivfpq", "ivfsq"):
                 row["trained"] = n >= params.ivf_train_min
             if kind == "ivfsq":
-                row.update(ivf_nlist=params.ivf_nlist, ivf_nprobe=params.ivf_nprobe)
+                row.update(ivf_nlist=params.ivf_nlist, ivf_nprobe=params.ivf_nprobe, ivf_refine=params.ivf_refine)
             res.add(**row)
         mem.close()
         del mem
@@ -322,15 +324,19 @@ def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: Truth, k: int, k
     for q in queries[:2]:  # warm: thread pool, page faults
         mem.query("bench", "nam", q, k)
     times, brute, recalls = [], [], []
+    steps: dict[str, list[float]] = {}
     for q, exact, kth in zip(queries, truth.ids, truth.kth):
         t = time.perf_counter()
         r = mem.query("bench", "nam", q, k)
         times.append(time.perf_counter() - t)
+        for name, ms in r.trace.steps:
+            steps.setdefault(name, []).append(ms)
         recalls.append(recall(r.ids, exact, kth, q, keys))
         if kept is not None:
             brute.append(brute_s(kept, n, q, k))
     p50, p99 = percentiles(times)
-    return p50, p99, float(np.mean(recalls)), (percentiles(brute)[0] if brute else None)
+    where = {name: round(float(np.median(ms)), 3) for name, ms in steps.items()}
+    return p50, p99, float(np.mean(recalls)), (percentiles(brute)[0] if brute else None), where
 
 
 class Growth(Results):
@@ -410,7 +416,8 @@ def main() -> None:
                     help="stored key dtype of the two_stage and ivfsq kinds (float16: half the disk and rerank reads)")
     ap.add_argument("--ivf-nlist", type=int, default=0, help="IVF lists of the ivfsq kind (default: sqrt of the "
                     "largest N)")
-    ap.add_argument("--ivf-nprobe", type=int, default=4, help="IVF lists the ivfsq kind scans per layer")
+    ap.add_argument("--ivf-nprobe", type=int, default=2, help="IVF lists the ivfsq kind scans per layer")
+    ap.add_argument("--ivf-refine", type=int, default=4, help="the ivfsq kind reranks k x this many candidates a layer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)

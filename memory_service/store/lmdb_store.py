@@ -95,17 +95,18 @@ class LMDBView(Reader):
             out[n] = np.frombuffer(txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db), dtype=dtype).reshape(shape)
 
     def read_layer_keys(self, layout: StreamLayout, space: int, ids: np.ndarray, out: np.ndarray) -> None:
-        dtype = np.dtype(layout.key_spaces[space][0])
-        txn, db, sid, dim = self.txn, self._dbs["keys"], layout.sid, out.shape[-1]
-        row = dim * dtype.itemsize
-        for layer, eids in enumerate(ids.tolist()):
-            for w, eid in enumerate(eids):
-                if eid < 0:
-                    continue
-                raw = txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db)  # a view of the map: only this layer is read
-                if raw is None:
-                    raise NotFound(f"stream {layout.name!r} has no key of entry {eid} in key space {space}")
-                out[layer, w] = np.frombuffer(raw, dtype=dtype, count=dim, offset=layer * row)
+        dtype, shape = layout.key_spaces[space]
+        wanted = np.unique(ids[ids >= 0]).tolist()
+        # one getmulti of each entry's record (views of the map: only the layers copied below are read from it)
+        found = self.txn.cursor(db=self._dbs["keys"]).getmulti([_SID_SPACE_EID.pack(layout.sid, space, e) for e in wanted])
+        if len(found) != len(wanted):
+            have = {_SID_SPACE_EID.unpack(bytes(k))[2] for k, _ in found}
+            missing = sorted(set(wanted) - have)
+            raise NotFound(f"stream {layout.name!r} has no key of entries {missing[:8]} in key space {space}")
+        keys = {e: np.frombuffer(v, dtype=dtype).reshape(shape) for e, (_, v) in zip(wanted, found)}  # [L, d] each
+        pairs = [(layer, w, eid) for layer, eids in enumerate(ids.tolist()) for w, eid in enumerate(eids) if eid >= 0]
+        for layer, w, eid in pairs:
+            out[layer, w] = keys[eid][layer]
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
