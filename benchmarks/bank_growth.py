@@ -205,14 +205,14 @@ def key_itemsize(kind: str) -> int:
     return 2 if kind == "flat_fp16" else 4
 
 
-def index_bytes(kind: str, n: int, layers: int, dim: int) -> int:
+def index_bytes(kind: str, n: int, layers: int, dim: int, sq_bits: int = 4) -> int:
     """Memory a kind's indexes need at n entries (what decides whether the next step fits in RAM)."""
     if kind == "two_stage":
         return n * (dim * 4 + 32 * 8)
     if kind == "hnsw":
         return n * layers * (dim * 4 + 32 * 8)
-    if kind == "ivfsq":  # 4-bit codes and an id per layer (the flat warm-up buffer is gone by 1e4)
-        return n * layers * (dim // 2 + 8)
+    if kind == "ivfsq":  # codes and an id per layer (the flat warm-up buffer is gone by 1e4)
+        return n * layers * (dim * sq_bits // 8 + 8)
     return n * layers * dim * key_itemsize(kind)
 
 
@@ -222,8 +222,8 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
     if disk_need > free:
         return f"keys need ~{disk_need / 1e9:.1f} GB more disk at N={n}; {free / 1e9:.1f} GB free under {where}"
     avail = psutil.virtual_memory().available
-    need = index_bytes(kind, n, layers, dim)
-    if need > 0.7 * (avail + index_bytes(kind, prev_n, layers, dim)):  # the bank's pages are reclaimable
+    need, had = (index_bytes(kind, m, layers, dim, params.ivf_sq_bits) for m in (n, prev_n))
+    if need > 0.7 * (avail + had):  # the bank's pages are reclaimable
         return f"indexes need ~{need / 1e9:.1f} GB at N={n}; {avail / 1e9:.1f} GB available (truth keys hold " \
                f"{kept_bytes / 1e9:.1f} GB)"
     if kind == "ivfpq" and prev_n < params.ivf_train_min <= n:
@@ -246,7 +246,7 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
 def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
     # a CPU benchmark; faiss-gpu machines get their own rows later
     params = IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates, ivf_nlist=args.ivf_nlist,
-                         ivf_nprobe=args.ivf_nprobe, ivf_refine=args.ivf_refine,
+                         ivf_nprobe=args.ivf_nprobe, ivf_refine=args.ivf_refine, ivf_sq_bits=args.ivf_sq_bits,
                          ivf_train_min=16 * args.ivf_nlist) if kind == "ivfsq" else \
         IndexParams(use_gpu=False, two_stage_candidates=args.two_stage_candidates)
     proc = psutil.Process()
@@ -294,7 +294,8 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
             if kind in ("ivfpq", "ivfsq"):
                 row["trained"] = n >= params.ivf_train_min
             if kind == "ivfsq":
-                row.update(ivf_nlist=params.ivf_nlist, ivf_nprobe=params.ivf_nprobe, ivf_refine=params.ivf_refine)
+                row.update(ivf_nlist=params.ivf_nlist, ivf_nprobe=params.ivf_nprobe, ivf_refine=params.ivf_refine,
+                           ivf_sq_bits=params.ivf_sq_bits)
             res.add(**row)
         mem.close()
         del mem
@@ -417,6 +418,7 @@ def main() -> None:
     ap.add_argument("--ivf-nlist", type=int, default=0, help="IVF lists of the ivfsq kind (default: sqrt of the "
                     "largest N)")
     ap.add_argument("--ivf-nprobe", type=int, default=2, help="IVF lists the ivfsq kind scans per layer")
+    ap.add_argument("--ivf-sq-bits", type=int, default=4, choices=(4, 8), help="code bits a dimension, ivfsq kind")
     ap.add_argument("--ivf-refine", type=int, default=4, help="the ivfsq kind reranks k x this many candidates a layer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")

@@ -30,7 +30,8 @@ class IndexParams:
     ivf_nlist: int = 0  # 0: chosen from the size at training time (sqrt(n), within [16, 4096])
     ivf_nprobe: int = 32
     ivf_pq_m: int = 0  # 0: dim / 4 sub-quantizers (capped to a divisor of dim)
-    ivf_refine: int = 8  # exact rerank of k * refine PQ candidates
+    ivf_refine: int = 8  # exact rerank of k * refine candidates (PQ, ivfsq)
+    ivf_sq_bits: int = 4  # ivfsq code bits per dimension: 4 (dim / 2 bytes a key) or 8 (dim bytes, a closer score)
     ivf_train_min: int = 2048  # below this many vectors an IVF space answers exactly
     two_stage_candidates: int = 256  # first-pass candidates (at least 16 * k)
     use_gpu: bool = True  # use faiss-gpu for flat search when a GPU is present

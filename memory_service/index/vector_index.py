@@ -373,8 +373,11 @@ class IVFSQIndex(_FaissIndex):
         x = self._index.reconstruct_batch(live)  # metric-prepared already
         nlist = self.params.ivf_nlist or int(np.clip(np.sqrt(len(x)), 16, 4096))
         metric = _faiss_metric(self.metric)
+        bits = {4: faiss.ScalarQuantizer.QT_4bit, 8: faiss.ScalarQuantizer.QT_8bit}
+        if self.params.ivf_sq_bits not in bits:
+            raise InvalidArgument(f"ivf_sq_bits is {self.params.ivf_sq_bits}; expected 4 or 8")
         ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlat(self.dim, metric), self.dim, nlist,
-                                            faiss.ScalarQuantizer.QT_4bit, metric, True)
+                                            bits[self.params.ivf_sq_bits], metric, True)
         ivf.cp.min_points_per_centroid = 1  # small banks train on what they have; faiss only warns
         ivf.train(x)
         ivf.add_with_ids(x, live)  # the IVF keeps the caller's ids itself: no IndexIDMap, whose removal renumbers

@@ -14,6 +14,8 @@ count and fp16, and loads its own snapshots and the per-layer ones written befor
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -507,19 +509,21 @@ def test_layer_block_refuses_wrong_shapes():
 IVFSQ = IndexParams(ivf_train_min=256, ivf_nlist=16, ivf_nprobe=8)  # half the lists: IVF routes by inner product poorly
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("metric", METRICS)
-def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric):
+def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric, bits):
     """Untrained it is exact; trained, every returned score is the key's exact score (the rerank), per-layer recall@6
     against exact search is >= 0.95, denied and removed ids never come back, and a snapshot answers the same."""
+    params = dataclasses.replace(IVFSQ, ivf_sq_bits=bits)
     rng = np.random.default_rng(21)
     small = layered(rng, 100, DIM)  # below ivf_train_min: the flat buffer answers
-    exact, approx = space("flat", metric, small), space("ivfsq", metric, small, IVFSQ)
+    exact, approx = space("flat", metric, small), space("ivfsq", metric, small, params)
     q = layered(rng, 1, DIM)[0]
     a, b = exact.search(q, 6, "per_layer", None, []), approx.search(q, 6, "per_layer", None, [])
     assert np.array_equal(a[1], b[1])
 
     keys = layered(rng, 2000, DIM)
-    s = space("ivfsq", metric, keys, IVFSQ)
+    s = space("ivfsq", metric, keys, params)
     assert not any(index.exact for index in s.indexes)
     deny = np.arange(0, 2000, 3)
     s.remove(np.arange(1, 2000, 7))
@@ -540,7 +544,7 @@ def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric
         recalls += [len(set(x.tolist()) & set(y.tolist())) / 6 for x, y in zip(ids, truth)]
     assert np.mean(recalls) >= 0.95, f"ivfsq/{metric} per-layer recall@6 {np.mean(recalls):.3f}"
 
-    again = SpaceIndex(s.space, LAYERS, IVFSQ, key_loader=lambda ids: keys[ids],
+    again = SpaceIndex(s.space, LAYERS, params, key_loader=lambda ids: keys[ids],
                        layer_loader=lambda ids: layer_keys(keys, ids))
     again.load(s.dump())
     assert not any(index.exact for index in again.indexes)
@@ -551,6 +555,8 @@ def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric
     assert np.allclose(m1[0][0], m2[0][0], rtol=1e-4, atol=1e-3)  # mean: candidates reranked with all layers
 
 
-def test_ivfsq_needs_per_layer_keys():
+def test_ivfsq_needs_per_layer_keys_and_4_or_8_bits():
     with pytest.raises(InvalidArgument, match="'ivfsq' needs per_layer=True"):
         KeySpace(DIM, index="ivfsq")
+    with pytest.raises(InvalidArgument, match="ivf_sq_bits is 6; expected 4 or 8"):
+        space("ivfsq", "ip", layered(np.random.default_rng(0), 300, DIM), dataclasses.replace(IVFSQ, ivf_sq_bits=6))
