@@ -40,6 +40,10 @@ class IndexParams:
     # 0.011 ms). 0 keeps faiss's default.
     faiss_threads: int = 1
 
+    def __post_init__(self) -> None:
+        if self.ivf_sq_bits not in (4, 8):  # here, not when an index trains: that happens inside a put
+            raise InvalidArgument(f"config index.ivf_sq_bits is {self.ivf_sq_bits}; expected 4 or 8")
+
 
 @dataclass(frozen=True)
 class BankConfig:

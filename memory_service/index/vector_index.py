@@ -7,7 +7,8 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 - FlatIndex: exact (faiss IndexFlat, or an fp16 scalar-quantized flat), removal in place. The default and
   the ground truth. On a machine with faiss-gpu and a GPU it is moved to the GPU.
-- IVFSQIndex: IVF over 4-bit scalar-quantized residuals (a 1536-d vector in 768 bytes of RAM), removal in place;
+- IVFSQIndex: IVF over 4- or 8-bit scalar-quantized residuals (a 1536-d vector in 768 or 1536 bytes of RAM),
+  removal in place;
   its scores are approximate, so it serves per-layer spaces only, where SpaceIndex reranks its candidates exactly
   from the stored keys. Exact (a flat buffer) until it holds `ivf_train_min` vectors, then trains once.
 - HNSWIndex / IVFPQIndex: approximate. Neither supports removal in faiss (HNSW graphs cannot drop nodes,
@@ -351,7 +352,7 @@ class IVFPQIndex(_FaissIndex):
 
 
 class IVFSQIndex(_FaissIndex):
-    """IVF, 4-bit scalar-quantized residuals, `ivf_nprobe` lists scanned; `ivf_nlist` lists (0: sqrt of what it
+    """IVF, `ivf_sq_bits`-bit scalar-quantized residuals, `ivf_nprobe` lists scanned; `ivf_nlist` lists (0: sqrt of what it
     holds when it trains, within [16, 4096]: set it for the size the space will reach, lists are not re-trained).
     Exact until trained (`exact`); after that its scores are approximate and its callers rerank (SpaceIndex)."""
 
@@ -373,9 +374,7 @@ class IVFSQIndex(_FaissIndex):
         x = self._index.reconstruct_batch(live)  # metric-prepared already
         nlist = self.params.ivf_nlist or int(np.clip(np.sqrt(len(x)), 16, 4096))
         metric = _faiss_metric(self.metric)
-        bits = {4: faiss.ScalarQuantizer.QT_4bit, 8: faiss.ScalarQuantizer.QT_8bit}
-        if self.params.ivf_sq_bits not in bits:
-            raise InvalidArgument(f"ivf_sq_bits is {self.params.ivf_sq_bits}; expected 4 or 8")
+        bits = {4: faiss.ScalarQuantizer.QT_4bit, 8: faiss.ScalarQuantizer.QT_8bit}  # IndexParams checks the choice
         ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlat(self.dim, metric), self.dim, nlist,
                                             bits[self.params.ivf_sq_bits], metric, True)
         ivf.cp.min_points_per_centroid = 1  # small banks train on what they have; faiss only warns

@@ -558,5 +558,5 @@ def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric
 def test_ivfsq_needs_per_layer_keys_and_4_or_8_bits():
     with pytest.raises(InvalidArgument, match="'ivfsq' needs per_layer=True"):
         KeySpace(DIM, index="ivfsq")
-    with pytest.raises(InvalidArgument, match="ivf_sq_bits is 6; expected 4 or 8"):
-        space("ivfsq", "ip", layered(np.random.default_rng(0), 300, DIM), dataclasses.replace(IVFSQ, ivf_sq_bits=6))
+    with pytest.raises(InvalidArgument, match="config index.ivf_sq_bits is 6; expected 4 or 8"):
+        dataclasses.replace(IVFSQ, ivf_sq_bits=6)
