@@ -201,8 +201,9 @@ def spec(kind: str, layers: int, dim: int, two_stage_dtype: str = "float32") -> 
     return StreamSpec("bench", {"nam": KeySpace(dim, per_layer=True, index=index, dtype=dtype)}, kv=kv)
 
 
-def key_itemsize(kind: str) -> int:
-    return 2 if kind == "flat_fp16" else 4
+def key_itemsize(kind: str, stored_dtype: str = "float32") -> int:
+    """Bytes of a stored key value: flat_fp16 always half, two_stage and ivfsq as --two-stage-dtype says."""
+    return 2 if kind == "flat_fp16" or (kind in ("two_stage", "ivfsq") and stored_dtype == "float16") else 4
 
 
 def index_bytes(kind: str, n: int, layers: int, dim: int, sq_bits: int = 4) -> int:
@@ -216,8 +217,9 @@ def index_bytes(kind: str, n: int, layers: int, dim: int, sq_bits: int = 4) -> i
     return n * layers * dim * key_itemsize(kind)
 
 
-def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s, where) -> str | None:
-    disk_need = (n - prev_n) * layers * dim * key_itemsize(kind) * 1.2  # LMDB pages: ~20% over the raw keys
+def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s, where,
+                stored_dtype: str = "float32") -> str | None:
+    disk_need = (n - prev_n) * layers * dim * key_itemsize(kind, stored_dtype) * 1.2  # LMDB pages: ~20% over the keys
     free = shutil.disk_usage(where).free
     if disk_need > free:
         return f"keys need ~{disk_need / 1e9:.1f} GB more disk at N={n}; {free / 1e9:.1f} GB free under {where}"
@@ -261,7 +263,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
         done, put_rate = 0, 0.0
         for n in args.grid:
             reason = skip_reason(kind, n, done, put_rate, params, args.layers, args.dim,
-                                 0 if kept is None else kept.nbytes, args.step_budget_s, tmp)
+                                 0 if kept is None else kept.nbytes, args.step_budget_s, tmp, args.two_stage_dtype)
             if reason:
                 res.skip(kind, n, reason)
                 break
