@@ -10,7 +10,11 @@ Owns, for every MemoryService method (health and reflection pass untouched):
 - error mapping: a MemFlowError aborts the call with its status code (convert.status_of), its message and,
   for a refined class, its reason in trailing metadata (convert.trailers_of);
   anything else is logged with its traceback and becomes INTERNAL;
-- metrics: latency histogram per method, error counter per method and code.
+- metrics: latency histogram per method, error counter per method and code;
+- one-message answers: Fetch and QueryFetch called with metadata ONE_ANSWER ("memflow-answer: unary", the SHM
+  plane's calls from MemoryClient) run as unary handlers, so grpc sends the message and the status together
+  rather than the message, a wait for its completion, then the status (a 2.9 MB SHM fetch: 1.18 vs 1.35 ms p50,
+  3 interleaved runs of 300 calls).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from memory_service.service.metrics import Metrics
 
 log = logging.getLogger("memflow.service")
 SERVICE_PREFIX = convert.method_path("")
+ONE_ANSWER = convert.ONE_ANSWER
+ONE_ANSWER_METHODS = ("Fetch", "QueryFetch")
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
@@ -108,6 +114,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 self._unary(method, handler.stream_unary, streamed=True), parse, handler.response_serializer)
         if handler.unary_stream:
+            asked = handler_call_details.invocation_metadata or ()
+            if method in ONE_ANSWER_METHODS and (ONE_ANSWER, "unary") in asked:
+                return grpc.unary_unary_rpc_method_handler(
+                    self._unary(method, _one_answer(method, handler.unary_stream)), parse, handler.response_serializer)
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(method, handler.unary_stream), parse, handler.response_serializer)
         return handler  # no bidirectional methods in the contract
@@ -190,6 +200,26 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
 
 _END = object()
+
+
+def _one_answer(method: str, behavior):
+    """A server-streaming behavior whose answer is one message (Fetch and QueryFetch on the SHM plane), run as a
+    unary handler: grpc sends the message and the status together, instead of the message, a wait for its
+    completion on another thread, then the status. The wire is the same (a streaming answer of one message is a
+    unary one), so only a client that asks for it (metadata ONE_ANSWER) gets it."""
+    def unary(request, context):
+        answers = iter(behavior(request, context))
+        try:
+            first = next(answers, _END)
+            if first is _END or next(answers, _END) is not _END:  # the second is not sent: the call fails whole
+                raise InvalidArgument(f"{method} with metadata {ONE_ANSWER}: unary has an answer of more than one "
+                                      "message (or none); expected it only on the SHM plane (an arena in the "
+                                      "request), whose answer is one message")
+            return first
+        finally:
+            answers.close()  # a generator stopped early runs none of what follows its yield (no hits recorded)
+
+    return unary
 
 
 class _Malformed:

@@ -8,6 +8,8 @@ Against a real `memflow-service serve` subprocess, through the generated stub on
   is NOT_FOUND saying it holds keys only (it used to claim the entry had been "degraded");
 - has_kv without kv_dtype is INVALID_ARGUMENT saying what the stream expects;
 - on the streaming plane small records share kv_chunk messages (chunk boundaries mean nothing), bytes in order;
+- metadata memflow-answer: unary (a one-message answer sent as a unary one) on a longer answer is
+  INVALID_ARGUMENT, and a QueryFetch so refused counts no hits;
 - server reflection answers on grpc.reflection.v1 and v1alpha, and the memory.proto it serves carries the
   file's comments (source_code_info), equal otherwise to the descriptor the service runs on;
 - the numbers the proto's comments state are the service's defaults.
@@ -138,6 +140,35 @@ def test_stream_plane_records_share_chunks_and_arrive_in_order(stub):
     got = list(stub.Fetch(pb.FetchRequest(stream="cam0", ids=[2, 0, 1]), timeout=30))
     assert got[0].WhichOneof("part") == "header" and [m.WhichOneof("part") for m in got[1:]] == ["kv_chunk"]
     assert got[1].kv_chunk == pairs[2][1] + pairs[0][1] + pairs[1][1]
+
+
+def test_a_one_message_answer_asked_of_a_longer_one_fails_whole_and_counts_no_hits(serve, stub):
+    # memflow-answer: unary (convert.ONE_ANSWER) is how MemoryClient reads the SHM plane's one-message answers
+    # as unary calls; asked of a stream-plane answer (a header and chunks) it is INVALID_ARGUMENT, never the first
+    # message alone, and a QueryFetch refused so records no hit
+    pairs = [entry_pb(i) for i in (5, 6)]
+    put(stub, [m for m, _ in pairs], b"".join(kv for _, kv in pairs))
+    channel = grpc.insecure_channel(serve.target)
+    one = [(convert.ONE_ANSWER, "unary")]
+    fetch = channel.unary_unary(convert.method_path("Fetch"), request_serializer=pb.FetchRequest.SerializeToString,
+                                response_deserializer=pb.FetchResponse.FromString)
+    e = rpc_error(lambda: fetch(pb.FetchRequest(stream="cam0", ids=[0, 1]), timeout=30, metadata=one))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Fetch with metadata memflow-answer" in e.details() and "only on the SHM plane" in e.details()
+    query_fetch = channel.unary_unary(convert.method_path("QueryFetch"),
+                                      request_serializer=pb.QueryFetchRequest.SerializeToString,
+                                      response_deserializer=pb.QueryFetchResponse.FromString)
+    query = pb.QueryRequest(stream="cam0", space="emb", k=2,
+                            vectors=convert.tensor_to_pb(np.ones(EMB, np.float32), "float32"))
+    e = rpc_error(lambda: query_fetch(pb.QueryFetchRequest(query=query), timeout=30, metadata=one))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "QueryFetch with metadata" in e.details()
+    assert [m.hit_count for m in entries(stub)] == [0, 0]
+    # the same calls without it are the streaming answers they always were
+    got = list(stub.Fetch(pb.FetchRequest(stream="cam0", ids=[0, 1]), timeout=30))
+    assert b"".join(m.kv_chunk for m in got[1:]) == pairs[0][1] + pairs[1][1]
+    assert len(list(stub.QueryFetch(pb.QueryFetchRequest(query=query), timeout=30))) > 1
+    assert [m.hit_count for m in entries(stub)] == [1, 1]
+    channel.close()
 
 
 def test_has_kv_without_kv_dtype_is_refused_saying_what_the_stream_expects(stub):

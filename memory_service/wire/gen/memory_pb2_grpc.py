@@ -252,7 +252,8 @@ class MemoryServiceServicer:
         """The K/V of entries. First message: a FetchHeader; then, on the STREAM plane, kv_chunk messages with the
         header's nbytes bytes, in the header's order (where one chunk ends means nothing: records share chunks). On
         the SHM plane the service writes the bytes from arena_offset, and the header is the one message of the
-        answer (so a client may read it as a unary call).
+        answer (so a client may read it as a unary call; with metadata "memflow-answer: unary" the service sends it
+        as one too, the message and the status together; asked of a STREAM plane answer, that is INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,7 +265,7 @@ class MemoryServiceServicer:
         pairs fetched (QueryFetchRequest says which); then, on the STREAM plane, kv_chunk messages with the header's
         nbytes bytes, group after group, each in FetchResponse's order. On the SHM plane the service writes the same
         bytes back to back from arena_offset, and the header is the one message of the answer (so a client may read
-        it as a unary call). Errors: Query's, then Fetch's (NOT_FOUND for an include id or hit
+        it as a unary call, and ask for it as Fetch says). Errors: Query's, then Fetch's (NOT_FOUND for an include id or hit
         without K/V); an argument error is found before the bank is touched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
