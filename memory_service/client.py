@@ -243,30 +243,38 @@ class MemoryClient(Memory):
     def put(self, stream: str, entries: Sequence[NewEntry]) -> list[int]:
         entries = check_batch(entries)  # the spec-free rules, before encoding; the service's bank checks the rest
         kvs = [np.asarray(e.kv) for e in entries if e.kv is not None]
-        header = convert.put_header(stream, entries)
+        shm = bool(kvs) and self.plane == "shm"
+        keys: list[np.ndarray] = []  # on the SHM plane the keys go through the arena too, not the message
+        header = convert.put_header(stream, entries, keys if shm else None)
         if header.ByteSize() > self.max_message_bytes - 1024:
             raise ResourceExhausted(f"put header (entry metadata and keys) is {header.ByteSize()} bytes; the message "
                                     f"limit is {self.max_message_bytes}: put fewer entries per call")
-        if kvs and self.plane == "shm":
-            return self._shm_call(lambda: self._put_shm(header, kvs))
+        if shm:
+            return self._shm_call(lambda: self._put_shm(header, kvs, keys))
         return self._put_stream(header, kvs)
 
-    def _put_shm(self, header: Any, kvs: list[np.ndarray]) -> list[int]:
+    def _put_shm(self, header: Any, kvs: list[np.ndarray], keys: list[np.ndarray]) -> list[int]:
         total = sum(a.nbytes for a in kvs)
         region, arena_id = None, None
         try:
             placed = self._pool.locate(kvs)  # K/V built in arena_array buffers: no copy (the arrays hold the lease)
             if placed is not None:
                 slot, offset = placed
+                if header.keys_in_arena:  # the keys need no range of their own in that arena: they go inline
+                    convert.keys_inline(header, keys)
+                keys_offset = 0
             else:
-                slot, offset, region = self._pool.lease(total)
-                flat = np.frombuffer(region, np.uint8, count=total)  # type: ignore[call-overload]  # as above
+                key_bytes = sum(a.nbytes for a in keys) if header.keys_in_arena else 0
+                slot, offset, region = self._pool.lease(total + key_bytes)
+                flat = np.frombuffer(region, np.uint8, count=total + key_bytes)  # type: ignore[call-overload]
                 pos = 0
-                for a in kvs:
+                for a in [*kvs, *(keys if key_bytes else ())]:  # K/V, then the keys from offset + total
                     flat[pos:pos + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                     pos += a.nbytes
+                keys_offset = offset + total if key_bytes else 0
             arena_id = self._pool.arena_id(slot)
-            return convert.ids_from_put(self._rpc(self._put, iter([convert.put_shm(header, arena_id, offset)])))
+            request = convert.put_shm(header, arena_id, offset, keys_offset)
+            return convert.ids_from_put(self._rpc(self._put, iter([request])))
         except ArenaNotRegistered:
             self._pool.lost(arena_id)
             raise

@@ -148,6 +148,15 @@ def vectors_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
 
 def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
     """A read-only array over the message's bytes, after checking dtype, shape and length."""
+    shape, dtype, want = _tensor_layout(t, what)
+    if len(t.data) != want:
+        raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes; dtype {t.dtype} shape {list(shape)} "
+                                     f"needs {want}")
+    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+
+
+def _tensor_layout(t: pb.Tensor, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, bytes) a Tensor declares, checked: a known dtype, a shape an array can have."""
     if t.dtype not in TENSOR_DTYPES:
         raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected one of {TENSOR_DTYPES}")
     shape = tuple(int(d) for d in t.shape)
@@ -158,11 +167,7 @@ def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:  # numpy refuses even an empty one
         raise errors.InvalidArgument(f"{what} has shape {list(shape)}, which no array can have; expected a shape "
                                      "that matches its bytes")
-    want = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape must not wrap around to a small size
-    if len(t.data) != want:
-        raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes; dtype {t.dtype} shape {list(shape)} "
-                                     f"needs {want}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return shape, dtype, math.prod(shape) * dtype.itemsize  # Python ints: a huge shape must not wrap to a small size
 
 
 # ---- streams ----------------------------------------------------------------------------------------------
@@ -210,8 +215,10 @@ def float_vectors(vectors: Any, what: str) -> np.ndarray:
     return as_vectors(vectors, what).astype(np.float32)
 
 
-def entry_to_pb(e: NewEntry, n: int = 0) -> pb.NewEntry:
-    """One entry's metadata and keys (its K/V bytes travel apart); `e` has passed validate.check_batch."""
+def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] = None) -> pb.NewEntry:
+    """One entry's metadata and keys (its K/V bytes travel apart); `e` has passed validate.check_batch. With
+    `keys_apart`, the key Tensors carry no data: their arrays are appended to it instead, in the order of the
+    spaces' names (PutHeader.keys_in_arena)."""
     try:
         msg = pb.NewEntry(
             frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt, has_kv=e.kv is not None,
@@ -223,9 +230,46 @@ def entry_to_pb(e: NewEntry, n: int = 0) -> pb.NewEntry:
     if e.kv is not None:
         kv = np.asarray(e.kv)
         msg.kv_dtype, msg.kv_shape[:] = str(kv.dtype), list(kv.shape)
-    for space, vec in (e.keys or {}).items():
-        msg.keys[space].CopyFrom(tensor_to_pb(float_vectors(vec, f"entry {n} keys for key space {space!r}"), "float32"))
+    for space, vec in sorted((e.keys or {}).items()):
+        arr = float_vectors(vec, f"entry {n} keys for key space {space!r}")
+        if keys_apart is None:
+            msg.keys[space].CopyFrom(tensor_to_pb(arr, "float32"))
+        else:
+            msg.keys[space].CopyFrom(pb.Tensor(dtype="float32", shape=list(arr.shape)))
+            keys_apart.append(arr)
     return msg
+
+
+def arena_key_tensors(header: pb.PutHeader) -> tuple[list[pb.Tensor], int]:
+    """The key Tensors of a PutHeader with keys_in_arena, in the arena's order, checked (float32, a shape, no
+    data), and the bytes they need there."""
+    if header.plane != SHM_PLANE:
+        raise errors.InvalidArgument("PutHeader.keys_in_arena is set on the STREAM plane; expected it only with "
+                                     "plane SHM (the keys' bytes in the arena)")
+    tensors, total = [], 0
+    for i, e in enumerate(header.entries):
+        for space in sorted(e.keys):
+            t, what = e.keys[space], f"entry {i} NewEntry.keys[{space!r}]"
+            if t.dtype != VECTOR_DTYPE:
+                raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected {VECTOR_DTYPE!r} (keys and "
+                                             "query vectors travel as float32 whatever the key space stores)")
+            if t.data:
+                raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes of data; with "
+                                             "PutHeader.keys_in_arena key Tensors carry none (their bytes lie in "
+                                             "the arena from keys_offset)")
+            tensors.append(t)
+            total += _tensor_layout(t, what)[2]
+    return tensors, total
+
+
+def keys_into_tensors(tensors: Sequence[pb.Tensor], raw: np.ndarray) -> None:
+    """Each Tensor's data from `raw` (the arena's key bytes, in the Tensors' order): copied, so what a client
+    writes into its arena later cannot change keys already checked."""
+    pos, flat = 0, raw.reshape(-1).view(np.uint8)
+    for t in tensors:
+        size = math.prod(t.shape) * 4
+        t.data = flat[pos:pos + size].tobytes()
+        pos += size
 
 
 def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray]) -> list[NewEntry]:
@@ -426,14 +470,26 @@ def specs_from_pb(resp: pb.ListStreamsResponse) -> list[StreamSpec]:
     return [spec_from_pb(s) for s in resp.streams]
 
 
-def put_header(stream: str, entries: Sequence[NewEntry]) -> pb.PutHeader:
-    return pb.PutHeader(stream=stream, entries=[entry_to_pb(e, n) for n, e in enumerate(entries)])
+def put_header(stream: str, entries: Sequence[NewEntry], keys_apart: Optional[list[np.ndarray]] = None
+               ) -> pb.PutHeader:
+    """With `keys_apart`, the keys' arrays go there, not into the message (PutHeader.keys_in_arena)."""
+    return pb.PutHeader(stream=stream, entries=[entry_to_pb(e, n, keys_apart) for n, e in enumerate(entries)],
+                        keys_in_arena=keys_apart is not None)
 
 
-def put_shm(header: pb.PutHeader, arena_id: str, offset: int) -> pb.PutRequest:
-    """The one message of a shared-memory Put: the header, naming where its K/V bytes lie in the arena."""
-    header.plane, header.arena_id, header.arena_offset = SHM_PLANE, arena_id, offset
+def put_shm(header: pb.PutHeader, arena_id: str, offset: int, keys_offset: int = 0) -> pb.PutRequest:
+    """The one message of a shared-memory Put: the header, naming where its K/V bytes (and, with keys_in_arena,
+    its keys' bytes) lie in the arena."""
+    header.plane, header.arena_id, header.arena_offset, header.keys_offset = SHM_PLANE, arena_id, offset, keys_offset
     return pb.PutRequest(header=header)
+
+
+def keys_inline(header: pb.PutHeader, keys: Sequence[np.ndarray]) -> None:
+    """A header built with keys apart (put_header) carrying them in its Tensors after all."""
+    tensors = [e.keys[space] for e in header.entries for space in sorted(e.keys)]
+    for t, arr in zip(tensors, keys):
+        t.data = arr.reshape(-1).view(np.uint8).tobytes()
+    header.keys_in_arena = False
 
 
 def put_stream(header: pb.PutHeader) -> pb.PutRequest:
