@@ -132,14 +132,15 @@ class MemoryServicer:
             kv = raw.view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
         else:
             convert.expect_end(request_iterator)
+        keys = None
         if header.keys_in_arena:
-            tensors, key_bytes = convert.arena_key_tensors(header)
+            placed, key_bytes = convert.arena_keys(header)
             if key_bytes > self.max_put_bytes:
                 raise ResourceExhausted(f"Put of {key_bytes} key bytes exceeds the service limit of "
                                         f"{self.max_put_bytes}")
             with self.arenas.use(who.tenant, header.arena_id, int(header.keys_offset), key_bytes) as source:
-                convert.keys_into_tensors(tensors, source.read())
-        entries = convert.entries_from_pb(header.entries, kv)
+                keys = convert.keys_from_arena(placed, source.read(), len(header.entries))
+        entries = convert.entries_from_pb(header.entries, kv, keys)
         with self.ledger.storing(who.tenant, total + len(entries) * _key_bytes(spec)):
             ids = self.bank.put(stream, entries)
         return convert.put_response(ids)

@@ -212,7 +212,7 @@ def renamed(spec: StreamSpec, name: str) -> StreamSpec:
 
 def float_vectors(vectors: Any, what: str) -> np.ndarray:
     """Keys or a query as float32 for the wire, refusing what the bank refuses (validate.as_vectors)."""
-    return as_vectors(vectors, what).astype(np.float32)
+    return as_vectors(vectors, what).astype(np.float32, copy=False)  # a view when float32: the wire copies it
 
 
 def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] = None) -> pb.NewEntry:
@@ -240,13 +240,13 @@ def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] 
     return msg
 
 
-def arena_key_tensors(header: pb.PutHeader) -> tuple[list[pb.Tensor], int]:
-    """The key Tensors of a PutHeader with keys_in_arena, in the arena's order, checked (float32, a shape, no
-    data), and the bytes they need there."""
+def arena_keys(header: pb.PutHeader) -> tuple[list[tuple[int, str, tuple[int, ...]]], int]:
+    """The keys a PutHeader with keys_in_arena places in the arena, in its order - (entry, space, shape) each,
+    checked (float32, a shape, no data in the message) - and the bytes they take there."""
     if header.plane != SHM_PLANE:
         raise errors.InvalidArgument("PutHeader.keys_in_arena is set on the STREAM plane; expected it only with "
                                      "plane SHM (the keys' bytes in the arena)")
-    tensors, total = [], 0
+    placed, total = [], 0
     for i, e in enumerate(header.entries):
         for space in sorted(e.keys):
             t, what = e.keys[space], f"entry {i} NewEntry.keys[{space!r}]"
@@ -257,26 +257,34 @@ def arena_key_tensors(header: pb.PutHeader) -> tuple[list[pb.Tensor], int]:
                 raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes of data; with "
                                              "PutHeader.keys_in_arena key Tensors carry none (their bytes lie in "
                                              "the arena from keys_offset)")
-            tensors.append(t)
-            total += _tensor_layout(t, what)[2]
-    return tensors, total
+            shape, _, size = _tensor_layout(t, what)
+            placed.append((i, space, shape))
+            total += size
+    return placed, total
 
 
-def keys_into_tensors(tensors: Sequence[pb.Tensor], raw: np.ndarray) -> None:
-    """Each Tensor's data from `raw` (the arena's key bytes, in the Tensors' order): copied, so what a client
-    writes into its arena later cannot change keys already checked."""
-    pos, flat = 0, raw.reshape(-1).view(np.uint8)
-    for t in tensors:
-        size = math.prod(t.shape) * 4
-        t.data = flat[pos:pos + size].tobytes()
-        pos += size
+def keys_from_arena(placed: Sequence[tuple[int, str, tuple[int, ...]]], raw: np.ndarray,
+                    entries: int) -> list[dict[str, np.ndarray]]:
+    """Each entry's keys from `raw` (the arena's key bytes, laid out as `placed` says): copied once, so what a
+    client writes into its arena later cannot change keys already checked."""
+    owned = np.array(raw.reshape(-1).view(np.uint8))
+    keys: list[dict[str, np.ndarray]] = [{} for _ in range(entries)]
+    pos = 0
+    for i, space, shape in placed:
+        n = math.prod(shape)
+        keys[i][space] = np.frombuffer(owned, np.float32, count=n, offset=pos).reshape(shape)
+        pos += n * 4
+    return keys
 
 
-def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray]) -> list[NewEntry]:
-    """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`)."""
+def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray],
+                    arena_keys: Optional[Sequence[dict[str, np.ndarray]]] = None) -> list[NewEntry]:
+    """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`); `arena_keys`, when
+    given, each entry's keys (keys_from_arena) instead of the messages' Tensors."""
     out, n = [], 0
     for i, m in enumerate(msgs):
-        keys = {space: vectors_from_pb(t, f"entry {i} NewEntry.keys[{space!r}]") for space, t in m.keys.items()}
+        keys = arena_keys[i] if arena_keys is not None else {
+            space: vectors_from_pb(t, f"entry {i} NewEntry.keys[{space!r}]") for space, t in m.keys.items()}
         entry_kv = None
         if m.has_kv:
             entry_kv = kv[n]  # type: ignore[index]
