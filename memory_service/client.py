@@ -244,14 +244,14 @@ class MemoryClient(Memory):
         entries = check_batch(entries)  # the spec-free rules, before encoding; the service's bank checks the rest
         kvs = [np.asarray(e.kv) for e in entries if e.kv is not None]
         shm = bool(kvs) and self.plane == "shm"
-        keys: list[np.ndarray] = []  # on the SHM plane the keys go through the arena too, not the message
-        header = convert.put_header(stream, entries, keys if shm else None)
+        keys: list[np.ndarray] = []  # the keys travel as bytes beside the K/V (arena or chunks), not in the message
+        header = convert.put_header(stream, entries, keys, convert.SHM_PLANE if shm else convert.STREAM_PLANE)
         if header.ByteSize() > self.max_message_bytes - 1024:
             raise ResourceExhausted(f"put header (entry metadata and keys) is {header.ByteSize()} bytes; the message "
                                     f"limit is {self.max_message_bytes}: put fewer entries per call")
         if shm:
             return self._shm_call(lambda: self._put_shm(header, kvs, keys))
-        return self._put_stream(header, kvs)
+        return self._put_stream(header, [*kvs, *keys])
 
     def _put_shm(self, header: Any, kvs: list[np.ndarray], keys: list[np.ndarray]) -> list[int]:
         total = sum(a.nbytes for a in kvs)

@@ -115,31 +115,35 @@ class MemoryServicer:
             if e.has_kv:
                 check_kv_layout(spec, e.kv_dtype, e.kv_shape, f"entry {i}")
                 n_kv += 1
-        kv = None
-        total = 0
+        placed, key_bytes = None, 0
+        if header.keys_in_arena or header.keys_in_chunks:
+            placed, key_bytes = convert.keys_apart(header)
+            if key_bytes > self.max_put_bytes:
+                raise ResourceExhausted(f"Put of {key_bytes} key bytes exceeds the service limit of "
+                                        f"{self.max_put_bytes}")
+        kv, keys, total = None, None, 0
         if n_kv:
             total = n_kv * spec.kv.layers * _layer_bytes(spec)
             if total > self.max_put_bytes:
                 raise ResourceExhausted(f"Put of {total} K/V bytes exceeds the service limit of {self.max_put_bytes}")
-            if header.plane == SHM:
+        if header.plane == SHM:
+            if n_kv:
                 with self.arenas.use(who.tenant, header.arena_id, int(header.arena_offset), total) as source:
                     raw = source.read()  # sealed: the mapping itself; otherwise a private copy
-                convert.expect_end(request_iterator)
-                self.metrics.bytes("shm", "put", total)
-            else:
-                raw = convert.gather_chunks(request_iterator, total)
-                self.metrics.bytes("stream", "put", total)
-            kv = raw.view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
+            convert.expect_end(request_iterator)
+            if placed is not None:
+                with self.arenas.use(who.tenant, header.arena_id, int(header.keys_offset), key_bytes) as source:
+                    keys = convert.keys_from_bytes(placed, source.read(), len(header.entries))
+            self.metrics.bytes("shm", "put", total)
+        elif n_kv or placed is not None:
+            raw = convert.gather_chunks(request_iterator, total + key_bytes)  # K/V, then the keys (keys_in_chunks)
+            if placed is not None:
+                keys = convert.keys_from_bytes(placed, raw[total:], len(header.entries), copy=False)
+            self.metrics.bytes("stream", "put", total)
         else:
             convert.expect_end(request_iterator)
-        keys = None
-        if header.keys_in_arena:
-            placed, key_bytes = convert.arena_keys(header)
-            if key_bytes > self.max_put_bytes:
-                raise ResourceExhausted(f"Put of {key_bytes} key bytes exceeds the service limit of "
-                                        f"{self.max_put_bytes}")
-            with self.arenas.use(who.tenant, header.arena_id, int(header.keys_offset), key_bytes) as source:
-                keys = convert.keys_from_arena(placed, source.read(), len(header.entries))
+        if n_kv:
+            kv = raw[:total].view(kv_numpy_dtype(spec.kv.dtype)).reshape(n_kv, *spec.kv.shape)
         entries = convert.entries_from_pb(header.entries, kv, keys)
         with self.ledger.storing(who.tenant, total + len(entries) * _key_bytes(spec)):
             ids = self.bank.put(stream, entries)

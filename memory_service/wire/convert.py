@@ -240,12 +240,20 @@ def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] 
     return msg
 
 
-def arena_keys(header: pb.PutHeader) -> tuple[list[tuple[int, str, tuple[int, ...]]], int]:
-    """The keys a PutHeader with keys_in_arena places in the arena, in its order - (entry, space, shape) each,
-    checked (float32, a shape, no data in the message) - and the bytes they take there."""
-    if header.plane != SHM_PLANE:
+def keys_apart(header: pb.PutHeader) -> tuple[list[tuple[int, str, tuple[int, ...]]], int]:
+    """The keys a PutHeader with keys_in_arena (or keys_in_chunks) places apart from the message, in their order
+    there - (entry, space, shape) each, checked (float32, a shape, no data in the message) - and their bytes."""
+    if header.keys_in_arena and header.keys_in_chunks:
+        raise errors.InvalidArgument("PutHeader sets both keys_in_arena and keys_in_chunks; expected at most one "
+                                     "(keys_in_arena on the SHM plane, keys_in_chunks on the STREAM plane)")
+    if header.keys_in_arena and header.plane != SHM_PLANE:
         raise errors.InvalidArgument("PutHeader.keys_in_arena is set on the STREAM plane; expected it only with "
-                                     "plane SHM (the keys' bytes in the arena)")
+                                     "plane SHM (the keys' bytes in the arena), or keys_in_chunks")
+    if header.keys_in_chunks and header.plane == SHM_PLANE:  # UNSPECIFIED is STREAM
+        raise errors.InvalidArgument("PutHeader.keys_in_chunks is set on the SHM plane; expected it only with "
+                                     "plane STREAM (the keys' bytes after the K/V chunks), or keys_in_arena")
+    field = "keys_in_arena" if header.keys_in_arena else "keys_in_chunks"
+    where = "lie in the arena from keys_offset" if header.keys_in_arena else "follow the K/V in the kv_chunks"
     placed, total = [], 0
     for i, e in enumerate(header.entries):
         for space in sorted(e.keys):
@@ -254,20 +262,19 @@ def arena_keys(header: pb.PutHeader) -> tuple[list[tuple[int, str, tuple[int, ..
                 raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected {VECTOR_DTYPE!r} (keys and "
                                              "query vectors travel as float32 whatever the key space stores)")
             if t.data:
-                raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes of data; with "
-                                             "PutHeader.keys_in_arena key Tensors carry none (their bytes lie in "
-                                             "the arena from keys_offset)")
+                raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes of data; with PutHeader.{field} "
+                                             f"key Tensors carry none (their bytes {where})")
             shape, _, size = _tensor_layout(t, what)
             placed.append((i, space, shape))
             total += size
     return placed, total
 
 
-def keys_from_arena(placed: Sequence[tuple[int, str, tuple[int, ...]]], raw: np.ndarray,
-                    entries: int) -> list[dict[str, np.ndarray]]:
-    """Each entry's keys from `raw` (the arena's key bytes, laid out as `placed` says): copied once, so what a
-    client writes into its arena later cannot change keys already checked."""
-    owned = np.array(raw.reshape(-1).view(np.uint8))
+def keys_from_bytes(placed: Sequence[tuple[int, str, tuple[int, ...]]], raw: np.ndarray, entries: int,
+                    copy: bool = True) -> list[dict[str, np.ndarray]]:
+    """Each entry's keys from `raw` (their bytes, laid out as `placed` says). From an arena they are copied once
+    (`copy`), so what a client writes into its arena later cannot change keys already checked."""
+    owned = np.array(raw.reshape(-1).view(np.uint8)) if copy else raw.reshape(-1).view(np.uint8)
     keys: list[dict[str, np.ndarray]] = [{} for _ in range(entries)]
     pos = 0
     for i, space, shape in placed:
@@ -278,12 +285,12 @@ def keys_from_arena(placed: Sequence[tuple[int, str, tuple[int, ...]]], raw: np.
 
 
 def entries_from_pb(msgs: Sequence[pb.NewEntry], kv: Optional[np.ndarray],
-                    arena_keys: Optional[Sequence[dict[str, np.ndarray]]] = None) -> list[NewEntry]:
-    """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`); `arena_keys`, when
-    given, each entry's keys (keys_from_arena) instead of the messages' Tensors."""
+                    apart: Optional[Sequence[dict[str, np.ndarray]]] = None) -> list[NewEntry]:
+    """`kv` holds the K/V of the entries with has_kv, in order (`[n_kv, layers, 2, T, H, D]`); `apart`, when
+    given, each entry's keys (keys_from_bytes) instead of the messages' Tensors."""
     out, n = [], 0
     for i, m in enumerate(msgs):
-        keys = arena_keys[i] if arena_keys is not None else {
+        keys = apart[i] if apart is not None else {
             space: vectors_from_pb(t, f"entry {i} NewEntry.keys[{space!r}]") for space, t in m.keys.items()}
         entry_kv = None
         if m.has_kv:
@@ -399,6 +406,7 @@ def ids_from_pb(ids: Sequence[int]) -> np.ndarray:
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 SERVICE_NAME = SERVICE.full_name
 SHM_PLANE = pb.DATA_PLANE_SHM
+STREAM_PLANE = pb.DATA_PLANE_STREAM
 
 
 # Invocation metadata by which a client asks for a one-message answer (Fetch and QueryFetch on the SHM plane) to
@@ -478,11 +486,14 @@ def specs_from_pb(resp: pb.ListStreamsResponse) -> list[StreamSpec]:
     return [spec_from_pb(s) for s in resp.streams]
 
 
-def put_header(stream: str, entries: Sequence[NewEntry], keys_apart: Optional[list[np.ndarray]] = None
-               ) -> pb.PutHeader:
-    """With `keys_apart`, the keys' arrays go there, not into the message (PutHeader.keys_in_arena)."""
-    return pb.PutHeader(stream=stream, entries=[entry_to_pb(e, n, keys_apart) for n, e in enumerate(entries)],
-                        keys_in_arena=keys_apart is not None)
+def put_header(stream: str, entries: Sequence[NewEntry], apart: Optional[list[np.ndarray]] = None,
+               plane: int = pb.DATA_PLANE_SHM) -> pb.PutHeader:
+    """With `apart`, the keys' arrays go there, not into the message: PutHeader.keys_in_arena for the SHM
+    `plane`, keys_in_chunks for STREAM."""
+    header = pb.PutHeader(stream=stream, entries=[entry_to_pb(e, n, apart) for n, e in enumerate(entries)])
+    if apart is not None:
+        header.keys_in_arena, header.keys_in_chunks = plane == pb.DATA_PLANE_SHM, plane != pb.DATA_PLANE_SHM
+    return header
 
 
 def put_shm(header: pb.PutHeader, arena_id: str, offset: int, keys_offset: int = 0) -> pb.PutRequest:
@@ -660,4 +671,5 @@ def gather_chunks(requests: Iterator[Any], total: int) -> np.ndarray:
 def expect_end(requests: Iterator[Any]) -> None:
     """A Put whose K/V bytes come from an arena, or that has none: nothing may follow its header."""
     for _ in requests:
-        raise errors.InvalidArgument("Put carries K/V chunks but none are expected (SHM plane or no entry has_kv)")
+        raise errors.InvalidArgument("Put carries K/V chunks but none are expected (SHM plane, or no entry has_kv "
+                                     "and no keys_in_chunks)")

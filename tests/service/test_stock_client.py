@@ -4,8 +4,9 @@ layers on the streaming plane.
 Stock clients (grpc-js, Go, Java, C++, Python) refuse a received message over 4 MiB unless told otherwise, and
 the limit counts the whole serialized message. One Wan2.1-1.3B layer of one frame is 9.58 MB, so every chunk the
 service streams must fit 4 MiB with its framing; and MemoryClient's own Put chunks must fit a service whose
-limit is 4 MiB. On the SHM plane keys travel in the arena (PutHeader.keys_in_arena), so a Put of megabytes of
-keys fits a 4 MiB message; a stock client's misuse of that field is INVALID_ARGUMENT. Real MemoryServer on a free
+limit is 4 MiB. MemoryClient's keys travel beside the Put message (PutHeader.keys_in_arena on the SHM plane,
+keys_in_chunks on the stream plane), so a Put of megabytes of keys fits a 4 MiB message; a stock client's
+misuse of those fields is INVALID_ARGUMENT. Real MemoryServer on a free
 port, real channels.
 """
 
@@ -16,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from memory_service import KeySpace, KVLayout, NewEntry, ResourceExhausted, StreamSpec
+from memory_service import KeySpace, KVLayout, NewEntry, StreamSpec
 from memory_service.client import MemoryClient
 from memory_service.wire import convert
 from memory_service.wire.gen import memory_pb2 as pb
@@ -105,46 +106,66 @@ def test_memory_client_chunks_fit_a_service_limited_to_4_mib(make_server):
         assert got.kv.tobytes() == entry.kv[None].tobytes()
 
 
-def test_shm_puts_carry_keys_in_the_arena_past_a_4_mib_message_limit(make_server):
-    # 24 entries x 30 x 1536 float32 keys are 4.4 MB: on the SHM plane they lie in the arena (keys_in_arena), so
-    # the Put message stays small; the stream plane carries them in the header and refuses, naming the limit
+def test_puts_carry_keys_beside_the_message_past_a_4_mib_limit(make_server):
+    # 24 entries x 30 x 1536 float32 keys are 4.4 MB: MemoryClient sends them beside the Put message - in the
+    # arena on the SHM plane (keys_in_arena), after the K/V in the chunks on the stream plane (keys_in_chunks) -
+    # so a service limited to 4 MiB messages takes them; keys-only entries too
     srv = make_server(max_message_bytes=STOCK_LIMIT)
     layout = KVLayout(layers=30, heads=1, head_dim=8, tokens_per_frame=1)
-    spec = StreamSpec("nam", {"a": KeySpace(1536, per_layer=True), "b": KeySpace(4, metric="l2")}, kv=layout)
+    spaces = {"a": KeySpace(1536, per_layer=True, layers=30), "b": KeySpace(4, metric="l2")}
     rng = np.random.default_rng(5)
-    entries = [NewEntry(i, 0, "p", {"b": rng.standard_normal(4, dtype=np.float32),
-                                   "a": rng.standard_normal((30, 1536), dtype=np.float32)},
-                        rng.standard_normal(layout.shape, dtype=np.float32).astype(ml_dtypes.bfloat16))
-               for i in range(24)]
-    with MemoryClient(srv.address, plane="shm", max_message_bytes=STOCK_LIMIT) as shm, \
-            MemoryClient(srv.address, plane="stream", max_message_bytes=STOCK_LIMIT) as stream:
-        shm.create_stream(spec)
-        ids = shm.put("nam", entries)
-        for space in ("a", "b"):  # each space's keys landed under its own name, in entry order
-            for n in (0, 13, 23):
-                assert (shm.query("nam", space, entries[n].keys[space], 1).ids == ids[n]).all()
-        assert shm.fetch("nam", ids).kv.tobytes() == np.stack([e.kv for e in entries]).tobytes()
-        with pytest.raises(ResourceExhausted, match="put header .* bytes; the message limit is"):
-            stream.put("nam", entries)
-        assert shm.stats("nam").entries == 24
+
+    def batch(with_kv: bool) -> list[NewEntry]:
+        return [NewEntry(i, 0, "p", {"b": rng.standard_normal(4, dtype=np.float32),
+                                     "a": rng.standard_normal((30, 1536), dtype=np.float32)},
+                         rng.standard_normal(layout.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
+                         if with_kv else None)
+                for i in range(24)]
+
+    for plane in ("shm", "stream"):
+        with MemoryClient(srv.address, plane=plane, max_message_bytes=STOCK_LIMIT) as c:
+            for name, with_kv in ((f"{plane}-kv", True), (f"{plane}-keys", False)):
+                c.create_stream(StreamSpec(name, spaces, kv=layout if with_kv else None))
+                entries = batch(with_kv)
+                ids = c.put(name, entries)
+                for space in ("a", "b"):  # each space's keys landed under its own name, in entry order
+                    for n in (0, 13, 23):
+                        assert (c.query(name, space, entries[n].keys[space], 1).ids == ids[n]).all(), (name, space)
+                if with_kv:
+                    assert c.fetch(name, ids).kv.tobytes() == np.stack([e.kv for e in entries]).tobytes()
+                assert c.stats(name).entries == 24
 
 
 def stock_put(stock, header: pb.PutHeader):
     return stock.Put(iter([pb.PutRequest(header=header)]), timeout=30)
 
 
-def test_keys_in_arena_is_refused_off_the_shm_plane_and_with_key_data(server, stock):
-    # a stock client's mistakes with PutHeader.keys_in_arena: INVALID_ARGUMENT saying what was expected, nothing stored
+def test_keys_apart_are_refused_on_the_wrong_plane_and_with_key_data(server, stock):
+    # a stock client's mistakes with PutHeader.keys_in_arena / keys_in_chunks: INVALID_ARGUMENT saying what was
+    # expected, nothing stored
     spec = StreamSpec("k", {"e": KeySpace(8)})
     stock.CreateStream(pb.CreateStreamRequest(spec=convert.spec_to_pb(spec)), timeout=30)
     entry = convert.entry_to_pb(NewEntry(0, 0, "p", {"e": np.ones(8, np.float32)}))
-    cases = [(pb.DATA_PLANE_STREAM, "keys_in_arena is set on the STREAM plane; expected it only with plane SHM"),
-             (pb.DATA_PLANE_SHM, "carries 32 bytes of data; with PutHeader.keys_in_arena key Tensors carry none")]
-    for plane, message in cases:
-        header = pb.PutHeader(stream="k", entries=[entry], plane=plane, keys_in_arena=True, arena_id="x" * 16)
+    bare = pb.NewEntry()
+    bare.CopyFrom(entry)
+    bare.keys["e"].ClearField("data")
+    cases = [(pb.DATA_PLANE_STREAM, "arena", entry,
+              "keys_in_arena is set on the STREAM plane; expected it only with plane SHM"),
+             (pb.DATA_PLANE_SHM, "arena", entry,
+              "carries 32 bytes of data; with PutHeader.keys_in_arena key Tensors carry none"),
+             (pb.DATA_PLANE_SHM, "chunks", bare,
+              "keys_in_chunks is set on the SHM plane; expected it only with plane STREAM"),
+             (pb.DATA_PLANE_STREAM, "chunks", entry,
+              "carries 32 bytes of data; with PutHeader.keys_in_chunks key Tensors carry none"),
+             (pb.DATA_PLANE_STREAM, "both", bare, "sets both keys_in_arena and keys_in_chunks"),
+             (pb.DATA_PLANE_STREAM, "none", bare, "NewEntry.keys['e'] carries 0 bytes")]  # no flag: data is due
+    for plane, flag, msg, message in cases:
+        header = pb.PutHeader(stream="k", entries=[msg], plane=plane, arena_id="x" * 16,
+                              keys_in_arena=flag in ("arena", "both"), keys_in_chunks=flag in ("chunks", "both"))
         with pytest.raises(grpc.RpcError) as info:
             stock_put(stock, header)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (flag, info.value.details())
+        assert message in info.value.details(), (flag, info.value.details())
     assert list(stock.ListEntries(pb.ListEntriesRequest(stream="k"), timeout=30).entries) == []
 
 

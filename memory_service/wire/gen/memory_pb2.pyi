@@ -211,7 +211,7 @@ class NewEntry(_message.Message):
     def __init__(self, frame_index: _Optional[int] = ..., chunk_index: _Optional[int] = ..., prompt: _Optional[str] = ..., keys: _Optional[_Mapping[str, Tensor]] = ..., has_kv: _Optional[bool] = ..., pinned: _Optional[bool] = ..., has_rope_position: _Optional[bool] = ..., rope_position: _Optional[int] = ..., importance: _Optional[float] = ..., kv_dtype: _Optional[str] = ..., kv_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutHeader(_message.Message):
-    __slots__ = ("stream", "entries", "plane", "arena_id", "arena_offset", "keys_in_arena", "keys_offset")
+    __slots__ = ("stream", "entries", "plane", "arena_id", "arena_offset", "keys_in_arena", "keys_offset", "keys_in_chunks")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PLANE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,7 @@ class PutHeader(_message.Message):
     ARENA_OFFSET_FIELD_NUMBER: _ClassVar[int]
     KEYS_IN_ARENA_FIELD_NUMBER: _ClassVar[int]
     KEYS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KEYS_IN_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     stream: str
     entries: _containers.RepeatedCompositeFieldContainer[NewEntry]
     plane: DataPlane
@@ -226,7 +227,8 @@ class PutHeader(_message.Message):
     arena_offset: int
     keys_in_arena: bool
     keys_offset: int
-    def __init__(self, stream: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[NewEntry, _Mapping]]] = ..., plane: _Optional[_Union[DataPlane, str]] = ..., arena_id: _Optional[str] = ..., arena_offset: _Optional[int] = ..., keys_in_arena: _Optional[bool] = ..., keys_offset: _Optional[int] = ...) -> None: ...
+    keys_in_chunks: bool
+    def __init__(self, stream: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[NewEntry, _Mapping]]] = ..., plane: _Optional[_Union[DataPlane, str]] = ..., arena_id: _Optional[str] = ..., arena_offset: _Optional[int] = ..., keys_in_arena: _Optional[bool] = ..., keys_offset: _Optional[int] = ..., keys_in_chunks: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("header", "kv_chunk")
