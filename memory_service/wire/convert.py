@@ -140,10 +140,14 @@ VECTOR_DTYPE = "float32"  # the one dtype of keys and query vectors on the wire,
 def vectors_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
     """Keys (NewEntry.keys) or a query (QueryRequest.vectors): a float32 Tensor, as the proto documents. Another
     dtype is refused, never cast: float16 or int64 numbers were once accepted and ranked as if they were float32."""
+    _check_vector_dtype(t, what)
+    return tensor_from_pb(t, what)
+
+
+def _check_vector_dtype(t: pb.Tensor, what: str) -> None:
     if t.dtype != VECTOR_DTYPE:
         raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected {VECTOR_DTYPE!r} (keys and query "
                                      "vectors travel as float32 whatever the key space stores)")
-    return tensor_from_pb(t, what)
 
 
 def tensor_from_pb(t: pb.Tensor, what: str) -> np.ndarray:
@@ -215,10 +219,10 @@ def float_vectors(vectors: Any, what: str) -> np.ndarray:
     return as_vectors(vectors, what).astype(np.float32, copy=False)  # a view when float32: the wire copies it
 
 
-def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] = None) -> pb.NewEntry:
+def entry_to_pb(e: NewEntry, n: int = 0, apart: Optional[list[np.ndarray]] = None) -> pb.NewEntry:
     """One entry's metadata and keys (its K/V bytes travel apart); `e` has passed validate.check_batch. With
-    `keys_apart`, the key Tensors carry no data: their arrays are appended to it instead, in the order of the
-    spaces' names (PutHeader.keys_in_arena)."""
+    `apart`, the key Tensors carry no data: their arrays are appended to it instead, in the order of the spaces'
+    names (PutHeader.keys_in_arena / keys_in_chunks)."""
     try:
         msg = pb.NewEntry(
             frame_index=int(e.frame_index), chunk_index=int(e.chunk_index), prompt=e.prompt, has_kv=e.kv is not None,
@@ -232,11 +236,11 @@ def entry_to_pb(e: NewEntry, n: int = 0, keys_apart: Optional[list[np.ndarray]] 
         msg.kv_dtype, msg.kv_shape[:] = str(kv.dtype), list(kv.shape)
     for space, vec in sorted((e.keys or {}).items()):
         arr = float_vectors(vec, f"entry {n} keys for key space {space!r}")
-        if keys_apart is None:
-            msg.keys[space].CopyFrom(tensor_to_pb(arr, "float32"))
+        if apart is None:
+            msg.keys[space].CopyFrom(tensor_to_pb(arr, VECTOR_DTYPE))
         else:
-            msg.keys[space].CopyFrom(pb.Tensor(dtype="float32", shape=list(arr.shape)))
-            keys_apart.append(arr)
+            msg.keys[space].CopyFrom(pb.Tensor(dtype=VECTOR_DTYPE, shape=list(arr.shape)))
+            apart.append(arr)
     return msg
 
 
@@ -258,9 +262,7 @@ def keys_apart(header: pb.PutHeader) -> tuple[list[tuple[int, str, tuple[int, ..
     for i, e in enumerate(header.entries):
         for space in sorted(e.keys):
             t, what = e.keys[space], f"entry {i} NewEntry.keys[{space!r}]"
-            if t.dtype != VECTOR_DTYPE:
-                raise errors.InvalidArgument(f"{what} has dtype {t.dtype!r}; expected {VECTOR_DTYPE!r} (keys and "
-                                             "query vectors travel as float32 whatever the key space stores)")
+            _check_vector_dtype(t, what)
             if t.data:
                 raise errors.InvalidArgument(f"{what} carries {len(t.data)} bytes of data; with PutHeader.{field} "
                                              f"key Tensors carry none (their bytes {where})")
