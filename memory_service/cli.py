@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     overrides = {k: getattr(args, k) for k in ("data_dir", "host", "port", "metrics_port", "auth_token_file",
-                                               "tls_cert", "tls_key", "workers")}
+                                               "tls_cert", "tls_key", "workers", "local_socket")}
     if args.insecure:
         overrides["insecure"] = True
     cluster = {k: getattr(args, a) for k, a in (("etcd", "cluster"), ("s3_endpoint", "s3_endpoint"),
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     serve.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without auth")
     serve.add_argument("--workers", type=int, default=None, help="request threads (default 16)")
+    serve.add_argument("--local-socket", default=None, metavar="auto|off|@NAME|PATH",
+                       help="where same-host clients of the shared-memory plane may call without gRPC: auto (the "
+                            "default: a fresh name in Linux's abstract namespace), off, @NAME or a socket path")
     serve.add_argument("--cluster", default=None, metavar="etcd://HOST:PORT[,...]",
                        help="cluster mode: etcd endpoints for stream ownership (needs --s3-endpoint, --s3-bucket, "
                             "--node-id; S3 credentials from the usual AWS environment)")

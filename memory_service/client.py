@@ -43,8 +43,9 @@ from memory_service.config import is_loopback
 from memory_service.cluster.directory import is_directory
 from memory_service.errors import (
     ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
-    ResourceExhausted, StaleLayout, Unauthenticated,
+    ResourceExhausted, StaleLayout, Unauthenticated, Unavailable,
 )
+from memory_service.local_channel import LocalChannel, Unreachable
 from memory_service.protocol import Ids, Memory, Resident, Vectors
 from memory_service.query_fetch import FetchPlan, normalize_resident
 from memory_service.shm import Arena
@@ -105,6 +106,8 @@ class MemoryClient(Memory):
         self._query_fetch_one = calls.query_fetch_one  # QueryFetch on the SHM plane: one message (convert.Calls)
         self._fetch_one = calls.fetch_one  # Fetch on the SHM plane, likewise
         self.arena_bytes = int(arena_bytes)
+        self._local = LocalChannel(self.max_message_bytes)  # the service's local socket, once an arena names it
+        self._local_said = False
         self._pool = ArenaPool(self._register_arena, self._release_arena, self.arena_bytes, max_arenas)
         self._buffers = stream_plane.Buffers()  # the streaming plane's answers, reused once the caller drops them
         self._specs: dict[str, StreamSpec] = {}  # K/V layouts this client knows, by stream name
@@ -124,6 +127,7 @@ class MemoryClient(Memory):
     def close(self) -> None:
         self._closed = True
         self._pool.close()
+        self._local.close()
         self._buffers.clear()
         self._channel.close()
 
@@ -145,6 +149,29 @@ class MemoryClient(Memory):
                 # grpc refuses calls on a closed channel with a bare ValueError (close() from another thread)
                 raise FailedPrecondition(f"the MemoryClient to {self.target} is closed ({exc}); expected calls "
                                          "only before close()") from None
+
+    def _call(self, method: str, grpc_call: Callable[..., Any], request: Any, *, idempotent: bool = False,
+              timeout: Optional[float] = None, hold: object = None) -> Any:
+        """A call of the SHM plane's (convert.LOCAL_METHODS): by the service's local socket once it named one, else
+        - or when the socket cannot take it, or an idempotent call found it closed - by gRPC (`grpc_call`)."""
+        try:
+            if self._local.name:
+                try:
+                    answer = self._local.call(method, request, timeout or self.timeout, self._metadata, hold)
+                    if not self._local_said:
+                        self._local_said = True
+                        log.info("memflow: calls to %s by its local socket %s", self.target, self._local.name)
+                    return answer
+                except Unreachable as exc:
+                    log.info("memflow: the local socket of %s did not take %s (%s); by gRPC", self.target, method,
+                             exc)
+                except Unavailable:
+                    if not idempotent:
+                        raise
+            return self._rpc(grpc_call, iter((request,)) if method == "Put" else request, idempotent=idempotent,
+                             timeout=timeout)
+        finally:
+            hold = None  # a failed call's traceback keeps this frame: it must not keep the lease too
 
     def _warm_up_channel(self) -> None:
         """Connect now (the first call would pay for it), waiting at most WARM_UP_S; a dead service ends it at once."""
@@ -181,7 +208,9 @@ class MemoryClient(Memory):
 
     def _register_arena(self, arena: Arena) -> str:
         request = convert.register_arena_request(arena.name, arena.size, arena.nonce)
-        return str(self._rpc(self._stub.RegisterArena, request, idempotent=True).arena_id)
+        reply = self._rpc(self._stub.RegisterArena, request, idempotent=True)
+        self._local.advertised(reply.local_socket)
+        return str(reply.arena_id)
 
     def _release_arena(self, arena_id: str) -> None:
         self._rpc(self._stub.ReleaseArena, convert.release_arena_request(arena_id), timeout=2.0)
@@ -274,7 +303,7 @@ class MemoryClient(Memory):
                 keys_offset = offset + total if key_bytes else 0
             arena_id = self._pool.arena_id(slot)
             request = convert.put_shm(header, arena_id, offset, keys_offset)
-            return convert.ids_from_put(self._rpc(self._put, iter([request])))
+            return convert.ids_from_put(self._call("Put", self._put, request, hold=(region, kvs)))
         except ArenaNotRegistered:
             self._pool.lost(arena_id)
             raise
@@ -291,7 +320,7 @@ class MemoryClient(Memory):
               exclude_frames: Optional[tuple[int, int]] = None, pinned_only: bool = False,
               time_range: Optional[tuple[float, float]] = None, timeout: Optional[float] = None) -> QueryResult:
         request = _query_pb(stream, space, vectors, k, combine, exclude_frames, pinned_only, time_range)
-        return convert.result_from_pb(self._rpc(self._stub.Query, request, idempotent=True, timeout=timeout))
+        return convert.result_from_pb(self._call("Query", self._stub.Query, request, idempotent=True, timeout=timeout))
 
     def fetch(self, stream: str, ids: Ids, layers: Optional[Sequence[int]] = None, *,
               timeout: Optional[float] = None) -> FetchResult:
@@ -313,7 +342,7 @@ class MemoryClient(Memory):
             slot, offset, region = self._pool.lease(nbytes)
             arena_id = self._pool.arena_id(slot)
             convert.fetch_shm(request, arena_id, offset, nbytes)
-            header = self._rpc(self._fetch_one, request, idempotent=True, timeout=timeout).header
+            header = self._call("Fetch", self._fetch_one, request, idempotent=True, timeout=timeout, hold=region).header
             kv = np.frombuffer(region, kv_numpy_dtype(header.dtype),  # type: ignore[call-overload]  # a buffer
                                count=int(np.prod(header.shape)))
             return FetchResult(ids=tuple(header.ids), layers=tuple(header.layers), kv=kv.reshape(tuple(header.shape)))
@@ -365,7 +394,8 @@ class MemoryClient(Memory):
             slot, offset, region = self._pool.lease(nbytes)
             arena_id = self._pool.arena_id(slot)
             convert.query_fetch_shm(request, arena_id, offset, nbytes)
-            reply = self._rpc(self._query_fetch_one, request, idempotent=True, timeout=timeout)
+            reply = self._call("QueryFetch", self._query_fetch_one, request, idempotent=True, timeout=timeout,
+                               hold=region)
             result, groups, _ = convert.query_fetch_header_from_pb(reply)
             fetched, pos = [], 0
             for g in groups:

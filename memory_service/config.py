@@ -161,9 +161,19 @@ class ServiceConfig:
     # per-stream gauges on /metrics, labelled with stream names (every tenant's, and /metrics asks for no
     # token): off unless the operator opts in; the totals are always there
     metrics_stream_labels: bool = False
+    # the local socket (service/local_server.py): "auto" (Linux: a fresh name in the abstract namespace), "off",
+    # or a name: "@name" (abstract) or a filesystem path
+    local_socket: str = "auto"
     quotas: TenantQuotas = field(default_factory=TenantQuotas)
     bank: BankConfig = field(default_factory=BankConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        name = self.local_socket
+        if not isinstance(name, str) or not name or name == "@" or "\0" in name or \
+                len(name.encode()) > 107:
+            raise InvalidArgument(f"config local_socket is {name!r}; expected \"auto\", \"off\", \"@name\" (Linux's "
+                                  "abstract namespace) or a socket path of at most 107 bytes")
 
 
 def build(cls: type, data: Mapping[str, Any], where: str) -> Any:

@@ -19,10 +19,11 @@ Owns, for every MemoryService method (health and reflection pass untouched):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import grpc
 
@@ -117,34 +118,61 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             asked = handler_call_details.invocation_metadata or ()
             if method in ONE_ANSWER_METHODS and (ONE_ANSWER, "unary") in asked:
                 return grpc.unary_unary_rpc_method_handler(
-                    self._unary(method, _one_answer(method, handler.unary_stream)), parse, handler.response_serializer)
+                    self._unary(method, one_answer(method, handler.unary_stream)), parse, handler.response_serializer)
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(method, handler.unary_stream), parse, handler.response_serializer)
         return handler  # no bidirectional methods in the contract
 
-    def _admit(self, context) -> None:
+    def admit(self, context) -> None:
+        """UNAVAILABLE while the server drains; UNAUTHENTICATED without a valid token (gRPC's and local calls)."""
         if self.draining.is_set():
             raise Unavailable("the memory service is shutting down; retry against a running instance")
         if self.auth is not None:
             self.auth.identify(context.invocation_metadata())
 
-    def _fail(self, method: str, context, exc: BaseException):
+    def status(self, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+        """(code, message, trailing metadata) a failed call answers, counted per method and code; anything but a
+        MemFlowError is logged with its traceback and becomes INTERNAL. The local socket answers the same."""
         code = convert.status_of(exc)
         self.metrics.errors.labels(method, code.name).inc()
         if isinstance(exc, MemFlowError):
-            trailers = convert.trailers_of(exc)
-            if trailers:  # a refined class (errors.REFINED_ERRORS) travels as its parent's code plus its reason
-                context.set_trailing_metadata(trailers)
-            context.abort(code, str(exc))
-        log.exception("%s failed unexpectedly", method)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method} failed inside the service: {type(exc).__name__}: {exc}")
+            # a refined class (errors.REFINED_ERRORS) travels as its parent's code plus its reason
+            return code, str(exc), convert.trailers_of(exc)
+        log.exception("%s failed unexpectedly", method, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"{method} failed inside the service: {type(exc).__name__}: {exc}", ()
+
+    def _fail(self, method: str, context, exc: BaseException):
+        code, message, trailers = self.status(method, exc)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        context.abort(code, message)
+
+    @contextlib.contextmanager
+    def local_call(self, method: str) -> Iterator[None]:
+        """A call that came by the local socket (service/local_server.py), counted as `_unary` counts gRPC's:
+        running and open (the drain waits for it, the bank stays open under it) until the block - admission, the
+        handler and the sending of its answer - ends; timed per method."""
+        t0 = time.perf_counter()
+        self.metrics.in_flight.labels(method).inc()
+        with self._idle:
+            self._running += 1
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._open -= 1
+                self._idle.notify_all()
+            self.metrics.in_flight.labels(method).dec()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
     def _unary(self, method: str, behavior, streamed: bool = False):
         def wrapped(request, context):
             t0 = time.perf_counter()
             self._enter(method, context)
             try:
-                self._admit(context)
+                self.admit(context)
                 return behavior(self._checked_stream(request, method) if streamed else _checked(request, method),
                                 context)
             except Exception as exc:  # noqa: BLE001 - every failure is mapped to a status here
@@ -162,7 +190,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             t0 = time.perf_counter()
             self._enter(method, context)
             try:
-                self._admit(context)
+                self.admit(context)
                 for response in behavior(_checked(request, method), context):
                     self._wait_on_client(+1)  # grpc sends it (flow control: the client's pace) before resuming us
                     try:
@@ -202,7 +230,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 _END = object()
 
 
-def _one_answer(method: str, behavior):
+def one_answer(method: str, behavior):
     """A server-streaming behavior whose answer is one message (Fetch and QueryFetch on the SHM plane), run as a
     unary handler: grpc sends the message and the status together, instead of the message, a wait for its
     completion on another thread, then the status. The wire is the same (a streaming answer of one message is a

@@ -38,6 +38,7 @@ from memory_service.service.auth import Authenticator
 from memory_service.service import reflection
 from memory_service.wire import convert
 from memory_service.service.interceptors import ServiceInterceptor
+from memory_service.service.local_server import LocalServer, socket_name
 from memory_service.service.metrics import Metrics
 from memory_service.service.servicer import MemoryServicer
 
@@ -85,6 +86,7 @@ class MemoryServer:
                      ("grpc.so_reuseport", 0)],
         )
         self.server.add_generic_rpc_handlers((convert.method_handlers(self.servicer),))
+        self.local: Optional[LocalServer] = None  # the local socket, once started
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable(self.server, (SERVICE_NAME, health.SERVICE_NAME))  # v1 and v1alpha, with the comments
@@ -120,11 +122,14 @@ class MemoryServer:
             raise Unavailable(f"cannot listen for gRPC on {where}: grpc could not bind it (see its log above); "
                               "pick another --port")
         self.server.start()
+        self._start_local()
         if self.config.metrics_port is not None:
             try:
                 self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
             except OSError:
                 self.server.stop(0)
+                if self.local is not None:
+                    self.local.close()
                 raise Unavailable(_bind_problem("metrics", self.config.host, self.config.metrics_port, "--metrics-port")
                                   or f"cannot serve metrics on port {self.config.metrics_port}") from None
         announce = getattr(self.bank, "announce", None)  # cluster mode: join the membership, now reachable
@@ -135,8 +140,28 @@ class MemoryServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": self.address, "tls": bool(self.config.tls_cert),
                                    "auth": self.auth is not None, "data_dir": self.config.data_dir,
-                                   "metrics_port": self.metrics_port})
+                                   "metrics_port": self.metrics_port, "local_socket": self.servicer.local_socket})
         return self.port
+
+    def _start_local(self) -> None:
+        """The local socket (service/local_server.py), advertised to clients in RegisterArena's answers. "auto" that
+        cannot listen leaves clients on gRPC (logged); a name the operator chose must listen, or start fails."""
+        name = socket_name(self.config.local_socket)
+        if name is None:
+            return
+        local = LocalServer(self.servicer, self.interceptor, name, self.config.max_message_bytes)
+        try:
+            local.start()
+        except OSError as exc:
+            if self.config.local_socket == "auto":
+                log.warning("no local socket; same-host clients call by gRPC",
+                            extra={"local_socket": name, "error": str(exc)})
+                return
+            self.server.stop(0)
+            raise Unavailable(f"cannot listen on the local socket {name}: {exc.strerror or exc}; pick another "
+                              "--local-socket, or --local-socket off") from None
+        self.local = local
+        self.servicer.local_socket = name
 
     def stop(self, grace: float = 10.0) -> None:
         """Drain and close; safe to call twice."""
@@ -169,6 +194,8 @@ class MemoryServer:
         if not self.interceptor.wait_idle(timeout=60.0):
             log.error("calls still running 60 s after stop; leaving the bank open", extra={"address": self.address})
             return
+        if self.local is not None:
+            self.local.close()
         self.servicer.arenas.close()
         self.metrics.close()
         self.bank.close()

@@ -61,6 +61,7 @@ class MemoryServicer:
         self.arenas = ArenaRegistry(max_arenas, quotas.max_arenas, quotas.max_arena_bytes)
         self.max_put_bytes = max_put_bytes
         self.chunk_bytes = chunk_bytes
+        self.local_socket = ""  # the local socket's name, once MemoryServer listens there (RegisterArena says it)
         kv_numpy_dtype("bfloat16")  # imports ml_dtypes now, not in the first CreateStream or Put (0.5-0.9 s)
 
     def _who(self, context, method: str) -> Identity:
@@ -315,7 +316,7 @@ class MemoryServicer:
     def RegisterArena(self, request, context):
         who = self._who(context, "RegisterArena")
         arena_id = self.arenas.register(who.tenant, request.shm_name, int(request.size), bytes(request.nonce))
-        return convert.register_arena_response(arena_id)
+        return convert.register_arena_response(arena_id, self.local_socket)
 
     def ReleaseArena(self, request, context):
         who = self._who(context, "ReleaseArena")

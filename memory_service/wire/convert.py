@@ -470,6 +470,74 @@ def _one_answer(call: Callable[..., Any]) -> Callable[..., Any]:
     return one
 
 
+# ---- the local socket (wire/local.py frames these; proto "the local socket") ----------------------------------
+
+LOCAL_METHODS = ("Query", "Fetch", "QueryFetch", "Put")
+# trailer of a LocalAnswer whose call was never run because the socket had no room for its connection: the
+# caller makes it by gRPC instead (a stock client sees UNAVAILABLE and the message)
+LOCAL_REFUSED_KEY = "memflow-local-refused"
+
+
+class LocalRefused(Exception):
+    """The local socket refused the connection before running any call on it (LOCAL_REFUSED_KEY)."""
+_LOCAL_TYPES = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+                for m in SERVICE.methods if m.name in LOCAL_METHODS}
+
+
+def local_call(method: str, request: Any, timeout: Optional[float], metadata: Sequence[tuple[str, str]]) -> bytes:
+    """A LocalCall's bytes: `request` (a message of `method`), the deadline, and the caller's authorization."""
+    auth = next((value for key, value in metadata if key == "authorization"), "")
+    return pb.LocalCall(method=method, request=request.SerializeToString(), timeout_s=timeout or 0.0,
+                        authorization=auth).SerializeToString()
+
+
+def local_call_from_wire(data: bytes) -> tuple[str, Any, Optional[float], tuple[tuple[str, str], ...]]:
+    """(method, its request message, timeout in seconds or None, the call's metadata) of a LocalCall's bytes;
+    InvalidArgument when they are not one, or name a method the local socket does not take."""
+    try:
+        call = pb.LocalCall.FromString(data)
+    except Exception as exc:  # noqa: BLE001 - DecodeError and what a malformed length does inside protobuf
+        raise errors.InvalidArgument(f"local socket frame is not a memflow.v1.LocalCall ({type(exc).__name__}: {exc})"
+                                     "; expected the message of protos/memflow/v1/memory.proto") from None
+    types = _LOCAL_TYPES.get(call.method)
+    if types is None:
+        raise errors.InvalidArgument(f"LocalCall.method is {call.method!r}; the local socket takes "
+                                     f"{', '.join(LOCAL_METHODS)} (every other method: gRPC)")
+    try:
+        request = types[0].FromString(call.request)
+    except Exception as exc:  # noqa: BLE001
+        raise errors.InvalidArgument(f"{call.method} request is not a valid memflow.v1 message "
+                                     f"({type(exc).__name__}: {exc}); expected the protobuf message of "
+                                     "protos/memflow/v1/memory.proto") from None
+    if not math.isfinite(call.timeout_s) or call.timeout_s < 0:
+        raise errors.InvalidArgument(f"LocalCall.timeout_s is {call.timeout_s}; expected seconds >= 0 (0: none)")
+    metadata = (("authorization", call.authorization),) if call.authorization else ()
+    return call.method, request, call.timeout_s or None, metadata
+
+
+def local_answer(response: Any) -> bytes:
+    return pb.LocalAnswer(response=response.SerializeToString()).SerializeToString()
+
+
+def local_failure(code: grpc.StatusCode, message: str, trailers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A LocalAnswer's bytes for a failed call: what gRPC would have sent as its status and trailing metadata."""
+    return pb.LocalAnswer(code=code.value[0], message=message, trailers=dict(trailers)).SerializeToString()
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def local_answer_from_wire(method: str, data: bytes) -> Any:
+    """The response message of `method` in a LocalAnswer's bytes, or raises the error it carries (error_from)."""
+    answer = pb.LocalAnswer.FromString(data)
+    if LOCAL_REFUSED_KEY in answer.trailers:
+        raise LocalRefused(answer.message)
+    if answer.code:
+        code = _STATUS_BY_VALUE.get(answer.code, grpc.StatusCode.UNKNOWN)
+        raise error_from(code, answer.message, tuple(answer.trailers.items()))
+    return _LOCAL_TYPES[method][1].FromString(answer.response)
+
+
 # ---- requests (the client builds them) ------------------------------------------------------------------------
 
 def create_stream_request(spec: StreamSpec) -> pb.CreateStreamRequest:
@@ -639,8 +707,8 @@ def list_entries_response(metas: Sequence[EntryMeta]) -> pb.ListEntriesResponse:
     return pb.ListEntriesResponse(entries=[meta_to_pb(m) for m in metas])
 
 
-def register_arena_response(arena_id: str) -> pb.RegisterArenaResponse:
-    return pb.RegisterArenaResponse(arena_id=arena_id)
+def register_arena_response(arena_id: str, local_socket: str = "") -> pb.RegisterArenaResponse:
+    return pb.RegisterArenaResponse(arena_id=arena_id, local_socket=local_socket)
 
 
 # ---- the Put stream (the servicer reads it) --------------------------------------------------------------------

@@ -469,10 +469,12 @@ class RegisterArenaRequest(_message.Message):
     def __init__(self, shm_name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class RegisterArenaResponse(_message.Message):
-    __slots__ = ("arena_id",)
+    __slots__ = ("arena_id", "local_socket")
     ARENA_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     arena_id: str
-    def __init__(self, arena_id: _Optional[str] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, arena_id: _Optional[str] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class ReleaseArenaRequest(_message.Message):
     __slots__ = ("arena_id",)
@@ -483,3 +485,34 @@ class ReleaseArenaRequest(_message.Message):
 class ReleaseArenaResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LocalCall(_message.Message):
+    __slots__ = ("method", "request", "timeout_s", "authorization")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    request: bytes
+    timeout_s: float
+    authorization: str
+    def __init__(self, method: _Optional[str] = ..., request: _Optional[bytes] = ..., timeout_s: _Optional[float] = ..., authorization: _Optional[str] = ...) -> None: ...
+
+class LocalAnswer(_message.Message):
+    __slots__ = ("code", "response", "message", "trailers")
+    class TrailersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRAILERS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    response: bytes
+    message: str
+    trailers: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[int] = ..., response: _Optional[bytes] = ..., message: _Optional[str] = ..., trailers: _Optional[_Mapping[str, str]] = ...) -> None: ...
