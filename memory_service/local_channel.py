@@ -79,7 +79,8 @@ class LocalChannel:
             try:
                 local.send(taken, frame)
             except OSError as exc:
-                self._switch("", only_if=name)
+                if not _refused(taken):  # full: the service said so and closed; the name stays good
+                    self._switch("", only_if=name)
                 raise Unreachable(f"the local socket {name} closed before {method} went out ({exc})") from None
             try:
                 data = local.receive(taken, self.max_frame_bytes)
@@ -137,6 +138,19 @@ class LocalChannel:
                 self._idle.append(sock)
                 return
         sock.close()
+
+
+def _refused(sock: socket.socket) -> bool:
+    """Whether what the service sent before closing `sock` is a refusal of the connection (convert.LocalRefused)."""
+    try:
+        data = local.receive(sock, 1 << 16)
+        if data is not None:
+            convert.local_answer_from_wire("Query", data)
+    except convert.LocalRefused:
+        return True
+    except Exception:  # noqa: BLE001 - anything else: not a refusal
+        pass
+    return False
 
 
 def _await_late(sock: socket.socket, hold: object, wait_s: float = 300.0) -> None:

@@ -14,8 +14,9 @@ Promises:
   UNAVAILABLE, and MemoryServer.stop closes the bank only once no local call runs;
 - a hostile same-host peer cannot hurt the service: frames over the message limit are refused before their
   bytes are read (RESOURCE_EXHAUSTED, then the connection closes), a malformed frame is INVALID_ARGUMENT,
-  connections past `max_connections` are told RESOURCE_EXHAUSTED and closed, and a peer that stops reading
-  or writing holds only its own connection's thread;
+  connections past `max_connections` are told UNAVAILABLE with trailer memflow-local-refused (no call ran:
+  MemoryClient makes it by gRPC) and closed, and a peer that stops reading or writing holds only its own
+  connection's thread;
 - no socket, no harm: a client that cannot connect uses gRPC for the same calls.
 """
 
