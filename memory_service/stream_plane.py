@@ -6,78 +6,28 @@ service/packing.py): a Put sends each entry's K/V in pieces of PUT_PIECE_BYTES f
 its header announced. Promises: a stream that sends a second header, more bytes than announced or fewer is a
 MemFlowError saying how many bytes came; a failed call is the MemFlowError its status stands for.
 
-The buffers answers are gathered into come from a `Buffers` recycler (one per client): a buffer whose arrays the
-caller has all dropped is written again by a later answer of the same size, instead of a fresh allocation whose
-every page the kernel must fault in and zero on first write. For 287.5 MB frames that zeroing was about 40% of the
-client's CPU per fetch (perf: clear_page_erms under the gather's memmove) and most of its variance.
+The buffers answers are gathered into come from a `buffers.Buffers` recycler (one per client): a buffer whose
+arrays the caller has all dropped is written again by a later answer of the same size, instead of a fresh
+allocation whose every page the kernel must fault in and zero on first write. For 287.5 MB frames that zeroing
+was about 40% of the client's CPU per fetch (perf: clear_page_erms under the gather's memmove) and most of its
+variance.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
+from memory_service.buffers import RECYCLE_MIN_BYTES, RECYCLE_SLOTS, Buffers  # noqa: F401 - re-exported
 from memory_service.errors import MemFlowError
 from memory_service.wire.framing import chunk_to_wire
 
 # Pieces of 1 MiB, not the 4 MiB the wire allows: smaller messages keep both ends busy (a 28.75 MB put over
 # loopback took 126-176 ms in 1 MiB pieces against 185-228 ms in 4 MiB ones; the service answers in ~1 MiB too).
 PUT_PIECE_BYTES = 1 << 20
-
-
-# Answers at least this big are gathered into recycled buffers; smaller ones come from malloc's own free lists,
-# which already reuse warm memory.
-RECYCLE_MIN_BYTES = 1 << 20
-# At most this many buffers are remembered (the most recently used): one for the answer the caller is using now,
-# one for the next (a prefetch overlapping it). The most held beyond what the caller holds is these buffers.
-RECYCLE_SLOTS = 2
-
-
-class Buffers:
-    """Output buffers for answers, reused once the caller drops every array over them (thread-safe).
-
-    A buffer is free when nothing but this recycler refers to it: every array a result hands out is a numpy view
-    whose base is the buffer, and every view (or memoryview, or tensor made from one) holds a reference to it, so
-    its reference count says whether any is alive. A buffer still referred to is never handed out again.
-    """
-
-    def __init__(self, slots: int = RECYCLE_SLOTS, min_bytes: int = RECYCLE_MIN_BYTES) -> None:
-        self.slots, self.min_bytes = int(slots), int(min_bytes)
-        self._held: list[np.ndarray] = []  # most recently handed out last
-        self._lock = threading.Lock()
-        # what _refs says of a buffer only the list holds, measured through the same code (interpreters differ
-        # in how many references a call's argument adds)
-        self._alone = _refs([np.empty(0, np.uint8)], 0)
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A uint8 buffer of exactly `nbytes` that no one else refers to: a free remembered one, else a new one."""
-        if nbytes < self.min_bytes or not self.slots:
-            return np.empty(nbytes, np.uint8)
-        with self._lock:
-            held = self._held
-            free = [i for i in range(len(held)) if held[i].nbytes == nbytes and _refs(held, i) == self._alone]
-            if free:
-                buf = held.pop(free[-1])
-            else:
-                buf = np.empty(nbytes, np.uint8)
-                if len(held) >= self.slots:
-                    del held[0]  # forgotten, not freed: a caller may still hold it
-            held.append(buf)
-            return buf
-
-    def clear(self) -> None:
-        """Forget every buffer (the memory goes once the caller's arrays over it do)."""
-        with self._lock:
-            self._held.clear()
-
-
-def _refs(held: list, i: int) -> int:
-    return sys.getrefcount(held[i])
 
 
 def put_requests(first: Any, kvs: Sequence[np.ndarray]) -> Iterator[object]:

@@ -720,9 +720,10 @@ def put_header_of(first: Any) -> pb.PutHeader:
     return first.header
 
 
-def gather_chunks(requests: Iterator[Any], total: int) -> np.ndarray:
-    """Concatenate a Put's streaming-plane chunks into one buffer of exactly `total` bytes."""
-    buf = np.empty(total, np.uint8)
+def gather_chunks(requests: Iterator[Any], total: int,
+                  take: Callable[[int], np.ndarray] = lambda n: np.empty(n, np.uint8)) -> np.ndarray:
+    """Concatenate a Put's streaming-plane chunks into one buffer of exactly `total` bytes (from `take`)."""
+    buf = take(total)
     got = 0
     for msg in requests:  # memoryviews (framed chunks, see put_request_from_wire) or PutRequests
         if not isinstance(msg, memoryview):
