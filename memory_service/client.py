@@ -43,7 +43,7 @@ from memory_service.config import is_loopback
 from memory_service.cluster.directory import is_directory
 from memory_service.errors import (
     ArenaNotRegistered, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, PermissionDenied,
-    ResourceExhausted, StaleLayout, Unauthenticated, Unavailable,
+    ResourceExhausted, StaleLayout, Unauthenticated, Unavailable, DeadlineExceeded,
 )
 from memory_service.local_channel import LocalChannel, Unreachable
 from memory_service.protocol import Ids, Memory, Resident, Vectors
@@ -66,6 +66,11 @@ T = TypeVar("T")
 # 20 s) is left alone: a remote service behind TLS needs it.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 SHM_RETRIES = 2  # reruns of a shared-memory call after ArenaNotRegistered / StaleLayout (a restart, a new layout)
+# After a shared-memory call's deadline passed on gRPC, its lease stays reserved this long: the service may still be
+# copying into it (a 0.1 s plugin deadline against a ~0.1 s fetch of 3 Wan frames), and a lease handed out again
+# under that copy would give the next fetch another call's bytes. On the local socket the client waits for the
+# late answer itself (local_channel.py).
+LATE_COPY_S = 10.0
 WARM_UP_S = 2.0  # at most this long spent warming up at connect (the service may be down; calls will say so)
 
 
@@ -170,6 +175,12 @@ class MemoryClient(Memory):
                         raise
             return self._rpc(grpc_call, iter((request,)) if method == "Put" else request, idempotent=idempotent,
                              timeout=timeout)
+        except DeadlineExceeded:
+            if hold is not None:  # gRPC never says when the service's copy into the lease ends: keep it a while
+                late = threading.Timer(LATE_COPY_S, _forget, args=(hold,))
+                late.daemon = True  # a process that exits does not wait for it
+                late.start()
+            raise
         finally:
             hold = None  # a failed call's traceback keeps this frame: it must not keep the lease too
 
@@ -543,6 +554,10 @@ def _error(exc: grpc.RpcError) -> Exception:
     except Exception:  # noqa: BLE001 - a call that never reached the wire may have none to give
         trailers = ()
     return convert.error_from(exc.code(), exc.details() or "", trailers)
+
+
+def _forget(hold: object) -> None:
+    """What a timer calls once a late copy's wait is over (dropping its argument frees the lease)."""
 
 
 def _ids(ids: Ids) -> list[int]:

@@ -21,7 +21,7 @@ import pytest
 from svc_util import SMALL_ARENA, make_entry, make_spec, start_serve, write_tokens
 
 from memory_service import MemoryClient
-from memory_service.errors import NotFound
+from memory_service.errors import DeadlineExceeded, NotFound
 from memory_service.wire.gen import memory_pb2 as pb
 from memory_service.wire.gen import memory_pb2_grpc as pb_grpc
 
@@ -219,3 +219,26 @@ def test_many_threads_share_one_client(filled):
             t.join()
         assert not errors, errors[0]
         assert c._local.name
+
+
+def test_a_lease_past_its_deadline_stays_reserved_while_the_service_may_still_copy(make_server, monkeypatch):
+    """gRPC (no local socket): the client cannot know when the service's copy into the lease ends, so a call past its
+    deadline keeps its lease for client.LATE_COPY_S; the local socket keeps it until the late answer arrives."""
+    import memory_service.client as client_module
+
+    monkeypatch.setattr(client_module, "LATE_COPY_S", 1.0)
+    for setting in ("off", "auto"):
+        srv = make_server(local_socket=setting)
+        with MemoryClient(srv.address, plane="shm", arena_bytes=SMALL_ARENA) as c:
+            c.create_stream(make_spec())
+            c.put("cam0", [make_entry(s) for s in range(6)])
+            with pytest.raises(DeadlineExceeded):
+                c.fetch("cam0", list(range(6)), timeout=1e-6)
+            if setting == "off":
+                assert c.arena_usage().leased == 1  # kept: the service may be copying into it
+            deadline = time.monotonic() + 10
+            while c.arena_usage().leased and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.arena_usage().leased == 0  # given back once the copy can no longer be running
+            got = c.fetch("cam0", [3, 1])
+            assert got.kv.tobytes() == b"".join(np.asarray(make_entry(s).kv).tobytes() for s in (3, 1))
