@@ -232,8 +232,13 @@ def test_a_lease_past_its_deadline_stays_reserved_while_the_service_may_still_co
         with MemoryClient(srv.address, plane="shm", arena_bytes=SMALL_ARENA) as c:
             c.create_stream(make_spec())
             c.put("cam0", [make_entry(s) for s in range(6)])
-            with pytest.raises(DeadlineExceeded):
-                c.fetch("cam0", list(range(6)), timeout=1e-6)
+            for _ in range(100):  # gRPC's clock may let a 1 us deadline pass a small call now and then
+                try:
+                    c.fetch("cam0", list(range(6)), timeout=1e-6)
+                except DeadlineExceeded:
+                    break
+            else:
+                pytest.fail("no fetch with a 1 us deadline failed in 100 tries")
             if setting == "off":
                 assert c.arena_usage().leased == 1  # kept: the service may be copying into it
             deadline = time.monotonic() + 10
