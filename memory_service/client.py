@@ -173,14 +173,15 @@ class MemoryClient(Memory):
                 except Unavailable:
                     if not idempotent:
                         raise
-            return self._rpc(grpc_call, iter((request,)) if method == "Put" else request, idempotent=idempotent,
-                             timeout=timeout)
-        except DeadlineExceeded:
-            if hold is not None:  # gRPC never says when the service's copy into the lease ends: keep it a while
-                late = threading.Timer(LATE_COPY_S, _forget, args=(hold,))
-                late.daemon = True  # a process that exits does not wait for it
-                late.start()
-            raise
+            try:
+                return self._rpc(grpc_call, iter((request,)) if method == "Put" else request, idempotent=idempotent,
+                                 timeout=timeout)
+            except DeadlineExceeded:
+                if hold is not None:  # gRPC never says when the service's copy into the lease ends: keep it a while
+                    late = threading.Timer(LATE_COPY_S, _forget, args=(hold,))
+                    late.daemon = True  # a process that exits does not wait for it
+                    late.start()
+                raise
         finally:
             hold = None  # a failed call's traceback keeps this frame: it must not keep the lease too
 
