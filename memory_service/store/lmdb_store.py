@@ -23,6 +23,7 @@ from typing import Container, Iterator, Optional, Sequence
 
 import numpy as np
 
+from memory_service.copies import gather
 from memory_service.errors import DataLoss, NotFound
 from memory_service.store.base import Commit, Contents, NewEntries, StoredStream, StreamLayout
 from memory_service.store.codec import (
@@ -111,15 +112,16 @@ class LMDBView(Reader):
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
         # One batched read per database for the whole fetch, then per record a byte comparison of its header with
-        # the layout's raw header and one memcpy into `out`. Headers that differ (fp8, or damage) take decode_into,
-        # which decodes or says what is wrong.
+        # the layout's raw header, and one gather of the raw bodies into `out` (copies.py: on two threads when big).
+        # Headers that differ (fp8, or damage) take decode_into, which decodes or says what is wrong.
         layers = list(layers)
         heads = self._walk("phead", layout.sid, ids, layers)
         bodies = self._walk("pbody", layout.sid, ids, layers) if heads is not None else None
         if heads is None or bodies is None or not out.flags.c_contiguous:
             return self._read_payloads_each(layout, ids, layers, out, verified)  # names what is missing
         size = math.prod(out.shape[2:]) * out.dtype.itemsize
-        prefix, flat = raw_prefix(layout.kv_dtype, layout.layer_shape), memoryview(out.reshape(-1).view(np.uint8))
+        prefix, flat = raw_prefix(layout.kv_dtype, layout.layer_shape), out.reshape(-1).view(np.uint8)
+        copies: list[tuple[int, memoryview]] = []  # (offset in `flat`, raw body): gathered once all are checked
         r = 0
         for n, eid in enumerate(ids):
             done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
@@ -131,7 +133,7 @@ class LMDBView(Reader):
                         if verify and checksum(body) != stored_checksum(head):
                             raise DataLoss(f"checksum mismatch in stream {layout.name!r} entry {eid} layer {layer}: "
                                            "stored bytes are corrupt")
-                        flat[r * size:(r + 1) * size] = body
+                        copies.append((r * size, body))
                     else:
                         what = f"stream {layout.name!r} entry {eid} layer {layer}"
                         decode_into(Header.unpack(head, what), body, out[n, j], verify, what)
@@ -140,6 +142,7 @@ class LMDBView(Reader):
             finally:  # the layers that passed, also when a later one did not
                 if verified is not None:
                     verified[eid] = done
+        gather(flat, copies)  # big fetches on several threads (copies.py)
 
     def _walk(self, db: str, sid: int, ids: Sequence[int], layers: list[int]) -> Optional[list]:
         """The values of every (id, layer) record of `db`, in order, or None when one is missing. An entry's layers
