@@ -53,7 +53,10 @@ def gather(out: np.ndarray, pieces: Sequence[tuple[int, Any]], copiers: Optional
     threads = COPIERS if copiers is None else max(1, int(copiers))
     total = sum(len(memoryview(p).cast("B")) for _, p in pieces) if threads > 1 else 0
     if threads == 1 or total < PARALLEL_MIN_BYTES:
-        _copy(out, [(offset, memoryview(p).cast("B")) for offset, p in pieces])
+        flat = memoryview(out).cast("B")  # slice assignment: ~0.3 us a piece against ~1.5 for np.copyto's call
+        for offset, p in pieces:
+            view = memoryview(p).cast("B")
+            flat[offset:offset + len(view)] = view
         return
     runs: list[list[tuple[int, memoryview]]] = [[] for _ in range(threads)]
     share, run, room = -(-total // threads), 0, -(-total // threads)
