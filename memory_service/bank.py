@@ -43,7 +43,7 @@ from memory_service.store import LMDBStore, NewEntries, StoredStream, StoreView,
 from memory_service.store.codec import body_bytes, encode
 from memory_service.store.dirlock import DirLock
 from memory_service.query_fetch import FetchPlan
-from memory_service.stream import Stream
+from memory_service.stream import Stream, default_layer_group
 from memory_service.upkeep import Upkeep
 from memory_service.types import (
     BankStats, EntryMeta, FetchResult, NewEntry, PruneResult, QueryFetchResult, QueryResult, QueryTrace, StreamSpec,
@@ -211,7 +211,8 @@ class MemoryBank:
             if spec.name in self._unavailable:
                 raise AlreadyExists(f"stream {spec.name!r} already exists but is unavailable "
                                     f"({self._unavailable[spec.name].reason}); drop it first or pick another name")
-            record = {"sid": self._next_sid, "spec": spec.to_json(), "next_id": 0, "version": 0}
+            record = {"sid": self._next_sid, "spec": spec.to_json(), "next_id": 0, "version": 0,
+                      "layer_group": default_layer_group(spec)}
             # The stream is built (indexes included) and its record serialized before anything is written: a
             # record on disk is always one the next start can open.
             stream = _build_stream(record, self.config.index, self.store)

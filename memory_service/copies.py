@@ -53,7 +53,7 @@ def gather(out: np.ndarray, pieces: Sequence[tuple[int, Any]], copiers: Optional
     threads = COPIERS if copiers is None else max(1, int(copiers))
     total = sum(len(memoryview(p).cast("B")) for _, p in pieces) if threads > 1 else 0
     if threads == 1 or total < PARALLEL_MIN_BYTES:
-        flat = memoryview(out).cast("B")  # slice assignment: ~0.3 us a piece against ~1.5 for np.copyto's call
+        flat = out.data.cast("B")  # slice assignment: ~0.3 us a piece against ~1.5 for np.copyto's call
         for offset, p in pieces:
             view = memoryview(p).cast("B")
             flat[offset:offset + len(view)] = view

@@ -10,6 +10,7 @@ goes through the store's verbs (memory_service/store/base.py), never its layout.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Optional
 
@@ -21,7 +22,7 @@ from memory_service.index.space import SpaceIndex, compact
 from memory_service.pruning import parse_policy
 from memory_service.pruning.neighbours import Neighbours
 from memory_service.store.base import StoreView, StreamLayout, TensorStore
-from memory_service.types import EntryMeta, StreamSpec
+from memory_service.types import EntryMeta, StreamSpec, kv_numpy_dtype
 
 log = logging.getLogger("memflow.bank")
 REBUILD_BATCH = 1024
@@ -78,7 +79,8 @@ class Stream:
         self.lock = threading.RLock()
         self.store = store
         self.space_names = list(self.spec.key_spaces)
-        self.layout = stream_layout(self.spec, self.sid)
+        self.layer_group = layer_group_of(record, self.spec)
+        self.layout = stream_layout(self.spec, self.sid, self.layer_group)
         self.entries = EntryTable()
         self.dirty: set[int] = set()  # entries whose retrieval statistics are not yet persisted
         # Held by a statistics flush while it writes (outside `lock`, so queries and puts go on) and by every
@@ -102,7 +104,7 @@ class Stream:
     def record(self) -> dict:
         return {
             "sid": self.sid, "spec": self._spec_json, "next_id": self.next_id, "version": self.version,
-            "evicted_total": self.evicted_total, "degraded_total": self.degraded_total,
+            "evicted_total": self.evicted_total, "degraded_total": self.degraded_total, "layer_group": self.layer_group,
         }
 
     # -- columns for vectorized filters ----------------------------------------------------------
@@ -251,14 +253,39 @@ class Stream:
                 return
 
 
-def stream_layout(spec: StreamSpec, sid: int) -> StreamLayout:
-    """How a store lays a stream out; fixed with the spec."""
+# New streams store their payload layers in records of up to this many bytes (a stream of small layers reads
+# a fetch's entries as a few records, not one per layer, and writes a page less per layer: LMDB gives each value
+# whole pages, one more than a 12 KiB layer fills). Large layers stay one record each.
+LAYER_GROUP_BYTES = 1 << 20
+
+
+def default_layer_group(spec: StreamSpec) -> int:
+    """How many payload layers a new stream of `spec` keeps in one record."""
+    kv = spec.kv
+    if kv is None:
+        return 1
+    layer_bytes = math.prod(kv.layer_shape) * kv_numpy_dtype(kv.dtype).itemsize
+    return max(1, min(kv.layers, LAYER_GROUP_BYTES // max(1, layer_bytes)))
+
+
+def layer_group_of(record: dict, spec: StreamSpec) -> int:
+    """The layer group a stream record says (1 when it says none: a stream made before layer groups)."""
+    value = record.get("layer_group", 1)
+    top = max(1, spec.kv.layers if spec.kv else 1)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+        raise InvalidArgument(f"stream record field 'layer_group' is {value!r}; expected an int in [1, {top}]")
+    return value
+
+
+def stream_layout(spec: StreamSpec, sid: int, layer_group: int = 1) -> StreamLayout:
+    """How a store lays a stream out; fixed with the spec (and the layer group its record says)."""
     kv = spec.kv
     return StreamLayout(
         sid=sid, name=spec.name,
         key_spaces=tuple((ks.dtype, (spec.layers_of(n), ks.dim) if ks.per_layer else (ks.dim,))
                          for n, ks in spec.key_spaces.items()),
         layers=kv.layers if kv else 0, layer_shape=tuple(kv.layer_shape) if kv else (), kv_dtype=kv.dtype if kv else "",
+        layer_group=layer_group,
     )
 
 

@@ -52,3 +52,36 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture(params=["grouped", "per_layer"])
+def layer_group(request, monkeypatch) -> str:
+    """Streams made in the test store their payload layers grouped (the default for small layers) or one layer a
+    record (the layout of large layers, and of every stream made before groups)."""
+    if request.param == "per_layer":
+        from memory_service import stream
+
+        monkeypatch.setattr(stream, "LAYER_GROUP_BYTES", 0)
+    return request.param
+
+
+def damage_layer(bank, name: str, eid: int, layer: int, db: str, damage) -> None:
+    """Rewrite one layer's stored header (db "phead") or body ("pbody") as `damage(bytearray)` returns it, inside
+    the record of the layer group that holds it (white-box: the LMDB layout of memory_service/store/lmdb_store.py)."""
+    from memory_service.store.codec import split_group
+    from memory_service.store.lmdb_store import payload_key
+
+    layout = bank._streams[name].layout
+    start = layer - layer % layout.layer_group
+    count = min(layout.layer_group, layout.layers - start)
+    key = payload_key(layout.sid, eid, start)
+
+    def fn(w) -> None:
+        head, body = bytes(w.get("phead", key)), bytes(w.get("pbody", key))
+        parts = [[bytes(h), bytes(b)] for h, b in split_group(head, body, count, "test")]
+        part = parts[layer - start]
+        part[0 if db == "phead" else 1] = bytes(damage(bytearray(part[0 if db == "phead" else 1])))
+        w.put("phead", key, b"".join(h for h, _ in parts))
+        w.put("pbody", key, b"".join(b for _, b in parts))
+
+    bank.store.write(fn)

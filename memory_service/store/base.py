@@ -39,6 +39,9 @@ class StreamLayout:
     layers: int = 0  # payload layers per entry (0: a keys-only stream)
     layer_shape: tuple[int, ...] = ()  # one layer's K/V, [2, T, H, D]
     kv_dtype: str = ""  # the logical dtype payloads decode to
+    # payload layers stored together in one record (lmdb_store.py): 1 for every stream made before layer groups
+    # (their records say nothing), more for new streams of small layers (stream.default_layer_group)
+    layer_group: int = 1
     np_dtype: Optional[np.dtype] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -171,8 +171,10 @@ class ClusterStore:
         prefix = records.prefix(name, incarnation)
         with self.local.view() as v:
             sid = v.next_stream_id()
-        layout = _layout(record, sid)
-        self.local.create_stream(name, {"sid": sid, "spec": record["spec"], "next_id": 0, "version": 0}, sid + 1)
+        local = {"sid": sid, "spec": record["spec"], "next_id": 0, "version": 0,
+                 "layer_group": _default_group(record)}  # a fresh local cache: its layout is this node's choice
+        layout = _layout(local, sid)
+        self.local.create_stream(name, local, sid + 1)
         own = _Owned(name, incarnation, epoch, Head(head.seq, head.epoch), sid, prefix, lease, layout)
         with self._lock:
             self._owned[name] = own
@@ -291,7 +293,8 @@ class ClusterStore:
                 c = dataclasses.replace(c, put=dataclasses.replace(c.put, payloads=[None] * len(c.put.metas)))
             if not payloads:
                 c = dataclasses.replace(c, rewrite=tuple((m, None) for m, _ in c.rewrite))
-            c = dataclasses.replace(c, record={**c.record, "sid": own.sid})
+            # the local record keeps this cache's own id and layer group (a log record carries the writer's)
+            c = dataclasses.replace(c, record={**c.record, "sid": own.sid, "layer_group": local.layer_group})
             degraded = self.local.commit(local, c)
         except (OSError, MemFlowError) as exc:
             if not payloads:
@@ -509,9 +512,16 @@ class ClusterStore:
 
 
 def _layout(record: dict, sid: int) -> StreamLayout:
-    from memory_service.stream import stream_layout  # stream.py imports the store package
+    from memory_service.stream import layer_group_of, stream_layout  # stream.py imports the store package
 
-    return stream_layout(StreamSpec.from_json(record["spec"]), sid)
+    spec = StreamSpec.from_json(record["spec"])
+    return stream_layout(spec, sid, layer_group_of(record, spec))
+
+
+def _default_group(record: dict) -> int:
+    from memory_service.stream import default_layer_group
+
+    return default_layer_group(StreamSpec.from_json(record["spec"]))
 
 
 class ClusterView:

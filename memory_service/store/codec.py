@@ -113,6 +113,39 @@ def stored_checksum(head: bytes | memoryview) -> int:
     return int.from_bytes(head[HEADER_BYTES - 8:HEADER_BYTES], "little")
 
 
+def header_scale_bytes(head: bytes | memoryview) -> int:
+    """How many fp8 scale bytes follow the fixed part of the packed header at the start of `head` (0 for raw, or
+    for a header too damaged to say)."""
+    try:
+        codec, _, ndim, _, d0, _, d2, d3, _ = _HEADER.unpack_from(head, 0)
+    except struct.error:
+        return 0
+    return 4 * d0 * d2 * d3 if codec < len(CODECS) and CODECS[codec] == "fp8" and ndim == 4 else 0
+
+
+def split_group(head: bytes | memoryview, body: bytes | memoryview, count: int,
+                what: str) -> list[tuple[memoryview, memoryview]]:
+    """The (header, body) of each of `count` layers stored as one record (lmdb_store's layer groups): their packed
+    headers back to back in `head`, their bodies back to back in `body`, each as long as its header says. DataLoss
+    if the bytes do not split into exactly that."""
+    hv, bv = memoryview(head).cast("B"), memoryview(body).cast("B")
+    out, h, b = [], 0, 0
+    for i in range(count):
+        try:
+            codec, dtype, ndim, _, *dims, _ = _HEADER.unpack_from(hv, h)
+            itemsize = 1 if CODECS[codec] == "fp8" else kv_numpy_dtype(KV_DTYPES[dtype]).itemsize
+        except (struct.error, IndexError) as exc:
+            raise DataLoss(f"{what}: header {i} of {count} is corrupt ({len(hv)} header bytes): {exc}") from None
+        hn = HEADER_BYTES + header_scale_bytes(hv[h:h + HEADER_BYTES])
+        n = math.prod(dims[:ndim]) * itemsize
+        out.append((hv[h:h + hn], bv[b:b + n]))
+        h, b = h + hn, b + n
+    if h != len(hv) or b != len(bv):
+        raise DataLoss(f"{what}: a record of {count} layers has {len(hv)} header and {len(bv)} body bytes; its "
+                       f"headers account for {h} and {b}")
+    return out
+
+
 def check(header: Header, body: memoryview | bytes, shape: tuple, dtype: np.dtype, verify: bool, what: str) -> None:
     """Everything decoding relies on (and, with `verify`, the checksum), without decoding: DataLoss if not."""
     out_shape, out_dtype = tuple(shape), np.dtype(dtype)

@@ -3,8 +3,13 @@
 Owns the LMDB layout (the environment underneath is lmdb_env.py), named databases keyed by big-endian ids:
     streams  name -> stream record (JSON: id, spec, counters)    meta  next_sid, advance
     entries  sid|eid -> entry metadata (JSON)          stats  sid|eid -> retrieval statistics (JSON)
-    keys     sid|space|eid -> key vectors (raw floats) phead  sid|eid|layer -> payload header
-    pbody    sid|eid|layer -> payload body (raw bytes, one value per layer so fetches can pick layers)
+    keys     sid|space|eid -> key vectors (raw floats) phead  sid|eid|layer -> payload headers
+    pbody    sid|eid|layer -> payload bodies (raw bytes)
+Payload layers lie in groups of the stream's `layer_group` (StreamLayout), one phead and one pbody value per
+group, keyed by the group's first layer: its layers' packed headers back to back, and their bodies back to back
+(codec.split_group). A group of 1 is one layer a value, the layout of every stream made before groups; new
+streams of small layers group them (stream.default_layer_group) so that a fetch reads an entry as a few values
+and a put writes a few, and LMDB's whole pages waste one page a group, not one a layer.
 and index snapshots as `snapshots/stream{sid}-space{i}.npz` beside it (written to a temporary file, then
 renamed: a snapshot is whole or absent). Every verb of base.TensorStore is one LMDB write transaction, with
 the full-disk behaviour of lmdb_env.py; reads go through `view()`, one read transaction, straight from the
@@ -27,7 +32,8 @@ from memory_service.copies import gather
 from memory_service.errors import DataLoss, NotFound
 from memory_service.store.base import Commit, Contents, NewEntries, StoredStream, StreamLayout
 from memory_service.store.codec import (
-    HEADER_BYTES, Header, body_bytes, checksum, decode_into, encode, fetched_view, raw_prefix, stored_checksum,
+    HEADER_BYTES, Header, body_bytes, checksum, decode_into, encode, fetched_view, header_scale_bytes, raw_prefix,
+    split_group, stored_checksum,
 )
 from memory_service.store.lmdb_env import LMDBEnv, Reader, Writer, as_bytes
 from memory_service.store.records import dumps, entry_from, loads, meta_json, stats_json
@@ -111,60 +117,74 @@ class LMDBView(Reader):
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
-        # One batched read per database for the whole fetch, then per record a byte comparison of its header with
-        # the layout's raw header, and one gather of the raw bodies into `out` (copies.py: on two threads when big).
-        # Headers that differ (fp8, or damage) take decode_into, which decodes or says what is wrong.
+        # One batched read per database for the whole fetch (the groups holding `layers`), then per layer a byte
+        # comparison of its header with the layout's raw header, and one gather of the raw bodies into `out`
+        # (copies.py: on two threads when big; a run of layers of one group is one piece). Headers that differ
+        # (fp8, or damage) take decode_into, which decodes or says what is wrong.
         layers = list(layers)
-        heads = self._walk("phead", layout.sid, ids, layers)
-        bodies = self._walk("pbody", layout.sid, ids, layers) if heads is not None else None
+        g, size = layout.layer_group, _layer_bytes(layout)
+        starts = sorted({layer - layer % g for layer in layers})
+        heads = self._walk("phead", layout.sid, ids, starts, g)
+        bodies = self._walk("pbody", layout.sid, ids, starts, g) if heads is not None else None
         if heads is None or bodies is None or not out.flags.c_contiguous:
             return self._read_payloads_each(layout, ids, layers, out, verified)  # names what is missing
-        size = math.prod(out.shape[2:]) * out.dtype.itemsize
         prefix, flat = raw_prefix(layout.kv_dtype, layout.layer_shape), out.reshape(-1).view(np.uint8)
-        copies: list[tuple[int, memoryview]] = []  # (offset in `flat`, raw body): gathered once all are checked
+        at = {a: k for k, a in enumerate(starts)}
+        runs: list[list] = []  # [offset in `flat`, body, start, end]: gathered once all are checked
         r = 0
         for n, eid in enumerate(ids):
             done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
             try:
                 for j, layer in enumerate(layers):
-                    head, body = heads[r], bodies[r]
+                    i = layer % g
+                    head, body = heads[n * len(starts) + at[layer - i]], bodies[n * len(starts) + at[layer - i]]
+                    count = min(g, layout.layers - layer + i)
                     verify = not (done >> layer) & 1
-                    if len(head) == HEADER_BYTES and len(body) == size and head[:len(prefix)] == prefix:
-                        if verify and checksum(body) != stored_checksum(head):
+                    h0, b0 = i * HEADER_BYTES, i * size
+                    if (len(head) == count * HEADER_BYTES and len(body) == count * size
+                            and head[h0:h0 + len(prefix)] == prefix):
+                        if verify and checksum(body[b0:b0 + size]) != stored_checksum(head[h0:h0 + HEADER_BYTES]):
                             raise DataLoss(f"checksum mismatch in stream {layout.name!r} entry {eid} layer {layer}: "
                                            "stored bytes are corrupt")
-                        copies.append((r * size, body))
+                        last = runs[-1] if runs else None
+                        if last is not None and last[1] is body and last[3] == b0 and last[0] + last[3] - last[2] \
+                                == r * size:
+                            last[3] = b0 + size  # the next layer of the same group, next in `out` too
+                        else:
+                            runs.append([r * size, body, b0, b0 + size])
                     else:
                         what = f"stream {layout.name!r} entry {eid} layer {layer}"
-                        decode_into(Header.unpack(head, what), body, out[n, j], verify, what)
+                        h, b = _layer_of(layout, head, body, layer, what)
+                        decode_into(Header.unpack(h, what), b, out[n, j], verify, what)
                     done |= 1 << layer
                     r += 1
             finally:  # the layers that passed, also when a later one did not
                 if verified is not None:
                     verified[eid] = done
-        gather(flat, copies)  # big fetches on several threads (copies.py)
+        gather(flat, [(offset, memoryview(body)[lo:hi]) for offset, body, lo, hi in runs])
 
-    def _walk(self, db: str, sid: int, ids: Sequence[int], layers: list[int]) -> Optional[list]:
-        """The values of every (id, layer) record of `db`, in order, or None when one is missing. An entry's layers
-        are adjacent keys, so a run of layers lo..hi is one cursor positioning and a walk of its values (no key
-        objects, no descent from the root per record: 0.24 vs 0.44 ms for 6 x 30 heads and bodies after a scan
-        evicted the caches, against getmulti of every key); other layer lists take getmulti."""
-        if not layers or not ids:
+    def _walk(self, db: str, sid: int, ids: Sequence[int], starts: list[int], step: int) -> Optional[list]:
+        """The values of every (id, group start) record of `db`, in order, or None when one is missing. An entry's
+        groups are adjacent keys, so a run of groups lo, lo + step .. hi is one cursor positioning and a walk of
+        its values (no key objects, no descent from the root per record: 0.24 vs 0.44 ms for 6 x 30 heads and
+        bodies after a scan evicted the caches, against getmulti of every key); other lists take getmulti."""
+        if not starts or not ids:
             return []
         cursor, pack = self.txn.cursor(db=self._dbs[db]), _SID_EID_LAYER.pack
-        lo, hi = layers[0], layers[-1]
-        if layers != list(range(lo, hi + 1)):
-            keys = [pack(sid, eid, layer) for eid in ids for layer in layers]
+        lo, hi = starts[0], starts[-1]
+        if starts != list(range(lo, hi + 1, step)):
+            keys = [pack(sid, eid, layer) for eid in ids for layer in starts]
             found = cursor.getmulti(keys)
             return [value for _, value in found] if len(found) == len(keys) else None
         values: list = []
-        run = hi - lo + 1
+        run = len(starts)
         for eid in ids:
             if not cursor.set_key(pack(sid, eid, lo)):
                 return None
             values += itertools.islice(cursor.iternext(keys=False), run)
-            # the walk ended on (eid, hi) with run values: keys are unique, sorted and all 14 bytes, so the run was
-            # exactly layers lo..hi of eid (a missing layer would have walked into the next entry's records)
+            # the walk ended on (eid, hi) with run values: keys are unique, sorted and all 14 bytes, and a stream's
+            # keys are only at its group starts, so the run was exactly those of eid (a missing group would have
+            # walked into the next entry's records)
             if cursor.key() != pack(sid, eid, hi):
                 return None
         return values if len(values) == run * len(ids) else None
@@ -178,26 +198,26 @@ class LMDBView(Reader):
             done = -1 if verified is None else verified.get(eid, 0)
             try:
                 for j, layer in enumerate(layers):
-                    key = pack(sid, eid, layer)
+                    key = pack(sid, eid, layer - layer % layout.layer_group)
                     head = txn.get(key, db=phead)
                     if head is None:
                         raise NotFound(f"entry {eid} of stream {name!r} was deleted during the fetch")
                     what = f"stream {name!r} entry {eid} layer {layer}"
-                    decode_into(Header.unpack(head, what), txn.get(key, db=pbody), out[n, j], not (done >> layer) & 1,
-                                what)
+                    h, b = _layer_of(layout, head, txn.get(key, db=pbody), layer, what)
+                    decode_into(Header.unpack(h, what), b, out[n, j], not (done >> layer) & 1, what)
                     done |= 1 << layer
             finally:
                 if verified is not None:
                     verified[eid] = done
 
     def read_layer(self, layout: StreamLayout, eid: int, layer: int, verified: Optional[dict[int, int]]) -> memoryview:
-        key = payload_key(layout.sid, eid, layer)
+        key = payload_key(layout.sid, eid, layer - layer % layout.layer_group)
         head = self.get("phead", key)
         if head is None:
             raise NotFound(f"entry {eid} of stream {layout.name!r} was deleted during the fetch")
-        body = self.get("pbody", key)
         verify = verified is not None and not (verified.get(eid, 0) >> layer) & 1
         what = f"stream {layout.name!r} entry {eid} layer {layer}"
+        head, body = _layer_of(layout, head, self.get("pbody", key), layer, what)
         prefix = raw_prefix(layout.kv_dtype, layout.layer_shape)
         if (body is not None and len(head) == HEADER_BYTES and head[:len(prefix)] == prefix
                 and len(body) == math.prod(layout.layer_shape) * layout.np_dtype.itemsize):
@@ -216,8 +236,17 @@ class LMDBView(Reader):
         def ids(db: str) -> list[bytes]:
             return [k for k, _ in self.iter_prefix(db, prefix)]
 
-        heads = {_SID_EID_LAYER.unpack(k)[1:] for k in ids("phead")}
-        bodies = {_SID_EID_LAYER.unpack(k)[1:] for k in ids("pbody")}
+        heads, bodies = set(), set()
+        for k, head in self.iter_prefix("phead", prefix):  # a group's layers: as many as its headers
+            _, eid, start = _SID_EID_LAYER.unpack(k)
+            layers = range(start, start + _headers_in(head))
+            heads |= {(eid, layer) for layer in layers}
+            if self.get("pbody", k) is not None:
+                bodies |= {(eid, layer) for layer in layers}
+        for k in ids("pbody"):
+            _, eid, start = _SID_EID_LAYER.unpack(k)
+            if self.get("phead", k) is None:
+                bodies.add((eid, start))
         return Contents(
             entries=tuple(_SID_EID.unpack(k)[1] for k in ids("entries")),
             stats=tuple(_SID_EID.unpack(k)[1] for k in ids("stats")),
@@ -271,9 +300,8 @@ class LMDBStore(LMDBEnv):
             degraded = {meta.entry_id: _degrade(w, layout, meta, step, commit.verify) for meta, step in commit.degrade}
             for meta, layers in commit.rewrite:
                 _drop_payload(w, layout, meta.entry_id)
-                for layer, (header, body) in enumerate(layers or ()):
-                    w.put("phead", payload_key(layout.sid, meta.entry_id, layer), header.pack())
-                    w.put("pbody", payload_key(layout.sid, meta.entry_id, layer), as_bytes(body))
+                if layers:
+                    _put_payload(w, layout, meta.entry_id, layers)
                 w.put("entries", entry_key(layout.sid, meta.entry_id), dumps(meta_json(meta)))
                 degraded[meta.entry_id] = meta
             for eid in commit.evict:
@@ -340,10 +368,21 @@ def _put_entries(w: Writer, layout: StreamLayout, new: NewEntries) -> None:
         w.put("stats", key, dumps(stats_json(meta)))
         for sidx, vec in enumerate(keys):
             w.put("keys", keys_key(sid, sidx, meta.entry_id), as_bytes(vec))
-        for layer, (header, body) in enumerate(payload or ()):
-            pkey = payload_key(sid, meta.entry_id, layer)
-            w.put("phead", pkey, header.pack())
-            w.put("pbody", pkey, as_bytes(body))
+        if payload:
+            _put_payload(w, layout, meta.entry_id, payload)
+
+
+def _put_payload(w: Writer, layout: StreamLayout, eid: int, layers: Sequence[tuple[Header, np.ndarray]]) -> None:
+    """One entry's encoded layers, a phead and a pbody value per layer group."""
+    g = layout.layer_group
+    for a in range(0, len(layers), g):
+        key, part = payload_key(layout.sid, eid, a), layers[a:a + g]
+        if len(part) == 1:
+            w.put("phead", key, part[0][0].pack())
+            w.put("pbody", key, as_bytes(part[0][1]))
+        else:
+            w.put("phead", key, b"".join(header.pack() for header, _ in part))
+            w.put("pbody", key, b"".join(as_bytes(body) for _, body in part))
 
 
 def _degrade(w: Writer, layout: StreamLayout, meta: EntryMeta, step: str, verify: bool) -> EntryMeta:
@@ -354,16 +393,17 @@ def _degrade(w: Writer, layout: StreamLayout, meta: EntryMeta, step: str, verify
         new = dataclasses.replace(meta, nbytes=0, codec="none")
     else:
         out = np.empty(layout.layer_shape, layout.np_dtype)  # [2, T, H, D]
-        total = 0
-        for layer in range(layout.layers):
-            key = payload_key(sid, eid, layer)
-            decode_into(Header.unpack(bytes(w.get("phead", key))), bytes(w.get("pbody", key)), out, verify,
-                        f"entry {eid} layer {layer}")
-            header, body = encode(out, layout.kv_dtype, "fp8")
-            w.put("phead", key, header.pack())
-            w.put("pbody", key, as_bytes(body))
-            total += body_bytes(header)
-        new = dataclasses.replace(meta, nbytes=total, codec="fp8")
+        layers = []
+        for a in range(0, layout.layers, layout.layer_group):
+            key = payload_key(sid, eid, a)
+            head, body = bytes(w.get("phead", key)), bytes(w.get("pbody", key))  # copies: the writes below move them
+            for layer in range(a, min(layout.layers, a + layout.layer_group)):
+                what = f"entry {eid} layer {layer}"
+                h, b = _layer_of(layout, head, body, layer, what)
+                decode_into(Header.unpack(h, what), b, out, verify, what)
+                layers.append(encode(out, layout.kv_dtype, "fp8"))
+        _put_payload(w, layout, eid, layers)
+        new = dataclasses.replace(meta, nbytes=sum(body_bytes(header) for header, _ in layers), codec="fp8")
     w.put("entries", entry_key(sid, eid), dumps(meta_json(new)))
     return new
 
@@ -378,6 +418,36 @@ def _delete_entry(w: Writer, layout: StreamLayout, eid: int) -> None:
 
 
 def _drop_payload(w: Writer, layout: StreamLayout, eid: int) -> None:
-    for layer in range(layout.layers):
-        w.delete("phead", payload_key(layout.sid, eid, layer))
-        w.delete("pbody", payload_key(layout.sid, eid, layer))
+    for a in range(0, layout.layers, layout.layer_group):
+        w.delete("phead", payload_key(layout.sid, eid, a))
+        w.delete("pbody", payload_key(layout.sid, eid, a))
+
+
+def _layer_bytes(layout: StreamLayout) -> int:
+    return math.prod(layout.layer_shape) * layout.np_dtype.itemsize if layout.layers else 0
+
+
+def _layer_of(layout: StreamLayout, head, body, layer: int, what: str) -> tuple:
+    """One layer's (header, body) out of the values of the group holding it: as stored for a group of one, else
+    cut at the layout's raw strides when the group is all raw-sized (each layer is then checked against its own
+    header), else where the group's headers say (codec.split_group)."""
+    g = layout.layer_group
+    if g == 1:
+        return head, body
+    i = layer % g
+    count = min(g, layout.layers - layer + i)
+    size = _layer_bytes(layout)
+    if body is not None and len(head) == count * HEADER_BYTES and len(body) == count * size:
+        return memoryview(head)[i * HEADER_BYTES:(i + 1) * HEADER_BYTES], memoryview(body)[i * size:(i + 1) * size]
+    if body is None:  # the caller's decode says what is missing
+        return head, None
+    return split_group(head, body, count, what)[i]
+
+
+def _headers_in(head) -> int:
+    """How many layers a phead value holds (the packed headers back to back; a cut one ends the count)."""
+    view, n, at = memoryview(head).cast("B"), 0, 0
+    while at + HEADER_BYTES <= len(view):
+        at += HEADER_BYTES + header_scale_bytes(view[at:at + HEADER_BYTES])
+        n += 1
+    return max(1, n)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import damage_layer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from memory_service import DataLoss, KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec
 from memory_service.store.codec import FP8_MAX, Header, body_bytes, decode_into, encode
-from memory_service.store.lmdb_store import payload_key
 from memory_service.types import KV_DTYPES, kv_numpy_dtype
 
 BITS = {"bfloat16": np.uint16, "float16": np.uint16, "float32": np.uint32, "float8_e4m3fn": np.uint8}
@@ -222,19 +222,16 @@ def test_bank_round_trip_per_dtype(tmp_path, dtype, storage):
 
 
 @pytest.mark.parametrize("db", ["pbody", "phead"])
-def test_corruption_on_disk_is_data_loss_and_contained(tmp_path, db):
+def test_corruption_on_disk_is_data_loss_and_contained(tmp_path, layer_group, db):
     with LocalMemory(str(tmp_path)) as m:
         m.create_stream(spec("bfloat16", "raw"))
         ids = m.put("s", entries("bfloat16"))
-        sid = m.bank._streams["s"].sid
-        key = payload_key(sid, ids[1], 2)
 
-        def corrupt(w) -> None:
-            value = bytearray(w.get(db, key))
+        def corrupt(value: bytearray) -> bytearray:
             value[-1] ^= 0x10  # pbody: one KV bit; phead: one bit of the checksum field
-            w.put(db, key, bytes(value))
+            return value
 
-        m.bank.store.write(corrupt)
+        damage_layer(m.bank, "s", ids[1], 2, db, corrupt)
         with pytest.raises(DataLoss, match=f"stream 's' entry {ids[1]} layer 2"):
             m.fetch("s", [ids[0], ids[1]])
         assert m.fetch("s", [ids[1]], layers=[0, 1]).kv.shape[1] == 2  # the other layers still read

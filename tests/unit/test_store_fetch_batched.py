@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import damage_layer
 
 from memory_service import KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec
 from memory_service.config import BankConfig
 from memory_service.errors import DataLoss
-from memory_service.store.lmdb_store import payload_key
 from memory_service.types import KV_DTYPES, kv_numpy_dtype
 
 SHAPE = (3, 2, 4, 2, 8)  # [L, 2, T, H, D]
@@ -71,17 +71,18 @@ DAMAGE = [
 
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("db,name,damage", DAMAGE, ids=[f"{d[0]}-{d[1]}" for d in DAMAGE])
-def test_damage_is_data_loss_on_both_paths(tmp_path, verify, db, name, damage):
+def test_damage_is_data_loss_on_both_paths(tmp_path, layer_group, verify, db, name, damage):
     if not verify and name in ("one bit", "checksum"):
         pytest.skip("an unverified read does not look at the checksum")
     with bank(tmp_path) as m:
         ids = m.put("s", entries())
-        key = payload_key(m.bank._streams["s"].sid, ids[1], 2)
-        m.bank.store.write(lambda w: w.put(db, key, damage(bytearray(w.get(db, key)))))
+        damage_layer(m.bank, "s", ids[1], 2, db, damage)
+    # a cut record of a group no longer splits into its layers: the first layer read from it names the damage
+    where = f"entry {ids[1]} layer {2 if layer_group == 'per_layer' or name != 'truncated' else ''}"
     with bank(tmp_path, verify) as m:  # reopened: nothing verified yet
-        with pytest.raises(DataLoss, match=f"entry {ids[1]} layer 2"):
+        with pytest.raises(DataLoss, match=where):
             m.fetch("s", [ids[0], ids[1]])
-        with pytest.raises(DataLoss, match=f"entry {ids[1]} layer 2"):
+        with pytest.raises(DataLoss, match=where):
             list(m.bank.iter_fetch("s", [ids[1]], None, 1 << 20, bytes))
         with pytest.raises(DataLoss):  # a second read fails again: what failed was never marked verified
             m.fetch("s", [ids[1]])
