@@ -171,10 +171,8 @@ class ClusterStore:
         prefix = records.prefix(name, incarnation)
         with self.local.view() as v:
             sid = v.next_stream_id()
-        local = {"sid": sid, "spec": record["spec"], "next_id": 0, "version": 0,
-                 "layer_group": _default_group(record)}  # a fresh local cache: its layout is this node's choice
-        layout = _layout(local, sid)
-        self.local.create_stream(name, local, sid + 1)
+        layout = _layout(record, sid)
+        self.local.create_stream(name, {"sid": sid, "spec": record["spec"], "next_id": 0, "version": 0}, sid + 1)
         own = _Owned(name, incarnation, epoch, Head(head.seq, head.epoch), sid, prefix, lease, layout)
         with self._lock:
             self._owned[name] = own
@@ -293,8 +291,12 @@ class ClusterStore:
                 c = dataclasses.replace(c, put=dataclasses.replace(c.put, payloads=[None] * len(c.put.metas)))
             if not payloads:
                 c = dataclasses.replace(c, rewrite=tuple((m, None) for m, _ in c.rewrite))
-            # the local record keeps this cache's own id and layer group (a log record carries the writer's)
-            c = dataclasses.replace(c, record={**c.record, "sid": own.sid, "layer_group": local.layer_group})
+            # the local record keeps this cache's own id and layer group (a log record carries the writer's; a
+            # cache rebuilt by a take-over keeps a layer a record, whatever layout the writer's cache had)
+            record = {**c.record, "sid": own.sid}
+            if "layer_group" in record or local.layer_group != 1:
+                record["layer_group"] = local.layer_group
+            c = dataclasses.replace(c, record=record)
             degraded = self.local.commit(local, c)
         except (OSError, MemFlowError) as exc:
             if not payloads:
@@ -516,12 +518,6 @@ def _layout(record: dict, sid: int) -> StreamLayout:
 
     spec = StreamSpec.from_json(record["spec"])
     return stream_layout(spec, sid, layer_group_of(record, spec))
-
-
-def _default_group(record: dict) -> int:
-    from memory_service.stream import default_layer_group
-
-    return default_layer_group(StreamSpec.from_json(record["spec"]))
 
 
 class ClusterView:
