@@ -172,12 +172,15 @@ def project(memory, w: Workload) -> Chunks:
 
 def fill(puts: dict, n: int, few: dict) -> dict[str, float]:
     """Entries a second of each system's `put(start, stop)`, BATCH entries a call, the systems taking turns
-    batch by batch over the bank (`few[name]` entries for a system that fills less of it). In turns, because a
-    cloud disk's write budget is shared: filled one after another, whichever system wrote second ran into the
-    throttle that the first system's fsynced gigabyte had earned (0.9 GB/s, then 0.3)."""
-    spent = dict.fromkeys(puts, 0.0)
-    for start in range(0, n, BATCH):
-        for name, put in puts.items():
+    batch by batch over the bank (`few[name]` entries for a system that fills less of it), each turn begun by the
+    next system. In turns, because a cloud disk's write budget is shared: filled one after another, whichever
+    system wrote second ran into the throttle that the first system's fsynced gigabyte had earned (0.9 GB/s,
+    then 0.3); and the commit that meets an empty budget pays for the writes before it, so no system always
+    goes first."""
+    spent, names = dict.fromkeys(puts, 0.0), list(puts)
+    for turn, start in enumerate(range(0, n, BATCH)):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:  # each system first as often
+            put = puts[name]
             if start < few.get(name, n):
                 t = time.perf_counter()
                 put(start, min(few.get(name, n), start + BATCH))

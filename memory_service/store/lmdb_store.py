@@ -24,7 +24,7 @@ import itertools
 import math
 import os
 import struct
-from typing import Container, Iterator, Optional, Sequence
+from typing import Any, Container, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -129,39 +129,49 @@ class LMDBView(Reader):
         if heads is None or bodies is None or not out.flags.c_contiguous:
             return self._read_payloads_each(layout, ids, layers, out, verified)  # names what is missing
         prefix, flat = raw_prefix(layout.kv_dtype, layout.layer_shape), out.reshape(-1).view(np.uint8)
+        lo, width, per = layers[0], len(layers), len(starts)
+        runs: list[tuple[int, Any, int, int]] = []  # (offset in `flat`, body, start, end): gathered once all pass
         at = {a: k for k, a in enumerate(starts)}
-        runs: list[list] = []  # [offset in `flat`, body, start, end]: gathered once all are checked
-        r = 0
         for n, eid in enumerate(ids):
             done = -1 if verified is None else verified.get(eid, 0)  # -1: every bit set, nothing to verify
             try:
-                for j, layer in enumerate(layers):
-                    i = layer % g
-                    head, body = heads[n * len(starts) + at[layer - i]], bodies[n * len(starts) + at[layer - i]]
-                    count = min(g, layout.layers - layer + i)
-                    verify = not (done >> layer) & 1
-                    h0, b0 = i * HEADER_BYTES, i * size
-                    if (len(head) == count * HEADER_BYTES and len(body) == count * size
-                            and head[h0:h0 + len(prefix)] == prefix):
-                        if verify and checksum(body[b0:b0 + size]) != stored_checksum(head[h0:h0 + HEADER_BYTES]):
-                            raise DataLoss(f"checksum mismatch in stream {layout.name!r} entry {eid} layer {layer}: "
-                                           "stored bytes are corrupt")
-                        last = runs[-1] if runs else None
-                        if last is not None and last[1] is body and last[3] == b0 and last[0] + last[3] - last[2] \
-                                == r * size:
-                            last[3] = b0 + size  # the next layer of the same group, next in `out` too
-                        else:
-                            runs.append([r * size, body, b0, b0 + size])
+                if layers == list(range(lo, lo + width)):  # a run of layers: a group's share of it is one piece
+                    for k, a in enumerate(starts):
+                        head, body = heads[n * per + k], bodies[n * per + k]
+                        count = min(g, layout.layers - a)
+                        first, end = max(a, lo), min(a + count, lo + width)
+                        if not _all_raw(head, body, count, size, prefix):
+                            for layer in range(first, end):
+                                done = self._decode_layer(layout, eid, layer, head, body, out[n, layer - lo], done)
+                            continue
+                        for layer in range(first, end):
+                            if not (done >> layer) & 1:
+                                _check_raw(layout, eid, layer, head, body, layer - a, size)
+                                done |= 1 << layer
+                        runs.append(((n * width + first - lo) * size, body, (first - a) * size, (end - a) * size))
+                    continue
+                for j, layer in enumerate(layers):  # any other list: layer by layer
+                    a = layer - layer % g
+                    head, body = heads[n * per + at[a]], bodies[n * per + at[a]]
+                    if _all_raw(head, body, min(g, layout.layers - a), size, prefix):
+                        if not (done >> layer) & 1:
+                            _check_raw(layout, eid, layer, head, body, layer - a, size)
+                            done |= 1 << layer
+                        runs.append(((n * width + j) * size, body, (layer - a) * size, (layer - a + 1) * size))
                     else:
-                        what = f"stream {layout.name!r} entry {eid} layer {layer}"
-                        h, b = _layer_of(layout, head, body, layer, what)
-                        decode_into(Header.unpack(h, what), b, out[n, j], verify, what)
-                    done |= 1 << layer
-                    r += 1
+                        done = self._decode_layer(layout, eid, layer, head, body, out[n, j], done)
             finally:  # the layers that passed, also when a later one did not
                 if verified is not None:
                     verified[eid] = done
-        gather(flat, [(offset, memoryview(body)[lo:hi]) for offset, body, lo, hi in runs])
+        gather(flat, [(offset, memoryview(body)[b0:b1]) for offset, body, b0, b1 in runs])
+
+    @staticmethod
+    def _decode_layer(layout: StreamLayout, eid: int, layer: int, head, body, out: np.ndarray, done: int) -> int:
+        """A layer that is not a raw one of the layout's shape (fp8, or damage): decoded, or DataLoss saying what."""
+        what = f"stream {layout.name!r} entry {eid} layer {layer}"
+        h, b = _layer_of(layout, head, body, layer, what)
+        decode_into(Header.unpack(h, what), b, out, not (done >> layer) & 1, what)
+        return done | 1 << layer
 
     def _walk(self, db: str, sid: int, ids: Sequence[int], starts: list[int], step: int) -> Optional[list]:
         """The values of every (id, group start) record of `db`, in order, or None when one is missing. An entry's
@@ -442,6 +452,23 @@ def _layer_of(layout: StreamLayout, head, body, layer: int, what: str) -> tuple:
     if body is None:  # the caller's decode says what is missing
         return head, None
     return split_group(head, body, count, what)[i]
+
+
+def _all_raw(head, body, count: int, size: int, prefix: bytes) -> bool:
+    """Whether a group's `count` layers are all raw ones of the layout's dtype and shape (each header the layout's
+    raw header but for its checksum, each body `size` bytes): its layers can be copied out as they lie."""
+    if len(head) != count * HEADER_BYTES or len(body) != count * size:
+        return False
+    n = len(prefix)
+    return all(head[i:i + n] == prefix for i in range(0, count * HEADER_BYTES, HEADER_BYTES))
+
+
+def _check_raw(layout: StreamLayout, eid: int, layer: int, head, body, i: int, size: int) -> None:
+    """The checksum of layer `i` of an all-raw group (_all_raw), or DataLoss naming the layer."""
+    h0 = i * HEADER_BYTES
+    if checksum(body[i * size:(i + 1) * size]) != stored_checksum(head[h0:h0 + HEADER_BYTES]):
+        raise DataLoss(f"checksum mismatch in stream {layout.name!r} entry {eid} layer {layer}: stored bytes are "
+                       "corrupt")
 
 
 def _headers_in(head) -> int:
