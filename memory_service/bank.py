@@ -33,7 +33,6 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from memory_service import eviction
-from memory_service.buffers import Buffers
 from memory_service.config import BankConfig
 from memory_service.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted, Unavailable,
@@ -53,8 +52,6 @@ from memory_service.types import (
 from memory_service.validate import check_entries, check_ids, check_query
 
 log = logging.getLogger("memflow.bank")
-# In-process fetch results up to this size come from recycled buffers (buffers.py); bigger ones are allocated.
-FETCH_BUFFER_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +104,6 @@ class MemoryBank:
                 self._dirlock.release()
             raise
         self._lock = threading.RLock()
-        # fetch results without a caller's buffer, reused once the caller drops them (a fresh 2.2 MB array costs
-        # its page faults on every fetch: 0.9 against 0.4 ms for 6 entries of the baseline workload)
-        self._fetch_buffers = Buffers(max_bytes=FETCH_BUFFER_BYTES)
         self._streams: dict[str, Stream] = {}
         self._unavailable: dict[str, UnopenedStream] = {}  # records on disk this bank could not open
         self._last_flush = time.monotonic()
@@ -443,7 +437,7 @@ class MemoryBank:
         prepared = [self._fetch_prepare(stream, ids, layers, s) for ids, layers in groups]
         bufs = []
         for n, (_, _, _, shape, dtype) in enumerate(prepared):
-            out = outs[n] if outs is not None else self._fetch_buffer(shape, dtype)
+            out = outs[n] if outs is not None else np.empty(shape, dtype)
             if out.shape != shape or out.dtype != dtype:
                 which = "" if len(groups) == 1 else f" {n}"
                 raise InvalidArgument(f"fetch buffer{which} is {out.dtype}{list(out.shape)}, expected {dtype}"
@@ -454,9 +448,6 @@ class MemoryBank:
             for (_, id_list, layer_list, _, _), out in zip(prepared, bufs):
                 v.read_payloads(s.layout, id_list, layer_list, out, verified)
         return tuple(FetchResult(ids=tuple(p[1]), layers=tuple(p[2]), kv=out) for p, out in zip(prepared, bufs))
-
-    def _fetch_buffer(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        return self._fetch_buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
     def query_fetch(self, stream: str, space: str, vectors, k: int, *, fetch_k: Optional[int] = None, include=(),
                     resident=(), layers: Optional[Sequence[int]] = None, combine: str = "per_layer",
