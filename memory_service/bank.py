@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from memory_service import eviction
+from memory_service import copies, eviction
 from memory_service.config import BankConfig
 from memory_service.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, MemFlowError, NotFound, ResourceExhausted, Unavailable,
@@ -444,7 +444,7 @@ class MemoryBank:
                                       f"{list(shape)}")
             bufs.append(out)
         verified = self._verified(s)
-        with self.store.view() as v:
+        with self.store.view() as v, copies.batched():  # one gather for all groups (split when big)
             for (_, id_list, layer_list, _, _), out in zip(prepared, bufs):
                 v.read_payloads(s.layout, id_list, layer_list, out, verified)
         return tuple(FetchResult(ids=tuple(p[1]), layers=tuple(p[2]), kv=out) for p, out in zip(prepared, bufs))

@@ -10,10 +10,11 @@ one share and pool threads the others. Small gathers stay on the caller: a hand-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +29,7 @@ COPIERS = max(1, min(2, os.cpu_count() or 1))
 
 _pool: Optional[ThreadPoolExecutor] = None
 _lock = threading.Lock()
+_held = threading.local()  # this thread's `batched` pieces, or None
 
 
 def _copiers() -> ThreadPoolExecutor:
@@ -46,39 +48,64 @@ def _forget_pool() -> None:  # a forked child has none of the parent's threads
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """Gathers made in this thread inside the block are held and done as one at its end, so that a read of many
+    small parts (a QueryFetch's groups; cluster mode reads an entry at a time) is split as its total says. Every
+    buffer a held piece views must outlive the block (open the read transaction outside it). A block left by an
+    exception copies nothing; an inner block joins the outer one."""
+    if getattr(_held, "pieces", None) is not None:
+        yield
+        return
+    _held.pieces = []
+    try:
+        yield
+        pieces = _held.pieces
+    finally:
+        _held.pieces = None
+    _gather(pieces, COPIERS)
+
+
 def gather(out: np.ndarray, pieces: Sequence[tuple[int, Any]], copiers: Optional[int] = None) -> None:
     """Copy each `(offset, piece)` (a bytes-like object) into the flat uint8 array `out` at `offset`. A gather of
     PARALLEL_MIN_BYTES or more is cut into `copiers` (default COPIERS) runs of about equal bytes, a piece cut where
-    a run ends, and the runs are copied at the same time; returns once every byte is in place."""
-    threads = COPIERS if copiers is None else max(1, int(copiers))
-    total = sum(len(memoryview(p).cast("B")) for _, p in pieces) if threads > 1 else 0
-    if threads == 1 or total < PARALLEL_MIN_BYTES:
-        flat = out.data.cast("B")  # slice assignment: ~0.3 us a piece against ~1.5 for np.copyto's call
-        for offset, p in pieces:
-            view = memoryview(p).cast("B")
-            flat[offset:offset + len(view)] = view
+    a run ends, and the runs are copied at the same time; returns once every byte is in place (inside `batched`:
+    at the block's end)."""
+    held = getattr(_held, "pieces", None)
+    if held is not None and copiers is None:
+        held.extend((out, offset, piece) for offset, piece in pieces)
         return
-    runs: list[list[tuple[int, memoryview]]] = [[] for _ in range(threads)]
+    _gather([(out, offset, piece) for offset, piece in pieces], COPIERS if copiers is None else max(1, int(copiers)))
+
+
+def _gather(pieces: Sequence[tuple[np.ndarray, int, Any]], threads: int) -> None:
+    total = sum(len(memoryview(p).cast("B")) for _, _, p in pieces) if threads > 1 else 0
+    if threads == 1 or total < PARALLEL_MIN_BYTES:
+        for out, offset, p in pieces:  # slice assignment: ~0.3 us a piece against ~1.5 for np.copyto's call
+            view = memoryview(p).cast("B")
+            out.data.cast("B")[offset:offset + len(view)] = view
+        return
+    runs: list[list[tuple[np.ndarray, int, memoryview]]] = [[] for _ in range(threads)]
     share, run, room = -(-total // threads), 0, -(-total // threads)
-    for offset, piece in pieces:
+    for out, offset, piece in pieces:
         view = memoryview(piece).cast("B")
         while len(view):
             take = min(len(view), room)
-            runs[run].append((offset, view[:take]))
+            runs[run].append((out, offset, view[:take]))
             offset, view, room = offset + take, view[take:], room - take
             if room == 0 and run < threads - 1:
                 run, room = run + 1, share
-    pending = [_copiers().submit(_copy, out, r) for r in runs[1:] if r]
+    pending = [_copiers().submit(_copy, r) for r in runs[1:] if r]
     try:
-        _copy(out, runs[0])
+        _copy(runs[0])
     finally:
         wait(pending)  # every run done before the caller's buffers (a read transaction's map) may go
     for f in pending:
         f.result()  # the first run that failed raises its error
 
 
-def _copy(out: np.ndarray, run: Sequence[tuple[int, memoryview]]) -> None:
-    for offset, view in run:
+def _copy(run: Sequence[tuple[np.ndarray, int, memoryview]]) -> None:
+    for out, offset, view in run:
         n = len(view)
         if n:
             np.copyto(out[offset:offset + n], np.frombuffer(view, np.uint8))

@@ -41,9 +41,9 @@ def test_a_big_gather_uses_another_thread(monkeypatch):
     seen: set[str] = set()
     real = copies._copy
 
-    def spy(out, run):
+    def spy(run):
         seen.add(threading.current_thread().name)
-        real(out, run)
+        real(run)
 
     monkeypatch.setattr(copies, "_copy", spy)
     parts, end = pieces([copies.PARALLEL_MIN_BYTES // 2 + 1] * 2)
@@ -62,10 +62,10 @@ def test_an_error_in_a_pool_run_is_raised_after_every_run_ended(monkeypatch):
     finished = []
     real = copies._copy
 
-    def flaky(out, run):
+    def flaky(run):
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("a run failed")
-        real(out, run)
+        real(run)
         finished.append(True)
 
     monkeypatch.setattr(copies, "_copy", flaky)
@@ -94,3 +94,23 @@ def test_a_split_fetch_returns_what_was_stored(tmp_path, monkeypatch, storage):
         assert np.array_equal(some.view(np.uint16), want[:, [2, 0]].view(np.uint16))
     else:
         assert np.allclose(got.astype(np.float32), want.astype(np.float32), rtol=0.07, atol=0.01)
+
+
+def test_a_batch_gathers_its_parts_as_one_at_its_end(monkeypatch):
+    seen: list[int] = []
+    real = copies._gather
+    monkeypatch.setattr(copies, "_gather", lambda pieces, threads: (seen.append(len(pieces)), real(pieces, threads)))
+    a, b = np.zeros(6, np.uint8), np.zeros(4, np.uint8)
+    with copies.batched():
+        copies.gather(a, [(0, b"abc"), (3, b"def")])
+        with copies.batched():  # an inner block joins the outer one
+            copies.gather(b, [(0, b"wxyz")])
+        assert seen == [] and not a.any() and not b.any()  # nothing copied before the block ends
+    assert seen == [3] and a.tobytes() == b"abcdef" and b.tobytes() == b"wxyz"
+    with pytest.raises(RuntimeError):
+        with copies.batched():
+            copies.gather(a, [(0, b"zzz")])
+            raise RuntimeError("the read failed")
+    assert a.tobytes() == b"abcdef" and seen == [3]  # a failed block copies nothing
+    copies.gather(b, [(0, b"1234")])  # outside any block: at once
+    assert b.tobytes() == b"1234"
