@@ -117,10 +117,10 @@ class LMDBView(Reader):
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:
-        # One batched read per database for the whole fetch (the groups holding `layers`), then per layer a byte
-        # comparison of its header with the layout's raw header, and one gather of the raw bodies into `out`
-        # (copies.py: on two threads when big; a run of layers of one group is one piece). Headers that differ
-        # (fp8, or damage) take decode_into, which decodes or says what is wrong.
+        # One batched read per database for the whole fetch (the groups holding `layers`), then per group a byte
+        # comparison of its headers with the layout's raw header (_all_raw), and one gather of the raw bodies into
+        # `out` (copies.py: on two threads when big; a group's share of a run of layers is one piece). A group
+        # whose headers differ (fp8, or damage) is decoded layer by layer, and decode_into says what is wrong.
         layers = list(layers)
         g, size = layout.layer_group, _layer_bytes(layout)
         starts = sorted({layer - layer % g for layer in layers})
