@@ -230,7 +230,7 @@ class LMDBView(Reader):
         head, body = _layer_of(layout, head, self.get("pbody", key), layer, what)
         prefix = raw_prefix(layout.kv_dtype, layout.layer_shape)
         if (body is not None and len(head) == HEADER_BYTES and head[:len(prefix)] == prefix
-                and len(body) == math.prod(layout.layer_shape) * layout.np_dtype.itemsize):
+                and len(body) == _layer_bytes(layout)):
             if verify and checksum(body) != stored_checksum(head):
                 raise DataLoss(f"checksum mismatch in {what}: stored bytes are corrupt")
             view = memoryview(body)
