@@ -40,7 +40,7 @@ from memory_service.errors import (
 from memory_service.pruning import LFU, parse_policy
 from memory_service.pruning.planner import Plan
 from memory_service.store import LMDBStore, NewEntries, StoredStream, StoreView, TensorStore
-from memory_service.store.codec import body_bytes, encode
+from memory_service.store.codec import body_bytes, encode_layers
 from memory_service.store.dirlock import DirLock
 from memory_service.query_fetch import FetchPlan
 from memory_service.stream import Stream, default_layer_group
@@ -274,7 +274,7 @@ class MemoryBank:
         stored_keys = []  # per entry: per key space, in the space's stored dtype
         dtypes = [s.spec.key_spaces[space].dtype for space in s.space_names]
         for _, keys, kv in checked:
-            encoded.append(None if kv is None else [encode(kv[layer], s.spec.kv.dtype, codec) for layer in range(len(kv))])
+            encoded.append(None if kv is None else encode_layers(kv, s.spec.kv.dtype, codec))
             stored_keys.append([keys[space].astype(dt, copy=False) for space, dt in zip(s.space_names, dtypes)])
         with s.lock:
             now = self.clock()

@@ -78,11 +78,21 @@ def check_kv(spec: StreamSpec, kv, what: str) -> Optional[np.ndarray]:
     return np.ascontiguousarray(arr)
 
 
+# A 16-bit float is NaN or inf exactly when its exponent bits are all ones: testing the bits is ~6x faster than
+# widening to float32 (a 30-layer 2-token bf16 entry: 14 vs 91 us), which was 10% of a put in-process.
+_EXPONENT_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}
+
+
 def _all_finite(arr: np.ndarray, block: int = 1 << 22) -> bool:
     """NaN/inf check in blocks, so a 300 MB bf16 payload never needs a 600 MB float32 copy."""
     flat = arr.reshape(-1)
+    mask = _EXPONENT_BITS.get(arr.dtype.name)
     for start in range(0, flat.size, block):
-        if not np.isfinite(flat[start:start + block].astype(np.float32)).all():
+        part = flat[start:start + block]
+        if mask is not None:
+            if part.size and int((part.view(np.uint16) & mask).max()) == mask:
+                return False
+        elif not np.isfinite(part.astype(np.float32, copy=False)).all():
             return False
     return True
 

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import lmdb
 import numpy as np
@@ -265,3 +265,17 @@ class LMDBEnv:
 def as_bytes(arr: np.ndarray) -> memoryview:
     """A byte view of a C-contiguous array, no copy (ml_dtypes arrays cannot export a buffer directly)."""
     return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
+def back_to_back(arrays: Sequence[np.ndarray]) -> bytes | memoryview:
+    """The bytes of `arrays` one after another: a view spanning them when they already lie so in memory (the layers
+    of one raw entry, `codec.encode_layers`), else a joined copy. The view is valid while `arrays` are."""
+    first = arrays[0]
+    end = first.__array_interface__["data"][0]
+    for a in arrays:
+        if not a.flags.c_contiguous or a.__array_interface__["data"][0] != end:
+            return b"".join(as_bytes(a) for a in arrays)
+        end += a.nbytes
+    start = first.__array_interface__["data"][0]
+    # every byte from start to end belongs to one of `arrays`, which the caller holds while it uses the view
+    return memoryview(np.lib.stride_tricks.as_strided(first.reshape(-1).view(np.uint8), (end - start,), (1,)))

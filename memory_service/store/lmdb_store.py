@@ -35,7 +35,7 @@ from memory_service.store.codec import (
     HEADER_BYTES, Header, body_bytes, checksum, decode_into, encode, fetched_view, header_scale_bytes, raw_prefix,
     split_group, stored_checksum,
 )
-from memory_service.store.lmdb_env import LMDBEnv, Reader, Writer, as_bytes
+from memory_service.store.lmdb_env import LMDBEnv, Reader, Writer, as_bytes, back_to_back
 from memory_service.store.records import dumps, entry_from, loads, meta_json, stats_json
 from memory_service.types import EntryMeta
 
@@ -392,7 +392,7 @@ def _put_payload(w: Writer, layout: StreamLayout, eid: int, layers: Sequence[tup
             w.put("pbody", key, as_bytes(part[0][1]))
         else:
             w.put("phead", key, b"".join(header.pack() for header, _ in part))
-            w.put("pbody", key, b"".join(as_bytes(body) for _, body in part))
+            w.put("pbody", key, back_to_back([body for _, body in part]))
 
 
 def _degrade(w: Writer, layout: StreamLayout, meta: EntryMeta, step: str, verify: bool) -> EntryMeta:
