@@ -40,12 +40,9 @@ class Header:
     scales: bytes = b""  # fp8 only: float32 [2, 1, heads, head_dim]
 
     def pack(self) -> bytes:
-        if self.codec == "raw" and len(self.shape) == 4:  # every raw layer: the cached prefix and its checksum
-            return raw_prefix(self.dtype, self.shape) + self.checksum.to_bytes(8, "little")
-        dims = list(self.shape) + [0] * (4 - len(self.shape))
-        return _HEADER.pack(
-            CODECS.index(self.codec), KV_DTYPES.index(self.dtype), len(self.shape), 0, *dims, self.checksum
-        ) + self.scales
+        if self.codec == "raw":  # every raw layer of a stream: the cached prefix, then its checksum
+            return raw_prefix(self.dtype, tuple(self.shape)) + self.checksum.to_bytes(8, "little")
+        return _fixed(self.codec, self.dtype, self.shape, self.checksum) + self.scales
 
     @staticmethod
     def unpack(buf: bytes | memoryview, what: str = "payload") -> "Header":
@@ -55,6 +52,12 @@ class Header:
                           bytes(buf[_HEADER.size:]))
         except (struct.error, IndexError) as exc:
             raise DataLoss(f"{what} header is corrupt ({len(buf)} bytes): {exc}") from None
+
+
+def _fixed(codec: str, dtype: str, shape: tuple, checksum: int) -> bytes:
+    """A header's fixed part (HEADER_BYTES): everything but fp8 scales."""
+    dims = list(shape) + [0] * (4 - len(shape))
+    return _HEADER.pack(CODECS.index(codec), KV_DTYPES.index(dtype), len(shape), 0, *dims, checksum)
 
 
 def checksum(*buffers: bytes | memoryview | np.ndarray) -> int:
@@ -86,13 +89,9 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
 
 
 def encode_layers(kv: np.ndarray, dtype: str, codec: str) -> list[tuple[Header, np.ndarray]]:
-    """Every layer of one entry's K/V `[L, 2, T, H, D]`: `encode` of each; raw bodies are views of one C-contiguous
-    copy of `kv` (none if it is one already), so they lie back to back and a layer group is stored without a join."""
-    if codec != "raw":
-        return [encode(layer, dtype, codec) for layer in kv]
-    kv = np.ascontiguousarray(kv)
-    shape = tuple(kv.shape[1:])
-    return [(Header("raw", dtype, shape, xxhash.xxh3_64_intdigest(layer)), layer) for layer in kv]
+    """Every layer of one entry's K/V `[L, 2, T, H, D]`: `encode` of each, over one C-contiguous copy of `kv` (none
+    if it is one already), so raw bodies are views that lie back to back and a layer group is stored without a join."""
+    return [encode(layer, dtype, codec) for layer in np.ascontiguousarray(kv)]
 
 
 def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verify: bool, what: str) -> None:
@@ -119,8 +118,7 @@ def raw_prefix(dtype: str, shape: tuple) -> bytes:
     """The bytes every raw header of a layer of logical `dtype` and `shape` starts with (all but its checksum): a
     stored header equal to it, HEADER_BYTES long, with a body of the layer's size, passes every check of `check`
     but the checksum (the batched fast path of a fetch compares bytes instead of unpacking each header)."""
-    dims = list(shape) + [0] * (4 - len(shape))
-    return _HEADER.pack(CODECS.index("raw"), KV_DTYPES.index(dtype), len(shape), 0, *dims, 0)[:HEADER_BYTES - 8]
+    return _fixed("raw", dtype, tuple(shape), 0)[:HEADER_BYTES - 8]
 
 
 def stored_checksum(head: bytes | memoryview) -> int:
