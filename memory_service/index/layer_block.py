@@ -17,8 +17,21 @@ missing slots id -1 / score -inf; `deny` ids never returned; removed ids never r
 insertion order of every list (as IndexFlat's does), so equal scores resolve as they did per layer: the entry
 added first enters the top-k first. A small deny list (the local window) is handled by fetching `k + len(deny)` and dropping
 the denied ids, which is exact for a flat scan and keeps faiss's selector-free scan loop; a large one becomes
-a faiss IDSelector. Snapshots are two parts, the IVF's faiss bytes and the entry ids by position; `load` also accepts the older per-layer format (one
-IndexIDMap2 of a flat or fp16 index per layer) and converts it.
+a faiss IDSelector.
+
+A large float32 inner-product block (ip or cosine, >= PREFILTER_MIN_BYTES) also keeps an int8 copy of its keys
+(`Int8Copy`, +25% key RAM; IndexParams.flat_int8_prefilter) and answers most queries from it, exactly, reading a
+quarter of the bytes: the copy's scan picks each layer's best candidates, `fvec_inner_products_by_idx` rescores
+them from the float32 keys (faiss's fvec_inner_product, as the full scan's, so the scores are bit for bit the
+same; tests/unit/test_int8_prefilter.py holds it to that), and an answer stands only where a bound proves that no
+entry left out could rank in it - the k-th kept exact score beats the highest float32 score any of them could
+have (the copy's own score plus the most int8 rounding can hide), and the top k + 1 hold no equal scores (which
+of equal entries a scan keeps is up to faiss's heap). A query with any layer unproven takes the full float32
+path, so answers are what they were, and misses in a row back off (`prefilter_stats` counts both).
+
+Snapshots are two parts, the IVF's faiss bytes and the entry ids by position (the int8 copy is rebuilt from
+them); `load` also accepts the older per-layer format (one IndexIDMap2 of a flat or fp16 index per layer) and
+converts it.
 """
 
 from __future__ import annotations
@@ -55,6 +68,19 @@ TASKS_PER_CORE = 4
 # 0.9 GB), which still take that path.
 SPLIT_MIN_BYTES = 256 << 20
 CORES = os.cpu_count() or 2  # read once: os.cpu_count() cost ~20 us per call here
+# The int8 prefilter (IndexParams.flat_int8_prefilter) is kept for float32 ip/cosine blocks of at least this many
+# key bytes: below it the whole scan is a fraction of a millisecond and the copy would only cost RAM.
+PREFILTER_MIN_BYTES = POOL_MIN_BYTES
+# Candidates past k + len(deny) rescored per layer: the bound compares the k-th exact score with the next
+# candidate's ceiling, so a few more give it room (48 of 48 queries proven at 1e3 and 4e3 entries of the baseline
+# workload; near-duplicate keys, 64 to a scene, need ~16).
+PREFILTER_MARGIN = 16
+# ... and the scan keeps this many times that, rescored only for layers the first ones did not prove (random
+# keys, whose best scores lie close together, need ~100 candidates of 1e3 at 1536 dims).
+PREFILTER_WIDEN = 4
+# After m misses in a row the next 2^m - 1 queries (at most this many) skip the copy: keys whose best scores lie
+# closer together than the int8 error (random keys at 4e3, 18 of 48 proven) pay for a miss now and then only.
+PREFILTER_BACKOFF_MAX = 64
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,16 +106,24 @@ class LayerBlock:
         self.dtype = dtype
         self._ivf = self._new_ivf()
         self._ids = np.zeros(0, np.int64)  # [n]: entry id at each position (every list's labels are positions)
+        self._prefilter = params.flat_int8_prefilter and dtype == "float32" and metric != "l2"
+        self._copy: Optional[Int8Copy] = None  # None below PREFILTER_MIN_BYTES, or with the prefilter off
+        self.prefilter_stats = {"certified": 0, "fallback": 0}  # queries answered from the copy / by the full scan
+        self._misses = self._skip = 0  # prefilter misses in a row; queries left to send straight to the full scan
 
     def _new_ivf(self) -> faiss.IndexIVF:
         quantizer = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
         quantizer.add(np.zeros((self.layers, self.dim), np.float32))  # never consulted: lists are chosen by layer
-        if self.dtype == "float16":
+        if self.dtype == "int8":  # the prefilter's copy: keys already scaled and rounded to integers
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, self.layers,
+                                                faiss.ScalarQuantizer.QT_8bit_direct_signed,
+                                                _faiss_metric(self.metric), False)
+        elif self.dtype == "float16":
             ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, self.layers, faiss.ScalarQuantizer.QT_fp16,
                                                 _faiss_metric(self.metric), False)
         else:
             ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.layers, _faiss_metric(self.metric))
-        ivf.is_trained = True  # float32 and fp16 codes need no training
+        ivf.is_trained = True  # float32, fp16 and direct int8 codes need no training
         ivf.nprobe = 1
         ivf.own_fields = True
         quantizer.this.disown()
@@ -113,6 +147,23 @@ class LayerBlock:
         assign = np.repeat(np.arange(self.layers, dtype=np.int64), n)  # [L * n]: layer l -> list l
         self._ivf.add_core(len(by_layer), faiss.swig_ptr(by_layer), faiss.swig_ptr(labels), faiss.swig_ptr(assign))
         self._ids = np.concatenate([self._ids, ids])
+        if self._copy is None or not self._copy.add(ids, x):  # none yet, or keys past its range
+            self._rebuild_copy()
+
+    def _rebuild_copy(self) -> None:
+        """The int8 copy of every key, on a scale fitted to them, once the block is large enough for it to pay."""
+        self._copy = None
+        if self._prefilter and len(self) * self.layers * self._ivf.code_size >= PREFILTER_MIN_BYTES:
+            self._copy = Int8Copy(self.layers, self.dim, self.params, self._ids, self._keys())
+
+    def _keys(self) -> np.ndarray:
+        """The float32 keys as stored, `[n, L, d]` (a copy, in position order)."""
+        n, lists = len(self), self._ivf.invlists
+        keys = np.empty((n, self.layers, self.dim), np.float32)
+        for layer in range(self.layers):
+            keys[:, layer] = faiss.rev_swig_ptr(lists.get_codes(layer), n * self._ivf.code_size).view(
+                np.float32).reshape(n, self.dim)
+        return keys
 
     def remove(self, ids: np.ndarray) -> None:
         """Order-preserving compaction of every list (the cost of IndexFlat.remove_ids on each layer)."""
@@ -132,6 +183,8 @@ class LayerBlock:
             lists.resize(layer, len(keep))
         self._ivf.ntotal = len(keep) * self.layers
         self._ids = have[keep]
+        if self._copy is not None:
+            self._copy.block.remove(ids)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -141,7 +194,8 @@ class LayerBlock:
         return self._ids.copy()
 
     def memory_bytes(self) -> int:
-        return len(self) * self.layers * (self._ivf.code_size + 8)
+        own = len(self) * self.layers * (self._ivf.code_size + 8)
+        return own + (self._copy.block.memory_bytes() if self._copy is not None else 0)
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, deny: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +207,19 @@ class LayerBlock:
         if n == 0:
             return _empty(self.layers, k)
         deny = None if deny is None or len(deny) == 0 else np.asarray(deny, np.int64)
+        kk = k + (0 if deny is None else len(deny)) + PREFILTER_MARGIN
+        if self._copy is not None and (deny is None or len(deny) <= OVERFETCH_MAX_DENY) and 4 * kk <= n:
+            if self._skip > 0:  # backing off: the last queries' keys defeated the bound
+                self._skip -= 1
+            else:
+                found = self._prefiltered(q, k, kk, deny)
+                if found is not None:
+                    self._misses = 0
+                    self.prefilter_stats["certified"] += 1
+                    return found
+                self._misses += 1
+                self._skip = min(2 ** self._misses - 1, PREFILTER_BACKOFF_MAX)
+                self.prefilter_stats["fallback"] += 1
         if deny is not None and len(deny) <= OVERFETCH_MAX_DENY:
             # One more than the deny list can take away: the k-th kept entry is never the last fetched, so an equal
             # score past the fetch shows as an equal last fetched score.
@@ -224,6 +291,39 @@ class LayerBlock:
                 return None
         return _pad(np.ascontiguousarray(kept_s[:, :k]), np.ascontiguousarray(kept_i[:, :k]), k)
 
+    def _prefiltered(self, q: np.ndarray, k: int, kk: int, deny: Optional[np.ndarray]):
+        """The exact answer from the int8 copy's top candidates per layer, rescored from the float32 keys, or None
+        when some layer's answer is not proven (see the module docstring). The copy's scan keeps `wide` of them;
+        the first `kk` are rescored, and the rest only for layers whose answer the first `kk` did not prove."""
+        assert self._copy is not None
+        n = len(self)
+        wide = min(n // 2, PREFILTER_WIDEN * kk)
+        pos, ceiling = self._copy.candidates(q, wide)  # ceiling[l, m]: above every entry past the first m + 1
+        ids = self._ids[pos]  # [L, wide]
+        exact = np.empty((self.layers, wide), np.float32)
+        lists, code = self._ivf.invlists, self._ivf.code_size
+        top = np.empty((self.layers, k), np.float32)
+        top_ids = np.empty((self.layers, k), np.int64)
+        todo, lo = np.arange(self.layers), 0
+        for m in dict.fromkeys((kk, wide)):  # one stage when wide == kk
+            for layer in todo.tolist():
+                keys = faiss.rev_swig_ptr(lists.get_codes(layer), n * code).view(np.float32)
+                faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact[layer, lo:]), faiss.swig_ptr(q[layer]),
+                                                 faiss.swig_ptr(keys), faiss.swig_ptr(pos[layer, lo:]), self.dim,
+                                                 1, m - lo)
+            got, got_ids = exact[todo, :m], ids[todo, :m]
+            if deny is not None:
+                got[(got_ids[:, :, None] == deny).any(-1) if len(deny) <= 16 else np.isin(got_ids, deny)] = -np.inf
+            order = np.argsort(-got, axis=1, kind="stable")[:, :k + 1]  # k + 1 kept: kk >= k + len(deny) + 1
+            best = np.take_along_axis(got, order, 1)
+            # The k-th kept score must beat every entry not rescored, and no two of the top k + 1 be equal.
+            ok = (best[:, k - 1] > ceiling[todo, m - 1]) & (best[:, :-1] > best[:, 1:]).all(axis=1)
+            top[todo[ok]], top_ids[todo[ok]] = best[ok, :k], np.take_along_axis(got_ids, order, 1)[ok, :k]
+            todo, lo = todo[~ok], m
+            if len(todo) == 0:
+                return top, top_ids
+        return None
+
     def _scan(self, q: np.ndarray, k: int, sel, dist: np.ndarray, ids: np.ndarray, lo: int, hi: int) -> None:
         """Layers [lo, hi): rows lo..hi of `q`, `dist` and `ids` are contiguous, so faiss writes them in place."""
         _omp_threads(self.params.faiss_threads)
@@ -271,6 +371,7 @@ class LayerBlock:
                 raise InvalidArgument(f"snapshot layers hold {sorted(sizes)} entries; its id list {len(ids)}")
             ivf.nprobe = 1
             self._ivf, self._ids = ivf, ids
+            self._rebuild_copy()
             return
         indexes = [first] + [_deserialize(data) for data, _ in parts[1:]]
         if len(indexes) != self.layers or not all(isinstance(ix, faiss.IndexIDMap2) for ix in indexes):
@@ -283,12 +384,63 @@ class LayerBlock:
                 raise InvalidArgument(f"per-layer snapshot layer {layer} disagrees with layer 0 (dim or ids)")
             if len(ids):
                 keys[:, layer] = ix.index.reconstruct_n(0, len(ids))
-        self._ivf, self._ids = self._new_ivf(), np.zeros(0, np.int64)
+        self._ivf, self._ids, self._copy = self._new_ivf(), np.zeros(0, np.int64), None
         self._add_prepared(ids, keys)
 
     def tombstones(self) -> np.ndarray:
         return np.zeros(0, np.int64)
 
+
+class Int8Copy:
+    """A float32 block's keys as int8 (per-layer scale, rounded), in a LayerBlock of its own with the same
+    positions, and the bound that says how far a float32 scan score can lie above what this copy scans.
+
+    faiss's `QT_8bit_direct_signed` scan multiplies the codes by the query rounded to int8 too, so the query is
+    scaled to [-127, 127] and rounded here first, and the scan is an exact integer dot product. For an entry x with
+    dequantized copy x' (||x - x'|| <= R) and the rounded query q' (||q - q'|| = dq), the float32 scan's score
+    fl(q.x) <= q'.x' + ||q|| R + dq (X + R) + gamma (||q|| X + ||q'|| (X + R)), with X the layer's largest key
+    norm and gamma = 1.01 d 2^-24 the error of a float32 dot product of d terms (also covering a float kernel for
+    the copy, or its integer score rounded to float32). R and X only grow (removals leave them), and 1% on top
+    covers their own float32 rounding."""
+
+    HEADROOM = 1.25  # the scale leaves room for keys this much larger than the largest seen ...
+    REFIT = 2.0  # ... and a key past this many times it has the block rebuild the copy on a new scale
+
+    def __init__(self, layers: int, dim: int, params: IndexParams, ids: np.ndarray, keys: np.ndarray) -> None:
+        top = np.maximum(np.abs(keys).max(axis=(0, 2)), np.finfo(np.float32).tiny)  # [L]
+        self.scale = 127.0 / (self.HEADROOM * top)  # [L] float64: code = rint(x * scale)
+        self.limit = self.REFIT * top
+        self.norms, self.err = np.zeros(layers), np.zeros(layers)  # [L]: X and R
+        self.block = LayerBlock(layers, dim, "ip", params, "int8")
+        self.gamma = 1.01 * dim * 2.0 ** -24
+        self.add(ids, keys)
+
+    def add(self, ids: np.ndarray, x: np.ndarray) -> bool:
+        """Keys `[n, L, d]` in; False (nothing added) when one lies past the scale's range."""
+        if len(ids) == 0:
+            return True
+        if (np.abs(x).max(axis=(0, 2)) > self.limit).any():
+            return False
+        scale = self.scale[None, :, None]
+        codes = np.clip(np.rint(x * scale), -127, 127)  # [n, L, d] float64 integers
+        self.norms = np.maximum(self.norms, np.linalg.norm(x, axis=2).max(axis=0))
+        self.err = np.maximum(self.err, np.linalg.norm(x - codes / scale, axis=2).max(axis=0))
+        self.block._add_prepared(ids, codes.astype(np.float32))
+        return True
+
+    def candidates(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions `[L, kk]`, ceilings `[L, kk]` float64): each layer's top kk in the copy, best first, and for
+        each m a score that no entry past the first m + 1 reaches in the float32 scan."""
+        top = np.abs(q).max(axis=1).astype(np.float64)
+        t = 127.0 / np.where(top > 0, top, 1.0)  # [L]: the query's own scale
+        qi = np.rint(q * t[:, None])  # [L, d] integers in [-127, 127]
+        scores, pos = self.block._scan_all(np.ascontiguousarray(qi, np.float32), kk, None)
+        q_back = qi / t[:, None]
+        qn, qbn = np.linalg.norm(q, axis=1), np.linalg.norm(q_back, axis=1)
+        dq = np.linalg.norm(q - q_back, axis=1)
+        x, r = self.norms, self.err
+        slack = 1.01 * (qn * r + dq * (x + r) + self.gamma * (qn * x + qbn * (x + r)))
+        return pos, scores / (self.scale * t)[:, None] + slack[:, None]
 
 def _deserialize(data: bytes) -> faiss.Index:
     """faiss bytes -> the index as its own class, owning its C++ object (a downcast proxy does not, and the
