@@ -298,7 +298,7 @@ class LayerBlock:
         assert self._copy is not None
         n = len(self)
         wide = min(n // 2, PREFILTER_WIDEN * kk)
-        pos, ceiling = self._copy.candidates(q, wide)  # ceiling[l, m]: above every entry past the first m + 1
+        pos, ceiling = self._copy.candidates(q, wide)  # ceiling[l, m]: above every entry the copy ranks >= m
         ids = self._ids[pos]  # [L, wide]
         exact = np.empty((self.layers, wide), np.float32)
         lists, code = self._ivf.invlists, self._ivf.code_size
@@ -430,7 +430,7 @@ class Int8Copy:
 
     def candidates(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions `[L, kk]`, ceilings `[L, kk]` float64): each layer's top kk in the copy, best first, and for
-        each m a score that no entry past the first m + 1 reaches in the float32 scan."""
+        each m a score that no entry the copy ranks m-th or later (0-based) reaches in the float32 scan."""
         top = np.abs(q).max(axis=1).astype(np.float64)
         t = 127.0 / np.where(top > 0, top, 1.0)  # [L]: the query's own scale
         qi = np.rint(q * t[:, None])  # [L, d] integers in [-127, 127]

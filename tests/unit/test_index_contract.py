@@ -380,6 +380,7 @@ def test_layer_block_answers_as_per_layer_flat_indexes(metric, dtype, pooled, mo
     """Against brute force and against today's L FlatIndexes, through adds, removals, small and large deny
     lists (over-fetch and selector paths), k past the eligible count and an emptied space."""
     monkeypatch.setattr(layer_block, "POOL_MIN_BYTES", 0 if pooled else 1 << 62)
+    monkeypatch.setattr(layer_block, "PREFILTER_MIN_BYTES", 0 if pooled else 1 << 62)  # with the int8 copy, and without
     rng = np.random.default_rng(21)
     s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
     keys = layered(rng, 300, DIM)
@@ -441,6 +442,7 @@ def test_layer_block_ties_resolve_as_before(metric, dtype, pooled, monkeypatch):
     (which of the equals enter the top-k, and their order), also after removals in the middle of the block and
     with a deny list (k = 12 puts the boundary inside a run of equals: the over-fetch path hands it to faiss)."""
     monkeypatch.setattr(layer_block, "POOL_MIN_BYTES", 0 if pooled else 1 << 62)
+    monkeypatch.setattr(layer_block, "PREFILTER_MIN_BYTES", 0 if pooled else 1 << 62)
     rng = np.random.default_rng(22)
     s, flats = block_space(metric, dtype), per_layer_flats(metric, dtype)
     base = layered(rng, 4, DIM)
