@@ -156,13 +156,17 @@ class LayerBlock:
         if self._prefilter and len(self) * self.layers * self._ivf.code_size >= PREFILTER_MIN_BYTES:
             self._copy = Int8Copy(self.layers, self.dim, self.params, self._ids, self._keys())
 
+    def _layer_keys(self, layer: int) -> np.ndarray:
+        """A float32 block's list `layer` in place: its `[n * d]` keys, a view of faiss's memory (valid until the
+        list next changes)."""
+        return faiss.rev_swig_ptr(self._ivf.invlists.get_codes(layer), len(self) * self._ivf.code_size).view(
+            np.float32)
+
     def _keys(self) -> np.ndarray:
         """The float32 keys as stored, `[n, L, d]` (a copy, in position order)."""
-        n, lists = len(self), self._ivf.invlists
-        keys = np.empty((n, self.layers, self.dim), np.float32)
+        keys = np.empty((len(self), self.layers, self.dim), np.float32)
         for layer in range(self.layers):
-            keys[:, layer] = faiss.rev_swig_ptr(lists.get_codes(layer), n * self._ivf.code_size).view(
-                np.float32).reshape(n, self.dim)
+            keys[:, layer] = self._layer_keys(layer).reshape(len(self), self.dim)
         return keys
 
     def remove(self, ids: np.ndarray) -> None:
@@ -301,13 +305,12 @@ class LayerBlock:
         pos, ceiling = self._copy.candidates(q, wide)  # ceiling[l, m]: above every entry the copy ranks >= m
         ids = self._ids[pos]  # [L, wide]
         exact = np.empty((self.layers, wide), np.float32)
-        lists, code = self._ivf.invlists, self._ivf.code_size
         top = np.empty((self.layers, k), np.float32)
         top_ids = np.empty((self.layers, k), np.int64)
         todo, lo = np.arange(self.layers), 0
         for m in dict.fromkeys((kk, wide)):  # one stage when wide == kk
             for layer in todo.tolist():
-                keys = faiss.rev_swig_ptr(lists.get_codes(layer), n * code).view(np.float32)
+                keys = self._layer_keys(layer)
                 faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact[layer, lo:]), faiss.swig_ptr(q[layer]),
                                                  faiss.swig_ptr(keys), faiss.swig_ptr(pos[layer, lo:]), self.dim,
                                                  1, m - lo)
@@ -341,11 +344,11 @@ class LayerBlock:
         vector at a time: 1.16 vs 1.10 x the read floor, best of 40, 8 x 1e4 x 1536 on one core). A few
         microseconds of Python per layer, against a scan of at least half a megabyte per layer."""
         _omp_threads(self.params.faiss_threads)
-        n, lists = len(self), self._ivf.invlists
+        n = len(self)
         knn = faiss.knn_L2sqr if self.metric == "l2" else faiss.knn_inner_product
         extra = (None, sel) if self.metric == "l2" else (sel,)  # knn_L2sqr takes the keys' norms first
         for layer in range(lo, hi):
-            keys = faiss.rev_swig_ptr(lists.get_codes(layer), n * self._ivf.code_size).view(np.float32)  # [n * d]
+            keys = self._layer_keys(layer)  # [n * d]
             knn(faiss.swig_ptr(q[layer]), faiss.swig_ptr(keys), self.dim, 1, n, k, faiss.swig_ptr(dist[layer]),
                 faiss.swig_ptr(pos[layer]), *extra)
 
