@@ -27,7 +27,7 @@ same; tests/unit/test_int8_prefilter.py holds it to that), and an answer stands 
 entry left out could rank in it - the k-th kept exact score beats the highest float32 score any of them could
 have (the copy's own score plus the most int8 rounding can hide), and the top k + 1 hold no equal scores (which
 of equal entries a scan keeps is up to faiss's heap). A query with any layer unproven takes the full float32
-path, so answers are what they were, and misses in a row back off (`prefilter_stats` counts both).
+path, so answers are what they were, and misses back off (`prefilter_stats` counts both).
 
 Snapshots are two parts, the IVF's faiss bytes and the entry ids by position (the int8 copy is rebuilt from
 them); `load` also accepts the older per-layer format (one IndexIDMap2 of a flat or fp16 index per layer) and
@@ -78,8 +78,9 @@ PREFILTER_MARGIN = 16
 # ... and the scan keeps this many times that, rescored only for layers the first ones did not prove (random
 # keys, whose best scores lie close together, need ~100 candidates of 1e3 at 1536 dims).
 PREFILTER_WIDEN = 4
-# After m misses in a row the next 2^m - 1 queries (at most this many) skip the copy: keys whose best scores lie
-# closer together than the int8 error (random keys at 4e3, 18 of 48 proven) pay for a miss now and then only.
+# After a miss that leaves the count at m (a miss adds one, a proven answer takes one off) the next 2^m - 1
+# queries (at most this many) skip the copy: keys whose best scores lie closer together than the int8 error
+# (random keys and queries) pay for a miss now and then only.
 PREFILTER_BACKOFF_MAX = 64
 
 
@@ -109,7 +110,7 @@ class LayerBlock:
         self._prefilter = params.flat_int8_prefilter and dtype == "float32" and metric != "l2"
         self._copy: Optional[Int8Copy] = None  # None below PREFILTER_MIN_BYTES, or with the prefilter off
         self.prefilter_stats = {"certified": 0, "fallback": 0}  # queries answered from the copy / by the full scan
-        self._misses = self._skip = 0  # prefilter misses in a row; queries left to send straight to the full scan
+        self._misses = self._skip = 0  # the backoff's miss count; queries left to send straight to the full scan
 
     def _new_ivf(self) -> faiss.IndexIVF:
         quantizer = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
@@ -218,7 +219,9 @@ class LayerBlock:
             else:
                 found = self._prefiltered(q, k, kk, deny)
                 if found is not None:
-                    self._misses = 0
+                    # one miss off, not all: keys proven one query in five still back off (random keys at 1e3
+                    # paid 1.5x the full scan when each proof reset the count)
+                    self._misses = max(0, self._misses - 1)
                     self.prefilter_stats["certified"] += 1
                     return found
                 self._misses += 1
