@@ -456,6 +456,7 @@ class Int8Copy:
         slack = 1.01 * (qn * r + dq * (x + r) + self.gamma * (qn * x + qbn * (x + r)))
         return pos, scores / (self.scale * t)[:, None] + slack[:, None]
 
+
 def _deserialize(data: bytes) -> faiss.Index:
     """faiss bytes -> the index as its own class, owning its C++ object (a downcast proxy does not, and the
     proxy deserialize_index returns frees the object when it is collected)."""
