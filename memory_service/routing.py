@@ -13,7 +13,8 @@ What is routed:
 - list_streams and stats() (the whole bank) go to any node that answers.
 
 What is resent, and where (every call, until `failover_timeout_s` has passed since it began; then the last
-error is raised):
+error is raised, a NotOwner as Unavailable: no node served the stream in time, which is an outage to retry
+later, and the message says that the call was not executed):
 - NotOwner with an owner's address: the call did not execute; it is sent to that owner (added to the node list
   when new) and the stream is remembered there - at most MAX_HOPS times a call, so two nodes that disagree
   cannot bounce it forever; after that it goes round the nodes in turn;
@@ -260,6 +261,10 @@ class RoutedClient(MemoryClient):
             misses += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if isinstance(last, NotOwner):
+                    raise Unavailable(f"no node served stream {stream!r} within {self.failover_timeout_s:g} s "
+                                      f"(failover_timeout_s); the call was not executed; the last answer: "
+                                      f"{last}") from last
                 raise last
             with self._lock:
                 count = len(self.addresses)

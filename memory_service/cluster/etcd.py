@@ -176,6 +176,7 @@ class Coordinator:
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
+        self._regained: list[Callable[[], None]] = []
         self._address: Optional[str] = None
         self._announced_lease = 0
         self._lost_flag = False
@@ -318,6 +319,11 @@ class Coordinator:
             self._announce_if_needed()
             self._lost_flag = False
             log.warning("node %s holds a new etcd lease %d", self.node_id, new_lid)
+            for fn in list(self._regained):
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - as for on_lost
+                    log.exception("node %s: on_regained callback %r failed", self.node_id, fn)
             return
 
     def lost(self) -> bool:
@@ -326,6 +332,10 @@ class Coordinator:
 
     def on_lost(self, fn: Callable[[], None]) -> None:
         self._callbacks.append(fn)
+
+    def on_regained(self, fn: Callable[[], None]) -> None:
+        """`fn()` runs on the keepalive thread once a new lease is held after a lost one (keep it short)."""
+        self._regained.append(fn)
 
     # -- membership --------------------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ Owns the node's side of ownership. Promises:
   expired) takes it over here (claim in etcd, replay from S3, open its indexes); a call for a stream another
   node owns raises NotOwner with that node's address, before anything is executed, so the client may resend it;
 - every write is fenced (store/cluster_store.py): a node that lost a stream never changes it again; when the
-  node's lease is lost it forgets every stream it held, and serves them again only after claiming them anew;
+  node's lease is lost it serves none of its streams until it holds a new lease and has claimed them anew. Once
+  it holds one it claims them again at once, in the background: a stream whose durable head has not moved keeps
+  its local copy and its open indexes (nothing replayed), one another node owns now is dropped here;
 - `list_streams` lists the whole cluster's catalog (etcd); `stats()`, budgets and quotas are this node's;
 - `close()` hands its streams back (released in etcd) so another node serves them at once, then leaves.
 """
@@ -21,7 +23,7 @@ from memory_service.bank import MemoryBank
 from memory_service.cluster.etcd import Coordinator
 from memory_service.cluster.s3 import ObjectStore
 from memory_service.config import BankConfig, ClusterConfig
-from memory_service.errors import NotOwner
+from memory_service.errors import MemFlowError, NotOwner
 from memory_service.store.cluster_store import ClusterStore
 from memory_service.stream import Stream
 from memory_service.types import StreamSpec
@@ -67,7 +69,9 @@ class ClusterBank(MemoryBank):
         self.cluster_store: ClusterStore = self.store  # type: ignore[assignment]
         # One take-over, create or drop at a time, and always taken before the bank's lock (adopt takes that one)
         self._takeover = threading.RLock()
+        self._closing = False  # set under _takeover: no take-over starts once close has begun
         self.coord.on_lost(self._lease_lost)
+        self.coord.on_regained(self._lease_regained)
 
     def announce(self, address: str) -> None:
         """Join the membership at `address` (once the server listens): the address NotOwner sends clients to."""
@@ -76,12 +80,23 @@ class ClusterBank(MemoryBank):
         log.info("node %s joined the cluster at %s", self.coord.node_id, address)
 
     def _lease_lost(self) -> None:
-        names = self.cluster_store.owned()
-        for name in names:
-            self.forget(name)
-        self.cluster_store.discard_all()
-        log.warning("node %s lost its etcd lease: it no longer serves %d stream(s) until it claims them again",
-                    self.coord.node_id, len(names))
+        log.warning("node %s lost its etcd lease: it serves none of its %d stream(s) until it claims them again",
+                    self.coord.node_id, len(self.cluster_store.owned()))
+
+    def _lease_regained(self) -> None:
+        threading.Thread(target=self._claim_again, name="memflow-reclaim", daemon=True).start()
+
+    def _claim_again(self) -> None:
+        """Claim every stream held here before the lease was lost (see the module doc); one that another node owns
+        now, or that cannot be claimed yet, is left to its next call."""
+        for name in self.cluster_store.owned():
+            with self._takeover:
+                if self._closing or self._closed or self.coord.lost():
+                    return
+                try:
+                    self._stream(name)
+                except MemFlowError as exc:
+                    log.info("node %s: stream %r not claimed again: %s", self.coord.node_id, name, exc)
 
     def _stream(self, name: str) -> Stream:
         self._check_open()
@@ -92,12 +107,14 @@ class ClusterBank(MemoryBank):
             s = self._streams.get(name)
             if s is not None and self.cluster_store.is_current(name):
                 return s
-            if s is not None:
-                self.forget(name)
             if self.coord.lost():
                 raise NotOwner(f"node {self.coord.node_id} has lost its etcd lease and serves no stream until it has "
                                "a new one; send the call to another node")
-            self.cluster_store.take_over(name)
+            if s is not None and name not in self.cluster_store.owned():
+                self.forget(name)  # a stream object without a copy under it (the copy was dropped): never served
+            kept = self.cluster_store.take_over(name, forget=lambda: self.forget(name))
+            if kept and name in self._streams:
+                return self._streams[name]
             try:
                 self.adopt(name)
             except BaseException:
@@ -134,6 +151,8 @@ class ClusterBank(MemoryBank):
     def close(self) -> None:
         if self._closed:
             return
+        with self._takeover:  # a claim in flight (a call's, or _claim_again's) ends before the streams go back
+            self._closing = True
         try:
             super().close()  # statistics and snapshots to S3, then every stream released in etcd
         finally:

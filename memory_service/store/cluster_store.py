@@ -13,9 +13,12 @@ Owns the promise of cluster mode's storage (DESIGN.md "Beyond one machine"):
   into the local LMDB (metadata and keys; payloads stay in S3 until read), after which the bank opens it
   (index snapshots come from S3 too and are caught up by the bank as on a single node); checkpoints
   (cluster/checkpoint.py) bound that replay to the live state and the records since the last one;
-- the local LMDB is a cache: it is emptied when the node starts, and a stream whose local copy may lag the
-  durable log (a local write failed after S3 and etcd took it, or an answer from etcd was lost) is marked stale,
-  dropped locally and taken over again before its next call.
+- the local LMDB is a cache: it is emptied when the node starts. A stream whose ownership lapsed (the node's lease
+  was lost, an answer from etcd was lost, another node claimed it) is marked stale and claimed again before its
+  next call; its local copy is kept when the durable head is still the one it holds (nothing was written since,
+  so no replay from S3: a lease lost in an etcd election costs one claim per stream, and reads of cached data go
+  on when S3 is down too), and is dropped and replayed from S3 otherwise. A copy that misses a durable change (a
+  local write failed after S3 and etcd took it) is never kept.
 A stream this node does not own raises NotOwner (with the owner's address when there is one).
 """
 
@@ -30,7 +33,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Container, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Container, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -65,7 +68,8 @@ class _Owned:
     where: dict[int, records.Located] = dataclasses.field(default_factory=dict)  # entry -> its payload in S3
     checkpoint_seq: int = 0  # the newest checkpoint's record (0: none); a take-over replays from there
     checkpoint_live: int = 0  # entries in it
-    stale: bool = False
+    stale: bool = False  # claimed again before it serves (take_over)
+    behind: bool = False  # the local copy misses a durable change: a claim replays the log instead of keeping it
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one durable change at a time
 
 
@@ -137,9 +141,11 @@ class ClusterStore:
             return ""
         return owner.address if owner is not None and owner.node_id != self.coord.node_id else ""
 
-    def take_over(self, name: str) -> None:
-        """Claim `name` and replay its durable log into the local LMDB (see the module doc); NotOwner when another
-        node owns it, NotFound when the cluster has no such stream."""
+    def take_over(self, name: str, forget: Callable[[], None] = lambda: None) -> bool:
+        """Claim `name` and make the local copy that of its durable log -> True when the copy this node held was
+        kept (see the module doc), False when the log was replayed from S3. `forget` runs before a held copy is
+        dropped (the bank closes its stream object: a call in flight on it finishes first). NotOwner when another
+        node owns it, NotFound when the cluster has no such stream; a failed claim or head read keeps the copy."""
         with self._lock:
             old = self._owned.get(name)
         if old is not None:
@@ -148,16 +154,25 @@ class ClusterStore:
             # names would be written again, and a late-applied head could name the second attempt's objects.
             with contextlib.suppress(MemFlowError):
                 self.coord.release(name, old.epoch)
-        self.discard(name)
         found = self.coord.stream(name)
         if found is None:
+            self._drop_copy(name, forget)
             raise NotFound(f"stream {name!r} not found in the cluster")
         record, incarnation = found
         lease = self.coord.lease_id
         epoch = self.coord.claim(name, incarnation)  # None too when the name was dropped and created again since
         if epoch is None:
+            self._drop_copy(name, forget)
             raise NotOwner(f"stream {name!r} is owned by another node; the client routes there",
                            owner=self._owner_address(name))
+        try:
+            if old is not None and self._keep(old, incarnation, epoch, lease):
+                return True
+        except BaseException:
+            with contextlib.suppress(MemFlowError):
+                self.coord.release(name, epoch)  # the copy stays: the next claim may still keep it
+            raise
+        self._drop_copy(name, forget)
         try:
             self._replay(name, record, incarnation, epoch, lease)
         except BaseException:
@@ -165,6 +180,32 @@ class ClusterStore:
                 self.coord.release(name, epoch)  # let another node try: this one could not rebuild it
             self.discard(name)
             raise
+        return False
+
+    def _keep(self, old: _Owned, incarnation: int, epoch: int, lease: int) -> bool:
+        """Re-own the copy of an earlier ownership under the new claim when the durable head is the one the copy
+        holds. The claim came first: every write of an earlier epoch fails its compare from then on, so the head
+        read here is final for them. Under the stream's lock, so no change of the earlier ownership is half-done."""
+        with old.lock:
+            with self._lock:
+                if self._owned.get(old.name) is not old:
+                    return False
+            if old.behind or old.incarnation != incarnation:
+                return False
+            head = self.coord.head(old.name)
+            if head.seq != old.head.seq or (head.seq and head.epoch != old.head.epoch):
+                return False  # another owner wrote since (or this node's last change did land): replay
+            old.epoch, old.lease, old.head, old.stale = epoch, lease, Head(head.seq, head.epoch), False
+        log.info("claimed stream %r again at epoch %d: its local copy is current (head at record %d), nothing "
+                 "replayed", old.name, epoch, head.seq, extra={"stream": old.name, "epoch": epoch})
+        return True
+
+    def _drop_copy(self, name: str, forget: Callable[[], None]) -> None:
+        with self._lock:
+            held = name in self._owned
+        if held:
+            forget()
+        self.discard(name)
 
     def _replay(self, name: str, record: dict, incarnation: int, epoch: int, lease: int) -> None:
         head = self.coord.head(name)
@@ -202,11 +243,6 @@ class ClusterStore:
         if stored is not None:
             sid = stored.record.get("sid") if isinstance(stored.record, dict) else None
             self.local.drop_stream(name, sid, record_key=stored.key)
-
-    def discard_all(self) -> None:
-        for name in self.owned():
-            with contextlib.suppress(Exception):  # noqa: BLE001 - losing the lease: drop what can be dropped
-                self.discard(name)
 
     # -- durable changes -----------------------------------------------------------------------------
     def _durable(self, own: _Owned, layout: StreamLayout, kind: str, commit: Optional[Commit] = None,
@@ -301,7 +337,7 @@ class ClusterStore:
         except (OSError, MemFlowError) as exc:
             if not payloads:
                 raise  # a replay: take_over fails and says why
-            own.stale = True
+            own.stale = own.behind = True
             log.warning("stream %r: a change durable in S3 did not reach the local cache (%s); the stream is rebuilt "
                         "from S3 before its next call", own.name, exc, extra={"stream": own.name})
             if rec.commit is None:
@@ -391,7 +427,7 @@ class ClusterStore:
         try:
             self.local.create_stream(name, record, next_sid)
         except Exception:  # noqa: BLE001 - durable in the cluster: this node rebuilds it on its first call
-            own.stale = True
+            own.stale = own.behind = True
         with self._lock:
             self._owned[name] = own
             self._by_sid[sid] = own
@@ -447,13 +483,17 @@ class ClusterStore:
                               for eid, row in zip(ids, rows)], layers)
 
     # -- snapshots (S3: a new owner starts from them) -------------------------------------------------
-    def _snapshot_key(self, sid: int, space: int) -> Optional[str]:
+    def _snapshot_key(self, sid: int, space: int, write: bool = False) -> Optional[str]:
+        """The S3 name of a stream's snapshot; None for a stream not held here, or (`write`) not served now: a copy
+        whose ownership lapsed may be of a state another owner has moved past, and never overwrites its snapshot."""
         with self._lock:
             own = self._by_sid.get(sid)
-        return None if own is None else f"{own.prefix}snap/space{space}.npz"
+        if own is None or (write and (own.stale or not self._valid(own))):
+            return None
+        return f"{own.prefix}snap/space{space}.npz"
 
     def save_snapshot(self, sid: int, space: int, version: int, parts: Sequence[tuple[bytes, np.ndarray]]) -> None:
-        key = self._snapshot_key(sid, space)
+        key = self._snapshot_key(sid, space, write=True)
         if key is None:
             return
         arrays = {"count": np.int64(len(parts)), "version": np.int64(version)}
@@ -481,8 +521,8 @@ class ClusterStore:
     def drop_snapshots(self, sid: int) -> None:
         with self._lock:
             own = self._by_sid.get(sid)
-        if own is None:
-            return  # a dropped stream's snapshots go with its whole prefix (drop_stream)
+        if own is None or own.stale or not self._valid(own):
+            return  # a dropped stream's snapshots go with its whole prefix (drop_stream); a lapsed one's stay
         try:
             self.objects.delete(self.objects.list(f"{own.prefix}snap/"))
         except MemFlowError as exc:

@@ -6,6 +6,8 @@ The multi-process stories (SIGKILL under load, SIGSTOP past the lease, routing c
 
 from __future__ import annotations
 
+import dataclasses
+import time
 
 import etcd3gw
 import numpy as np
@@ -127,7 +129,8 @@ def test_a_stream_object_of_an_earlier_take_over_cannot_commit(tmp_path, config)
         a.create_stream(make_spec("Z"))
         a.put("Z", [make_entry(s) for s in range(2)])
         old = a._streams["Z"]
-        a.cluster_store._owned["Z"].stale = True  # as after an etcd answer that was lost
+        own = a.cluster_store._owned["Z"]
+        own.stale = own.behind = True  # as after a local write that failed once S3 and etcd had taken it
         assert len(a.entries("Z")) == 2  # the next call rebuilds the stream: a new object, a new local id
         assert a._streams["Z"] is not old and a._streams["Z"].sid != old.sid
         with pytest.raises(NotOwner):  # a call that held the old object (e.g. a put still encoding) is refused
@@ -138,9 +141,104 @@ def test_a_stream_object_of_an_earlier_take_over_cannot_commit(tmp_path, config)
         a.close()
 
 
+def lease_of(etcd_cluster) -> etcd3gw.client:
+    host, port = etcd_cluster.endpoints[0].split("://")[1].rsplit(":", 1)
+    return etcd3gw.client(host=host, port=int(port))
+
+
+def test_a_claim_after_a_lost_etcd_answer_keeps_the_copy_while_the_head_has_not_moved(tmp_path, config):
+    a = bank(tmp_path, config, "a")
+    try:
+        a.create_stream(make_spec("K"))
+        a.put("K", [make_entry(s) for s in range(3)])
+        old, own = a._streams["K"], a.cluster_store._owned["K"]
+        epoch = own.epoch
+        own.stale = True  # as after an etcd answer that was lost: the head did not move
+        assert a.put("K", [make_entry(3)]) == [3]  # claimed again (a new epoch) and written under it
+        assert a._streams["K"] is old and a.cluster_store._owned["K"] is own, "the open stream and copy were kept"
+        assert own.epoch > epoch and not own.stale
+        # the head moved since the copy's state (here: this node's own write whose answer was lost did land)
+        seq = own.head.seq
+        own.head = dataclasses.replace(own.head, seq=seq - 1)
+        own.stale = True
+        assert [m.entry_id for m in a.entries("K")] == [0, 1, 2, 3]  # replayed from S3: a new object
+        assert a._streams["K"] is not old and a.cluster_store._owned["K"].head.seq == seq
+        assert_bit_exact(a.fetch("K", [0, 1, 2, 3]).kv, [0, 1, 2, 3])
+    finally:
+        a.close()
+    b = bank(tmp_path, config, "b")
+    try:
+        assert_bit_exact(b.fetch("K", [0, 1, 2, 3]).kv, [0, 1, 2, 3])
+    finally:
+        b.close()
+
+
+def test_a_lost_lease_is_followed_by_a_claim_that_keeps_the_copy_and_serves_with_s3_down(tmp_path, config,
+                                                                                       etcd_cluster, weed):
+    a = bank(tmp_path, config, "a")
+    try:
+        a.create_stream(make_spec("L"))
+        ids = a.put("L", [make_entry(s) for s in range(4)])
+        old = a._streams["L"]
+        lease = a.coord.lease_id
+        etcd = lease_of(etcd_cluster)
+        etcd.post(etcd.get_url("/kv/lease/revoke"), json={"ID": lease})  # as when etcd expired it in an election
+        deadline = time.monotonic() + 30
+        while not (a.coord.lease_id != lease and a.cluster_store.is_current("L")):
+            assert time.monotonic() < deadline, "the node did not claim its stream again after a new lease"
+            time.sleep(0.05)
+        assert a._streams["L"] is old, "the stream was claimed again with its open indexes, nothing replayed"
+        weed.kill()
+        try:
+            assert_bit_exact(a.fetch("L", ids).kv, [0, 1, 2, 3])  # served from the local copy: S3 is not needed
+            assert (a.query("L", "nam", make_entry(2).keys["nam"], 1).ids[:, 0] == ids[2]).all()
+        finally:
+            weed.restart()
+        assert a.put("L", [make_entry(4)]) == [4]
+    finally:
+        a.close()
+    b = bank(tmp_path, config, "b")
+    try:
+        assert_bit_exact(b.fetch("L", list(range(5))).kv, [0, 1, 2, 3, 4])
+    finally:
+        b.close()
+
+
+def test_a_lapsed_copy_is_dropped_once_another_node_has_written(tmp_path, config, etcd_cluster):
+    a = bank(tmp_path, config, "a")
+    b = bank(tmp_path, config, "b")
+    try:
+        a.create_stream(make_spec("M"))
+        a.put("M", [make_entry(0)])
+        etcd = lease_of(etcd_cluster)
+        revoked = a.coord.lease_id
+        etcd.post(etcd.get_url("/kv/lease/revoke"), json={"ID": revoked})
+        deadline = time.monotonic() + 30
+        while True:  # b takes it over (or a claims it back first: then b is refused, naming a, and tries again)
+            try:
+                assert b.put("M", [make_entry(1)]) == [1]
+                break
+            except NotOwner:
+                assert time.monotonic() < deadline, "b never took the stream over"
+                revoked = a.coord.lease_id
+                etcd.post(etcd.get_url("/kv/lease/revoke"), json={"ID": revoked})
+                time.sleep(0.1)
+        while a.coord.lost() or a.coord.lease_id == revoked:  # a has noticed, and holds a new lease
+            assert time.monotonic() < deadline, "a holds no new lease"
+            time.sleep(0.05)
+        with pytest.raises(NotOwner):
+            a.put("M", [make_entry(2)])  # b owns it: a's copy is dropped, not kept
+        assert "M" not in a.cluster_store.owned() and "M" not in a._streams
+        b.close()  # hands it back: a claims it, replaying b's write
+        assert_bit_exact(a.fetch("M", [0, 1]).kv, [0, 1])
+        assert [m.entry_id for m in a.entries("M")] == [0, 1]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_take_overs_creates_and_drops_at_once_neither_collide_nor_deadlock(tmp_path, config):
     import threading
-    import time
 
     a = bank(tmp_path, config, "a")
     for name in ("P", "Q"):
@@ -150,9 +248,10 @@ def test_take_overs_creates_and_drops_at_once_neither_collide_nor_deadlock(tmp_p
     b = bank(tmp_path, config, "b")
     real = b.cluster_store.take_over
 
-    def slow(name: str) -> None:  # a long replay: the window between the take-over and the bank opening it
-        real(name)
+    def slow(name: str, **kw) -> bool:  # a long replay: the window between the take-over and the bank opening it
+        kept = real(name, **kw)
         time.sleep(0.5)
+        return kept
 
     b.cluster_store.take_over = slow
     try:
