@@ -271,10 +271,10 @@ def test_a_stream_no_node_serves_in_time_is_unavailable_and_not_executed(cluster
         with routed(cluster, failover_timeout_s=1.5) as memory:
             t0 = time.monotonic()
             with pytest.raises(Unavailable, match="within 1.5 s .*not executed") as err:
-                memory.put("held", [make_entry(8)])
+                memory.fetch("held", [0])  # a read goes round every node (connecting to each)
             assert isinstance(err.value.__cause__, NotOwner) and time.monotonic() - t0 < 10
-            with pytest.raises(Unavailable, match="not executed"):
-                memory.fetch("held", [0])
+            with pytest.raises(Unavailable, match="not executed|nothing was sent"):  # or a node not connected yet
+                memory.put("held", [make_entry(8)])
     finally:
         owner.close()  # hands it back: the next call makes a node take it over
     with routed(cluster) as memory:
