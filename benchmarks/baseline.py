@@ -7,7 +7,12 @@ hits into a buffer. Keys are correlated across layers (an entry's layers share a
 union is a handful of entries, as in a real stream. Pages are warm (everything was just written).
 
 Systems, measured in the same run, in rounds (each system a few chunks, then the next) so the noise of a
-shared machine falls on all alike:
+shared machine falls on all alike. Each system's turn begins with one chunk that is not timed: the turn before
+was another system's, over its own copy of the bank, so the caches hold that one's keys. Without it, the first
+chunk of every turn ran cold, and shm and stream, which query the same service process, were not alike: the one
+whose turn came second found the other's keys cached (at 1e3: shm 5.05 ms and stream 4.68 ms a query in that
+order, 4.00 and 5.42 in the other). So their turns are never in a row (TURNS), and stream asks the queries from
+half-way down the list, not the ones shm has just asked:
   faiss_pool   the hand-built baseline: 30 faiss IndexFlatIP (one per layer; the window excluded with an id
                selector) searched on a 2-thread pool, then LMDB zero-copy reads (one value per entry, all its
                layers) copied into a preallocated buffer
@@ -52,6 +57,8 @@ LAYOUT = KVLayout(layers=LAYERS, heads=12, head_dim=128, tokens_per_frame=2)
 STREAM = "baseline"
 PAYLOADS = 8  # distinct payloads, reused round-robin (their bytes do not change what a fetch costs)
 _KEY = struct.Struct(">Q")
+TURNS = ("faiss_pool", "shm", "numpy", "stream", "local")  # shm and stream (one service process) never in a row
+QUERIES = 64  # distinct chunk queries, asked in turn (shm and stream start half-way apart: run_size)
 
 
 class Workload:
@@ -69,7 +76,7 @@ class Workload:
         self.keys += direction[None]
         self.payloads = [rng.standard_normal(LAYOUT.shape, np.float32).astype(ml_dtypes.bfloat16)
                          for _ in range(PAYLOADS)]  # each [L, 2, T, H, D]
-        targets = rng.integers(0, max(1, n - WINDOW), 16)
+        targets = rng.integers(0, max(1, n - WINDOW), QUERIES)
         self.queries = [self.keys[:, t] + 0.5 * rng.standard_normal((LAYERS, DIM), dtype=np.float32)
                         for t in targets]  # each [L, D]
         self.window = (n - WINDOW, n)  # frames lo <= f < hi are in the local window: never retrieved
@@ -140,14 +147,14 @@ class HandBuilt:
 class Chunks:
     """Runs chunks of one system, keeping each one's query and fetch halves apart."""
 
-    def __init__(self, search, fetch) -> None:
+    def __init__(self, search, fetch, first: int = 0) -> None:
         self.search, self.fetch = search, fetch
         self.query_s: list[float] = []
         self.fetch_s: list[float] = []
         self.unions: list[int] = []
-        self.turn = 0
+        self.turn = first  # the index of the next query
 
-    def __call__(self, queries: list[np.ndarray]) -> None:
+    def __call__(self, queries: list[np.ndarray], record: bool = True) -> None:
         q = queries[self.turn % len(queries)]
         self.turn += 1
         t0 = time.perf_counter()
@@ -155,19 +162,21 @@ class Chunks:
         t1 = time.perf_counter()
         self.fetch(union)
         t2 = time.perf_counter()
+        if not record:  # a turn's first chunk (run_size)
+            return
         self.query_s.append(t1 - t0)
         self.fetch_s.append(t2 - t1)
         self.unions.append(len(union))
 
 
-def project(memory, w: Workload) -> Chunks:
+def project(memory, w: Workload, first: int = 0) -> Chunks:
     def search(q: np.ndarray) -> np.ndarray:
         return memory.query(STREAM, "nam", q, K, exclude_frames=w.window).ids
 
     def fetch(union: list[int]) -> None:
         memory.fetch(STREAM, union)  # the result is the buffer the caller reads (shm: a view of its arena)
 
-    return Chunks(search, fetch)
+    return Chunks(search, fetch, first)
 
 
 def fill(puts: dict, n: int, few: dict) -> dict[str, float]:
@@ -213,19 +222,21 @@ def run_size(res: Results, n: int, rounds: int, per_round: int, tmp: str) -> Non
                     ratio_to_baseline=rate / rates["baseline"])
 
         systems = {"faiss_pool": Chunks(base.search_faiss, base.fetch), "numpy": Chunks(base.search_numpy, base.fetch),
-                   "local": project(local, w), "shm": project(shm, w), "stream": project(stream, w)}
+                   "local": project(local, w), "shm": project(shm, w),
+                   "stream": project(stream, w, first=QUERIES // 2)}  # not the query shm just asked of the same process
         samples: dict[str, list[float]] = {name: [] for name in systems}
-        for r in range(rounds):
-            for name, chunks in systems.items():
-                samples[name] += timed(lambda: chunks(w.queries), per_round, warm=r == 0)
+        for _ in range(rounds):
+            for name in TURNS:
+                chunks = systems[name]
+                chunks(w.queries, record=False)  # the turn's first chunk warms this system's caches (module doc)
+                samples[name] += timed(lambda: chunks(w.queries), per_round, warm=False)
         p50 = {name: percentiles(s)[0] for name, s in samples.items()}
         best = min(p50["faiss_pool"], p50["numpy"])
         for name, chunks in systems.items():
             lo, hi = percentiles(samples[name])
-            skip = len(chunks.query_s) - len(samples[name])  # the warm-up calls
             res.add(bench="chunk", system=name, entries=n, p50_ms=lo, p99_ms=hi,
-                    query_ms=percentiles(chunks.query_s[skip:])[0], fetch_ms=percentiles(chunks.fetch_s[skip:])[0],
-                    union=float(np.mean(chunks.unions[skip:])), ratio_to_baseline=lo / best,
+                    query_ms=percentiles(chunks.query_s)[0], fetch_ms=percentiles(chunks.fetch_s)[0],
+                    union=float(np.mean(chunks.unions)), ratio_to_baseline=lo / best,
                     ratio_to_faiss_pool=lo / p50["faiss_pool"])
 
 
