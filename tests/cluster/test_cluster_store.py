@@ -38,6 +38,11 @@ def assert_bit_exact(got_kv: np.ndarray, seeds: list[int]) -> None:
         assert np.array_equal(row.view(np.uint16), want.view(np.uint16)), f"entry of seed {seed} differs"
 
 
+def etcd_client(etcd_cluster) -> etcd3gw.client:
+    host, port = etcd_cluster.endpoints[0].split("://")[1].rsplit(":", 1)
+    return etcd3gw.client(host=host, port=int(port))
+
+
 def test_take_over_replays_the_log_and_reads_past_a_small_cache(tmp_path, config):
     one = make_entry(0).kv.nbytes
     a = bank(tmp_path, config, "a", local_cache_bytes=3 * one)  # 3 of the 12 payloads stay local
@@ -83,8 +88,7 @@ def test_a_node_whose_lease_is_gone_can_never_write_again(tmp_path, config, etcd
             b.put("cam1", [make_entry(2)])  # a owns it: b refuses before executing, and names a
         assert err.value.owner == a.cluster_store.address
         # a's lease vanishes under it (as when a is partitioned past its TTL) and b takes the stream over
-        host, port = etcd_cluster.endpoints[0].split("://")[1].rsplit(":", 1)
-        other = etcd3gw.client(host=host, port=int(port))
+        other = etcd_client(etcd_cluster)
         other.post(other.get_url("/kv/lease/revoke"), json={"ID": a.coord.lease_id})
         assert b.put("cam1", [make_entry(3)]) == [1]
         with pytest.raises(NotOwner):
@@ -141,11 +145,6 @@ def test_a_stream_object_of_an_earlier_take_over_cannot_commit(tmp_path, config)
         a.close()
 
 
-def lease_of(etcd_cluster) -> etcd3gw.client:
-    host, port = etcd_cluster.endpoints[0].split("://")[1].rsplit(":", 1)
-    return etcd3gw.client(host=host, port=int(port))
-
-
 def test_a_claim_after_a_lost_etcd_answer_keeps_the_copy_while_the_head_has_not_moved(tmp_path, config):
     a = bank(tmp_path, config, "a")
     try:
@@ -181,7 +180,7 @@ def test_a_lost_lease_is_followed_by_a_claim_that_keeps_the_copy_and_serves_with
         ids = a.put("L", [make_entry(s) for s in range(4)])
         old = a._streams["L"]
         lease = a.coord.lease_id
-        etcd = lease_of(etcd_cluster)
+        etcd = etcd_client(etcd_cluster)
         etcd.post(etcd.get_url("/kv/lease/revoke"), json={"ID": lease})  # as when etcd expired it in an election
         deadline = time.monotonic() + 30
         while not (a.coord.lease_id != lease and a.cluster_store.is_current("L")):
@@ -210,7 +209,7 @@ def test_a_lapsed_copy_is_dropped_once_another_node_has_written(tmp_path, config
     try:
         a.create_stream(make_spec("M"))
         a.put("M", [make_entry(0)])
-        etcd = lease_of(etcd_cluster)
+        etcd = etcd_client(etcd_cluster)
         revoked = a.coord.lease_id
         etcd.post(etcd.get_url("/kv/lease/revoke"), json={"ID": revoked})
         deadline = time.monotonic() + 30
