@@ -148,6 +148,11 @@ def test_a_stream_object_of_an_earlier_take_over_cannot_commit(tmp_path, config)
 def test_a_claim_after_a_lost_etcd_answer_keeps_the_copy_while_the_head_has_not_moved(tmp_path, config):
     a = bank(tmp_path, config, "a")
     try:
+        a.create_stream(make_spec("K0"))  # nothing committed yet: etcd's head reads Head(0, 0), the copy's (0, epoch)
+        fresh = a._streams["K0"]
+        a.cluster_store._owned["K0"].stale = True
+        assert a.put("K0", [make_entry(9)]) == [0] and a._streams["K0"] is fresh, "kept, and written under the claim"
+        assert_bit_exact(a.fetch("K0", [0]).kv, [9])
         a.create_stream(make_spec("K"))
         a.put("K", [make_entry(s) for s in range(3)])
         old, own = a._streams["K"], a.cluster_store._owned["K"]
