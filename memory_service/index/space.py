@@ -73,6 +73,11 @@ class SpaceIndex:
         for index in self.indexes:
             index.remove(ids)
 
+    @property
+    def undoable(self) -> bool:
+        """Whether `remove` of the ids of one `add` restores the space as it answered before it."""
+        return not self.two_stage and all(getattr(index, "undoable", False) for index in self.indexes)
+
     def __len__(self) -> int:
         return len(self.indexes[0])
 

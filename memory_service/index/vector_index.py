@@ -87,6 +87,10 @@ class _FaissIndex:
     """Shared plumbing over a faiss IndexIDMap2: scores, padding, selectors, tombstones."""
 
     approximate = False
+    # `remove` of ids just added puts the index back as it answered before them (a put adds its keys beside its
+    # commit and takes them out again if the commit fails: Bank.put). Not for kinds that train on their data or
+    # leave tombstones.
+    undoable = False
 
     def __init__(self, dim: int, metric: str, params: IndexParams) -> None:
         self.dim = dim
@@ -185,6 +189,8 @@ class FlatIndex(_FaissIndex):
     With faiss-gpu and a GPU (and `IndexParams.use_gpu`), searches run on a GPU mirror of the CPU index;
     the CPU index stays the truth (snapshots, rebuilds, removal).
     """
+
+    undoable = True  # remove_ids compacts in order; the mirror's tombstones are filtered exactly
 
     def __init__(self, dim: int, metric: str, params: IndexParams, dtype: str = "float32",
                  mirror_factory: Optional[Callable[[faiss.Index], faiss.Index]] = None) -> None:

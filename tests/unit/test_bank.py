@@ -15,6 +15,7 @@ from memory_service import (
     AlreadyExists, Budget, InvalidArgument, KeySpace, KVLayout, LocalMemory, NewEntry, NotFound, ResourceExhausted,
     StreamSpec,
 )
+from memory_service import bank as bank_module
 from memory_service.config import BankConfig
 
 
@@ -190,6 +191,47 @@ def test_all_pinned_budget_is_resource_exhausted_and_unchanged(mem):
     mem.pin("cam0", [0], pinned=False)
     assert mem.put("cam0", [make_entry(9)]) == [3]
     assert [e.entry_id for e in mem.entries("cam0")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("beside", [True, False], ids=["adds_beside_the_commit", "adds_after_it"])
+def test_a_put_whose_commit_fails_leaves_every_index_as_it_was(tmp_path, monkeypatch, beside):
+    """A put's index adds run beside its commit (Bank.put, for keys of BESIDE_MIN_BYTES and more; 0 here, so
+    every put does) and are taken out again when the commit fails: here LMDB's map, capped at 2 MiB, fills up. No
+    query may then see a key of the refused batch, and every answer is the one before it."""
+    monkeypatch.setattr(bank_module, "BESIDE_MIN_BYTES", 0 if beside else 1 << 62)
+    with LocalMemory(str(tmp_path / "bank"), BankConfig(map_size=2 << 20, max_map_size=2 << 20)) as m:
+        m.create_stream(make_spec())
+        probes = [make_entry(seed) for seed in (3, 50, 10_000)]
+
+        def answers() -> tuple:
+            out = [snapshot_state(m, "cam0")]
+            for e in probes:
+                for space, k in (("nam", 4), ("emb", 4)):
+                    r = m.query("cam0", space, e.keys[space], k)
+                    out.append((r.ids.tobytes(), r.scores.tobytes()))
+            return tuple(out)
+
+        for start in range(0, 100_000, 40):
+            batch = [make_entry(10_000 + start + i) for i in range(40)]  # probes[2] is the refused batch's first
+            if start:
+                before = answers()
+            try:
+                m.put("cam0", batch)
+            except ResourceExhausted as exc:
+                assert "map is full" in str(exc)
+                break
+        else:
+            pytest.fail("the 2 MiB map never filled")
+        assert start >= 80  # some batches went in first
+        assert answers() == before
+        committed = m.stats("cam0").next_entry_id
+        assert committed == start
+        for e in batch:
+            r = m.query("cam0", "nam", e.keys["nam"], 3)
+            assert r.ids.max() < committed and (r.ids >= 0).all()
+        m.delete("cam0", list(range(40)))  # room again: the next put takes the ids the refused one did not use
+        assert m.put("cam0", batch[:2]) == [committed, committed + 1]
+        assert m.query("cam0", "emb", batch[1].keys["emb"], 1).ids[0] == committed + 1
 
 
 def test_byte_budget_degrades_to_fp8_before_evicting(mem):

@@ -232,3 +232,32 @@ def test_where_the_copy_is_kept_and_what_it_costs(monkeypatch):
     q = prepare(query_near(rng, keys), "ip")
     grown.search(q, 60)
     assert grown.prefilter_stats == {"certified": 0, "fallback": 0}
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_codes_appended_per_list_are_faiss_own_encoding(clip):
+    """The block writes its lists itself (one add_entries per layer, no add_core): the float32 lists must hold the
+    keys' own bytes in insertion order, and the int8 copy's lists what faiss's QT_8bit_direct_signed encoder makes
+    of the rounded, clipped keys - the codes its scan reads."""
+    rng = np.random.default_rng(7)
+    dim = 32
+    first = rng.standard_normal((20, L, dim)).astype(np.float32)
+    block = LayerBlock(L, dim, "ip", PARAMS)
+    block.add(np.arange(20), first)
+    more = rng.standard_normal((9, L, dim)).astype(np.float32)
+    if clip:  # past the headroom, inside the refit limit: rounded values beyond 127 are clipped
+        more[3, :, 5] = 1.9 * np.abs(first).max(axis=(0, 2))
+    block.add(np.arange(100, 109), more)
+    keys = np.concatenate([first, more])
+    copy = block._copy
+    assert copy is not None
+    sq = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit_direct_signed)
+    lists = copy.block._ivf.invlists
+    for layer in range(L):
+        np.testing.assert_array_equal(block._layer_keys(layer).reshape(-1, dim), keys[:, layer])
+        rounded = np.clip(np.rint(keys[:, layer] * copy.scale32[layer]), -127, 127)
+        stored = faiss.rev_swig_ptr(lists.get_codes(layer), len(keys) * dim).reshape(len(keys), dim)
+        np.testing.assert_array_equal(stored, sq.compute_codes(np.ascontiguousarray(rounded)))
+        np.testing.assert_array_equal(faiss.rev_swig_ptr(lists.get_ids(layer), len(keys)), np.arange(len(keys)))
+    assert block._ivf.ntotal == copy.block._ivf.ntotal == len(keys) * L
+    assert clip == bool((np.abs(keys * copy.scale32[None, :, None]) > 127).any())
