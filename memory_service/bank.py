@@ -294,23 +294,19 @@ class MemoryBank:
             with s.stats_lock:
                 id_arr = np.array(ids, np.int64)
                 stacked = _Stacked([keys for _, keys, _ in checked])
-                beside = _add_beside(s, id_arr, stacked)  # the index adds, on a thread while the commit runs
+                adds = _Adds(s, id_arr, stacked)  # the index adds: beside the commit's fsync where they can be undone
                 try:
                     # one commit: the entries and the evictions that make room for them (evicting, it may use the
                     # reserve)
                     degraded = eviction.apply(self.store, s, p, ids[-1] + 1, self.config.verify_checksums,
-                                              NewEntries(metas, stored_keys, encoded))
+                                              NewEntries(metas, stored_keys, encoded), staged=adds.start)
                 except BaseException:
-                    if beside is not None:  # nothing is committed: the keys come out again before anyone sees them
-                        _undo_add(s, id_arr, beside)
+                    adds.undo()  # nothing is committed: keys added beside it come out before anyone sees them
                     raise
                 for meta in metas:
                     s.entries[meta.entry_id] = meta
                 s.columns_added(metas)
-                if beside is not None:
-                    beside.result()
-                else:
-                    _add_keys(s, id_arr, stacked)
+                adds.finish()
                 if s.policy.needs_vectors:
                     s.add_compact(id_arr, stacked[s.space_names[0]])
                 eviction.mirror(s, p, degraded, ids[-1] + 1)
@@ -636,9 +632,9 @@ def _updated(meta: EntryMeta, **changes) -> EntryMeta:
     return new
 
 
-# A put's index adds run beside its commit when its keys are at least this large and every space can take them
-# out again exactly (SpaceIndex.undoable). The commit (LMDB's page writes and fsync, or S3 and etcd in cluster
-# mode) and faiss's adds both let go of the GIL, so on two cores the adds cost the put nothing; below this the
+# A put's index adds run beside its commit's durable step (_Adds) when its keys are at least this large: the
+# fsync (or S3 and etcd in cluster mode) waits without the GIL, and the adds are numpy and faiss calls that let go
+# of it too. Started with the puts instead, they slowed LMDB's copies into its pages about 2x. Below this the
 # hand-off to a thread costs more than the add (a few frames at MemFlow's 30 x 1536 keys are ~0.5 MB).
 BESIDE_MIN_BYTES = 1 << 20
 _ADD_POOL: Optional[ThreadPoolExecutor] = None
@@ -664,24 +660,42 @@ def _add_keys(s: Stream, ids: np.ndarray, stacked: _Stacked) -> None:
         s.spaces[space].add(ids, stacked[space])
 
 
-def _add_beside(s: Stream, ids: np.ndarray, stacked: _Stacked) -> Optional[Future]:
-    """Start the index adds of a put on the add pool, or None where they are to run after its commit. Runs under
-    the stream's lock, which the caller holds until the adds are done or undone: no query sees them early."""
-    global _ADD_POOL
-    if stacked.nbytes < BESIDE_MIN_BYTES or not all(s.spaces[space].undoable for space in s.space_names):
-        return None
-    with _ADD_POOL_LOCK:
-        if _ADD_POOL is None:
-            _ADD_POOL = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="memflow-add")
-    try:
-        return _ADD_POOL.submit(_add_keys, s, ids, stacked)
-    except RuntimeError:  # the interpreter is shutting down: no new threads; the adds run after the commit
-        return None
+class _Adds:
+    """A put's index adds. Where its keys are BESIDE_MIN_BYTES or more and every space can take them out again
+    exactly (SpaceIndex.undoable), `start` (the commit's Commit.staged) runs them on the add pool while the commit
+    waits on its fsync (or S3 and etcd); otherwise `finish` runs them after the commit, as the only way for kinds
+    that train on their data or leave tombstones. All under the stream's lock, which the caller holds until the
+    adds are finished or undone: no query sees them early."""
 
+    def __init__(self, s: Stream, ids: np.ndarray, stacked: _Stacked) -> None:
+        self.s, self.ids, self.stacked = s, ids, stacked
+        self.beside = stacked.nbytes >= BESIDE_MIN_BYTES and all(s.spaces[space].undoable for space in s.space_names)
+        self.running: Optional[Future] = None
 
-def _undo_add(s: Stream, ids: np.ndarray, beside: Future) -> None:
-    """After a commit failed: wait for the adds, then take out whatever of them landed (`remove` passes over ids
-    an index does not hold, so an add that failed half-way comes out too)."""
-    wait([beside])
-    for space in s.space_names:
-        s.spaces[space].remove(ids)
+    def start(self) -> None:
+        global _ADD_POOL
+        if not self.beside or self.running is not None:
+            return  # after the commit; or started already (a store may stage a write it reruns)
+        with _ADD_POOL_LOCK:
+            if _ADD_POOL is None:
+                _ADD_POOL = ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 2)), thread_name_prefix="memflow-add")
+        try:
+            self.running = _ADD_POOL.submit(_add_keys, self.s, self.ids, self.stacked)
+        except RuntimeError:  # the interpreter is shutting down: no new threads; finish() adds them
+            pass
+
+    def undo(self) -> None:
+        """The commit failed: wait for adds that started, then take out whatever of them landed (`remove` passes
+        over ids an index does not hold, so an add that failed half-way comes out too)."""
+        if self.running is None:
+            return
+        wait([self.running])
+        for space in self.s.space_names:
+            self.s.spaces[space].remove(self.ids)
+
+    def finish(self) -> None:
+        """The commit is durable: the adds are done when this returns (an add's failure is the put's, as before)."""
+        if self.running is not None:
+            self.running.result()
+        else:
+            _add_keys(self.s, self.ids, self.stacked)

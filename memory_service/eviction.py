@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -150,21 +150,22 @@ def _degraded_bytes(s: Stream):
     return after
 
 
-def commit_for(s: Stream, p: Plan, next_id: int, verify: bool, put: Optional[NewEntries] = None) -> Commit:
+def commit_for(s: Stream, p: Plan, next_id: int, verify: bool, put: Optional[NewEntries] = None,
+               staged: Optional[Callable[[], None]] = None) -> Commit:
     """What commits with a plan (and with the put it makes room for): degrades, evictions and the stream record
     after it. No retrieval statistics: writing the ~dirty set here cost every put ~14 JSON records."""
     record = s.record()
     record.update(next_id=next_id, version=s.version + 1, evicted_total=s.evicted_total + len(p.evict),
                   degraded_total=s.degraded_total + len(p.degrade))
     return Commit(record=record, put=put, degrade=tuple((s.entries[eid], step) for eid, step in p.degrade),
-                  evict=p.evict, verify=verify)
+                  evict=p.evict, verify=verify, staged=staged)
 
 
 def apply(store: TensorStore, s: Stream, p: Plan, next_id: int, verify: bool,
-          put: Optional[NewEntries] = None) -> dict[int, EntryMeta]:
+          put: Optional[NewEntries] = None, staged: Optional[Callable[[], None]] = None) -> dict[int, EntryMeta]:
     """Commit a plan (with `put`, in the same commit); returns the degraded entries' new metadata. Nothing in memory
-    changes here: `mirror` does that after the commit."""
-    return store.commit(s.layout, commit_for(s, p, next_id, verify, put))
+    changes here: `mirror` does that after the commit. `staged`: Commit.staged."""
+    return store.commit(s.layout, commit_for(s, p, next_id, verify, put, staged))
 
 
 def mirror(s: Stream, p: Plan, degraded: dict[int, EntryMeta], next_id: int) -> None:

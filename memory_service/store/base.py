@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Container, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Container, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -82,6 +82,11 @@ class Commit:
     evict: tuple[int, ...] = ()
     stats: tuple[EntryMeta, ...] = ()
     verify: bool = True  # check payload checksums of what a degrade reads
+    # Called once the commit's writes are staged and only its durable step is left (LMDB: its puts are done and
+    # the transaction's page writes and fsync come next; cluster mode: the log record is about to go to S3), so
+    # the caller can run work of its own beside that wait (Bank.put's index adds). A store may call it more than
+    # once (a write it reruns) or never; nothing it does may depend on the call.
+    staged: Optional[Callable[[], None]] = field(default=None, compare=False, repr=False)
 
     @property
     def frees(self) -> bool:

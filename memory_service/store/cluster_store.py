@@ -287,6 +287,8 @@ class ClusterStore:
     def commit(self, layout: StreamLayout, commit: Commit) -> dict[int, EntryMeta]:
         own = self._own(layout)
         with own.lock:
+            if commit.staged is not None:
+                commit.staged()  # what is left is S3, etcd and the local LMDB: waits, mostly
             fp8 = [m for m, step in commit.degrade if step == "fp8"]
             rewrites = tuple((m, p) for m, p in commit.rewrite) + tuple(self._fp8(own, layout, m, commit.verify)
                                                                          for m in fp8)

@@ -319,6 +319,8 @@ class LMDBStore(LMDBEnv):
             for meta in commit.stats:
                 w.put("stats", entry_key(layout.sid, meta.entry_id), dumps(stats_json(meta)))
             w.put("streams", layout.name.encode(), record)
+            if commit.staged is not None:
+                commit.staged()  # the page writes and fsync of the transaction's commit come next
             return degraded
 
         return self.write(fn, frees=commit.frees)

@@ -19,6 +19,7 @@ from tiny_disk import tiny_disk  # noqa: F401 - the fixture, found by pytest thr
 
 from conftest import make_entry, make_spec
 from memory_service import Budget, LocalMemory, ResourceExhausted
+from memory_service import bank as bank_module
 from memory_service.config import BankConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
@@ -73,6 +74,38 @@ def test_full_disk_is_resource_exhausted_and_bank_stays_readable(tiny_disk):
         assert np.array_equal(m.fetch("cam0", acked).kv, kv)
     with LocalMemory(data, BankConfig(snapshot_on_close=False)) as m:  # reopens after the failures
         assert m.stats("cam0").entries == len(acked)
+
+
+def test_a_commit_refused_at_its_fsync_takes_out_the_index_adds_that_ran_beside_it(tiny_disk, monkeypatch):
+    """A put's index adds start once its LMDB puts are staged and run beside the commit's page writes and fsync
+    (Bank.put, _Adds; keys of BESIDE_MIN_BYTES and more, 0 here). On a full disk the commit itself fails, after
+    the adds ran: they must come out again, so that no query answers with an entry that was never stored."""
+    monkeypatch.setattr(bank_module, "BESIDE_MIN_BYTES", 0)
+    with LocalMemory(tiny_disk + "/bank", CONFIG) as m:
+        m.create_stream(make_spec())
+        probes = [make_entry(seed) for seed in (5, 77)]
+
+        def answers() -> tuple:
+            return tuple((r.ids.tobytes(), r.scores.tobytes()) for e in probes for space in ("nam", "emb")
+                         for r in [m.query("cam0", space, e.keys[space], 4)])
+
+        acked: dict[int, int] = {}
+        refused = None
+        for start in range(0, 100_000, 16):  # 4 MiB holds a few thousand 1.3 KiB entries at most
+            before, stats = answers(), m.stats("cam0")
+            batch = [make_entry(10**6 + start + i) for i in range(16)]
+            try:
+                acked.update(zip(m.put("cam0", batch), range(start, start + 16)))
+            except ResourceExhausted as exc:
+                assert "disk full" in str(exc)
+                refused = batch
+                break
+        assert refused is not None and acked
+        assert answers() == before and m.stats("cam0") == stats
+        for e in refused:  # each refused key's best match is a stored entry, never an id past the last one
+            for space in ("nam", "emb"):
+                ids = m.query("cam0", space, e.keys[space], 2).ids
+                assert set(ids[ids >= 0].ravel().tolist()) <= set(acked)
 
 
 def test_delete_on_a_full_disk_commits_and_its_space_takes_new_puts(tiny_disk):

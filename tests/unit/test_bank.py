@@ -195,9 +195,10 @@ def test_all_pinned_budget_is_resource_exhausted_and_unchanged(mem):
 
 @pytest.mark.parametrize("beside", [True, False], ids=["adds_beside_the_commit", "adds_after_it"])
 def test_a_put_whose_commit_fails_leaves_every_index_as_it_was(tmp_path, monkeypatch, beside):
-    """A put's index adds run beside its commit (Bank.put, for keys of BESIDE_MIN_BYTES and more; 0 here, so
-    every put does) and are taken out again when the commit fails: here LMDB's map, capped at 2 MiB, fills up. No
-    query may then see a key of the refused batch, and every answer is the one before it."""
+    """A put refused because LMDB's map (capped at 2 MiB) is full leaves every index as it was, whether its adds
+    were to run beside the commit's fsync (BESIDE_MIN_BYTES 0) or after it: the map fills during the puts, before
+    the adds start. No query may then see a key of the refused batch, and every answer is the one before it.
+    tests/faults/test_disk_full.py fails a commit after its adds started (a full disk at the fsync)."""
     monkeypatch.setattr(bank_module, "BESIDE_MIN_BYTES", 0 if beside else 1 << 62)
     with LocalMemory(str(tmp_path / "bank"), BankConfig(map_size=2 << 20, max_map_size=2 << 20)) as m:
         m.create_stream(make_spec())
