@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import faiss
 import numpy as np
 import pytest
 
@@ -555,6 +556,38 @@ def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric
     assert np.array_equal(s.search(q, 6, "per_layer", deny, [])[1], again.search(q, 6, "per_layer", deny, [])[1])
     m1, m2 = s.search(q, 4, "mean", None, []), space("flat", metric, keys).search(q, 4, "mean", None, [])
     assert np.allclose(m1[0][0], m2[0][0], rtol=1e-4, atol=1e-3)  # mean: candidates reranked with all layers
+
+
+def test_ivfsq_keeps_float16_centroids_and_loads_snapshots_of_float32_ones():
+    """A trained ivfsq layer's coarse quantizer holds float16 centroids. A snapshot written before that (float32
+    IndexFlat centroids) still loads and answers, with the same exact rerank, what the index it was taken of does."""
+    rng = np.random.default_rng(5)
+    keys = layered(rng, 1000, DIM)
+    s = space("ivfsq", "ip", keys, IVFSQ)
+    quantizer = faiss.downcast_index(s.indexes[0]._index.quantizer)
+    assert isinstance(quantizer, faiss.IndexScalarQuantizer) and quantizer.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    assert s.indexes[0].memory_bytes() < len(keys) * (DIM // 2 + 8) + IVFSQ.ivf_nlist * DIM * 4
+
+    parts = []
+    for layer in range(LAYERS):  # the form trained before float16 centroids
+        old = faiss.IndexIVFScalarQuantizer(faiss.IndexFlat(DIM, faiss.METRIC_INNER_PRODUCT), DIM, IVFSQ.ivf_nlist,
+                                            faiss.ScalarQuantizer.QT_4bit, faiss.METRIC_INNER_PRODUCT, True)
+        old.train(keys[:, layer])
+        old.add_with_ids(keys[:, layer], np.arange(len(keys), dtype=np.int64))
+        parts.append((faiss.serialize_index(old).tobytes(), np.zeros(0, np.int64)))
+    loaded = SpaceIndex(s.space, LAYERS, IVFSQ, key_loader=lambda ids: keys[ids],
+                        layer_loader=lambda ids: layer_keys(keys, ids))
+    loaded.load(parts)
+    assert not any(index.exact for index in loaded.indexes) and len(loaded) == len(keys)
+    for _ in range(5):
+        q = layered(rng, 1, DIM)[0]
+        scores, ids, _ = loaded.search(q, 6, "per_layer", None, [])
+        true = np.take_along_axis(exact_per_layer(keys, q, "ip"), ids, axis=1)
+        assert np.allclose(scores, true, rtol=1e-4, atol=1e-3)
+        ref = np.argsort(-exact_per_layer(keys, q, "ip"), axis=1)[:, :6]
+        assert np.mean([len(set(a.tolist()) & set(b.tolist())) / 6 for a, b in zip(ids, ref)]) >= 0.9
+    loaded.add(np.arange(len(keys), len(keys) + 10), keys[:10])  # adds to the old form take its residuals
+    assert len(loaded) == len(keys) + 10
 
 
 def test_ivfsq_needs_per_layer_keys_and_4_or_8_bits():
