@@ -7,8 +7,8 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 - FlatIndex: exact (faiss IndexFlat, or an fp16 scalar-quantized flat), removal in place. The default and
   the ground truth. On a machine with faiss-gpu and a GPU it is moved to the GPU.
-- IVFSQIndex: IVF over 4- or 8-bit scalar-quantized residuals (a 1536-d vector in 768 or 1536 bytes of RAM)
-  of float16 centroids, removal in place;
+- IVFSQIndex: IVF with float16 centroids over 4- or 8-bit scalar-quantized residuals (a 1536-d vector in 768 or
+  1536 bytes of RAM), removal in place;
   its scores are approximate, so it serves per-layer spaces only, where SpaceIndex reranks its candidates exactly
   from the stored keys. Exact (a flat buffer) until it holds `ivf_train_min` vectors, then trains once.
 - HNSWIndex / IVFPQIndex: approximate. Neither supports removal in faiss (HNSW graphs cannot drop nodes,
@@ -416,7 +416,8 @@ class IVFSQIndex(_FaissIndex):
     def _estimate(self) -> int:
         if not self._trained:
             return super()._estimate()
-        return int(self._index.ntotal) * (self._index.code_size + 8) + self._index.nlist * self.dim * 2  # fp16
+        # the centroids: float16 (sa_code_size 2 x dim) since they are kept so, float32 in older snapshots
+        return int(self._index.ntotal) * (self._index.code_size + 8) + self._index.nlist * self._index.quantizer.sa_code_size()
 
 
 def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> _FaissIndex:
