@@ -559,8 +559,9 @@ def test_ivfsq_space_returns_true_scores_recall_deny_remove_and_snapshots(metric
 
 
 def test_ivfsq_keeps_float16_centroids_and_loads_snapshots_of_float32_ones():
-    """A trained ivfsq layer's coarse quantizer holds float16 centroids. A snapshot written before that (float32
-    IndexFlat centroids) still loads and answers, with the same exact rerank, what the index it was taken of does."""
+    """A trained ivfsq layer's coarse quantizer holds float16 centroids. An index in the form written before that
+    (float32 IndexFlat centroids) still loads from its snapshot, answers with exact scores at recall >= 0.9, counts its
+    centroids at their width and takes adds."""
     rng = np.random.default_rng(5)
     keys = layered(rng, 1000, DIM)
     s = space("ivfsq", "ip", keys, IVFSQ)
@@ -585,9 +586,9 @@ def test_ivfsq_keeps_float16_centroids_and_loads_snapshots_of_float32_ones():
     for _ in range(5):
         q = layered(rng, 1, DIM)[0]
         scores, ids, _ = loaded.search(q, 6, "per_layer", None, [])
-        true = np.take_along_axis(exact_per_layer(keys, q, "ip"), ids, axis=1)
-        assert np.allclose(scores, true, rtol=1e-4, atol=1e-3)
-        ref = np.argsort(-exact_per_layer(keys, q, "ip"), axis=1)[:, :6]
+        exact = exact_per_layer(keys, q, "ip")
+        assert np.allclose(scores, np.take_along_axis(exact, ids, axis=1), rtol=1e-4, atol=1e-3)
+        ref = np.argsort(-exact, axis=1)[:, :6]
         assert np.mean([len(set(a.tolist()) & set(b.tolist())) / 6 for a, b in zip(ids, ref)]) >= 0.9
     loaded.add(np.arange(len(keys), len(keys) + 10), keys[:10])  # adds to the old form take its residuals
     assert len(loaded) == len(keys) + 10
