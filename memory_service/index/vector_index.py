@@ -19,7 +19,7 @@ and score -inf; `deny` ids are never returned; `remove`d ids are never returned 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -42,10 +42,12 @@ class VectorIndex(Protocol):
 
 
 def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """float32, C-contiguous, and unit-norm for cosine (the bank rejects zero vectors for cosine)."""
+    """float32, C-contiguous, and unit-norm for cosine (the bank rejects zero vectors for cosine; a zero row, a
+    rerank's empty candidate slot, stays zero)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if metric == "cosine":
-        x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        x = x / np.where(norm > 0, norm, 1)
     return x
 
 
@@ -91,6 +93,7 @@ class _FaissIndex:
     # commit and takes them out again if the commit fails: Bank.put). Not for kinds that train on their data or
     # leave tombstones.
     undoable = False
+    params_shared = True  # `_search_params` depends on (deny, k) and the kind only: indexes of a space may share them
 
     def __init__(self, dim: int, metric: str, params: IndexParams) -> None:
         self.dim = dim
@@ -161,6 +164,10 @@ class _FaissIndex:
             pad_s, pad_i = _empty(len(q), k - kk)
             scores, ids = np.hstack([scores, pad_s]), np.hstack([ids, pad_i])
         return scores, ids
+
+    def scan_bytes(self) -> int:
+        """About how many bytes one search reads (what decides whether a space's layers search on the pool)."""
+        return int(self._index.ntotal) * self.dim * 4
 
     def memory_bytes(self) -> int:
         return int(faiss.serialize_index(self._index).nbytes) if self._index.ntotal < 4096 else self._estimate()
@@ -306,6 +313,8 @@ class HNSWIndex(_FaissIndex):
 class IVFPQIndex(_FaissIndex):
     """IVF-PQ with exact refinement of `k * ivf_refine` PQ candidates; exact until trained."""
 
+    params_shared = False  # a trained one's selector holds its own internal positions of `deny`
+
     approximate = True
 
     def _new_index(self) -> faiss.Index:
@@ -385,17 +394,37 @@ class IVFSQIndex(_FaissIndex):
                                                 bits[self.params.ivf_sq_bits], metric, True)
         trainer.cp.min_points_per_centroid = 1  # small banks train on what they have; faiss only warns
         trainer.train(x)
-        # The centroids are kept in float16. Every query scans all of them in every layer, and at 30 layers x 316
-        # x 1536 float32 they are 58 MB, more than the lists it probes. Measured through the bank at 1e5 x 30 x
-        # 1536, nprobe 2 (warm): the search step took 3.9-4.1 ms with float16 centroids, 5.0-5.1 ms with float32.
-        # Residuals are taken from the float16 centroids at training and at every add alike; candidates are
-        # reranked exactly, so returned scores do not change.
-        quantizer = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, metric)
-        quantizer.add(trainer.quantizer.reconstruct_n(0, nlist))
-        ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, bits[self.params.ivf_sq_bits], metric, True)
+        ivf = faiss.IndexIVFScalarQuantizer(self._coarse(trainer.quantizer.reconstruct_n(0, nlist), metric), self.dim,
+                                            nlist, bits[self.params.ivf_sq_bits], metric, True)
         ivf.sq, ivf.is_trained = trainer.sq, True  # the scalar quantizer's trained ranges
         ivf.add_with_ids(x, live)  # the IVF keeps the caller's ids itself: no IndexIDMap, whose removal renumbers
         self._index, self._trained = ivf, True
+
+    def _coarse(self, centroids: np.ndarray, metric: int) -> faiss.Index:
+        """The quantizer that finds a vector's lists. Its centroids are kept in float16: every query scans them in
+        every layer, and at 30 layers x 316 x 1536 float32 they are 58 MB, more than the lists it probes (measured
+        through the bank at 1e5 x 30 x 1536, nprobe 2, warm: the search step took 3.9-4.1 ms in float16, 5.0-5.1
+        ms in float32). From QUANTIZER_GROUPS_MIN lists they are grouped too: an IVF over the centroids, of
+        sqrt(nlist) groups, of which `ivf_quantizer_nprobe` are scanned (measured alone on 30 layers x 1e5 x 1536,
+        nlist 316, one core: finding 2 lists took 1.77 ms over every centroid, 0.74 ms over 4 of 18 groups, the
+        whole search 5.6-6.1 against 4.9-5.1 ms, and the top 6 held the same share of the exact top 3, 0.956 vs
+        0.957). Residuals are taken from these float16 centroids at training and at every add alike, and
+        candidates are reranked exactly, so returned scores do not change."""
+        nlist = len(centroids)
+        probe = self.params.ivf_quantizer_nprobe
+        groups = int(round(np.sqrt(nlist)))
+        if probe == 0 or nlist < QUANTIZER_GROUPS_MIN or probe >= groups:
+            flat = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, metric)
+            flat.add(centroids)
+            return flat
+        grouped = faiss.IndexIVFScalarQuantizer(faiss.IndexFlat(self.dim, metric), self.dim, groups,
+                                                faiss.ScalarQuantizer.QT_fp16, metric, False)
+        grouped.cp.min_points_per_centroid = 1
+        grouped.train(centroids)
+        grouped.add(centroids)  # ids 0 .. nlist-1 in order: each centroid's id is its list's number
+        grouped.make_direct_map(True)  # residuals reconstruct a list's centroid by its number
+        grouped.nprobe = probe  # kept in the snapshot; a search passes no quantizer parameters
+        return grouped
 
     def _after_load(self) -> None:
         self._trained = isinstance(faiss.downcast_index(self._index), faiss.IndexIVF)
@@ -413,11 +442,29 @@ class IVFSQIndex(_FaissIndex):
             return super()._search_params(deny, k)
         return faiss.SearchParametersIVF(nprobe=self.params.ivf_nprobe, sel=_deny_selector(deny))
 
+    def scan_bytes(self) -> int:
+        if not self._trained:
+            return super().scan_bytes()
+        ivf = self._index
+        return int(ivf.ntotal) * ivf.code_size * min(ivf.nlist, self.params.ivf_nprobe) // ivf.nlist + \
+            _quantizer_bytes(ivf.quantizer)  # the probed lists, and at most every centroid
+
     def _estimate(self) -> int:
         if not self._trained:
             return super()._estimate()
-        # the centroids: float16 (sa_code_size 2 x dim) since they are kept so, float32 in older snapshots
-        return int(self._index.ntotal) * (self._index.code_size + 8) + self._index.nlist * self._index.quantizer.sa_code_size()
+        return int(self._index.ntotal) * (self._index.code_size + 8) + _quantizer_bytes(self._index.quantizer)
+
+
+QUANTIZER_GROUPS_MIN = 256  # ivfsq lists from which the centroids are grouped (see IVFSQIndex._coarse)
+
+
+def _quantizer_bytes(quantizer: faiss.Index) -> int:
+    """Memory of an IVF's coarse quantizer: flat centroids at their stored width (float16 since they are kept so,
+    float32 in older snapshots), or grouped ones (an IVF of their own: codes, ids and the groups' centroids)."""
+    q = faiss.downcast_index(quantizer)
+    if isinstance(q, faiss.IndexIVF):
+        return int(q.ntotal) * (q.code_size + 16) + _quantizer_bytes(q.quantizer)  # an id and a direct-map slot
+    return int(q.ntotal) * q.sa_code_size()
 
 
 def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str = "float32") -> _FaissIndex:
@@ -430,6 +477,42 @@ def make_index(kind: str, dim: int, metric: str, params: IndexParams, dtype: str
     if kind == "ivfsq":
         return IVFSQIndex(dim, metric, params)
     raise InvalidArgument(f"unknown index kind {kind!r}; expected flat, hnsw, ivfpq, ivfsq or two_stage")
+
+
+def search_each(indexes: Sequence[_FaissIndex], queries: np.ndarray, k: int,
+                deny: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What `indexes[i].search(queries[i:i+1], k, deny)` returns, for every i, as (scores, ids) `[n, k]`: the
+    per-layer search of a space, in the calling thread. What the calls share is done once (the queries'
+    preparation, the selector and parameters, the results' arrays and the score fix-up), and each index's faiss
+    search writes its row of them: 30 `search` calls spent ~0.65 ms a query around faiss's own ~1.4 ms (ivfsq,
+    30 x 1e4 x 1536). Indexes of different kinds, with tombstones, or of a kind with its own `search` (FlatIndex's
+    device mirror) take `search` one by one."""
+    first = indexes[0]
+    if type(first).search is not _FaissIndex.search or any(type(ix) is not type(first) or ix._tombstones
+                                                             for ix in indexes):
+        found = [ix.search(queries[i][None, :], k, deny) for i, ix in enumerate(indexes)]
+        return np.stack([f[0][0] for f in found]), np.stack([f[1][0] for f in found])
+    _omp_threads(first.params.faiss_threads)
+    q = prepare(queries, first.metric)
+    if q.shape != (len(indexes), first.dim):
+        raise InvalidArgument(f"{len(indexes)} indexes expect queries [{len(indexes)}, {first.dim}], got {list(q.shape)}")
+    dist = np.full((len(indexes), k), -np.inf, np.float32)
+    ids = np.full((len(indexes), k), -1, np.int64)
+    # Parameters are shared by the indexes searched in turn with the same k and faiss structure (an IVF kind is
+    # flat until it trains), unless an index's parameters are its own (IVF-PQ's translate `deny` into its positions).
+    shared: dict[tuple, Optional[faiss.SearchParameters]] = {}
+    for i, ix in enumerate(indexes):
+        kk = min(k, int(ix._index.ntotal))
+        if kk == 0:
+            continue
+        key = (kk, type(ix._index), None if ix.params_shared else i)
+        if key not in shared:
+            shared[key] = ix._search_params(deny, kk)
+        ix._index.search_c(1, faiss.swig_ptr(q[i]), kk, faiss.swig_ptr(dist[i]), faiss.swig_ptr(ids[i]), shared[key])
+    if first.metric == "l2":
+        np.negative(dist, out=dist)
+    dist[ids < 0] = -np.inf
+    return dist, ids
 
 
 def _empty(q: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -110,10 +110,14 @@ class LMDBView(Reader):
             have = {_SID_SPACE_EID.unpack(bytes(k))[2] for k, _ in found}
             missing = sorted(set(wanted) - have)
             raise NotFound(f"stream {layout.name!r} has no key of entries {missing[:8]} in key space {space}")
-        keys = {e: np.frombuffer(v, dtype=dtype).reshape(shape) for e, (_, v) in zip(wanted, found)}  # [L, d] each
-        pairs = [(layer, w, eid) for layer, eids in enumerate(ids.tolist()) for w, eid in enumerate(eids) if eid >= 0]
-        for layer, w, eid in pairs:
-            out[layer, w] = keys[eid][layer]
+        records = {e: memoryview(v) for e, (_, v) in zip(wanted, found)}  # [L, d] each, as bytes
+        row = int(shape[-1]) * np.dtype(dtype).itemsize  # one layer's key
+        chosen = ids >= 0
+        layers = np.nonzero(chosen)[0].tolist()  # row-major, as ids[chosen] is
+        # the chosen layers' bytes joined in one copy, then converted into `out` in one assignment (one numpy
+        # assignment a key measured 0.7 ms for 180 keys)
+        joined = b"".join([records[e][layer * row:(layer + 1) * row] for e, layer in zip(ids[chosen].tolist(), layers)])
+        out[chosen] = np.frombuffer(joined, dtype=dtype).reshape(-1, shape[-1])
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:

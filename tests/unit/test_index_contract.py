@@ -24,8 +24,8 @@ from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
 from memory_service.index import layer_block
 from memory_service.index.layer_block import LayerBlock
-from memory_service.index.space import SpaceIndex
-from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, prepare
+from memory_service.index.space import SpaceIndex, _top_k, top_k_rows
+from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, IVFSQIndex, prepare, search_each
 from memory_service.types import KeySpace
 
 METRICS = ("ip", "cosine", "l2")
@@ -599,3 +599,104 @@ def test_ivfsq_needs_per_layer_keys_and_4_or_8_bits():
         KeySpace(DIM, index="ivfsq")
     with pytest.raises(InvalidArgument, match="config index.ivf_sq_bits is 6; expected 4 or 8"):
         dataclasses.replace(IVFSQ, ivf_sq_bits=6)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ivfsq_groups_the_centroids_of_256_lists_and_answers_as_the_whole_scan_does(metric):
+    """With `ivf_quantizer_nprobe` and 256 lists or more, a layer's centroids are an IVF of their own (sqrt(nlist)
+    groups, that many scanned). Each centroid keeps its list's number: with every group scanned the space answers
+    exactly as the ungrouped one; with fewer, scores stay exact. Adds after training land, a snapshot keeps the
+    groups and answers the same, and the estimate counts them."""
+    rng = np.random.default_rng(23)
+    every = layered(rng, 3020, DIM)  # the last 20 are added after training
+    keys = every[:3000]
+    params = IndexParams(ivf_train_min=2048, ivf_nlist=256, ivf_nprobe=4, ivf_quantizer_nprobe=4)
+    assert IndexParams().ivf_quantizer_nprobe == 0  # opt-in: a wide ivf_nprobe needs every centroid
+    whole = space("ivfsq", metric, keys, dataclasses.replace(params, ivf_quantizer_nprobe=0))
+    grouped = SpaceIndex(whole.space, LAYERS, params, key_loader=lambda ids: every[ids],
+                         layer_loader=lambda ids: layer_keys(every, ids))
+    grouped.add(np.arange(3000), keys)
+    quantizers = [faiss.downcast_index(index._index.quantizer) for index in grouped.indexes]
+    assert all(isinstance(q, faiss.IndexIVFScalarQuantizer) and (q.nlist, q.nprobe) == (16, 4) for q in quantizers)
+    assert isinstance(faiss.downcast_index(whole.indexes[0]._index.quantizer), faiss.IndexScalarQuantizer)
+    queries = layered(rng, 5, DIM)
+    for q in queries:
+        scores, ids, _ = grouped.search(q, 6, "per_layer", None, [])
+        assert np.allclose(scores, np.take_along_axis(exact_per_layer(keys, q, metric), ids, axis=1),
+                           rtol=1e-4, atol=1e-3)
+    # every group scanned: the lists found are those of a scan over every centroid (list numbers kept), and the
+    # answers are the ungrouped space's (but where two lists' scores differ in the last bits: the two scan in
+    # different orders)
+    flat = faiss.IndexFlat(DIM, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    flat.add(quantizers[0].reconstruct_n(0, 256))
+    probe = prepare(layered(rng, 50, DIM)[:, 0], metric)
+    quantizers[0].nprobe = 16
+    assert np.array_equal(quantizers[0].search(probe, 3)[1], flat.search(probe, 3)[1])
+    for quantizer in quantizers:
+        quantizer.nprobe = 16
+    same = [np.mean(grouped.search(q, 6, "per_layer", None, [])[1] == whole.search(q, 6, "per_layer", None, [])[1])
+            for q in queries]
+    assert np.mean(same) >= 0.95
+    for quantizer in quantizers:
+        quantizer.nprobe = 4
+
+    grouped.add(np.arange(3000, 3020), every[3000:])
+    keys = every
+    assert len(grouped) == 3020 and np.array_equal(np.sort(grouped.ids()), np.arange(3020))
+    if metric != "ip":  # a key is its own best match: an add lands in the list a search for it scans first
+        for i in (3000, 3007, 3019):
+            assert (grouped.search(keys[i], 1, "per_layer", None, [])[1][:, 0] == i).all()
+
+    again = SpaceIndex(grouped.space, LAYERS, params, key_loader=lambda ids: keys[ids],
+                       layer_loader=lambda ids: layer_keys(keys, ids))
+    again.load(grouped.dump())
+    assert faiss.downcast_index(again.indexes[0]._index.quantizer).nprobe == 4
+    q = layered(rng, 1, DIM)[0]
+    assert np.array_equal(grouped.search(q, 6, "per_layer", None, [])[1], again.search(q, 6, "per_layer", None, [])[1])
+    index = grouped.indexes[0]._index
+    assert grouped.indexes[0]._estimate() == index.ntotal * (index.code_size + 8) + 256 * (DIM * 2 + 16) + 16 * DIM * 4
+
+
+def test_ivf_quantizer_nprobe_must_not_be_negative():
+    with pytest.raises(InvalidArgument, match="config index.ivf_quantizer_nprobe is -1; expected 0"):
+        IndexParams(ivf_quantizer_nprobe=-1)
+
+
+def test_top_k_rows_is_top_k_of_each_row():
+    """The rerank's top-k of all layers at once equals `_top_k` of each layer's valid candidates (-1: none): the same
+    scores, and the same ids wherever no tie in score leaves the choice open."""
+    rng = np.random.default_rng(24)
+    for _ in range(500):
+        rows, width, k = rng.integers(1, 6), rng.integers(0, 12), rng.integers(1, 8)
+        scores = rng.integers(-3, 3, (rows, width)).astype(np.float32)  # ties on purpose
+        ids = np.stack([rng.permutation(50)[:width] for _ in range(rows)]).astype(np.int64)
+        ids[rng.random((rows, width)) < 0.2] = -1
+        got_s, got_i = top_k_rows(scores, ids, k)
+        assert got_s.shape == got_i.shape == (rows, k)
+        for r in range(rows):
+            valid = ids[r] >= 0
+            want_s, want_i = _top_k(scores[r][valid], ids[r][valid], k)
+            assert np.array_equal(got_s[r], want_s)
+            if len(set(scores[r][valid].tolist())) == valid.sum():
+                assert np.array_equal(got_i[r], want_i)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq_trained", "ivfsq"])
+def test_search_each_answers_as_each_index_alone(kind, metric):
+    """A space's layers searched in one loop (`search_each`: shared preparation and parameters) answer what each
+    index's own `search` does: ids and scores equal, under deny, with k past the count, and with tombstones."""
+    rng = np.random.default_rng(25)
+    make = KINDS.get(kind) or (lambda d, m: IVFSQIndex(d, m, IVFSQ))
+    indexes = [make(DIM, metric) for _ in range(3)]
+    for n, index in zip((600, 5, 600), indexes):  # one holds fewer than k
+        index.add(np.arange(n), clustered(rng, n, DIM))
+    if kind == "hnsw":
+        indexes[2].remove(np.arange(0, 600, 5))  # tombstones: that index searches on its own
+    queries = clustered(rng, 3, DIM)
+    for deny in (None, np.arange(0, 600, 3)):
+        for k in (1, 8):
+            got_s, got_i = search_each(indexes, queries, k, deny)
+            for layer, index in enumerate(indexes):
+                want_s, want_i = index.search(queries[layer][None], k, deny)
+                assert np.array_equal(got_i[layer], want_i[0]) and np.array_equal(got_s[layer], want_s[0])
