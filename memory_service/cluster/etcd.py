@@ -340,14 +340,19 @@ class Coordinator:
     # -- membership --------------------------------------------------------------------------------------------
 
     def announce(self, address: str) -> None:
-        """Put nodes/<node_id> = {address, pid, since} under the lease (again after each new lease)."""
+        """Put nodes/<node_id> = {address, pid, since} under the lease (again after each new lease). A lease that
+        has expired is no error: the keepalive thread grants the next one and announces under it (a server whose
+        lease lapsed while it started, on a loaded machine, used to exit). Unavailable when etcd cannot be reached."""
         self._address = address
         lid = self.lease_id
         value = json.dumps({"address": address, "pid": os.getpid(), "since": time.time()}, sort_keys=True)
         try:
             self._txn([], [_put(self._key("nodes", self.node_id), value, lid)], [])
         except _LeaseGone as ex:
-            raise self._lease_gone(ex) from ex
+            self._wake.set()  # the keepalive thread finds the lease gone now, not at its next tick
+            log.warning("node %s: lease %d had expired when it announced %s (%s); it announces under its next lease",
+                        self.node_id, lid, address, ex)
+            return
         self._announced_lease = lid
 
     def nodes(self) -> dict[str, str]:

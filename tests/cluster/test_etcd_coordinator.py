@@ -263,6 +263,18 @@ def test_revoked_lease_is_lost_then_replaced(etcd_cluster, coords):
     assert a.head("s") == Head(1, epoch2) and seen == [True]
 
 
+def test_an_announce_under_an_expired_lease_is_made_under_the_next_one(etcd_cluster, coords):
+    """A lease that lapses just before the node announces (a server starting on a loaded machine) is not an error:
+    the node announces under the lease the keepalive thread grants next."""
+    a, b = coords("A", ttl_s=2), coords("B")
+    old = a.lease_id
+    other = etcd3gw.client(host="127.0.0.1", port=etcd_cluster.client_ports[1], api_path="/v3/", timeout=5)
+    other.post(other.get_url("/kv/lease/revoke"), json={"ID": old})
+    a.announce("a:1")  # raised Unavailable ("a new one is being granted: retry") before
+    wait_until(lambda: b.nodes().get("A") == "a:1", "the node is announced under its next lease")
+    assert a.lease_id != old and not a.lost()
+
+
 def test_unreachable_etcd_means_lost_then_recovers(tmp_path, prefix):
     solo = EtcdCluster(tmp_path / "solo", n=1)
     try:
