@@ -132,11 +132,12 @@ class SpaceIndex:
 
     def _search_layers(self, query: np.ndarray, k: int, deny: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Each layer's top-k: (scores `[L, k]`, ids `[L, k]`). A flat space is one batched LayerBlock search.
-        Otherwise one search per layer. Large layers run on a thread pool: faiss releases the GIL and scans a single
-        query on one core, so layers in parallel reach the machine's memory bandwidth (measured: 30 layers x
-        5000 x 1536, 67 ms serial, 36 ms pooled on 2 cores, 33 ms for one batched numpy matmul). Small layers
-        run in the caller's thread: handing a task to the pool costs more than scanning a few MB (measured on
-        2 cores: 4 x 1000 x 128 0.21 ms serial vs 0.44 ms pooled; 30 x 1000 x 1536 13 vs 15 ms)."""
+        Otherwise one search per layer. Layers whose search reads a lot (`scan_bytes`) run on a thread pool: faiss
+        releases the GIL and scans a single query on one core, so layers in parallel reach the machine's memory
+        bandwidth (measured: 30 layers x 5000 x 1536, 67 ms serial, 36 ms pooled on 2 cores, 33 ms for one
+        batched numpy matmul). The others run in the caller's thread, in one loop (`search_each`): handing a task
+        to the pool costs more than scanning a few MB (measured on 2 cores: 4 x 1000 x 128 0.21 ms serial vs 0.44
+        ms pooled; 30 x 1000 x 1536 13 vs 15 ms)."""
         if self.block is not None:
             return self.block.search(query, k, deny)
 
