@@ -112,6 +112,11 @@ class LMDBView(Reader):
             raise NotFound(f"stream {layout.name!r} has no key of entries {missing[:8]} in key space {space}")
         records = {e: memoryview(v) for e, (_, v) in zip(wanted, found)}  # [L, d] each, as bytes
         row = int(shape[-1]) * np.dtype(dtype).itemsize  # one layer's key
+        size = row * int(np.prod(shape[:-1]))
+        wrong = [e for e, v in records.items() if v.nbytes != size]
+        if wrong:  # sliced below without a reshape: a record of another size would give other keys' bytes
+            raise DataLoss(f"stream {layout.name!r} key space {space}: the key records of entries {wrong[:8]} are "
+                           f"{records[wrong[0]].nbytes} bytes, expected {size} ({list(shape)} {dtype})")
         chosen = ids >= 0
         layers = np.nonzero(chosen)[0].tolist()  # row-major, as ids[chosen] is
         # the chosen layers' bytes joined in one copy, then converted into `out` in one assignment (one numpy

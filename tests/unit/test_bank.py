@@ -17,6 +17,7 @@ from memory_service import (
 )
 from memory_service import bank as bank_module
 from memory_service.config import BankConfig
+from memory_service.errors import DataLoss
 
 
 @pytest.fixture
@@ -381,6 +382,28 @@ def test_cached_filter_columns_match_a_rebuild_after_puts_evictions_pins(tmp_pat
         for got, want in zip(cached, s.columns()):
             assert np.array_equal(got, want), step
     m.close()
+
+
+def test_an_ivfsq_rerank_reading_a_key_record_of_the_wrong_size_is_data_loss(tmp_path):
+    """The rerank reads each candidate's layer key out of its stored [L, d] record by offset. A record of another
+    size (damage) is DataLoss naming the entry, never another layer's bytes read as its key."""
+    from memory_service.config import IndexParams
+    from memory_service.store.lmdb_store import _SID_SPACE_EID
+
+    cfg = BankConfig(index=IndexParams(ivf_train_min=64, ivf_nlist=8, ivf_nprobe=8))
+    spec = make_spec(key_spaces={"sq": KeySpace(DIM, per_layer=True, index="ivfsq")})
+    with LocalMemory(str(tmp_path), cfg) as m:
+        m.create_stream(spec)
+        keys = [np.full((LAYERS, DIM), 0.01, np.float32) for _ in range(100)]
+        keys[7] = np.ones((LAYERS, DIM), np.float32)  # every layer's best match for an all-ones query
+        m.put("cam0", [NewEntry(i, i, "p", {"sq": keys[i]}, make_entry(i).kv) for i in range(100)])
+        q = np.ones((LAYERS, DIM), np.float32)
+        assert (m.query("cam0", "sq", q, 1).ids[:, 0] == 7).all()
+        layout = m.bank._streams["cam0"].layout
+        record = _SID_SPACE_EID.pack(layout.sid, 0, 7)
+        m.bank.store.write(lambda w: w.put("keys", record, bytes(w.get("keys", record)) + b"\0" * 8))
+        with pytest.raises(DataLoss, match=r"key records of entries \[7\] are \d+ bytes, expected"):
+            m.query("cam0", "sq", q, 1)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
