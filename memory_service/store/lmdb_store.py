@@ -58,6 +58,11 @@ def payload_key(sid: int, eid: int, layer: int) -> bytes:
     return _SID_EID_LAYER.pack(sid, eid, layer)
 
 
+# float16 -> float32 by table (256 KB), bit for bit what numpy's cast gives: widening 180 layer keys of 1536 (a warm
+# ivfsq rerank's read at k=3, refine 2) into `out` took 0.47-0.55 ms by the cast, 0.27 ms by the table
+_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
 class LMDBView(Reader):
     """One read transaction (base.StoreView); buffers it returns are valid only inside the `with` block."""
 
@@ -122,7 +127,8 @@ class LMDBView(Reader):
         # the chosen layers' bytes joined in one copy, then converted into `out` in one assignment (one numpy
         # assignment a key measured 0.7 ms for 180 keys)
         joined = b"".join([records[e][layer * row:(layer + 1) * row] for e, layer in zip(ids[chosen].tolist(), layers)])
-        out[chosen] = np.frombuffer(joined, dtype=dtype).reshape(-1, shape[-1])
+        keys = np.frombuffer(joined, dtype=dtype).reshape(-1, shape[-1])
+        out[chosen] = np.take(_HALF_TO_FLOAT, keys.view(np.uint16)) if keys.dtype == np.float16 else keys
 
     def read_payloads(self, layout: StreamLayout, ids: Sequence[int], layers: Sequence[int], out: np.ndarray,
                       verified: Optional[dict[int, int]]) -> None:

@@ -384,6 +384,15 @@ def test_cached_filter_columns_match_a_rebuild_after_puts_evictions_pins(tmp_pat
     m.close()
 
 
+def test_float16_keys_are_widened_bit_for_bit_as_numpy_casts_them():
+    """The rerank widens float16 layer keys by a table: every one of the 65536 values (inf, NaN payloads and
+    subnormals included) comes out with the bits numpy's own cast gives."""
+    from memory_service.store.lmdb_store import _HALF_TO_FLOAT
+
+    every = np.arange(1 << 16, dtype=np.uint16)
+    assert np.array_equal(_HALF_TO_FLOAT.view(np.uint32), every.view(np.float16).astype(np.float32).view(np.uint32))
+
+
 def test_an_ivfsq_rerank_reading_a_key_record_of_the_wrong_size_is_data_loss(tmp_path):
     """The rerank reads each candidate's layer key out of its stored [L, d] record by offset. A record of another
     size (damage) is DataLoss naming the entry, never another layer's bytes read as its key."""
