@@ -604,8 +604,9 @@ def test_ivfsq_needs_per_layer_keys_and_4_or_8_bits():
 @pytest.mark.parametrize("metric", METRICS)
 def test_ivfsq_groups_the_centroids_of_256_lists_and_answers_as_the_whole_scan_does(metric):
     """With `ivf_quantizer_nprobe` and 256 lists or more, a layer's centroids are an IVF of their own (sqrt(nlist)
-    groups, that many scanned). Each centroid keeps its list's number: with every group scanned the space answers
-    exactly as the ungrouped one; with fewer, scores stay exact. Adds after training land, a snapshot keeps the
+    groups, that many scanned). Each centroid keeps its list's number: with every group scanned the lists found are
+    those of a scan over every centroid, and the answers agree with the ungrouped space's in >= 95% of slots (two
+    lists whose scores differ in the last bits may swap); with fewer groups, scores stay exact. Adds after training land, a snapshot keeps the
     groups and answers the same, and the estimate counts them."""
     rng = np.random.default_rng(23)
     every = layered(rng, 3020, DIM)  # the last 20 are added after training
@@ -630,10 +631,9 @@ def test_ivfsq_groups_the_centroids_of_256_lists_and_answers_as_the_whole_scan_d
     flat = faiss.IndexFlat(DIM, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
     flat.add(quantizers[0].reconstruct_n(0, 256))
     probe = prepare(layered(rng, 50, DIM)[:, 0], metric)
-    quantizers[0].nprobe = 16
-    assert np.array_equal(quantizers[0].search(probe, 3)[1], flat.search(probe, 3)[1])
     for quantizer in quantizers:
         quantizer.nprobe = 16
+    assert np.array_equal(quantizers[0].search(probe, 3)[1], flat.search(probe, 3)[1])
     same = [np.mean(grouped.search(q, 6, "per_layer", None, [])[1] == whole.search(q, 6, "per_layer", None, [])[1])
             for q in queries]
     assert np.mean(same) >= 0.95
@@ -682,17 +682,18 @@ def test_top_k_rows_is_top_k_of_each_row():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq_trained", "ivfsq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "hnsw_tombstones", "ivfpq_trained", "ivfsq"])
 def test_search_each_answers_as_each_index_alone(kind, metric):
     """A space's layers searched in one loop (`search_each`: shared preparation and parameters) answer what each
-    index's own `search` does: ids and scores equal, under deny, with k past the count, and with tombstones."""
+    index's own `search` does: ids and scores equal, under deny and with k past the count. Flat (its own `search`)
+    and tombstones take each index's `search`, and answer the same too."""
     rng = np.random.default_rng(25)
-    make = KINDS.get(kind) or (lambda d, m: IVFSQIndex(d, m, IVFSQ))
+    make = KINDS.get(kind.removesuffix("_tombstones")) or (lambda d, m: IVFSQIndex(d, m, IVFSQ))
     indexes = [make(DIM, metric) for _ in range(3)]
     for n, index in zip((600, 5, 600), indexes):  # one holds fewer than k
         index.add(np.arange(n), clustered(rng, n, DIM))
-    if kind == "hnsw":
-        indexes[2].remove(np.arange(0, 600, 5))  # tombstones: that index searches on its own
+    if kind == "hnsw_tombstones":
+        indexes[2].remove(np.arange(0, 600, 5))
     queries = clustered(rng, 3, DIM)
     for deny in (None, np.arange(0, 600, 3)):
         for k in (1, 8):
