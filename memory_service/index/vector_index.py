@@ -94,6 +94,8 @@ class _FaissIndex:
     # leave tombstones.
     undoable = False
     params_shared = True  # `_search_params` depends on (deny, k) and the kind only: indexes of a space may share them
+    adds_pooled = False  # whether a space adds to its layers' indexes on the pool (space.POOL_MIN_ADDS); not a flat
+    # kind's adds, which copy the keys only (and whose GPU mirror must not be driven from several threads)
 
     def __init__(self, dim: int, metric: str, params: IndexParams) -> None:
         self.dim = dim
@@ -293,6 +295,7 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
 
 class HNSWIndex(_FaissIndex):
     approximate = True
+    adds_pooled = True
 
     def _new_index(self) -> faiss.Index:
         base = faiss.IndexHNSWFlat(self.dim, self.params.hnsw_m, _faiss_metric(self.metric))
@@ -316,6 +319,7 @@ class IVFPQIndex(_FaissIndex):
     params_shared = False  # a trained one's selector holds its own internal positions of `deny`
 
     approximate = True
+    adds_pooled = True
 
     def _new_index(self) -> faiss.Index:
         self._trained = False
@@ -371,6 +375,8 @@ class IVFSQIndex(_FaissIndex):
     holds when it trains, within [16, 4096]: set it for the size the space will reach, lists are not re-trained).
     Exact until trained (`exact`); after that its scores are approximate and its callers rerank (SpaceIndex)."""
 
+    adds_pooled = True
+
     def _new_index(self) -> faiss.Index:
         self._trained = False
         return faiss.IndexIDMap2(faiss.IndexFlat(self.dim, _faiss_metric(self.metric)))
@@ -378,6 +384,13 @@ class IVFSQIndex(_FaissIndex):
     @property
     def exact(self) -> bool:
         return not self._trained
+
+    @property
+    def undoable(self) -> bool:
+        """Once trained, `remove` of the ids just added puts every list back as it was: faiss moves a list's last
+        code into a removed one's place, and the newest codes are each list's last; the centroids and the scalar
+        quantizer's ranges never change after training. Before that, an add may train it."""
+        return self._trained
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         super().add(ids, vectors)

@@ -17,10 +17,10 @@ import pytest
 
 from tiny_disk import tiny_disk  # noqa: F401 - the fixture, found by pytest through this name
 
-from conftest import make_entry, make_spec
-from memory_service import Budget, LocalMemory, ResourceExhausted
+from conftest import DIM, EMB, make_entry, make_spec
+from memory_service import Budget, KeySpace, LocalMemory, ResourceExhausted
 from memory_service import bank as bank_module
-from memory_service.config import BankConfig
+from memory_service.config import BankConfig, IndexParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
@@ -76,14 +76,26 @@ def test_full_disk_is_resource_exhausted_and_bank_stays_readable(tiny_disk):
         assert m.stats("cam0").entries == len(acked)
 
 
-def test_a_commit_refused_at_its_fsync_takes_out_the_index_adds_that_ran_beside_it(tiny_disk, monkeypatch):
+@pytest.mark.parametrize("kind", ["flat", "ivfsq"])
+def test_a_commit_refused_at_its_fsync_takes_out_the_index_adds_that_ran_beside_it(tiny_disk, monkeypatch, kind):
     """A put's index adds start once its LMDB puts are staged and run beside the commit's page writes and fsync
     (Bank.put, _Adds; keys of BESIDE_MIN_BYTES and more, 0 here). On a full disk the commit itself fails, after
-    the adds ran: they must come out again, so that no query answers with an entry that was never stored."""
+    the adds ran: they must come out again, so that no query answers with an entry that was never stored, and
+    every index is byte for byte what it was. `ivfsq`: the per-layer key space is a trained IVF (32 entries, 4
+    lists), whose adds go beside the commit too; taking them out must put each list back in its order."""
     monkeypatch.setattr(bank_module, "BESIDE_MIN_BYTES", 0)
-    with LocalMemory(tiny_disk + "/bank", CONFIG) as m:
-        m.create_stream(make_spec())
+    config = CONFIG
+    if kind == "ivfsq":
+        config = BankConfig(map_size=64 << 20, snapshot_on_close=False,
+                            index=IndexParams(ivf_nlist=4, ivf_train_min=32, ivf_nprobe=2, ivf_refine=2))
+    with LocalMemory(tiny_disk + "/bank", config) as m:
+        spaces = {"nam": KeySpace(DIM, per_layer=True, index=kind), "emb": KeySpace(EMB, metric="cosine")}
+        m.create_stream(make_spec(key_spaces=spaces))
         probes = [make_entry(seed) for seed in (5, 77)]
+        spaces_held = m.bank._streams["cam0"].spaces.values()
+
+        def held() -> list:  # every index's bytes and tombstones, as a snapshot would write them
+            return [(data, tomb.tobytes()) for space in spaces_held for data, tomb in space.dump()]
 
         def answers() -> tuple:
             return tuple((r.ids.tobytes(), r.scores.tobytes()) for e in probes for space in ("nam", "emb")
@@ -93,6 +105,7 @@ def test_a_commit_refused_at_its_fsync_takes_out_the_index_adds_that_ran_beside_
         refused = None
         for start in range(0, 100_000, 16):  # 4 MiB holds a few thousand 1.3 KiB entries at most
             before, stats = answers(), m.stats("cam0")
+            indexes = held()
             batch = [make_entry(10**6 + start + i) for i in range(16)]
             try:
                 acked.update(zip(m.put("cam0", batch), range(start, start + 16)))
@@ -101,7 +114,11 @@ def test_a_commit_refused_at_its_fsync_takes_out_the_index_adds_that_ran_beside_
                 refused = batch
                 break
         assert refused is not None and acked
+        assert all(space.undoable for space in spaces_held)  # so the adds went beside the commit
+        if kind == "ivfsq":
+            assert not m.bank._streams["cam0"].spaces["nam"].indexes[0].exact  # trained
         assert answers() == before and m.stats("cam0") == stats
+        assert held() == indexes
         for e in refused:  # each refused key's best match is a stored entry, never an id past the last one
             for space in ("nam", "emb"):
                 ids = m.query("cam0", space, e.keys[space], 2).ids

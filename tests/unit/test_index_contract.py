@@ -701,3 +701,42 @@ def test_search_each_answers_as_each_index_alone(kind, metric):
             for layer, index in enumerate(indexes):
                 want_s, want_i = index.search(queries[layer][None], k, deny)
                 assert np.array_equal(got_i[layer], want_i[0]) and np.array_equal(got_s[layer], want_s[0])
+
+
+UNDOABLE = {
+    "flat": lambda d, m: FlatIndex(d, m, PARAMS),
+    "flat_fp16": lambda d, m: FlatIndex(d, m, PARAMS, dtype="float16"),
+    "ivfsq_trained": lambda d, m: IVFSQIndex(d, m, IndexParams(ivf_nlist=8, ivf_train_min=256)),
+    "ivfsq_trained_grouped": lambda d, m: IVFSQIndex(d, m, IndexParams(ivf_nlist=256, ivf_train_min=256,
+                                                                       ivf_quantizer_nprobe=4)),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNDOABLE))
+@pytest.mark.parametrize("metric", METRICS)
+def test_an_undoable_index_is_byte_for_byte_itself_after_an_add_is_removed(kind, metric):
+    """`undoable` (a put's adds run beside its commit and come out if it fails: Bank.put) means `remove` of the
+    ids of the last add restores the index exactly: its serialized bytes, so its lists' order and codes too, and
+    its answers. An IVF-SQ says so only once trained (an add may train it before); after training, adds and
+    removals of several batches, in any list, leave each list's older codes in their order."""
+    rng = np.random.default_rng(3)
+    index = UNDOABLE[kind](DIM, metric)
+    x = clustered(rng, 900, DIM)
+    if kind.startswith("ivfsq"):
+        index.add(np.arange(200), x[:200])
+        assert not index.undoable  # 200 < ivf_train_min: the next add trains it
+        index.add(np.arange(200, 300), x[200:300])
+        assert not index.exact
+    else:
+        index.add(np.arange(300), x[:300])
+    assert index.undoable
+    q = clustered(np.random.default_rng(4), 5, DIM)
+    for lo in range(300, 900, 200):  # a batch stays, the next is added and taken out again
+        held, answers = index.serialize(), index.search(q, 10)
+        index.add(np.arange(lo, lo + 100), x[lo:lo + 100])
+        assert index.serialize() != held
+        index.remove(np.arange(lo, lo + 100))
+        assert index.serialize() == held
+        s, i = index.search(q, 10)
+        assert np.array_equal(i, answers[1]) and np.array_equal(s, answers[0])
+        index.add(np.arange(lo + 100, lo + 200), x[lo + 100:lo + 200])
