@@ -88,10 +88,24 @@ def encode(layer: np.ndarray, dtype: str, codec: str) -> tuple[Header, np.ndarra
     raise InvalidArgument(f"unknown payload codec {codec!r}; expected one of {CODECS}")
 
 
-def encode_layers(kv: np.ndarray, dtype: str, codec: str) -> list[tuple[Header, np.ndarray]]:
-    """Every layer of one entry's K/V `[L, 2, T, H, D]`: `encode` of each, over one C-contiguous copy of `kv` (none
-    if it is one already), so raw bodies are views that lie back to back and a layer group is stored without a join."""
-    return [encode(layer, dtype, codec) for layer in np.ascontiguousarray(kv)]
+class EncodedLayers(list):
+    """`encode_layers`' result, (header, body) per layer. `whole`: for raw layers, the C-contiguous `[L, 2, T, H, D]`
+    array whose rows the bodies are, so a group of layers is stored as one slice of it (None for fp8)."""
+
+    def __init__(self, layers: list[tuple[Header, np.ndarray]], whole: np.ndarray | None = None) -> None:
+        super().__init__(layers)
+        self.whole = whole
+
+
+def encode_layers(kv: np.ndarray, dtype: str, codec: str) -> EncodedLayers:
+    """Every layer of one entry's K/V `[L, 2, T, H, D]`, over one C-contiguous copy of `kv` (none if it is one
+    already). Raw layers are its rows, each with its header (what `encode` gives, without its per-layer calls: at
+    30 layers they were a tenth of a put's own work in-process)."""
+    kv = np.ascontiguousarray(kv)
+    if codec != "raw":
+        return EncodedLayers([encode(layer, dtype, codec) for layer in kv])
+    shape = tuple(kv.shape[1:])
+    return EncodedLayers([(Header("raw", dtype, shape, checksum(layer)), layer) for layer in kv], kv)
 
 
 def decode_into(header: Header, body: memoryview | bytes, out: np.ndarray, verify: bool, what: str) -> None:

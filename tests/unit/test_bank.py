@@ -415,6 +415,36 @@ def test_an_ivfsq_rerank_reading_a_key_record_of_the_wrong_size_is_data_loss(tmp
             m.query("cam0", "sq", q, 1)
 
 
+def test_a_two_stage_rerank_widens_float16_keys_exactly_and_a_record_of_the_wrong_size_is_data_loss(tmp_path):
+    """A float16 two-stage space's rerank reads each candidate's whole [L, d] key and widens it by table: the scores
+    it returns are those of the stored float16 keys, bit for bit as numpy widens them. A key record of another size
+    (damage) is DataLoss naming the entry."""
+    from memory_service.store.lmdb_store import _SID_SPACE_EID
+
+    spec = make_spec(key_spaces={"ts": KeySpace(DIM, per_layer=True, index="two_stage", dtype="float16")})
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((40, LAYERS, DIM)).astype(np.float32)
+    with LocalMemory(str(tmp_path)) as m:
+        m.create_stream(spec)
+        m.put("cam0", [NewEntry(i, i, "p", {"ts": keys[i]}, make_entry(i).kv) for i in range(40)])
+        q = rng.standard_normal((LAYERS, DIM)).astype(np.float32)
+        r = m.query("cam0", "ts", q, 3)
+        stored = keys.astype(np.float16).astype(np.float32)  # [n, L, d]
+        want = np.einsum("nld,ld->ln", stored, q)  # every entry is a candidate of a 40-entry bank
+        for layer in range(LAYERS):
+            assert r.ids[layer].tolist() == np.argsort(-want[layer], kind="stable")[:3].tolist()
+            assert np.allclose(r.scores[layer], want[layer][r.ids[layer]], rtol=1e-5, atol=1e-5)
+        layout = m.bank._streams["cam0"].layout
+        got = np.empty((2, LAYERS, DIM), np.float32)
+        with m.bank.store.view() as v:
+            v.read_keys(layout, 0, [3, 11], got)
+        assert got.tobytes() == stored[[3, 11]].tobytes()
+        record = _SID_SPACE_EID.pack(layout.sid, 0, 11)
+        m.bank.store.write(lambda w: w.put("keys", record, bytes(w.get("keys", record))[:-2]))
+        with pytest.raises(DataLoss, match=r"key record of entry 11 is \d+ bytes, expected"):
+            m.query("cam0", "ts", q, 3)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_ivfsq_space_through_the_bank_reranks_from_lmdb_and_survives_reopen(tmp_path, dtype):
     """A trained ivfsq space answers per-layer queries with the exact scores of the keys LMDB holds (each layer's

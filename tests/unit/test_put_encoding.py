@@ -27,6 +27,12 @@ def test_encode_layers_is_encode_of_each_layer(dtype, codec):
     assert [h for h, _ in got] == [h for h, _ in want]
     assert [h.pack() for h, _ in got] == [h.pack() for h, _ in want]
     assert all(bytes(as_bytes(a)) == bytes(as_bytes(b)) for (_, a), (_, b) in zip(got, want))
+    if codec == "raw":  # a group of layers is stored as one slice of `whole`: the bodies' bytes back to back
+        assert bytes(as_bytes(got.whole[1:4])) == b"".join(bytes(as_bytes(b)) for _, b in want[1:4])
+        fortran = np.asfortranarray(kv)  # not C-contiguous: `whole` is a C-contiguous copy, the same bytes
+        assert bytes(as_bytes(encode_layers(fortran, dtype, codec).whole)) == bytes(as_bytes(kv))
+    else:
+        assert got.whole is None
 
 
 def test_raw_header_pack_matches_struct_packing():
