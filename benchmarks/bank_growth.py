@@ -27,11 +27,12 @@ N one JSON row per index:
 Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
 entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), ivfsq (per layer an IVF
 over 4-bit codes in RAM with --ivf-nlist lists, --ivf-nprobe scanned, trained at 16 x nlist entries; each layer's
-top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype; with
---ivf-quantizer-nprobe and 256 lists or more, that many of sqrt(nlist) groups of centroids scanned), hnsw and ivfpq (one
-ANN index per layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a
-JSON "skipped" line saying why, when its next step would not fit in RAM or would take longer than the step
-budget (estimated from its last measured put rate; IVF-PQ from its training cost).
+top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype,
+float16 by default, as a 1e5 bank keeps them on disk; with 256 lists or more, --ivf-quantizer-nprobe of sqrt(nlist)
+groups of centroids scanned, 4 by default, which the full form's 316 lists use), hnsw and ivfpq (one ANN index per
+layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a JSON "skipped" line
+saying why, when its next step would not fit in RAM or would take longer than the step budget (estimated from
+the put rate of the second half of its last step; IVF-PQ from its training cost).
 
 Keys are random with cluster structure (256 clusters): entry n in cluster c has key[l] = center[c, l] + unit
 uniform noise, queries likewise, so ANN recall means something. Each layer ranks on its own (its centers and
@@ -238,12 +239,13 @@ def skip_reason(kind, n, prev_n, rate, params, layers, dim, kept_bytes, budget_s
             return f"IVF-PQ trains {layers} per-layer indexes of {dim // 4} sub-quantizers at " \
                    f"N={params.ivf_train_min}: ~{est:.0f} s on 2 cores, over the {budget_s:.0f} s step budget"
     if rate:
-        # At the last step's put rate; HNSW inserts slow as the graph grows (1e3 -> 1e4 at 30 x 1536 took 3.5x
-        # the estimate from the 1e3 step's rate), so its estimate carries that factor.
+        # At the last step's put rate (its second half); HNSW inserts slow as the graph grows (1e3 -> 1e4 at 30 x
+        # 1536 took 3.5x the estimate from the whole 1e3 step's rate), so its estimate carries that factor, which
+        # errs long now that the rate is the second half's.
         slowdown = HNSW_SLOWDOWN if kind == "hnsw" else 1.0
         est = (n - prev_n) / rate * slowdown
         if est > budget_s:
-            return f"growing {prev_n} -> {n} estimated {est:.0f} s (the last step's {rate:.0f} puts/s" + \
+            return f"growing {prev_n} -> {n} estimated {est:.0f} s (the last step's second half: {rate:.0f} puts/s" + \
                    (f", x{slowdown:g} for a larger graph" if slowdown != 1.0 else "") + \
                    f"), over the {budget_s:.0f} s step budget"
     return None
@@ -265,15 +267,18 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
         mem.create_stream(spec(kind, args.layers, args.dim, args.two_stage_dtype))
         kv_rng = np.random.default_rng(args.seed + 7)
         kv_shape = (args.layers, 2, 4, 1, 16)
-        done, put_rate = 0, 0.0
+        done, rate_next = 0, 0.0
         for n in args.grid:
-            reason = skip_reason(kind, n, done, put_rate, params, args.layers, args.dim,
+            reason = skip_reason(kind, n, done, rate_next, params, args.layers, args.dim,
                                  0 if kept is None else kept.nbytes, args.step_budget_s, tmp, args.two_stage_dtype)
             if reason:
                 res.skip(kind, n, reason)
                 break
             t0 = time.perf_counter()
-            for b, lo, hi in pieces(done, n):
+            half, t_half = (done + n) // 2, None
+            for b, lo, hi in pieces(done, n, cuts=((done + n) // 2,)):
+                if t_half is None and b * BATCH + lo >= half:
+                    t_half = time.perf_counter()
                 first = b * BATCH + lo
                 # The truth pass kept these keys ([L, N, d]) when they fit: no second generation.
                 keys = (kept[:, first:first + hi - lo].transpose(1, 0, 2) if first + hi - lo <= kept_n
@@ -283,7 +288,11 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                 mem.put("bench", [NewEntry(first + j, (first + j) // 3, "p", {"nam": keys[j]}, kv[j])
                                   for j in range(hi - lo)])
                 bar.update(hi - lo)
-            put_rate = (n - done) / (time.perf_counter() - t0)
+            t_end = time.perf_counter()
+            put_rate = (n - done) / (t_end - t0)
+            # The next step's estimate: the second half's rate. The first half may hold a one-off (IVF training)
+            # and the K/V payloads stop at KV_UNTIL; the second half is nearer what the next step does.
+            rate_next = (n - half) / (t_end - t_half)
             done = n
             p50, p99, rec, brute, where = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n,
                                                  Keys(data, kept))
@@ -435,15 +444,17 @@ def main() -> None:
                     "(default 40 quick, 90 full; e.g. 1200 to grow the ANN kinds to 1e4 at full shape)")
     ap.add_argument("--two-stage-candidates", type=int, default=IndexParams().two_stage_candidates,
                     help="first-pass candidates of the two_stage kind (at least 16 x k are taken)")
-    ap.add_argument("--two-stage-dtype", default="float32", choices=("float32", "float16"),
-                    help="stored key dtype of the two_stage and ivfsq kinds (float16: half the disk and rerank reads)")
+    ap.add_argument("--two-stage-dtype", default="float16", choices=("float32", "float16"),
+                    help="stored key dtype of the two_stage and ivfsq kinds (float16, the default: half the disk and "
+                    "rerank reads of float32; at 1e5, 9.2 GB against 18.4)")
     ap.add_argument("--ivf-nlist", type=int, default=0, help="IVF lists of the ivfsq kind (default: sqrt of the "
                     "largest N)")
     ap.add_argument("--ivf-nprobe", type=int, default=2, help="IVF lists the ivfsq kind scans per layer")
     ap.add_argument("--ivf-sq-bits", type=int, default=4, choices=(4, 8), help="code bits a dimension, ivfsq kind")
     ap.add_argument("--ivf-refine", type=int, default=4, help="the ivfsq kind reranks k x this many candidates a layer")
-    ap.add_argument("--ivf-quantizer-nprobe", type=int, default=IndexParams().ivf_quantizer_nprobe,
-                    help="ivfsq with 256 lists or more: scan this many of sqrt(nlist) groups of centroids (0: all)")
+    ap.add_argument("--ivf-quantizer-nprobe", type=int, default=4,
+                    help="ivfsq with 256 lists or more: scan this many of sqrt(nlist) groups of centroids (0: all; "
+                    "IndexParams' default is 0, for small clusters probed widely: see README)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tmp", default=None, help="where the banks live (default: the system temp dir)")
     ap.add_argument("--seed", type=int, default=0)
