@@ -336,16 +336,26 @@ def rss_growth(proc: psutil.Process, info0) -> dict:
     return {"rss_mb": (info.rss - info0.rss) / 1e6, "rss_anon_mb": anon / 1e6}
 
 
-def timed_again(mem: LocalMemory, queries: np.ndarray, k: int):
-    """(p50 ms, p99 ms, median of each traced step) of the queries run back to back, nothing between them."""
-    times, steps = [], {}
+def run_queries(mem: LocalMemory, queries: np.ndarray, k: int, after=None):
+    """(times in s, median ms of each traced step, ids of each answer) of the queries run one after another, with
+    `after(q)` (if given) run right after each one, untimed."""
+    times, steps, answers = [], {}, []
     for q in queries:
         t = time.perf_counter()
         r = mem.query("bench", "nam", q, k)
         times.append(time.perf_counter() - t)
         for name, ms in r.trace.steps:
             steps.setdefault(name, []).append(ms)
-    return (*percentiles(times), {name: round(float(np.median(ms)), 3) for name, ms in steps.items()})
+        answers.append(r.ids)
+        if after is not None:
+            after(q)
+    return times, {name: round(float(np.median(ms)), 3) for name, ms in steps.items()}, answers
+
+
+def timed_again(mem: LocalMemory, queries: np.ndarray, k: int):
+    """(p50 ms, p99 ms, median of each traced step) of the queries run back to back, nothing between them."""
+    times, where, _ = run_queries(mem, queries, k)
+    return (*percentiles(times), where)
 
 
 def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: Truth, k: int, kept, n: int, keys: Keys):
@@ -357,20 +367,11 @@ def timed_queries(mem: LocalMemory, queries: np.ndarray, truth: Truth, k: int, k
     queries evicted the caches the next one found (at 1e5, ivfsq: a first-pass p99 of 20-37 ms against 10 warm)."""
     for q in queries[:2]:  # warm: thread pool, page faults
         mem.query("bench", "nam", q, k)
-    times, brute, answers = [], [], []
-    steps: dict[str, list[float]] = {}
-    for q in queries:
-        t = time.perf_counter()
-        r = mem.query("bench", "nam", q, k)
-        times.append(time.perf_counter() - t)
-        for name, ms in r.trace.steps:
-            steps.setdefault(name, []).append(ms)
-        answers.append(r.ids)
-        if kept is not None:
-            brute.append(brute_s(kept, n, q, k))
+    brute: list[float] = []
+    times, where, answers = run_queries(mem, queries, k,
+                                        None if kept is None else lambda q: brute.append(brute_s(kept, n, q, k)))
     recalls = [recall(ids, exact, kth, q, keys) for ids, q, exact, kth in zip(answers, queries, truth.ids, truth.kth)]
     p50, p99 = percentiles(times)
-    where = {name: round(float(np.median(ms)), 3) for name, ms in steps.items()}
     return p50, p99, float(np.mean(recalls)), (percentiles(brute)[0] if brute else None), where
 
 

@@ -110,8 +110,8 @@ class LMDBView(Reader):
         # float16 keys into float32, widened by table record by record (a record's indices fit the caches: one pass
         # over all of them was slower than numpy's cast). A two-stage rerank of 256 keys of 30 x 1536 took 25 ms by
         # numpy's cast key by key
-        size = 2 * int(np.prod(shape))
-        flat = out.reshape(len(out), -1)
+        count = int(np.prod(shape))
+        size, flat = 2 * count, out.reshape(len(out), count)
         for n, eid in enumerate(ids):
             v = txn.get(_SID_SPACE_EID.pack(sid, space, eid), db=db)
             if v is None or len(v) != size:

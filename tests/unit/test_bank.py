@@ -438,6 +438,7 @@ def test_a_two_stage_rerank_widens_float16_keys_exactly_and_a_record_of_the_wron
         got = np.empty((2, LAYERS, DIM), np.float32)
         with m.bank.store.view() as v:
             v.read_keys(layout, 0, [3, 11], got)
+            v.read_keys(layout, 0, [], np.empty((0, LAYERS, DIM), np.float32))  # nothing asked: nothing read
         assert got.tobytes() == stored[[3, 11]].tobytes()
         record = _SID_SPACE_EID.pack(layout.sid, 0, 11)
         m.bank.store.write(lambda w: w.put("keys", record, bytes(w.get("keys", record))[:-2]))
