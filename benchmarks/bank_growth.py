@@ -27,8 +27,9 @@ N one JSON row per index:
 Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two_stage (HNSW over each
 entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), ivfsq (per layer an IVF
 over 4-bit codes in RAM with --ivf-nlist lists, --ivf-nprobe scanned, trained at 16 x nlist entries; each layer's
-top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --two-stage-dtype,
-float16 by default, as a 1e5 bank keeps them on disk; with 256 lists or more, --ivf-quantizer-nprobe of sqrt(nlist)
+top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --ivf-dtype, float16
+by default, as a 1e5 bank keeps them on disk (two_stage's in --two-stage-dtype, float32 by default: its reranks read
+whole keys, whose widening from float16 cost more than reading twice the bytes); with 256 lists or more, --ivf-quantizer-nprobe of sqrt(nlist)
 groups of centroids scanned, 4 by default, which the full form's 316 lists use), hnsw and ivfpq (one ANN index per
 layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a JSON "skipped" line
 saying why, when its next step would not fit in RAM or would take longer than the step budget (estimated from
@@ -207,7 +208,7 @@ def spec(kind: str, layers: int, dim: int, two_stage_dtype: str = "float32") -> 
 
 
 def key_itemsize(kind: str, stored_dtype: str = "float32") -> int:
-    """Bytes of a stored key value: flat_fp16 always half, two_stage and ivfsq as --two-stage-dtype says."""
+    """Bytes of a stored key value: flat_fp16 always half, two_stage and ivfsq as `stored_dtype` says."""
     return 2 if kind == "flat_fp16" or (kind in ("two_stage", "ivfsq") and stored_dtype == "float16") else 4
 
 
@@ -264,13 +265,14 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
         release_memory()
         info0 = proc.memory_info()
         mem = LocalMemory(tmp, BankConfig(index=params, snapshot_on_close=False))
-        mem.create_stream(spec(kind, args.layers, args.dim, args.two_stage_dtype))
+        stored = args.two_stage_dtype if kind == "two_stage" else args.ivf_dtype
+        mem.create_stream(spec(kind, args.layers, args.dim, stored))
         kv_rng = np.random.default_rng(args.seed + 7)
         kv_shape = (args.layers, 2, 4, 1, 16)
         done, rate_next = 0, 0.0
         for n in args.grid:
             reason = skip_reason(kind, n, done, rate_next, params, args.layers, args.dim,
-                                 0 if kept is None else kept.nbytes, args.step_budget_s, tmp, args.two_stage_dtype)
+                                 0 if kept is None else kept.nbytes, args.step_budget_s, tmp, stored)
             if reason:
                 res.skip(kind, n, reason)
                 break
@@ -448,9 +450,12 @@ def main() -> None:
                     "(default 40 quick, 90 full; e.g. 1200 to grow the ANN kinds to 1e4 at full shape)")
     ap.add_argument("--two-stage-candidates", type=int, default=IndexParams().two_stage_candidates,
                     help="first-pass candidates of the two_stage kind (at least 16 x k are taken)")
-    ap.add_argument("--two-stage-dtype", default="float16", choices=("float32", "float16"),
-                    help="stored key dtype of the two_stage and ivfsq kinds (float16, the default: half the disk and "
-                    "rerank reads of float32; at 1e5, 9.2 GB against 18.4)")
+    ap.add_argument("--two-stage-dtype", default="float32", choices=("float32", "float16"),
+                    help="stored key dtype of the two_stage kind (float16: half the disk, but its whole-key reranks "
+                    "then widen 256 keys a query)")
+    ap.add_argument("--ivf-dtype", default="float16", choices=("float32", "float16"),
+                    help="stored key dtype of the ivfsq kind (float16, the default: half the disk and rerank reads of "
+                    "float32; at 1e5, 9.2 GB against 18.4)")
     ap.add_argument("--ivf-nlist", type=int, default=0, help="IVF lists of the ivfsq kind (default: sqrt of the "
                     "largest N)")
     ap.add_argument("--ivf-nprobe", type=int, default=2, help="IVF lists the ivfsq kind scans per layer")
@@ -478,7 +483,8 @@ def main() -> None:
     gbps = memcpy_gbps(256 << 20)
     # Timings on a shared box mean little without the load they were taken under.
     res.header.update(memcpy_gbps=round(gbps, 2), grid=args.grid, loadavg_start=os.getloadavg()[0],
-                      two_stage_candidates=args.two_stage_candidates, two_stage_dtype=args.two_stage_dtype)
+                      two_stage_candidates=args.two_stage_candidates, two_stage_dtype=args.two_stage_dtype,
+                      ivf_dtype=args.ivf_dtype)
     data = Data(args.layers, args.dim, args.seed)
     queries = data.queries(q_count)
     per_entry = args.layers * args.dim * 4
