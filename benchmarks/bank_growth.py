@@ -28,9 +28,10 @@ Index kinds: flat (exact, float32 keys), flat_fp16 (KeySpace dtype float16), two
 entry's mean-over-layers key, exact per-layer rerank of 256 candidates read from LMDB), ivfsq (per layer an IVF
 over 4-bit codes in RAM with --ivf-nlist lists, --ivf-nprobe scanned, trained at 16 x nlist entries; each layer's
 top k x --ivf-refine reranked exactly with that layer's key read from LMDB; keys stored in --ivf-dtype, float16
-by default, as a 1e5 bank keeps them on disk (two_stage's in --two-stage-dtype, float32 by default: its reranks read
-whole keys, whose widening from float16 cost more than reading twice the bytes); with 256 lists or more, --ivf-quantizer-nprobe of sqrt(nlist)
-groups of centroids scanned, 4 by default, which the full form's 316 lists use), hnsw and ivfpq (one ANN index per
+by default, as a 1e5 bank keeps them on disk (two_stage's in --two-stage-dtype, float32 by default: its reranks
+read whole keys, whose widening from float16 cost more than reading twice the bytes); with 256 lists or more,
+--ivf-quantizer-nprobe of sqrt(nlist) groups of centroids scanned, 4 by default, which the full form's 316 lists
+use), hnsw and ivfpq (one ANN index per
 layer; IVF-PQ is the exact warm-up buffer below `ivf_train_min`). A kind stops growing, with a JSON "skipped" line
 saying why, when its next step would not fit in RAM or would take longer than the step budget (estimated from
 the put rate of the second half of its last step; IVF-PQ from its training cost).
@@ -200,9 +201,11 @@ def recall(ids: np.ndarray, exact_ids: np.ndarray, kth: np.ndarray, q: np.ndarra
     return float(np.mean(fractions))
 
 
-def spec(kind: str, layers: int, dim: int, two_stage_dtype: str = "float32") -> StreamSpec:
+def spec(kind: str, layers: int, dim: int, stored_dtype: str = "float32") -> StreamSpec:
+    """The stream of one kind's bank; `stored_dtype`: the stored keys of two_stage and ivfsq (--two-stage-dtype,
+    --ivf-dtype)."""
     index = "flat" if kind == "flat_fp16" else kind
-    dtype = "float16" if kind == "flat_fp16" else two_stage_dtype if kind in ("two_stage", "ivfsq") else "float32"
+    dtype = "float16" if kind == "flat_fp16" else stored_dtype if kind in ("two_stage", "ivfsq") else "float32"
     kv = KVLayout(layers=layers, heads=1, head_dim=16, tokens_per_frame=4)  # 256 B per layer: "small"
     return StreamSpec("bench", {"nam": KeySpace(dim, per_layer=True, index=index, dtype=dtype)}, kv=kv)
 
@@ -278,7 +281,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
                 break
             t0 = time.perf_counter()
             half, t_half = (done + n) // 2, None
-            for b, lo, hi in pieces(done, n, cuts=((done + n) // 2,)):
+            for b, lo, hi in pieces(done, n, cuts=(half,)):
                 if t_half is None and b * BATCH + lo >= half:
                     t_half = time.perf_counter()
                 first = b * BATCH + lo

@@ -704,8 +704,8 @@ def test_search_each_answers_as_each_index_alone(kind, metric):
 
 
 UNDOABLE = {
-    "flat": lambda d, m: FlatIndex(d, m, PARAMS),
-    "flat_fp16": lambda d, m: FlatIndex(d, m, PARAMS, dtype="float16"),
+    "flat": KINDS["flat"],
+    "flat_fp16": KINDS["flat_fp16"],
     "ivfsq_trained": lambda d, m: IVFSQIndex(d, m, IndexParams(ivf_nlist=8, ivf_train_min=256)),
     "ivfsq_trained_grouped": lambda d, m: IVFSQIndex(d, m, IndexParams(ivf_nlist=256, ivf_train_min=256,
                                                                        ivf_quantizer_nprobe=4)),
