@@ -138,22 +138,32 @@ class SpaceIndex:
 
     def _search_layers(self, query: np.ndarray, k: int, deny: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Each layer's top-k: (scores `[L, k]`, ids `[L, k]`). A flat space is one batched LayerBlock search.
-        Otherwise one search per layer. Layers whose search reads a lot (`scan_bytes`) run on a thread pool: faiss
-        releases the GIL and scans a single query on one core, so layers in parallel reach the machine's memory
-        bandwidth (measured: 30 layers x 5000 x 1536, 67 ms serial, 36 ms pooled on 2 cores, 33 ms for one
-        batched numpy matmul). The others run in the caller's thread, in one loop (`search_each`): handing a task
-        to the pool costs more than scanning a few MB (measured on 2 cores: 4 x 1000 x 128 0.21 ms serial vs 0.44
-        ms pooled; 30 x 1000 x 1536 13 vs 15 ms)."""
+        Otherwise one search per layer, in one loop (`search_each`). When all layers together scan enough
+        (`scan_bytes`, POOL_MIN_BYTES_SPLIT) they are cut into one span a core, each span its own loop, the caller
+        taking the first: faiss releases the GIL and scans a single query on one core, so the spans run side by
+        side. One hand-off a core, not one a layer: on 2 cores, 30 layers, split in two was faster than a task a
+        layer or four spans a core at every size measured (ivfsq 4-bit at 1e4 x 1536, nprobe 32: 35 ms in the
+        caller, 18.4 split in two, 19.7 in eight; hnsw at 3000 x 1536: 15.3, 8.5, 9.1), and at 1e5 x 1536, nprobe 2,
+        0.2 ms a layer, 5.7 ms against 3.2-3.4. Below the threshold a hand-off costs more than it saves (the pool
+        thread's loop also waits for the GIL the caller's holds between faiss calls). GPU mirrors stay in the
+        caller's thread (`threads_ok`)."""
         if self.block is not None:
             return self.block.search(query, k, deny)
-
-        def one(layer: int):
-            return self.indexes[layer].search(query[layer][None, :], k, deny)
-
-        if self.indexes[0].scan_bytes() < POOL_MIN_BYTES_PER_LAYER:
+        if CORES < 2 or self.indexes[0].scan_bytes() * self.layers < POOL_MIN_BYTES_SPLIT or \
+                not self.indexes[0].threads_ok:
             return search_each(self.indexes, query, k, deny)
-        found = list(search_pool().map(one, range(self.layers)))
-        return np.stack([s[0] for s, _ in found]), np.stack([i[0] for _, i in found])
+        bounds = np.linspace(0, self.layers, min(CORES, self.layers) + 1).astype(int).tolist()
+        spans = list(zip(bounds[:-1], bounds[1:]))
+
+        def span(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            return search_each(self.indexes[a:b], query[a:b], k, deny)
+
+        rest = [search_pool().submit(span, *ab) for ab in spans[1:]]
+        try:
+            parts = [span(*spans[0])]
+        finally:
+            parts += [f.result() for f in rest]  # the first failure is raised, as serially
+        return np.concatenate([s for s, _ in parts]), np.concatenate([i for _, i in parts])
 
     def _rerank(self, cand: np.ndarray, query: np.ndarray, k: int, combine: str, steps: list):
         t = time.perf_counter()
@@ -201,10 +211,11 @@ class SpaceIndex:
             index.load(data, tombstones)
 
 
-# ANN kinds: below this per-layer scan layers run serially (a trained ivfsq layer reads its probed lists and centroids:
-# 1.5 MB at 1e5 x 1536, nlist 316, nprobe 2; measured through the bank at 1e4, 30 layers: 2.0-2.1 ms serial, 2.5-2.9
-# pooled)
-POOL_MIN_BYTES_PER_LAYER = 16 << 20
+# All layers' `scan_bytes` together from which a per-layer query of an ANN kind is split over the search pool
+# (see SpaceIndex._search_layers). Measured on 2 cores, 30 layers, p50 in the caller vs split in two: ivfsq trained
+# at 2048 x 1536 (23.9 MB) 1.03 vs 0.76 ms; exact below training, 1000 x 128 (14.6 MB) 0.48 vs 0.42 ms with a worse
+# p99, 300 x 128 (4.4 MB) 0.23 vs 0.33 ms.
+POOL_MIN_BYTES_SPLIT = 16 << 20
 # Per-layer adds of kinds that compute for each key (`adds_pooled`: IVF assignment and encoding, HNSW links) run
 # on the pool from this many entries a put: faiss lets go of the GIL, and in a put they run beside the commit's
 # fsync (Bank.put), which leaves the cores idle. Fewer than this, a layer's add is cheaper than its hand-off.

@@ -23,6 +23,7 @@ import pytest
 from memory_service.config import IndexParams
 from memory_service.errors import InvalidArgument
 from memory_service.index import layer_block
+from memory_service.index import space as space_module
 from memory_service.index.layer_block import LayerBlock
 from memory_service.index.space import SpaceIndex, _top_k, top_k_rows
 from memory_service.index.vector_index import FlatIndex, HNSWIndex, IVFPQIndex, IVFSQIndex, prepare, search_each
@@ -701,6 +702,33 @@ def test_search_each_answers_as_each_index_alone(kind, metric):
             for layer, index in enumerate(indexes):
                 want_s, want_i = index.search(queries[layer][None], k, deny)
                 assert np.array_equal(got_i[layer], want_i[0]) and np.array_equal(got_s[layer], want_s[0])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "ivfsq", "ivfsq_exact"])
+def test_a_per_layer_space_split_over_the_pool_answers_as_in_the_callers_thread(kind, metric, monkeypatch):
+    """A large per-layer query of an ANN kind is cut into one span of layers a core, the caller taking the first
+    (SpaceIndex._search_layers). Every span count, even ones that leave spans of one layer or of unequal sizes,
+    answers bit for bit what one loop in the caller's thread does: per layer and mean, under deny, with k past
+    what a layer holds."""
+    rng = np.random.default_rng(31)
+    params = TRAINED if kind == "ivfpq" else IVFSQ
+    keys = layered(rng, 100 if kind == "ivfsq_exact" else 600, DIM)
+    s = space(kind.removesuffix("_exact"), metric, keys, params)
+    assert kind != "ivfsq" or not any(index.exact for index in s.indexes)
+    queries = layered(rng, 3, DIM)
+    for deny in (None, np.arange(0, len(keys), 3)):
+        for k, combine in ((1, "per_layer"), (8, "per_layer"), (4, "mean"), (200, "per_layer")):
+            monkeypatch.setattr(space_module, "POOL_MIN_BYTES_SPLIT", 1 << 62)
+            want = [s.search(q, k, combine, deny, []) for q in queries]
+            monkeypatch.setattr(space_module, "POOL_MIN_BYTES_SPLIT", 0)
+            for cores in (2, 4, LAYERS):
+                monkeypatch.setattr(space_module, "CORES", cores)
+                for q, (want_s, want_i, _) in zip(queries, want):
+                    got_s, got_i, _ = s.search(q, k, combine, deny, [])
+                    assert np.array_equal(got_i, want_i) and np.array_equal(got_s, want_s), (cores, k, combine)
+            monkeypatch.setattr(space_module, "CORES", 1)  # one core: the caller's loop whatever the size
+            assert np.array_equal(s.search(queries[0], k, combine, deny, [])[1], want[0][1])
 
 
 UNDOABLE = {
