@@ -11,6 +11,9 @@ N one JSON row per index:
                      candidates' keys from LMDB, and the first pass may have read them from disk (a bank whose keys
                      pass the page cache); this pass finds those pages cached. steps_again_p50_ms: its steps
     steps_p50_ms     the median of each step the query's trace names (search, load_keys, rerank, ...)
+    gc_full          Python's full garbage collections during the timed queries of both passes, and the longest
+                     (gc_full_max_ms): a query that met one waited for all of it, ~0.5 us per object the
+                     process's collector tracks (a bank holds one per entry)
     brute_p50_ms     numpy brute-force per-layer search over the same keys, each run right after the bank's
                      query (null where the keys do not fit in RAM)
     recall_at_k      mean over queries and layers of (returned ids that belong in the exact top-k) / k. An id
@@ -67,7 +70,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, memcpy_gbps, percentiles, progress  # noqa: E402
+from common import RESULTS, FullCollections, Results, memcpy_gbps, percentiles, progress  # noqa: E402
 
 from memory_service import KeySpace, KVLayout, LocalMemory, NewEntry, StreamSpec  # noqa: E402
 from memory_service.config import BankConfig, IndexParams  # noqa: E402
@@ -83,6 +86,7 @@ HNSW_SLOWDOWN = 3.5  # put-rate drop of HNSW from the 1e3 step to the 1e4 step (
 # Two float32 dot products of the same vectors, summed in different orders (BLAS gemm here, faiss in the bank),
 # differ by a few ulps of |q| |key|; 1e-5 of that bound is far above rounding and far below a real miss.
 SCORE_RTOL = 1e-5
+FULL = FullCollections()  # the garbage collector's full collections the timed queries met
 
 
 class Data:
@@ -299,6 +303,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
             # and the K/V payloads stop at KV_UNTIL; the second half is nearer what the next step does.
             rate_next = (n - half) / (t_end - t_half)
             done = n
+            FULL.reset()
             p50, p99, rec, brute, where = timed_queries(mem, queries, truth[n], args.k, kept if n <= kept_n else None, n,
                                                  Keys(data, kept))
             if kind == "flat" and rec != 1.0:
@@ -313,6 +318,7 @@ def run_kind(kind, args, data, queries, truth, kept, gbps, res, bar) -> None:
             if kind in ("two_stage", "ivfsq"):  # their rerank reads keys from LMDB: once more, those pages cached
                 row["query_again_p50_ms"], row["query_again_p99_ms"], row["steps_again_p50_ms"] = timed_again(
                     mem, queries, args.k)
+            row.update(gc_full=FULL.count, gc_full_max_ms=FULL.max_ms)  # in the timed queries of both passes
             if kind == "flat":
                 row["recall_checked"] = True
             if kind in ("ivfpq", "ivfsq"):
@@ -343,17 +349,18 @@ def rss_growth(proc: psutil.Process, info0) -> dict:
 
 def run_queries(mem: LocalMemory, queries: np.ndarray, k: int, after=None):
     """(times in s, median ms of each traced step, ids of each answer) of the queries run one after another, with
-    `after(q)` (if given) run right after each one, untimed."""
+    `after(q)` (if given) run right after each one, untimed. FULL counts the full collections they met."""
     times, steps, answers = [], {}, []
-    for q in queries:
-        t = time.perf_counter()
-        r = mem.query("bench", "nam", q, k)
-        times.append(time.perf_counter() - t)
-        for name, ms in r.trace.steps:
-            steps.setdefault(name, []).append(ms)
-        answers.append(r.ids)
-        if after is not None:
-            after(q)
+    with FULL:
+        for q in queries:
+            t = time.perf_counter()
+            r = mem.query("bench", "nam", q, k)
+            times.append(time.perf_counter() - t)
+            for name, ms in r.trace.steps:
+                steps.setdefault(name, []).append(ms)
+            answers.append(r.ids)
+            if after is not None:
+                after(q)
     return times, {name: round(float(np.median(ms)), 3) for name, ms in steps.items()}, answers
 
 
