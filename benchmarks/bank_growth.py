@@ -12,7 +12,7 @@ N one JSON row per index:
                      pass the page cache); this pass finds those pages cached. steps_again_p50_ms: its steps
     steps_p50_ms     the median of each step the query's trace names (search, load_keys, rerank, ...)
     gc_full          Python's full garbage collections during the timed queries of both passes, and the longest
-                     (gc_full_max_ms): a query that met one waited for all of it, ~0.5 us per object the
+                     (gc_full_max_ms): a query that met one waited for all of it, 0.3-1 us per object the
                      process's collector tracks (a bank holds one per entry)
     brute_p50_ms     numpy brute-force per-layer search over the same keys, each run right after the bank's
                      query (null where the keys do not fit in RAM)

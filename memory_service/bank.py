@@ -374,9 +374,9 @@ class MemoryBank:
             since = m.last_hit if m.last_hit is not None else m.created
             lfu = m.lfu * math.pow(2.0, -max(0.0, now - since) / half_life) + 1.0
             # In place, under the stream's lock: a new EntryMeta a hit lived on in the table, so every query moved
-            # dozens of objects into the collector's oldest generation. At 1e5 entries that ran a full collection
-            # (40-140 ms over 145k objects) about every 250 queries: 6 in 1500, each a query's whole p99.
-            # Nothing outside the lock holds these objects: entries() and the statistics flush take copies.
+            # dozens of objects into the collector's oldest generation. At 1e5 entries that (and read_layer_keys'
+            # views, since read one by one) ran a full collection of 40-140 ms over 145k objects: 6 in 1500 queries.
+            # entries() hands out copies; the statistics flush reads all four fields in one step (stats_json).
             m.__dict__.update(hit_count=m.hit_count + 1, last_hit=now, lfu=lfu,
                               importance=m.importance + c / len(rows))
             s.dirty.add(eid)
