@@ -437,8 +437,9 @@ def test_an_ivfsq_rerank_reading_a_key_record_of_the_wrong_size_is_data_loss(tmp
 
 
 def test_an_ivfsq_rerank_missing_a_key_record_names_the_entry(tmp_path):
-    """The rerank reads each candidate entry's key record once, whichever layers chose it; one that is gone is
-    NotFound naming it, and the entries read before it are not taken for it."""
+    """The rerank reads each candidate entry's key record once, whichever layers chose it, and copies each layer's
+    key to where that layer asked for it (layers 0, 1, 2 get entries 3, 40, 77). A record that is gone is NotFound
+    naming that entry alone."""
     from memory_service.config import IndexParams
     from memory_service.errors import NotFound
     from memory_service.store.lmdb_store import _SID_SPACE_EID
