@@ -351,16 +351,16 @@ def run_queries(mem: LocalMemory, queries: np.ndarray, k: int, after=None):
     """(times in s, median ms of each traced step, ids of each answer) of the queries run one after another, with
     `after(q)` (if given) run right after each one, untimed. FULL counts the full collections they met."""
     times, steps, answers = [], {}, []
-    with FULL:
-        for q in queries:
+    for q in queries:
+        with FULL:  # the query alone: a collection in `after` is not one a query met
             t = time.perf_counter()
             r = mem.query("bench", "nam", q, k)
             times.append(time.perf_counter() - t)
-            for name, ms in r.trace.steps:
-                steps.setdefault(name, []).append(ms)
-            answers.append(r.ids)
-            if after is not None:
-                after(q)
+        for name, ms in r.trace.steps:
+            steps.setdefault(name, []).append(ms)
+        answers.append(r.ids)
+        if after is not None:
+            after(q)
     return times, {name: round(float(np.median(ms)), 3) for name, ms in steps.items()}, answers
 
 
